@@ -1,0 +1,395 @@
+"""The spool: DicomFlow's on-disk queue, and the only module that moves files.
+
+Every hand-off follows CPython's ``mailbox.Maildir``: write under a hidden temp name
+in the target filesystem, fsync the file, publish it with an atomic rename that never
+overwrites, fsync the directory. A failed write therefore leaves nothing visible, and
+a file that is visible is complete. Daemons call these functions and never
+``os.rename`` themselves (DESIGN.md §3).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import itertools
+import os
+import time
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager, suppress
+from dataclasses import dataclass
+from pathlib import Path
+from typing import BinaryIO
+
+from pipeline.errors import SpoolError
+from pipeline.names import is_valid_endpoint_name, is_valid_uid
+
+FORMAT_VERSION = "1"
+DIR_MODE = 0o700
+FILE_MODE = 0o600
+TMP = ".tmp"
+SIDECAR_SUFFIXES = (".error", ".reason")
+DICOM_SUFFIX = ".dcm"
+STAGES = ("incoming", "accepted", "outbox", "sent", "failed", "rejected", "quarantine")
+PER_ENDPOINT_STAGES = ("outbox", "sent", "failed")
+
+_counter = itertools.count(int.from_bytes(os.urandom(2), "big"))
+_tmp_counter = itertools.count()
+
+_AT_FDCWD = -100
+_RENAME_NOREPLACE = 1
+try:
+    _renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
+except (OSError, AttributeError):  # pragma: no cover - very old libc
+    _renameat2 = None
+
+
+def fsync_dir(directory: Path) -> None:
+    """Make a directory entry change (create, rename, unlink) durable."""
+    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def fsync_path(path: Path) -> None:
+    """Flush a file's data to disk even if another handle wrote it."""
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def rename_noreplace(src: Path, dst: Path) -> None:
+    """Atomically rename ``src`` to ``dst``; raise FileExistsError instead of overwriting.
+
+    Uses Linux ``renameat2(RENAME_NOREPLACE)``; on filesystems without it, falls back
+    to a check-then-rename (the spool's names are unique, so the window is theoretical).
+    """
+    if _renameat2 is not None:
+        result = _renameat2(
+            _AT_FDCWD, os.fsencode(src), _AT_FDCWD, os.fsencode(dst), _RENAME_NOREPLACE
+        )
+        if result == 0:
+            return
+        err = ctypes.get_errno()
+        if err not in (errno.EINVAL, errno.ENOSYS):
+            raise OSError(err, os.strerror(err), str(src), None, str(dst))
+    if os.path.lexists(dst):
+        raise FileExistsError(errno.EEXIST, os.strerror(errno.EEXIST), str(dst))
+    os.rename(src, dst)
+
+
+def make_name(sop_instance_uid: str | None, now: float | None = None) -> str:
+    """A spool file name: UTC arrival time, a counter, the SOP Instance UID.
+
+    ``20261128T060102.123456-000042-1.2.3.dcm`` sorts in arrival order with ``ls``.
+    A UID that is not digits-and-dots (≤ 64 characters) is replaced by ``nouid``, so
+    nothing from the network ever reaches a path unchecked.
+    """
+    now = time.time() if now is None else now
+    seconds = int(now)
+    micros = int((now - seconds) * 1_000_000)
+    stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime(seconds))
+    uid = sop_instance_uid if sop_instance_uid and is_valid_uid(sop_instance_uid) else "nouid"
+    return f"{stamp}.{micros:06d}-{next(_counter) % 1_000_000:06d}-{uid}{DICOM_SUFFIX}"
+
+
+def is_hidden(name: str) -> bool:
+    return name.startswith(".")
+
+
+def is_sidecar(name: str) -> bool:
+    return name.endswith(SIDECAR_SUFFIXES)
+
+
+def sidecar_path(dicom_path: Path, suffix: str) -> Path:
+    """The sidecar of a spool file: its full name plus ``.error`` or ``.reason``."""
+    return dicom_path.with_name(dicom_path.name + suffix)
+
+
+@dataclass
+class TempFile:
+    """A file being written under ``<stage>/.tmp/``; invisible until published."""
+
+    path: Path
+    file: BinaryIO
+
+
+class Spool:
+    """Paths of one spool and the atomic operations between its stages."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = Path(root)
+        self.incoming = self.root / "incoming"
+        self.accepted = self.root / "accepted"
+        self.rejected = self.root / "rejected"
+        self.quarantine = self.root / "quarantine"
+        self.run_dir = self.root / "run"
+        self.log_dir = self.root / "log"
+
+    # -- layout -----------------------------------------------------------------
+
+    def outbox(self, endpoint: str) -> Path:
+        return self.root / "outbox" / _checked_endpoint(endpoint)
+
+    def sent(self, endpoint: str) -> Path:
+        return self.root / "sent" / _checked_endpoint(endpoint)
+
+    def failed(self, endpoint: str) -> Path:
+        return self.root / "failed" / _checked_endpoint(endpoint)
+
+    def create(self, endpoints: Iterable[str] = ()) -> Spool:
+        """Create (or check) the stage tree; idempotent, safe to call from every daemon."""
+        try:
+            _mkdir(self.root)
+            for stage in STAGES:
+                _mkdir(self.root / stage)
+            for stage in ("incoming", "accepted", "rejected", "quarantine"):
+                _mkdir(self.root / stage / TMP)
+            _mkdir(self.run_dir)
+            _mkdir(self.log_dir)
+            self._check_version()
+            for endpoint in endpoints:
+                self.create_endpoint(endpoint)
+        except OSError as exc:
+            raise SpoolError(f"cannot create spool {self.root}: {exc.strerror or exc}") from exc
+        return self
+
+    def create_endpoint(self, endpoint: str) -> None:
+        for directory in (self.outbox(endpoint), self.sent(endpoint), self.failed(endpoint)):
+            _mkdir(directory)
+            _mkdir(directory / TMP)
+
+    def endpoints_on_disk(self) -> list[str]:
+        """Endpoints that have an outbox folder (configured now or in the past)."""
+        base = self.root / "outbox"
+        if not base.is_dir():
+            return []
+        return sorted(
+            e.name
+            for e in os.scandir(base)
+            if e.is_dir(follow_symlinks=False) and is_valid_endpoint_name(e.name)
+        )
+
+    def _check_version(self) -> None:
+        version_file = self.run_dir / "VERSION"
+        if version_file.exists():
+            found = version_file.read_text().strip()
+            if found != FORMAT_VERSION:
+                raise SpoolError(
+                    f"spool {self.root} has format version {found!r}, "
+                    f"this DicomFlow uses {FORMAT_VERSION!r}"
+                )
+            return
+        self.write_bytes(self.run_dir, "VERSION", (FORMAT_VERSION + "\n").encode(), replace=True)
+
+    # -- writing ----------------------------------------------------------------
+
+    @contextmanager
+    def temp_file(self, directory: Path) -> Iterator[TempFile]:
+        """Open a new hidden temp file for ``directory``; removed again if the block fails."""
+        tmp_dir = directory / TMP
+        _mkdir(tmp_dir)
+        path = tmp_dir / f"{os.getpid()}.{next(_tmp_counter)}.{os.urandom(4).hex()}"
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, FILE_MODE)
+        file = os.fdopen(fd, "wb")
+        try:
+            yield TempFile(path, file)
+        except BaseException:
+            file.close()
+            with suppress(FileNotFoundError):
+                path.unlink()
+            raise
+        else:
+            file.close()
+
+    def publish(self, tmp_path: Path, directory: Path, name: str) -> Path:
+        """fsync ``tmp_path``, rename it to ``directory/name`` (never overwriting), fsync dir."""
+        fsync_path(tmp_path)
+        target = directory / name
+        rename_noreplace(tmp_path, target)
+        fsync_dir(directory)
+        return target
+
+    def publish_new(self, tmp_path: Path, directory: Path, sop_instance_uid: str | None) -> Path:
+        """Publish under a fresh standard name, picking another on the (rare) clash."""
+        fsync_path(tmp_path)
+        for _ in range(100):
+            target = directory / make_name(sop_instance_uid)
+            try:
+                rename_noreplace(tmp_path, target)
+            except FileExistsError:
+                continue
+            fsync_dir(directory)
+            return target
+        raise SpoolError(f"could not find a free name in {directory}")
+
+    def write_bytes(self, directory: Path, name: str, data: bytes, replace: bool = False) -> Path:
+        """Write a small file atomically (state files, sidecars, tests)."""
+        with self.temp_file(directory) as tmp:
+            tmp.file.write(data)
+            tmp.file.flush()
+            os.fsync(tmp.file.fileno())
+        target = directory / name
+        try:
+            if replace:
+                os.replace(tmp.path, target)
+            else:
+                rename_noreplace(tmp.path, target)
+        except BaseException:
+            with suppress(FileNotFoundError):
+                tmp.path.unlink()
+            raise
+        fsync_dir(directory)
+        return target
+
+    def write_sidecar(self, dicom_path: Path, suffix: str, text: str) -> Path:
+        """Write ``<name><suffix>`` beside where ``dicom_path`` is (or is about to be)."""
+        target = sidecar_path(dicom_path, suffix)
+        if not text.endswith("\n"):
+            text += "\n"
+        return self.write_bytes(target.parent, target.name, text.encode("utf-8"), replace=True)
+
+    # -- moving -----------------------------------------------------------------
+
+    def move(self, src: Path, directory: Path, name: str | None = None) -> Path:
+        """Atomically move a file between stages (same filesystem), never overwriting."""
+        target = directory / (name or src.name)
+        rename_noreplace(src, target)
+        fsync_dir(directory)
+        if src.parent != directory:
+            fsync_dir(src.parent)
+        return target
+
+    def move_with_reason(
+        self, src: Path, directory: Path, suffix: str, reason: str, name: str | None = None
+    ) -> Path:
+        """Move a file into ``rejected/``, ``quarantine/`` or ``failed/`` with its sidecar.
+
+        The sidecar is written first, so a file is never visible there without its reason.
+        """
+        name = name or src.name
+        self.write_sidecar(directory / name, suffix, reason)
+        return self.move(src, directory, name)
+
+    def link(self, src: Path, directory: Path, name: str | None = None) -> Path:
+        """Hard-link ``src`` into ``directory``; idempotent if the same file is already there."""
+        target = directory / (name or src.name)
+        try:
+            os.link(src, target, follow_symlinks=False)
+        except FileExistsError:
+            if not os.path.samefile(src, target):
+                raise
+            return target
+        fsync_dir(directory)
+        return target
+
+    def unlink(self, path: Path) -> None:
+        """Remove a published file durably (tolerates it being gone already)."""
+        with suppress(FileNotFoundError):
+            path.unlink()
+        fsync_dir(path.parent)
+
+    def remove_sidecars(self, dicom_path: Path) -> None:
+        for suffix in SIDECAR_SUFFIXES:
+            with suppress(FileNotFoundError):
+                sidecar_path(dicom_path, suffix).unlink()
+
+    # -- reading ----------------------------------------------------------------
+
+    def list_stage(self, directory: Path) -> list[Path]:
+        """Entries waiting in a stage, in arrival (name) order, without opening any.
+
+        Hidden names and sidecars are skipped; anything else is returned, including
+        symlinks and FIFOs in ``incoming/`` so that the filter can quarantine them.
+        """
+        try:
+            names = [
+                e.name
+                for e in os.scandir(directory)
+                if not is_hidden(e.name) and not is_sidecar(e.name)
+            ]
+        except FileNotFoundError:
+            return []
+        names.sort()
+        return [directory / n for n in names]
+
+    def clean_tmp(self, directory: Path, older_than: float = 0.0) -> int:
+        """Remove stale temp files of a stage (at daemon start-up). Returns the count."""
+        removed = 0
+        cutoff = time.time() - older_than
+        try:
+            entries = list(os.scandir(directory / TMP))
+        except FileNotFoundError:
+            return 0
+        for entry in entries:
+            with suppress(FileNotFoundError):
+                if entry.stat(follow_symlinks=False).st_mtime <= cutoff:
+                    os.unlink(entry.path)
+                    removed += 1
+        return removed
+
+    def free_bytes(self) -> int:
+        stats = os.statvfs(self.root)
+        return stats.f_bavail * stats.f_frsize
+
+    def total_bytes(self) -> int:
+        stats = os.statvfs(self.root)
+        return stats.f_blocks * stats.f_frsize
+
+    def sent_oldest_first(self) -> list[Path]:
+        """Every delivered file over all endpoints, oldest name first (for pruning)."""
+        base = self.root / "sent"
+        files: list[Path] = []
+        for endpoint in self.endpoints_in(base):
+            files.extend(self.list_stage(base / endpoint))
+        files.sort(key=lambda p: p.name)
+        return files
+
+    def endpoints_in(self, base: Path) -> list[str]:
+        try:
+            return sorted(
+                e.name
+                for e in os.scandir(base)
+                if e.is_dir(follow_symlinks=False) and is_valid_endpoint_name(e.name)
+            )
+        except FileNotFoundError:
+            return []
+
+    def prune_sent(self, *, older_than: float | None = None, until_free: int | None = None) -> int:
+        """Delete delivered copies: all older than ``older_than`` seconds (by mtime), or
+        oldest-first until ``until_free`` bytes are free. Returns the number deleted."""
+        deleted = 0
+        cutoff = None if older_than is None else time.time() - older_than
+        for path in self.sent_oldest_first():
+            if until_free is not None and self.free_bytes() >= until_free:
+                break
+            if cutoff is not None:
+                try:
+                    if path.stat(follow_symlinks=False).st_mtime > cutoff:
+                        continue
+                except FileNotFoundError:
+                    continue
+            with suppress(FileNotFoundError):
+                path.unlink()
+                deleted += 1
+        return deleted
+
+
+def _checked_endpoint(endpoint: str) -> str:
+    if not is_valid_endpoint_name(endpoint):
+        raise SpoolError(f"invalid endpoint name {endpoint!r}")
+    return endpoint
+
+
+def _mkdir(path: Path) -> None:
+    """Create a directory with mode 0700 (and tighten it if we created it looser)."""
+    try:
+        os.mkdir(path, DIR_MODE)
+    except FileExistsError:
+        if not path.is_dir():
+            raise
+        return
+    os.chmod(path, DIR_MODE)

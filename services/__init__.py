@@ -1,0 +1,1 @@
+"""DicomFlow's daemons (receive, filter, send) and the ``dicomflow`` command."""

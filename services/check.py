@@ -1,0 +1,26 @@
+"""``dicomflow check``: validate the configuration and report what it found."""
+
+from __future__ import annotations
+
+from pipeline.config import Config
+from pipeline.spool import Spool
+
+
+def check(config: Config) -> int:
+    """Print a summary of a configuration that loaded; warnings do not fail the check."""
+    router = config.router
+    print(f"configuration {config.conf_dir}: OK")
+    print(f"  receiver {router.ae_title} on {router.bind}:{router.port}, spool {router.spool}")
+    for name, ep in sorted(config.endpoints.items()):
+        window = ep.window.describe()
+        print(f"  endpoint {name}: {ep.ae_title}@{ep.host}:{ep.port}, window {window}")
+    warnings = list(config.warnings)
+    spool = Spool(router.spool)
+    for orphan in sorted(set(spool.endpoints_on_disk()) - set(config.endpoints)):
+        warnings.append(
+            f"endpoint {orphan} has an outbox in the spool but no conf/endpoints/{orphan}.ini "
+            "(orphaned: its files will not be sent)"
+        )
+    for warning in warnings:
+        print(f"warning: {warning}")
+    return 0

@@ -1,0 +1,171 @@
+"""The ``dicomflow`` command: one entry point for the daemons and the operator tools.
+
+``dicomflow [--conf DIR] COMMAND …`` — ``--conf`` may also follow the command; it
+defaults to ``$DICOMFLOW_CONF``, else ``./conf``. The configuration is loaded and
+validated here, once, before any daemon starts (a mistake exits 1 with one line).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from pipeline import config as config_module
+from pipeline.errors import AlreadyRunning, ConfigError, SpoolError
+
+EPILOG_CONF = "The configuration directory defaults to $DICOMFLOW_CONF, else ./conf."
+
+
+def _conf_argument(parser: argparse.ArgumentParser, default: object) -> None:
+    parser.add_argument(
+        "--conf", metavar="DIR", default=default,
+        help="configuration directory (router.ini, endpoints/); default $DICOMFLOW_CONF or ./conf",
+    )
+
+
+def _command(sub, name: str, help_: str, example: str) -> argparse.ArgumentParser:
+    parser = sub.add_parser(
+        name, help=help_, description=help_,
+        epilog=f"example:\n  {example}\n\n{EPILOG_CONF}",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    _conf_argument(parser, argparse.SUPPRESS)
+    return parser
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="dicomflow",
+        description="DicomFlow: a store-and-forward DICOM router.",
+        epilog=EPILOG_CONF,
+    )
+    _conf_argument(parser, None)
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    _command(sub, "receive", "run the C-STORE receiver daemon", "dicomflow receive --conf /etc/dicomflow")
+    _command(sub, "filter", "run the filter / fan-out daemon", "dicomflow filter --conf /etc/dicomflow")
+    send = _command(sub, "send", "run the sender daemon of one endpoint", "dicomflow send pacs")
+    send.add_argument("endpoint", help="endpoint name (conf/endpoints/NAME.ini)")
+    up = _command(sub, "up", "start the whole pipeline under supervisord (or apply endpoint changes)",
+                  "dicomflow up --conf /etc/dicomflow")
+    up.add_argument("--timeout", type=float, default=60.0, help="seconds to wait for RUNNING")
+    _command(sub, "down", "stop the pipeline and its supervisord", "dicomflow down")
+    status = _command(sub, "status", "show every stage and endpoint", "dicomflow status --json")
+    status.add_argument("--json", action="store_true", help="machine-readable output")
+    retry = _command(sub, "retry", "move failed files of an endpoint back to its outbox",
+                     "dicomflow retry pacs --all")
+    retry.add_argument("endpoint")
+    group = retry.add_mutually_exclusive_group(required=True)
+    group.add_argument("--all", action="store_true", help="every file in failed/ENDPOINT")
+    group.add_argument("files", nargs="*", default=[], help="file names (or paths) in failed/ENDPOINT")
+    _command(sub, "check", "validate the configuration", "dicomflow check --conf ./conf")
+    echo = _command(sub, "echo", "C-ECHO an endpoint", "dicomflow echo pacs")
+    echo.add_argument("endpoint")
+    route = _command(sub, "route", "dry run: where would these files go, or which rule rejects them",
+                     "dicomflow route study/*.dcm")
+    route.add_argument("files", nargs="+", type=Path)
+    return parser
+
+
+def conf_dir(args: argparse.Namespace) -> Path:
+    value = getattr(args, "conf", None) or os.environ.get("DICOMFLOW_CONF") or "conf"
+    return Path(value)
+
+
+def _load(args: argparse.Namespace) -> config_module.Config:
+    return config_module.load(conf_dir(args))
+
+
+def _cmd_check(args: argparse.Namespace) -> int:
+    from services.check import check
+
+    return check(_load(args))
+
+
+def _cmd_receive(args: argparse.Namespace) -> int:
+    from services.receive import main
+
+    return main(_load(args))
+
+
+def _cmd_filter(args: argparse.Namespace) -> int:
+    from services.filter import main
+
+    return main(_load(args))
+
+
+def _cmd_send(args: argparse.Namespace) -> int:
+    from services.send import main
+
+    return main(_load(args), args.endpoint)
+
+
+def _cmd_route(args: argparse.Namespace) -> int:
+    from services.route import main
+
+    return main(_load(args), args.files)
+
+
+def _cmd_echo(args: argparse.Namespace) -> int:
+    from services.echo import main
+
+    return main(_load(args), args.endpoint)
+
+
+def _cmd_status(args: argparse.Namespace) -> int:
+    from services.status import main
+
+    return main(_load(args), as_json=args.json)
+
+
+def _cmd_retry(args: argparse.Namespace) -> int:
+    from services.retry import main
+
+    return main(_load(args), args.endpoint, args.files, retry_all=args.all)
+
+
+def _cmd_up(args: argparse.Namespace) -> int:
+    from services.supervise import up
+
+    return up(_load(args), timeout=args.timeout)
+
+
+def _cmd_down(args: argparse.Namespace) -> int:
+    from services.supervise import down
+
+    return down(_load(args))
+
+
+COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
+    "check": _cmd_check,
+    "receive": _cmd_receive,
+    "filter": _cmd_filter,
+    "send": _cmd_send,
+    "route": _cmd_route,
+    "echo": _cmd_echo,
+    "status": _cmd_status,
+    "retry": _cmd_retry,
+    "up": _cmd_up,
+    "down": _cmd_down,
+}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return COMMANDS[args.command](args)
+    except ConfigError as exc:
+        print(f"dicomflow: configuration error: {exc}", file=sys.stderr)
+        return 1
+    except (SpoolError, AlreadyRunning) as exc:
+        print(f"dicomflow: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
