@@ -96,8 +96,8 @@ def _compile_line(line: str) -> list[str]:
     cyclic = _CYCLIC_RE.fullmatch(line)
     if cyclic:
         return [_cyclic_to_cron(int(cyclic.group(1)), int(cyclic.group(2)), line)]
-    if len(line.split()) in (5, 6) and croniter.is_valid(line):
-        return [line]
+    if len(line.split()) == 5 and croniter.is_valid(line):
+        return [_normalise_cron(line)]
     raise WindowSyntaxError(
         f"{line!r} is not a cron expression, an 'HH:MM - HH:MM' range or 'mN < K'"
     )
@@ -123,20 +123,38 @@ def _range_to_crons(text: str) -> list[str]:
     return _minutes_to_crons(start, 24 * 60) + _minutes_to_crons(0, end)
 
 
+_DEGENERATE_RANGE = re.compile(r"(?<![\d/-])(\d+)-(\d+)(?![\d/-])")
+
+
+def _normalise_cron(expr: str) -> str:
+    """Rewrite ``N-N`` ranges of a user's cron expression as ``N`` (croniter 7 would
+    take them as ``*``: "0 23-23 * * *" would be open at every hour)."""
+    return _DEGENERATE_RANGE.sub(
+        lambda m: m.group(1) if int(m.group(1)) == int(m.group(2)) else m.group(0), expr
+    )
+
+
+def _span(first: int, last: int) -> str:
+    """A cron field for first..last; croniter mis-reads one-value ranges like "23-23"."""
+    return f"{first}" if first == last else f"{first}-{last}"
+
+
 def _minutes_to_crons(start: int, end: int) -> list[str]:
     """Cron expressions covering minutes-of-day [start, end)."""
     crons: list[str] = []
+    if start >= end:
+        return crons
     sh, sm = divmod(start, 60)
     eh, em = divmod(end, 60)
     if sh == eh:
-        return [f"{sm}-{em - 1} {sh} * * *"]
+        return [f"{_span(sm, em - 1)} {sh} * * *"]
     if sm:
-        crons.append(f"{sm}-59 {sh} * * *")
+        crons.append(f"{_span(sm, 59)} {sh} * * *")
         sh += 1
     if sh < eh:
-        crons.append(f"* {sh}-{eh - 1} * * *")
+        crons.append(f"* {_span(sh, eh - 1)} * * *")
     if em:
-        crons.append(f"0-{em - 1} {eh} * * *")
+        crons.append(f"{_span(0, em - 1)} {eh} * * *")
     return crons
 
 

@@ -1,0 +1,157 @@
+"""The spool: atomic hand-offs, names, modes, listing."""
+
+from __future__ import annotations
+
+import os
+import stat
+from pathlib import Path
+
+import pytest
+
+from pipeline.errors import SpoolError
+from pipeline.spool import (
+    DIR_MODE,
+    FILE_MODE,
+    Spool,
+    make_name,
+    rename_noreplace,
+    sidecar_path,
+)
+
+
+@pytest.fixture
+def spool(tmp_path: Path) -> Spool:
+    return Spool(tmp_path / "spool").create(["pacs", "archive"])
+
+
+def mode(path: Path) -> int:
+    return stat.S_IMODE(path.lstat().st_mode)
+
+
+def test_create_makes_every_stage_0700(spool: Spool) -> None:
+    for stage in ("incoming", "accepted", "outbox", "sent", "failed", "rejected", "quarantine", "run"):
+        assert mode(spool.root / stage) == DIR_MODE, stage
+    for directory in (spool.outbox("pacs"), spool.sent("archive"), spool.failed("pacs"),
+                      spool.incoming / ".tmp"):
+        assert mode(directory) == DIR_MODE
+    assert (spool.run_dir / "VERSION").read_text().strip() == "1"
+
+
+def test_create_tightens_nothing_it_did_not_create_but_is_idempotent(spool: Spool) -> None:
+    Spool(spool.root).create(["pacs"])
+    assert spool.endpoints_on_disk() == ["archive", "pacs"]
+
+
+def test_other_format_version_is_refused(spool: Spool) -> None:
+    (spool.run_dir / "VERSION").write_text("99\n")
+    with pytest.raises(SpoolError, match="format version"):
+        Spool(spool.root).create()
+
+
+def test_names_sort_in_arrival_order_and_carry_the_uid() -> None:
+    names = [make_name("1.2.3", now=1_800_000_000.0 + i * 0.000001) for i in range(50)]
+    assert names == sorted(names)
+    assert names[0].endswith("-1.2.3.dcm")
+    assert len(set(names)) == 50
+
+
+@pytest.mark.parametrize("uid", ["../../etc/passwd", "1.2/3", "1.2.\n3", "1" * 65, "", None,
+                                 "1.2.3\x00", "1..2", "abc"])
+def test_invalid_uid_never_reaches_a_path(uid: str | None) -> None:
+    name = make_name(uid)
+    assert name.endswith("-nouid.dcm")
+    assert "/" not in name and "\n" not in name
+
+
+def test_write_bytes_publishes_complete_file_0600(spool: Spool) -> None:
+    path = spool.write_bytes(spool.incoming, "a.dcm", b"data")
+    assert path.read_bytes() == b"data"
+    assert mode(path) == FILE_MODE
+    assert list((spool.incoming / ".tmp").iterdir()) == []
+
+
+def test_failed_write_leaves_nothing_visible(spool: Spool) -> None:
+    with pytest.raises(RuntimeError):
+        with spool.temp_file(spool.incoming) as tmp:
+            tmp.file.write(b"half")
+            raise RuntimeError("disk error")
+    assert spool.list_stage(spool.incoming) == []
+    assert list((spool.incoming / ".tmp").iterdir()) == []
+
+
+def test_publish_never_overwrites(spool: Spool) -> None:
+    spool.write_bytes(spool.incoming, "same.dcm", b"first")
+    with pytest.raises(FileExistsError):
+        spool.write_bytes(spool.incoming, "same.dcm", b"second")
+    assert (spool.incoming / "same.dcm").read_bytes() == b"first"
+    assert list((spool.incoming / ".tmp").iterdir()) == []
+
+
+def test_publish_new_picks_unique_names(spool: Spool) -> None:
+    paths = []
+    for _ in range(20):
+        with spool.temp_file(spool.incoming) as tmp:
+            tmp.file.write(b"x")
+        paths.append(spool.publish_new(tmp.path, spool.incoming, "1.2.3"))
+    assert len({p.name for p in paths}) == 20
+
+
+def test_move_is_atomic_and_refuses_to_overwrite(spool: Spool) -> None:
+    src = spool.write_bytes(spool.incoming, "a.dcm", b"a")
+    moved = spool.move(src, spool.accepted)
+    assert moved == spool.accepted / "a.dcm" and not src.exists()
+    spool.write_bytes(spool.incoming, "a.dcm", b"b")
+    with pytest.raises(FileExistsError):
+        spool.move(spool.incoming / "a.dcm", spool.accepted)
+    assert moved.read_bytes() == b"a"
+
+
+def test_rename_noreplace_on_existing_target(tmp_path: Path) -> None:
+    (tmp_path / "a").write_text("a")
+    (tmp_path / "b").write_text("b")
+    with pytest.raises(FileExistsError):
+        rename_noreplace(tmp_path / "a", tmp_path / "b")
+
+
+def test_link_is_idempotent_and_shares_the_inode(spool: Spool) -> None:
+    src = spool.write_bytes(spool.accepted, "a.dcm", b"a")
+    first = spool.link(src, spool.outbox("pacs"))
+    again = spool.link(src, spool.outbox("pacs"))
+    assert first == again and os.path.samefile(src, first)
+    other = spool.write_bytes(spool.accepted, "b.dcm", b"b")
+    with pytest.raises(FileExistsError):
+        spool.link(other, spool.outbox("pacs"), name="a.dcm")
+
+
+def test_move_with_reason_writes_sidecar_first(spool: Spool) -> None:
+    src = spool.write_bytes(spool.incoming, "a.dcm", b"a")
+    target = spool.move_with_reason(src, spool.quarantine, ".reason", "not DICOM")
+    assert sidecar_path(target, ".reason").read_text() == "not DICOM\n"
+    assert spool.list_stage(spool.quarantine) == [target]
+
+
+def test_list_stage_skips_hidden_and_sidecars_in_name_order(spool: Spool) -> None:
+    for name in ("b.dcm", "a.dcm", ".hidden", "a.dcm.reason", "c.dcm.error"):
+        (spool.incoming / name).write_bytes(b"x")
+    assert [p.name for p in spool.list_stage(spool.incoming)] == ["a.dcm", "b.dcm"]
+
+
+def test_clean_tmp_removes_stale_files(spool: Spool) -> None:
+    (spool.incoming / ".tmp" / "stale").write_bytes(b"x")
+    assert spool.clean_tmp(spool.incoming) == 1
+    assert not list((spool.incoming / ".tmp").iterdir())
+
+
+def test_prune_sent_oldest_first(spool: Spool) -> None:
+    old = spool.write_bytes(spool.sent("pacs"), "20200101T000000.000000-000001-1.dcm", b"x")
+    new = spool.write_bytes(spool.sent("archive"), "20300101T000000.000000-000002-2.dcm", b"x")
+    os.utime(old, (0, 0))
+    assert spool.prune_sent(older_than=3600) == 1
+    assert not old.exists() and new.exists()
+    assert spool.prune_sent(until_free=spool.free_bytes() * 10) == 1
+    assert not new.exists()
+
+
+def test_invalid_endpoint_name_is_refused(spool: Spool) -> None:
+    with pytest.raises(SpoolError):
+        spool.outbox("../etc")
