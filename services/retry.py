@@ -1,0 +1,64 @@
+"""``dicomflow retry ENDPOINT [--all | FILE…]``: give failed files another go.
+
+Moves files from ``failed/<endpoint>/`` back to ``outbox/<endpoint>/`` (the sender
+picks them up at once) and drops their ``.error`` sidecars. This is exactly what an
+operator may also do by hand with ``mv``.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+from pipeline.config import Config
+from pipeline.names import is_valid_endpoint_name
+from pipeline.spool import Spool
+
+
+def main(config: Config, endpoint: str, files: list[str], retry_all: bool = False) -> int:
+    if not is_valid_endpoint_name(endpoint):
+        print(f"dicomflow: invalid endpoint name {endpoint!r}", file=sys.stderr)
+        return 1
+    spool = Spool(config.spool)
+    failed = spool.root / "failed" / endpoint
+    if not failed.is_dir():
+        print(f"dicomflow: no failed/ folder for endpoint {endpoint} in {spool.root}", file=sys.stderr)
+        return 1
+    if endpoint not in config.endpoints:
+        print(f"dicomflow: warning: {endpoint} has no conf/endpoints/{endpoint}.ini; "
+              "the files will wait in its outbox", file=sys.stderr)
+    spool.create_endpoint(endpoint)
+    selected = spool.list_stage(failed) if retry_all else _named(failed, files)
+    if selected is None:
+        return 1
+    moved = 0
+    for path in selected:
+        try:
+            spool.move(path, spool.outbox(endpoint))
+        except FileNotFoundError:
+            print(f"dicomflow: {path.name} is no longer in failed/{endpoint}", file=sys.stderr)
+            continue
+        except FileExistsError:
+            print(f"dicomflow: {path.name} is already in outbox/{endpoint}; left in failed/",
+                  file=sys.stderr)
+            continue
+        spool.remove_sidecars(path)
+        moved += 1
+    print(f"dicomflow: {moved} file(s) moved back to outbox/{endpoint}")
+    return 0
+
+
+def _named(failed: Path, files: list[str]) -> list[Path] | None:
+    """Files given by name (or by a path inside failed/<endpoint>)."""
+    selected = []
+    for item in files:
+        name = Path(item).name
+        path = failed / name
+        if Path(item).parent not in (Path("."), failed) and Path(item).resolve().parent != failed.resolve():
+            print(f"dicomflow: {item} is not in {failed}", file=sys.stderr)
+            return None
+        if name.startswith(".") or name.endswith((".error", ".reason")) or not path.is_file():
+            print(f"dicomflow: no such failed file: {name}", file=sys.stderr)
+            return None
+        selected.append(path)
+    return selected
