@@ -174,3 +174,37 @@ def sop_class_of(ds: Dataset) -> str:
 
 def describe(conditions: Iterable[Condition]) -> list[str]:
     return [c.source for c in conditions]
+
+
+@dataclass(frozen=True)
+class Decision:
+    """Where one file goes: the endpoints that want it, or why nobody does.
+
+    ``rejected`` is the ``.reason`` text when the file goes to ``rejected/``;
+    ``refusals`` maps each endpoint that does not want the file to its rule.
+    """
+
+    endpoints: tuple[str, ...]
+    rejected: str | None
+    refusals: dict[str, str]
+
+
+def decide(global_rules: RuleSet, endpoint_rules: dict[str, RuleSet], ds: Dataset) -> Decision:
+    """Apply the global rules, then every endpoint's; the same code for filter and dry run."""
+    reason = global_rules.why_not(ds)
+    if reason is not None:
+        return Decision((), f"global rule: {reason}", {})
+    endpoints: list[str] = []
+    refusals: dict[str, str] = {}
+    for name in sorted(endpoint_rules):
+        why = endpoint_rules[name].why_not(ds)
+        if why is None:
+            endpoints.append(name)
+        else:
+            refusals[name] = why
+    if endpoints:
+        return Decision(tuple(endpoints), None, refusals)
+    if not endpoint_rules:
+        return Decision((), "no endpoint matched (no endpoints are configured)", refusals)
+    details = "; ".join(f"{name}: {why}" for name, why in refusals.items())
+    return Decision((), f"no endpoint matched ({details})", refusals)

@@ -67,6 +67,8 @@ def build_parser() -> argparse.ArgumentParser:
     route = _command(sub, "route", "dry run: where would these files go, or which rule rejects them",
                      "dicomflow route study/*.dcm")
     route.add_argument("files", nargs="+", type=Path)
+    route.epilog += ("\n\nexit status: 0 when every file got a decision (a quarantine verdict included),"
+                     "\n1 when some file could not be read at all (missing, permission denied).")
     return parser
 
 

@@ -1,0 +1,110 @@
+"""Filesystem-event triggers for the daemon loops (watchdog, one directory each).
+
+inotify is a trigger, not a ledger (DESIGN.md §10): the kernel's queue overflows on
+big bursts without watchdog telling anyone, so a daemon never trusts events to list
+its work. It rescans its directory after every wake-up, and wakes up by itself after
+``rescan_interval`` even if no event came. Events only make that wake-up immediate.
+
+The watcher also remembers which names were *completed* — moved in (an atomic
+``mv``/rename) or closed after writing (``cp`` finished) — so the filter can route a
+hand-copied file only once it is whole.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from pathlib import Path
+
+from watchdog.events import (
+    FileClosedEvent,
+    FileCreatedEvent,
+    FileModifiedEvent,
+    FileMovedEvent,
+    FileSystemEvent,
+    FileSystemEventHandler,
+)
+from watchdog.observers import Observer
+
+
+class _Handler(FileSystemEventHandler):
+    def __init__(self, watcher: DirectoryWatcher) -> None:
+        self.watcher = watcher
+
+    def on_any_event(self, event: FileSystemEvent) -> None:
+        if event.is_directory:
+            return
+        if isinstance(event, FileMovedEvent):
+            self.watcher._note(os.fsdecode(event.dest_path), completed=True)
+        elif isinstance(event, FileClosedEvent):
+            self.watcher._note(os.fsdecode(event.src_path), completed=True)
+        elif isinstance(event, FileCreatedEvent | FileModifiedEvent):
+            self.watcher._note(os.fsdecode(event.src_path), completed=False)
+
+
+class DirectoryWatcher:
+    """Wake a daemon loop when something lands in one directory (not recursive)."""
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = Path(directory)
+        self._event = threading.Event()
+        self._lock = threading.Lock()
+        self._completed: set[str] = set()
+        self._observer: Observer | None = None
+
+    def start(self) -> DirectoryWatcher:
+        try:
+            # Full events: a rename from outside the watched directory (the receiver's
+            # .tmp/, an operator's `mv`) is then a FileMovedEvent, i.e. completed, and
+            # not a plain FileCreatedEvent that would have to wait to settle.
+            observer = Observer(generate_full_events=True)
+        except TypeError:  # pragma: no cover - observers other than inotify
+            observer = Observer()
+        observer.schedule(_Handler(self), str(self.directory), recursive=False)
+        observer.daemon = True
+        observer.start()
+        self._observer = observer
+        return self
+
+    def stop(self) -> None:
+        if self._observer is not None:
+            self._observer.stop()
+            self._observer.join(timeout=5)
+            self._observer = None
+
+    def _note(self, path: str, completed: bool) -> None:
+        name = os.path.basename(path)
+        if os.path.dirname(path) != str(self.directory) or name.startswith("."):
+            return
+        if completed:
+            with self._lock:
+                self._completed.add(name)
+        self._event.set()
+
+    def wake(self) -> None:
+        """Wake the loop now (signal handlers, shutdown, tests)."""
+        self._event.set()
+
+    def wait(self, timeout: float | None) -> bool:
+        """Sleep until an event or ``timeout``; True if woken by an event."""
+        woken = self._event.wait(timeout)
+        self._event.clear()
+        return woken
+
+    def take_completed(self, name: str) -> bool:
+        """True (once) if ``name`` was seen moved in or closed after writing."""
+        with self._lock:
+            if name in self._completed:
+                self._completed.discard(name)
+                return True
+            return False
+
+    def forget(self, name: str) -> None:
+        with self._lock:
+            self._completed.discard(name)
+
+    def __enter__(self) -> DirectoryWatcher:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()

@@ -1,0 +1,383 @@
+"""``dicomflow filter``: route every file in ``incoming/`` to its outboxes (DESIGN.md §2).
+
+For each file, in name (arrival) order: read only its header, apply the global rules,
+move it to ``accepted/`` under its standard name, hard-link it into the outbox of every
+endpoint whose rules match, then unlink it from ``accepted/``. ``accepted/`` is the
+durable decision point: at start-up, and after any interruption, whatever is there is
+fanned out again (``Spool.link`` tolerates links that already exist), so a kill -9 at
+any instant may at worst repeat a link, never lose or double a copy.
+
+A file that nobody wants goes to ``rejected/``; a file that is unsafe or unreadable goes
+to ``quarantine/``; both with a ``.reason`` sidecar. The daemon never dies on a file.
+
+The loop is rq-worker shaped: ``run(once=False)``; inotify (``DirectoryWatcher``) only
+wakes it up and the directory is always rescanned; signal handlers only set flags.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import errno
+import os
+import re
+import signal
+import stat
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from loguru import logger
+from pydicom.uid import UID
+
+from pipeline import config as config_module
+from pipeline import header as header_module
+from pipeline.config import Config
+from pipeline.errors import ConfigError, QuarantineError
+from pipeline.header import Header
+from pipeline.lock import DaemonLock
+from pipeline.log import setup
+from pipeline.names import escape
+from pipeline.rules import Decision, decide
+from pipeline.spool import FILE_MODE, Spool, make_name
+from pipeline.watch import DirectoryWatcher
+
+#: OS errors that say "the disk (or the system) is in trouble, try again later",
+#: as opposed to something wrong with one file.
+RETRYABLE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EIO, errno.EMFILE,
+                    errno.ENFILE, errno.ENOMEM}
+_STANDARD_NAME = re.compile(r"\d{8}T\d{6}\.\d{6}-\d{6}-(?P<uid>[0-9.]+|nouid)\.dcm")
+
+
+class DiskTrouble(Exception):
+    """A retryable OS error while moving a file: leave everything where it is."""
+
+
+def standard_name(name: str, sop_instance_uid: str | None) -> str:
+    """Keep a name the receiver (or we) gave; give anything else a fresh standard name."""
+    match = _STANDARD_NAME.fullmatch(name)
+    if match and match.group("uid") == (sop_instance_uid or "nouid"):
+        return name
+    return make_name(sop_instance_uid)
+
+
+class FilterDaemon:
+    """The filter loop, bound to its configuration, spool and logger (no globals)."""
+
+    def __init__(self, config: Config, spool: Spool | None = None, log=None, *,
+                 settle: float = 3.0, rescan_interval: float = 5.0,
+                 retry_interval: float = 5.0) -> None:
+        self.config = config
+        self.spool = spool or Spool(config.spool)
+        self.log = log or logger.bind(daemon="filter")
+        self.settle = settle
+        self.rescan_interval = rescan_interval
+        self.retry_interval = retry_interval
+        self.watcher = DirectoryWatcher(self.spool.incoming)
+        self.stopping = False
+        self.reload_requested = False
+        self._seen: dict[str, tuple[tuple[int, int, int], float]] = {}
+        self._retry_at: dict[Path, float] = {}
+
+    # -- control (safe from signal handlers: flags and a wake-up only) ---------------
+
+    def request_stop(self) -> None:
+        self.stopping = True
+        self._wake()
+
+    def request_reload(self) -> None:
+        self.reload_requested = True
+        self._wake()
+
+    def _wake(self) -> None:
+        # Event.set() takes a lock the interrupted main thread may hold: wake from a thread.
+        threading.Thread(target=self.watcher.wake, daemon=True).start()
+
+    # -- the loop --------------------------------------------------------------------
+
+    def run(self, once: bool = False) -> int:
+        """Process ``incoming/`` until stopped; with ``once``, until nothing is waiting."""
+        self.spool.create(self.config.endpoints)
+        with DaemonLock(self.spool.run_dir, "filter"):
+            for stage in (self.spool.incoming, self.spool.accepted, self.spool.rejected,
+                          self.spool.quarantine):
+                self.spool.clean_tmp(stage)
+            self.watcher.start()
+            try:
+                self._announce()
+                self._loop(once)
+            finally:
+                self.watcher.stop()
+        self.log.info("filter stopped")
+        return 0
+
+    def _announce(self) -> None:
+        endpoints = ", ".join(sorted(self.config.endpoints)) or "none"
+        self.log.info(f"filter ready: watching {self.spool.incoming}, endpoints: {endpoints}")
+
+    def _loop(self, once: bool) -> None:
+        while not self.stopping:
+            if self.reload_requested:
+                self.reload()
+            try:
+                self.recover_accepted()
+                settling = self.scan_incoming()
+            except DiskTrouble:
+                if once:
+                    return
+                settling = 0
+            if once and settling == 0:
+                return
+            self.watcher.wait(self._timeout(settling))
+
+    def _timeout(self, settling: int) -> float:
+        """Sleep until an event, or sooner when files are settling or due for a retry."""
+        timeout = self.rescan_interval
+        if settling > 0:
+            timeout = min(timeout, max(self.settle / 4, 0.05))
+        if self._retry_at:
+            due = min(self._retry_at.values()) - time.monotonic()
+            timeout = min(timeout, max(due, 0.05))
+        return timeout
+
+    # -- scanning --------------------------------------------------------------------
+
+    def recover_accepted(self) -> None:
+        """Fan out whatever a previous run (or a disk error) left in ``accepted/``."""
+        for path in self.spool.list_stage(self.spool.accepted):
+            if self.stopping:
+                return
+            if self._due(path):
+                self.process(path)
+
+    def scan_incoming(self) -> int:
+        """Process every ready file in name order; return how many are still settling.
+
+        Files waiting for a retry after a disk error are not counted (they are timed).
+        """
+        settling = 0
+        names = set()
+        for path in self.spool.list_stage(self.spool.incoming):
+            if self.stopping:
+                break
+            names.add(path.name)
+            if not self._due(path):
+                continue
+            if self._ready(path):
+                self.process(path)
+            elif os.path.lexists(path):
+                settling += 1
+        for name in set(self._seen) - names:
+            del self._seen[name]
+        return settling
+
+    def _due(self, path: Path) -> bool:
+        at = self._retry_at.get(path)
+        if at is None:
+            return True
+        if time.monotonic() >= at:
+            del self._retry_at[path]
+            return True
+        return False
+
+    def _ready(self, path: Path) -> bool:
+        """Complete: moved in / closed after writing, or unchanged for the settle time."""
+        name = path.name
+        if self.watcher.take_completed(name):
+            self._seen.pop(name, None)
+            return True
+        try:
+            st = os.lstat(path)
+        except FileNotFoundError:
+            return False
+        if not stat.S_ISREG(st.st_mode):
+            return True  # nothing to wait for: it goes to quarantine
+        key = (st.st_size, st.st_mtime_ns, st.st_ino)
+        now = time.monotonic()
+        previous = self._seen.get(name)
+        if previous is None or previous[0] != key:
+            self._seen[name] = (key, now)
+            previous = (key, now)
+        return time.time() - st.st_mtime >= self.settle or now - previous[1] >= self.settle
+
+    # -- one file --------------------------------------------------------------------
+
+    def process(self, path: Path) -> None:
+        """Decide and move one file; log one line; never raise for a file's sake."""
+        log = self.log.bind(file=escape(path.name))
+        try:
+            message = self._process(path)
+        except FileNotFoundError:
+            log.debug("vanished before it could be filtered")
+            return
+        except OSError as exc:
+            if exc.errno not in RETRYABLE_ERRNOS:
+                self._internal_error(path, exc, log)
+                return
+            self._retry_at[path] = time.monotonic() + self.retry_interval
+            log.warning(f"disk error, will retry in {self.retry_interval:g}s: {escape(exc)}")
+            raise DiskTrouble() from exc
+        except Exception as exc:  # the daemon never dies on a file
+            self._internal_error(path, exc, log)
+            return
+        if message:
+            log.info(message)
+
+    def _internal_error(self, path: Path, exc: BaseException, log) -> None:
+        reason = f"error while filtering: {type(exc).__name__}: {exc}"
+        log.opt(exception=exc).warning(escape(reason))
+        try:
+            log.info(self._quarantine(path, reason))
+        except FileNotFoundError:
+            pass
+        except Exception as again:
+            self._retry_at[path] = time.monotonic() + self.retry_interval
+            log.error(f"cannot quarantine either, will retry: {escape(again)}")
+
+    def _process(self, path: Path) -> str | None:
+        try:
+            fd, st = header_module.open_regular(path)
+        except QuarantineError as exc:
+            return self._quarantine(path, str(exc))
+        except PermissionError as exc:
+            return self._quarantine(path, f"cannot be opened: {exc.strerror}")
+        try:
+            try:
+                head = header_module.read_header_fd(fd, st.st_size)
+            except QuarantineError as exc:
+                return self._quarantine(path, str(exc))
+            self._make_durable_and_private(fd, st)
+            if not _same_file(path, st):
+                return None  # replaced while we read it: the next scan takes the new one
+            return self._route(path, head)
+        finally:
+            os.close(fd)
+
+    def _make_durable_and_private(self, fd: int, st: os.stat_result) -> None:
+        """A hand-dropped file may be unsynced and world-readable; fix both before it moves."""
+        if stat.S_IMODE(st.st_mode) != FILE_MODE:
+            try:
+                os.fchmod(fd, FILE_MODE)
+            except PermissionError:
+                self.log.warning("cannot set mode 0600 (file owned by another user)")
+        os.fsync(fd)
+
+    def _route(self, path: Path, head: Header) -> str:
+        decision = self.decide(head)
+        name = path.name if path.parent == self.spool.accepted else standard_name(
+            path.name, head.sop_instance_uid)
+        what = _describe(head)
+        if decision.rejected is not None:
+            name = _free_name(self.spool.rejected, name, head.sop_instance_uid)
+            self.spool.move_with_reason(path, self.spool.rejected, ".reason",
+                                        self._reason(decision.rejected, path), name=name)
+            return f"{what} rejected: {escape(decision.rejected, 500)}"
+        accepted = path if path.parent == self.spool.accepted else self._accept(path, name, head)
+        self._fan_out(accepted, decision.endpoints, head.sop_instance_uid)
+        return f"{what} → {', '.join(decision.endpoints)}"
+
+    def decide(self, head: Header) -> Decision:
+        rules = {name: ep.rules for name, ep in self.config.endpoints.items()}
+        return decide(self.config.router.rules, rules, head.dataset)
+
+    def _accept(self, path: Path, name: str, head: Header) -> Path:
+        try:
+            return self.spool.move(path, self.spool.accepted, name)
+        except FileExistsError:  # a different file already has this name: give it another
+            return self.spool.move(path, self.spool.accepted, make_name(head.sop_instance_uid))
+
+    def _fan_out(self, accepted: Path, endpoints: tuple[str, ...], uid: str) -> None:
+        for endpoint in endpoints:
+            outbox = self.spool.outbox(endpoint)
+            if not outbox.is_dir():
+                self.spool.create_endpoint(endpoint)
+            try:
+                self.spool.link(accepted, outbox)
+            except FileExistsError:  # another file owns this name there: never overwrite it
+                self.spool.link(accepted, outbox, make_name(uid))
+        self.spool.unlink(accepted)
+
+    def _quarantine(self, path: Path, reason: str) -> str:
+        name = path.name if _STANDARD_NAME.fullmatch(path.name) else make_name(None)
+        name = _free_name(self.spool.quarantine, name, None)
+        self.spool.move_with_reason(path, self.spool.quarantine, ".reason",
+                                    self._reason(reason, path), name=name)
+        return f"quarantined as {name}: {escape(reason, 500)}"
+
+    def _reason(self, reason: str, path: Path) -> str:
+        stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+        return (f"{escape(reason, 2000)}\noriginal name: {escape(path.name, 300)}\n"
+                f"stage: {path.parent.name}\ntime: {stamp}\n")
+
+    # -- configuration ---------------------------------------------------------------
+
+    def reload(self) -> None:
+        """Re-read the configuration (SIGHUP); on any error keep the old one."""
+        self.reload_requested = False
+        try:
+            new = config_module.load(self.config.conf_dir)
+        except ConfigError as exc:
+            self.log.error(f"reload failed, keeping the previous configuration: {exc}")
+            return
+        if new.spool != self.config.spool:
+            self.log.warning("the spool path changed: restart the filter to use it; keeping the old one")
+            new = dataclasses.replace(new, router=dataclasses.replace(new.router, spool=self.config.spool))
+        for endpoint in new.endpoints:
+            self.spool.create_endpoint(endpoint)
+        self.config = new
+        self.log.info(f"configuration reloaded, endpoints: {', '.join(sorted(new.endpoints)) or 'none'}")
+
+
+def _free_name(directory: Path, name: str, uid: str | None) -> str:
+    """``name``, or a fresh one if a file has it: its sidecar must never overwrite another's.
+
+    A sidecar without its file is the trace of an interrupted move of this very file.
+    """
+    if not os.path.lexists(directory / name):
+        return name
+    return make_name(uid)
+
+
+def _same_file(path: Path, st: os.stat_result) -> bool:
+    try:
+        now = os.lstat(path)
+    except FileNotFoundError:
+        return False
+    return (now.st_dev, now.st_ino) == (st.st_dev, st.st_ino)
+
+
+def _describe(head: Header) -> str:
+    """SOP class and sender for the log line (never patient data at INFO)."""
+    meta = head.dataset.file_meta
+    calling = str(meta.get("SourceApplicationEntityTitle") or "").strip()
+    sender = f" from {escape(calling, 16)!r}" if calling else ""
+    sop_class = UID(head.sop_class_uid)
+    label = sop_class.keyword or head.sop_class_uid
+    return f"{label}{sender}"
+
+
+def install_signals(daemon: FilterDaemon) -> Callable[[], None]:
+    """SIGTERM/SIGINT: finish the current file and exit 0; SIGHUP: reload endpoints."""
+    previous = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)}
+    signal.signal(signal.SIGTERM, lambda *_: daemon.request_stop())
+    signal.signal(signal.SIGINT, lambda *_: daemon.request_stop())
+    signal.signal(signal.SIGHUP, lambda *_: daemon.request_reload())
+
+    def restore() -> None:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+    return restore
+
+
+def main(config: Config) -> int:
+    """Entry point of ``dicomflow filter`` (the configuration is already validated)."""
+    router = config.router
+    setup("filter", router.log_level, json=router.log_json, pynetdicom_level=router.pynetdicom_log_level)
+    header_module.quiet_pydicom()
+    daemon = FilterDaemon(config)
+    restore = install_signals(daemon)
+    try:
+        return daemon.run()
+    finally:
+        restore()

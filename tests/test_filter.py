@@ -1,0 +1,261 @@
+"""The filter daemon driven in-process with ``run(once=True)`` (no sleeps, real files)."""
+
+from __future__ import annotations
+
+import errno
+import os
+import re
+import stat
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from pipeline.config import load
+from pipeline.errors import AlreadyRunning
+from pipeline.lock import DaemonLock
+from pipeline.spool import Spool, make_name
+from services.filter import FilterDaemon
+from tests import corpus
+from tests.helpers import dicom_files, make_dataset, wait_for, write_conf, write_dataset
+
+MR = "MRImageStorage"
+ENDPOINTS = {
+    "pacs": {"endpoint": {"host": "127.0.0.1", "port": 1104, "ae_title": "PACS"}},
+    "ct_only": {"endpoint": {"host": "127.0.0.1", "port": 1105, "ae_title": "CTARCH"},
+                "filter": {"conditions": "Modality=CT"}},
+    "mr_research": {"endpoint": {"host": "127.0.0.1", "port": 1106, "ae_title": "RESEARCH"},
+                    "filter": {"sop_whitelist": MR}},
+}
+STANDARD = re.compile(r"\d{8}T\d{6}\.\d{6}-\d{6}-[0-9.]+\.dcm")
+
+
+@pytest.fixture
+def conf(tmp_path):
+    return write_conf(tmp_path, filter_={"sop_blacklist": "EncapsulatedPDFStorage"}, endpoints=ENDPOINTS)
+
+
+def daemon_for(conf: Path, **kwargs) -> FilterDaemon:
+    kwargs.setdefault("settle", 0.0)
+    kwargs.setdefault("rescan_interval", 0.2)
+    kwargs.setdefault("retry_interval", 0.1)
+    return FilterDaemon(load(conf), **kwargs)
+
+
+def drop(spool: Spool, ds, name: str | None = None) -> Path:
+    """Write outside the spool, then rename in (what the receiver and `mv` do)."""
+    staging = spool.root.parent / "staging"
+    path = write_dataset(ds, staging / (name or f"{ds.SOPInstanceUID}.dcm"))
+    target = spool.incoming / path.name
+    os.rename(path, target)  # the test's own drop, not the daemon's
+    return target
+
+
+def uids_in(directory: Path) -> list[str]:
+    return sorted(p.name.rsplit("-", 1)[1][:-4] for p in dicom_files(directory))
+
+
+def test_files_fan_out_by_rules(conf):
+    daemon = daemon_for(conf)
+    spool = daemon.spool.create(daemon.config.endpoints)
+    ct, mr = make_dataset(modality="CT"), make_dataset("1.2.840.10008.5.1.4.1.1.4", modality="MR")
+    drop(spool, ct), drop(spool, mr)
+    assert daemon.run(once=True) == 0
+    assert uids_in(spool.outbox("pacs")) == sorted([ct.SOPInstanceUID, mr.SOPInstanceUID])
+    assert uids_in(spool.outbox("ct_only")) == [ct.SOPInstanceUID]
+    assert uids_in(spool.outbox("mr_research")) == [mr.SOPInstanceUID]
+    assert dicom_files(spool.incoming) == [] and dicom_files(spool.accepted) == []
+    for path in dicom_files(spool.outbox("pacs")):
+        st = path.stat()
+        assert stat.S_IMODE(st.st_mode) == 0o600
+        assert st.st_nlink == 2  # one hard link per outbox, no copy
+    for directory in (spool.accepted, spool.outbox("pacs"), spool.rejected, spool.quarantine):
+        assert stat.S_IMODE(directory.stat().st_mode) == 0o700
+
+
+def test_hand_dropped_file_gets_standard_name_and_mode(conf):
+    daemon = daemon_for(conf)
+    spool = daemon.spool.create(daemon.config.endpoints)
+    ds = make_dataset(modality="MR")
+    path = drop(spool, ds, "scan 01\n.dcm")
+    os.chmod(path, 0o644)
+    daemon.run(once=True)
+    [routed] = dicom_files(spool.outbox("pacs"))
+    assert STANDARD.fullmatch(routed.name) and routed.name.endswith(f"-{ds.SOPInstanceUID}.dcm")
+    assert stat.S_IMODE(routed.stat().st_mode) == 0o600
+
+
+def test_receiver_names_are_kept(conf):
+    daemon = daemon_for(conf)
+    spool = daemon.spool.create(daemon.config.endpoints)
+    ds = make_dataset()
+    name = make_name(ds.SOPInstanceUID)
+    drop(spool, ds, name)
+    daemon.run(once=True)
+    assert [p.name for p in dicom_files(spool.outbox("ct_only"))] == [name]
+
+
+def test_global_rule_and_no_endpoint_go_to_rejected(conf):
+    daemon = daemon_for(conf)
+    spool = daemon.spool.create(daemon.config.endpoints)
+    pdf = make_dataset("1.2.840.10008.5.1.4.1.1.104.1", modality="DOC")
+    drop(spool, pdf)
+    daemon.config = load(conf)
+    daemon.run(once=True)
+    [rejected] = dicom_files(spool.rejected)
+    reason = Path(str(rejected) + ".reason").read_text()
+    assert "global rule: sop_blacklist contains 1.2.840.10008.5.1.4.1.1.104.1" in reason
+    assert all(dicom_files(spool.outbox(ep)) == [] for ep in ENDPOINTS)
+
+
+def test_no_endpoint_matched_lists_every_endpoint(tmp_path):
+    conf = write_conf(tmp_path, endpoints={"mr_only": {
+        "endpoint": {"host": "127.0.0.1", "port": 1104, "ae_title": "PACS"},
+        "filter": {"conditions": "Modality=MR"}}})
+    daemon = daemon_for(conf)
+    spool = daemon.spool.create(daemon.config.endpoints)
+    drop(spool, make_dataset(modality="CT"))
+    daemon.run(once=True)
+    [rejected] = dicom_files(spool.rejected)
+    reason = Path(str(rejected) + ".reason").read_text()
+    assert reason.startswith("no endpoint matched (mr_only: condition 'Modality=MR' does not hold)")
+
+
+def test_the_corpus_goes_to_quarantine_with_reasons(conf, tmp_path):
+    daemon = daemon_for(conf)
+    spool = daemon.spool.create(daemon.config.endpoints)
+    cases = corpus.build(tmp_path / "corpus")
+    for case in cases:
+        os.rename(tmp_path / "corpus" / case.name, spool.incoming / case.name)
+    good = drop(spool, make_dataset())
+    daemon.run(once=True)
+    assert os.listdir(spool.incoming) == [".tmp"]
+    quarantined = sorted(p for p in spool.quarantine.iterdir() if p.name != ".tmp"
+                         and not p.name.endswith(".reason"))
+    assert len(quarantined) == len(cases)
+    reasons = [Path(str(p) + ".reason").read_text() for p in quarantined]
+    for case in cases:
+        matching = [r for r in reasons if f"original name: {case.name}\n" in r]
+        assert len(matching) == 1 and case.expect in matching[0], case.name
+    assert any(p.is_symlink() and os.readlink(p) == "/etc/shadow" for p in quarantined)
+    assert uids_in(spool.outbox("pacs")) == [good.name[:-4]]  # only the good file got through
+
+
+def test_accepted_is_fanned_out_again_after_a_crash(conf):
+    """A crash after two of three links: restart completes the fan-out, no duplicates."""
+    daemon = daemon_for(conf)
+    spool = daemon.spool.create(daemon.config.endpoints)
+    ds = make_dataset(modality="CT")
+    name = make_name(ds.SOPInstanceUID)
+    path = write_dataset(ds, spool.accepted / name)
+    os.link(path, spool.outbox("pacs") / name)
+    daemon.run(once=True)
+    assert [p.name for p in dicom_files(spool.outbox("pacs"))] == [name]
+    assert [p.name for p in dicom_files(spool.outbox("ct_only"))] == [name]
+    assert dicom_files(spool.outbox("mr_research")) == [] and dicom_files(spool.accepted) == []
+
+
+def test_an_unexpected_error_quarantines_that_file_and_goes_on(conf):
+    daemon = daemon_for(conf)
+    spool = daemon.spool.create(daemon.config.endpoints)
+    bad, good = make_dataset(), make_dataset()
+    drop(spool, bad), drop(spool, good)
+    real_decide = daemon.decide
+
+    def decide(head):
+        if head.sop_instance_uid == bad.SOPInstanceUID:
+            raise RuntimeError("boom\nforged line")
+        return real_decide(head)
+
+    daemon.decide = decide
+    daemon.run(once=True)
+    [quarantined] = dicom_files(spool.quarantine)
+    reason = Path(str(quarantined) + ".reason").read_text()
+    assert "RuntimeError: boom\\x0aforged line" in reason
+    assert uids_in(spool.outbox("pacs")) == [good.SOPInstanceUID]
+
+
+def test_a_full_disk_leaves_the_file_and_retries(conf, monkeypatch):
+    daemon = daemon_for(conf)
+    spool = daemon.spool.create(daemon.config.endpoints)
+    ds = make_dataset()
+    drop(spool, ds)
+    real_move = spool.move
+    monkeypatch.setattr(spool, "move", lambda *a, **k: (_ for _ in ()).throw(
+        OSError(errno.ENOSPC, "No space left on device")))
+    daemon.run(once=True)
+    assert len(dicom_files(spool.incoming)) == 1 and dicom_files(spool.quarantine) == []
+    monkeypatch.setattr(spool, "move", real_move)
+    wait_for(lambda: daemon._retry_at and min(daemon._retry_at.values()) <= time.monotonic(),
+             message="retry time")
+    daemon.run(once=True)
+    assert uids_in(spool.outbox("pacs")) == [ds.SOPInstanceUID]
+
+
+def test_hidden_names_are_ignored(conf):
+    daemon = daemon_for(conf)
+    spool = daemon.spool.create(daemon.config.endpoints)
+    drop(spool, make_dataset(), ".partial.dcm")
+    daemon.run(once=True)
+    assert (spool.incoming / ".partial.dcm").exists()
+
+
+def test_a_second_filter_is_refused(conf):
+    daemon = daemon_for(conf)
+    spool = daemon.spool.create(daemon.config.endpoints)
+    with DaemonLock(spool.run_dir, "filter"), pytest.raises(AlreadyRunning, match="already running"):
+        daemon.run(once=True)
+
+
+def test_a_copy_in_progress_waits_until_complete(conf):
+    """Without a close-write event, a file is taken only after it settled."""
+    daemon = daemon_for(conf, settle=3600)
+    spool = daemon.spool.create(daemon.config.endpoints)
+    ds = make_dataset()
+    path = write_dataset(ds, spool.incoming / "copying.dcm")  # watcher not running: no event
+    assert daemon.scan_incoming() == 1 and path.exists()
+    old = time.time() - 7200
+    os.utime(path, (old, old))
+    assert daemon.scan_incoming() == 0
+    assert uids_in(spool.outbox("pacs")) == [ds.SOPInstanceUID]
+
+
+def test_close_write_event_routes_at_once(conf):
+    daemon = daemon_for(conf, settle=3600)
+    spool = daemon.spool.create(daemon.config.endpoints)
+    ds = make_dataset()
+    with daemon.watcher:
+        write_dataset(ds, spool.incoming / "copied.dcm")  # open, write, close: like cp
+        wait_for(lambda: daemon.scan_incoming() == 0, message="close-write to route the copy")
+    assert uids_in(spool.outbox("pacs")) == [ds.SOPInstanceUID]
+
+
+def test_stop_request_ends_the_loop(conf):
+    daemon = daemon_for(conf, rescan_interval=30)
+    spool = daemon.spool.create(daemon.config.endpoints)
+    result = {}
+    thread = threading.Thread(target=lambda: result.setdefault("rc", daemon.run()))
+    thread.start()
+    ds = make_dataset()
+    drop(spool, ds)
+    wait_for(lambda: dicom_files(spool.outbox("pacs")), message="the file to be routed")
+    daemon.request_stop()
+    thread.join(30)
+    assert result == {"rc": 0}
+
+
+def test_reload_adds_endpoints_and_survives_a_bad_config(conf):
+    daemon = daemon_for(conf)
+    spool = daemon.spool.create(daemon.config.endpoints)
+    (conf / "endpoints" / "extra.ini").write_text("[endpoint]\nhost = 127.0.0.1\nport = 1107\nae_title = X\n")
+    daemon.request_reload()
+    daemon.reload()
+    assert "extra" in daemon.config.endpoints and spool.outbox("extra").is_dir()
+    (conf / "endpoints" / "broken.ini").write_text("[endpoint]\nhost = 127.0.0.1\nport = nope\n")
+    daemon.reload()
+    assert set(daemon.config.endpoints) == {*ENDPOINTS, "extra"}
+    ds = make_dataset()
+    drop(spool, ds)
+    daemon.run(once=True)
+    assert uids_in(spool.outbox("extra")) == [ds.SOPInstanceUID]
