@@ -337,7 +337,8 @@ def _known_sections(path: Path, data: dict[str, dict[str, str]], allowed: tuple[
                               f"unknown section (expected one of: {', '.join(allowed)})")
 
 
-def _tls(section: _Section, conf_dir: Path) -> TlsConfig:
+def _tls(section: _Section, conf_dir: Path, server: bool) -> TlsConfig:
+    """TLS keys; ``tls_require_client_cert`` exists only for the receiver (server side)."""
     def path_value(value: str) -> Path:
         return _resolve(conf_dir, value)
 
@@ -345,7 +346,7 @@ def _tls(section: _Section, conf_dir: Path) -> TlsConfig:
     key = section.take("tls_key", path_value)
     ca = section.take("tls_ca", path_value)
     enabled = section.take("tls", boolean, default=None)
-    require = section.take("tls_require_client_cert", boolean, False)
+    require = section.take("tls_require_client_cert", boolean, False) if server else False
     if enabled is None:
         enabled = bool(cert or ca)
     for name, value in (("tls_cert", cert), ("tls_key", key), ("tls_ca", ca)):
@@ -405,7 +406,7 @@ def load_router(conf_dir: Path) -> RouterConfig:
     )
     sec.finish()
     tls_section = _Section(path, "tls", data.get("tls", {}))
-    values["tls"] = _tls(tls_section, conf_dir)
+    values["tls"] = _tls(tls_section, conf_dir, server=True)
     tls_section.finish()
     filter_section = _Section(path, "filter", data["filter"]) if "filter" in data else None
     values["rules"] = _rules(filter_section)
@@ -482,7 +483,7 @@ def load_endpoint(path: Path, router: RouterConfig) -> EndpointConfig:
     )
     ep.finish()
     tls_section = section("tls")
-    values["tls"] = _tls(tls_section, conf_dir)
+    values["tls"] = _tls(tls_section, conf_dir, server=False)
     tls_section.finish()
     values["retry"] = _retry(section("retry"))
     tc = section("transcode")
