@@ -1,0 +1,53 @@
+"""Logging: one line per event, escaped untrusted text, JSON option, pynetdicom routed in."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+from pipeline.names import escape, is_valid_ae_title, is_valid_uid
+from tests.helpers import REPO
+
+SCRIPT = """
+import logging, sys
+from pipeline.log import setup, logger, escape
+setup("receive", level="INFO", json={json}, pynetdicom_level="WARNING")
+logger.bind(endpoint="pacs", file="a.dcm").info("stored from {{}}", escape("EVIL\\nINFO forged line"))
+logging.getLogger("pynetdicom.assoc").warning("peer said\\nsomething")
+logging.getLogger("pynetdicom.dsutils").info("dataset dump with PatientName (hidden at WARNING)")
+"""
+
+
+def run(json_mode: bool) -> list[str]:
+    result = subprocess.run([sys.executable, "-c", SCRIPT.format(json=json_mode)], cwd=REPO,
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    return result.stderr.strip().splitlines()
+
+
+def test_text_lines_are_single_and_escaped() -> None:
+    lines = run(False)
+    assert len(lines) == 2, lines
+    assert "receive endpoint=pacs file=a.dcm | stored from EVIL\\x0aINFO forged line" in lines[0]
+    assert "WARNING" in lines[1] and "peer said\\x0asomething" in lines[1]
+
+
+def test_json_lines() -> None:
+    lines = run(True)
+    assert len(lines) == 2
+    record = json.loads(lines[0])["record"]
+    assert record["message"] == "stored from EVIL\\x0aINFO forged line"
+    assert record["extra"]["endpoint"] == "pacs"
+
+
+def test_escape_and_validators() -> None:
+    assert escape("a\r\nb\x00\\") == "a\\x0d\\x0ab\\x00\\\\"
+    assert escape(b"\xff\n") == "ÿ\\x0a"
+    assert escape("x" * 300).endswith("…") and len(escape("x" * 300)) == 201
+    assert is_valid_uid("1.2.840.10008.5.1.4.1.1.2")
+    assert not is_valid_uid("1.2.abc") and not is_valid_uid("1" * 65) and not is_valid_uid("1..2")
+    assert not is_valid_uid("../1") and not is_valid_uid("")
+    assert is_valid_ae_title("CT_01") and is_valid_ae_title("A B")
+    assert not is_valid_ae_title("") and not is_valid_ae_title("   ") and not is_valid_ae_title("A" * 17)
+    assert not is_valid_ae_title("A\\B") and not is_valid_ae_title("A\nB")
