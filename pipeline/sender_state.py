@@ -1,0 +1,189 @@
+"""A sender's runtime state under ``<spool>/run/`` (never in a stage directory).
+
+Two small files, both replaced atomically through the spool:
+
+* ``retry-<endpoint>.json`` — per-file attempts of transient failures, so that a
+  restart neither forgets how often a file was refused nor lets it retry forever;
+* ``send-<endpoint>.json`` — what the operator sees in ``dicomflow status``
+  (delivering / idle / down since … / outside window until … / stopped).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass
+from datetime import UTC, datetime
+
+from pipeline.clock import SystemClock
+from pipeline.config import RetryPolicy
+from pipeline.log import logger
+from pipeline.spool import Spool
+
+STATES = ("delivering", "idle", "down", "outside_window", "stopped")
+
+
+def iso_utc(epoch: float) -> str:
+    return datetime.fromtimestamp(epoch, UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
+
+
+def iso_local(moment: datetime) -> str:
+    """A naive local time (croniter's) as ISO-8601 with the host's UTC offset."""
+    return moment.astimezone().isoformat(timespec="seconds")
+
+
+@dataclass
+class RetryEntry:
+    attempts: int
+    first_failure: float
+    last_error: str
+
+
+class RetryBook:
+    """Attempts of files refused with a transient status, persisted per endpoint.
+
+    The wait before the next attempt is kept in memory only (monotonic clock): after a
+    restart a waiting file is tried again at once, but its attempt count survives.
+    """
+
+    def __init__(self, spool: Spool, endpoint: str, clock=None) -> None:
+        self.spool, self.endpoint = spool, endpoint
+        self.clock = clock or SystemClock()
+        self.name = f"retry-{endpoint}.json"
+        self.entries: dict[str, RetryEntry] = {}
+        self.not_before: dict[str, float] = {}
+
+    def load(self) -> RetryBook:
+        path = self.spool.run_dir / self.name
+        try:
+            raw = json.loads(path.read_text())
+            self.entries = {k: RetryEntry(**v) for k, v in raw.get("files", {}).items()}
+        except FileNotFoundError:
+            self.entries = {}
+        except (ValueError, TypeError, AttributeError) as exc:
+            logger.warning("ignoring unreadable retry state {}: {}", path, exc)
+            self.entries = {}
+        return self
+
+    def save(self) -> None:
+        data = {"endpoint": self.endpoint, "files": {k: asdict(v) for k, v in self.entries.items()}}
+        payload = json.dumps(data, indent=1, sort_keys=True).encode()
+        self.spool.write_bytes(self.spool.run_dir, self.name, payload, replace=True)
+
+    def record(self, name: str, error: str, wait: float) -> RetryEntry:
+        """Charge ``name`` one attempt; it may be retried after ``wait`` seconds."""
+        entry = self.entries.get(name)
+        if entry is None:
+            entry = self.entries[name] = RetryEntry(0, self.clock.time(), error)
+        entry.attempts += 1
+        entry.last_error = error
+        self.not_before[name] = self.clock.monotonic() + wait
+        self.save()
+        return entry
+
+    def get(self, name: str) -> RetryEntry | None:
+        return self.entries.get(name)
+
+    def attempts(self, name: str) -> int:
+        entry = self.entries.get(name)
+        return entry.attempts if entry else 0
+
+    def is_due(self, name: str, mono_now: float) -> bool:
+        return self.not_before.get(name, 0.0) <= mono_now
+
+    def next_due(self) -> float | None:
+        return min(self.not_before.values(), default=None)
+
+    def exhausted(self, entry: RetryEntry, policy: RetryPolicy) -> bool:
+        age = self.clock.time() - entry.first_failure
+        return entry.attempts >= policy.max_attempts or age >= policy.max_age
+
+    def forget(self, name: str) -> None:
+        self.not_before.pop(name, None)
+        if self.entries.pop(name, None) is not None:
+            self.save()
+
+    def keep_only(self, names: set[str]) -> None:
+        """Drop entries of files that left the outbox by other means (an operator)."""
+        self.not_before = {k: v for k, v in self.not_before.items() if k in names}
+        stale = [k for k in self.entries if k not in names]
+        for key in stale:
+            del self.entries[key]
+        if stale:
+            self.save()
+
+
+class StateReporter:
+    """The operator-facing state file, rewritten when the state changes and at most
+    about once a second when only the counters move."""
+
+    def __init__(self, spool: Spool, endpoint: str, clock=None, min_interval: float = 1.0) -> None:
+        self.spool, self.endpoint = spool, endpoint
+        self.clock = clock or SystemClock()
+        self.min_interval = min_interval
+        self.state = "idle"
+        self.since = self.clock.time()
+        self.down_since: float | None = None
+        self.last_error: str | None = None
+        self.last_error_at: float | None = None
+        self.next_open: datetime | None = None
+        self.sent = 0
+        self.failed = 0
+        self._last_write = -1e18
+        self._dirty = True
+
+    def set(self, state: str, next_open: datetime | None = None) -> None:
+        assert state in STATES, state
+        if state == self.state and next_open == self.next_open:
+            if self._dirty and self.clock.monotonic() - self._last_write >= self.min_interval:
+                self.write()
+            return
+        if state != self.state:
+            self.since = self.clock.time()
+        if state == "down" and self.down_since is None:
+            self.down_since = self.clock.time()
+        if state not in ("down", "stopped"):
+            self.down_since = None
+        self.state, self.next_open = state, next_open
+        self.write()
+
+    def error(self, text: str) -> None:
+        self.last_error, self.last_error_at = text, self.clock.time()
+        self._dirty = True
+
+    def count(self, sent: int = 0, failed: int = 0) -> None:
+        self.sent += sent
+        self.failed += failed
+        self._dirty = True
+        if self.clock.monotonic() - self._last_write >= self.min_interval:
+            self.write()
+
+    def flush(self) -> None:
+        if self._dirty:
+            self.write()
+
+    def as_dict(self) -> dict:
+        return {
+            "endpoint": self.endpoint,
+            "pid": os.getpid(),
+            "state": self.state,
+            "since": iso_utc(self.since),
+            "down_since": iso_utc(self.down_since) if self.down_since is not None else None,
+            "last_error": self.last_error,
+            "last_error_at": iso_utc(self.last_error_at) if self.last_error_at is not None else None,
+            "next_open": iso_local(self.next_open) if self.next_open is not None else None,
+            "sent": self.sent,
+            "failed": self.failed,
+            "updated": iso_utc(self.clock.time()),
+        }
+
+    def write(self) -> None:
+        payload = json.dumps(self.as_dict(), indent=1).encode()
+        try:
+            self.spool.write_bytes(self.spool.run_dir, f"send-{self.endpoint}.json", payload,
+                                   replace=True)
+        except OSError as exc:  # a full disk must not stop delivery
+            logger.warning("cannot write state file: {}", exc)
+            return
+        self._last_write = self.clock.monotonic()
+        self._dirty = False

@@ -1,0 +1,54 @@
+"""``dicomflow echo ENDPOINT``: C-ECHO a destination and say plainly what went wrong.
+
+Uses the endpoint's own settings (calling/called AE titles, timeouts, TLS), so a
+success here means the sender can associate too. The failure is named the way an
+integration engineer debugs it: connection refused, timeout, TLS failure, association
+rejected (with the peer's reason), aborted, or a failure status.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+from pynetdicom.presentation import build_context
+
+from pipeline import association as net
+from pipeline.config import Config
+from pipeline.statuses import describe
+
+
+def echo(config: Config, endpoint: str) -> tuple[bool, str]:
+    """(ok, message) for one C-ECHO to ``endpoint``."""
+    ep = config.endpoints[endpoint]
+    where = f"{ep.ae_title}@{ep.host}:{ep.port}"
+    reason = net.tcp_probe(ep)
+    if reason:
+        return False, reason
+    logging.getLogger("pynetdicom").setLevel(logging.CRITICAL)  # we explain failures ourselves
+    assoc, elapsed = net.associate_timed(ep, ep.calling_ae_title, [build_context(net.VERIFICATION)])
+    if not assoc.is_established:
+        if net.all_contexts_rejected(assoc):
+            return False, f"{where} accepted the association but not the Verification SOP class"
+        return False, net.failure_reason(ep, assoc, elapsed)
+    try:
+        status = assoc.send_c_echo()
+    finally:
+        if assoc.is_established:
+            assoc.release()
+    code = status.get("Status")
+    if code is None:
+        return False, f"no C-ECHO response from {where} (timeout or abort)"
+    if code != 0:
+        return False, f"C-ECHO to {where} answered {describe(int(code))}"
+    return True, f"C-ECHO to {where} succeeded (calling AE {ep.calling_ae_title})"
+
+
+def main(config: Config, endpoint: str) -> int:
+    if endpoint not in config.endpoints:
+        known = ", ".join(sorted(config.endpoints)) or "none"
+        print(f"dicomflow: unknown endpoint {endpoint!r} (configured: {known})", file=sys.stderr)
+        return 1
+    ok, message = echo(config, endpoint)
+    print(message if ok else f"dicomflow: echo {endpoint}: {message}", file=sys.stdout if ok else sys.stderr)
+    return 0 if ok else 1

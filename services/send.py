@@ -1,0 +1,578 @@
+"""``dicomflow send ENDPOINT``: deliver ``outbox/<endpoint>/`` to one destination.
+
+One process per endpoint (DESIGN.md §2, §6). The loop, in the manner of rq's worker:
+filesystem events only *trigger* a rescan of the outbox (inotify is not a ledger);
+files go out in arrival (name) order over a reused association whose presentation
+contexts come from the files at hand; each file ends in ``sent/`` or ``failed/`` (with
+its reason) or stays for a later retry. Endpoint health is separate from file
+failure: an unreachable destination charges no file an attempt, it is probed with a
+capped backoff until it answers. Outside its delivery window the sender sleeps until
+the next opening. A signal only sets a flag: the file in flight finishes, the
+association is released, the process exits 0.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import random
+import signal
+import stat
+import sys
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+from pydicom.filereader import read_file_meta_info
+from pydicom.uid import UID
+from pynetdicom import Association
+
+from pipeline import association as net
+from pipeline import log as logsetup
+from pipeline.association import FileMeta
+from pipeline.backoff import Backoff, delay
+from pipeline.clock import SystemClock
+from pipeline.config import Config, EndpointConfig
+from pipeline.errors import PermanentError
+from pipeline.lock import DaemonLock
+from pipeline.log import escape, logger
+from pipeline.names import is_valid_ae_title
+from pipeline.sender_state import RetryBook, StateReporter, iso_utc
+from pipeline.spool import DICOM_SUFFIX, Spool, is_hidden
+from pipeline.statuses import Outcome, classify, describe
+from pipeline.transcode import UNCOMPRESSED, decoded_size, load_uncompressed
+from pipeline.watch import DirectoryWatcher
+
+RESCAN_INTERVAL = 5.0        # idle rescan: inotify overflows silently on big bursts
+PRUNE_INTERVAL = 3600.0      # sent/ retention is enforced hourly
+MAX_WINDOW_SLEEP = 900.0     # recompute the next opening now and then (clock jumps, DST)
+BATCH_LIMIT = 1000           # files planned per association round (bounds each rescan)
+SUSPECT_LIMIT = 3            # associations lost while sending the same file → charge it
+
+
+class EndpointTrouble(Exception):
+    """The association broke (abort, timeout, peer gone): the endpoint, not the file."""
+
+
+@dataclass
+class _Current:
+    """The association in use and what it was negotiated for."""
+
+    assoc: Association
+    calling_ae: str
+    pairs: frozenset[tuple[str, str]]
+
+    @property
+    def alive(self) -> bool:
+        return bool(self.assoc.is_established)
+
+
+class Sender:
+    """The delivery daemon of one endpoint; every dependency is injectable for tests."""
+
+    def __init__(self, config: Config, endpoint: str, clock=None, rng: random.Random | None = None,
+                 install_signals: bool = True, rescan_interval: float = RESCAN_INTERVAL) -> None:
+        self.config = config
+        self.ep: EndpointConfig = config.endpoints[endpoint]
+        self.name = endpoint
+        self.clock = clock or SystemClock()
+        self.rng = rng or random.Random()
+        self.install_signals = install_signals
+        self.rescan_interval = rescan_interval
+        self.spool = Spool(config.spool)
+        self.outbox = self.spool.outbox(endpoint)
+        self.log = logger.bind(endpoint=endpoint)
+        self.retry = RetryBook(self.spool, endpoint, self.clock)
+        self.state = StateReporter(self.spool, endpoint, self.clock)
+        self.probes = Backoff(self.ep.retry.probe_backoff, self.ep.retry.probe_backoff_cap, self.rng)
+        self.watcher = DirectoryWatcher(self.outbox)
+        self.lock = DaemonLock(self.spool.run_dir, f"send-{endpoint}")
+        self.stopping = False
+        self.current: _Current | None = None
+        self.last_activity = self.clock.monotonic()
+        self.down_reason: str | None = None
+        self.down_at = 0.0
+        self.next_probe = 0.0
+        self.next_prune = 0.0
+        self.metas: dict[str, FileMeta] = {}
+        self.suspects: dict[str, int] = {}
+        self.associations = 0
+
+    # -- life cycle ------------------------------------------------------------------
+
+    def start(self) -> None:
+        self.spool.create([self.name])
+        self.lock.acquire()
+        for directory in (self.outbox, self.spool.sent(self.name), self.spool.failed(self.name)):
+            self.spool.clean_tmp(directory)
+        self.retry.load()
+        self.watcher.start()
+        if self.install_signals and threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGTERM, self._on_signal)
+            signal.signal(signal.SIGINT, self._on_signal)
+        self.log.info("sender started for {}@{}:{} (window: {})", escape(self.ep.ae_title),
+                      self.ep.host, self.ep.port, escape(self.ep.window.describe()))
+
+    def _on_signal(self, signum: int, _frame: object) -> None:
+        # Only set the flag; wake the watcher from another thread, because the main
+        # thread may be inside the watcher's own lock right now.
+        self.stopping = True
+        threading.Thread(target=self.watcher.wake, daemon=True).start()
+
+    def stop(self) -> None:
+        """Ask the loop to finish the file in flight and exit (signal-safe)."""
+        self.stopping = True
+        self.watcher.wake()
+
+    def close(self) -> None:
+        self.release()
+        self.state.set("stopped")
+        self.state.flush()
+        self.watcher.stop()
+        self.lock.release()
+        self.log.info("sender stopped")
+
+    def run(self, once: bool = False) -> int:
+        """Deliver until stopped. With ``once``, return as soon as nothing is deliverable
+        without new files or the endpoint coming back (outbox empty, or endpoint down);
+        waits for retries and windows still happen, through the injected clock."""
+        self.start()
+        try:
+            while not self.stopping:
+                wait, blocked = self.step()
+                if wait is None:
+                    continue
+                if once and blocked:
+                    break
+                self._wait(wait)
+        finally:
+            self.close()
+        return 0
+
+    # -- one turn of the loop ----------------------------------------------------------
+
+    def step(self) -> tuple[float | None, bool]:
+        """Do the next thing. Returns (seconds to wait or None to go on at once, whether
+        the sender is blocked on something outside it: new files or the endpoint)."""
+        self._maybe_prune()
+        now = self.clock.now()
+        if not self.ep.window.is_open(now):
+            return self._outside_window(now), False
+        mono = self.clock.monotonic()
+        if self.down_reason is not None and mono < self.next_probe:
+            self.state.set("down")
+            return self.next_probe - mono, True
+        due, next_due = self._scan()
+        if not due:
+            self.state.set("down" if self.down_reason else "idle")
+            self.state.flush()
+            return self._idle_timeout(next_due), next_due is None
+        if self.down_reason is not None and not self._probe():
+            return None, False
+        self._deliver(due)
+        return None, False
+
+    def _scan(self) -> tuple[list[Path], float | None]:
+        """Files waiting in the outbox (``.dcm``, visible), split into due now and the
+        earliest monotonic time a backed-off file becomes due."""
+        paths = [p for p in self.spool.list_stage(self.outbox)
+                 if p.name.endswith(DICOM_SUFFIX) and not is_hidden(p.name)]
+        names = {p.name for p in paths}
+        self.retry.keep_only(names)
+        for stale in [n for n in self.metas if n not in names]:
+            del self.metas[stale]
+        mono = self.clock.monotonic()
+        due = [p for p in paths if self.retry.is_due(p.name, mono)]
+        next_due = self.retry.next_due() if len(due) < len(paths) else None
+        return due, next_due
+
+    def _wait(self, seconds: float) -> None:
+        if not self.stopping:
+            self.clock.wait(self.watcher, seconds)
+
+    def _idle_timeout(self, next_due: float | None) -> float:
+        """Until a retry falls due, the idle association is to be released, or the
+        periodic rescan (a file event ends the wait earlier)."""
+        mono = self.clock.monotonic()
+        timeout = self.rescan_interval
+        if next_due is not None:
+            timeout = min(timeout, max(0.0, next_due - mono))
+        if self.current is not None:
+            idle_left = self.last_activity + self.ep.idle_release - mono
+            if idle_left <= 0 or not self.current.alive:
+                self.release()
+            else:
+                timeout = min(timeout, idle_left)
+        return timeout
+
+    def _outside_window(self, now) -> float:
+        opening = self.ep.window.next_open(now)
+        self.release()
+        if self.state.state != "outside_window":
+            self.log.info("outside the delivery window; next opening {}", opening.isoformat())
+        self.state.set("outside_window", next_open=opening)
+        seconds = (opening - now).total_seconds()
+        return min(max(seconds, 0.0), MAX_WINDOW_SLEEP)
+
+    # -- endpoint health ----------------------------------------------------------------
+
+    def _probe(self) -> bool:
+        """Cheap check (TCP connect, TLS handshake) before trying a real association."""
+        reason = net.tcp_probe(self.ep)
+        if reason:
+            self._mark_down(reason)
+            return False
+        return True
+
+    def _mark_down(self, reason: str) -> None:
+        self.release(abort=True)
+        if self.down_reason is None:
+            self.down_at = self.clock.monotonic()
+            self.log.warning("endpoint down: {}", escape(reason, limit=500))
+            self.state.error(reason)
+        self.down_reason = reason
+        self.state.set("down")
+        self.next_probe = self.clock.monotonic() + self.probes.next_delay()
+
+    def _mark_up(self) -> None:
+        if self.down_reason is not None:
+            self.log.info("endpoint back up after {:.1f}s", self.clock.monotonic() - self.down_at)
+        self.down_reason = None
+        self.probes.reset()
+
+    # -- associations -------------------------------------------------------------------
+
+    def release(self, abort: bool = False) -> None:
+        current, self.current = self.current, None
+        if current is None:
+            return
+        try:
+            if current.alive:
+                if abort:
+                    current.assoc.abort()
+                else:
+                    current.assoc.release()
+                    self.log.debug("association released")
+        except Exception as exc:  # noqa: BLE001 - a dying peer must not kill the sender
+            self.log.debug("error releasing association: {}", exc)
+
+    def _associate(self, calling_ae: str, pairs: frozenset[tuple[str, str]]) -> _Current | None:
+        contexts = net.contexts_for(sorted(pairs), fallback=self.ep.transcode)
+        with _quiet_pynetdicom(True):
+            assoc, elapsed = net.associate_timed(self.ep, calling_ae, contexts)
+        if assoc.is_established:
+            self.associations += 1
+            self.log.info("association established ({} contexts proposed, {} accepted, calling {})",
+                          len(contexts), len(assoc.accepted_contexts), escape(calling_ae))
+            return _Current(assoc, calling_ae, pairs)
+        if net.all_contexts_rejected(assoc):
+            return _Current(assoc, calling_ae, pairs)  # answered: the files are refused
+        self._mark_down(net.failure_reason(self.ep, assoc, elapsed))
+        return None
+
+    def _calling_ae(self, meta: FileMeta) -> str:
+        if self.ep.pass_calling_ae_title and meta.source_ae and is_valid_ae_title(meta.source_ae):
+            return meta.source_ae.strip()
+        return self.ep.calling_ae_title
+
+    def _plan(self, due: list[Path]) -> tuple[str, list[tuple[Path, FileMeta]]]:
+        """The leading files that fit one association: the current one if it covers them,
+        else a new one with ≤128 contexts and one calling AE title."""
+        batch: list[tuple[Path, FileMeta]] = []
+        calling: str | None = None
+        pairs: set[tuple[str, str]] = set()
+        current = self.current if self.current and self.current.alive else None
+        for path in due[:BATCH_LIMIT]:
+            meta = self._meta(path)
+            if meta is None:
+                continue
+            ae = self._calling_ae(meta)
+            pair = (str(meta.sop_class), str(meta.transfer_syntax))
+            if calling is None:
+                calling = ae
+                if current and (ae != current.calling_ae or pair not in current.pairs):
+                    current = None
+            if ae != calling:
+                break
+            if current:
+                if pair not in current.pairs:
+                    break
+            elif pair not in pairs:
+                if net.context_count(pairs | {pair}, self.ep.transcode) > net.MAX_CONTEXTS:
+                    break
+                pairs.add(pair)
+            batch.append((path, meta))
+        if current is None and self.current is not None:
+            self.release()
+        return calling or self.ep.calling_ae_title, batch
+
+    # -- delivery -----------------------------------------------------------------------
+
+    def _deliver(self, due: list[Path]) -> None:
+        calling, batch = self._plan(due)
+        if not batch:
+            return
+        if self.current is None:
+            pairs = frozenset((str(m.sop_class), str(m.transfer_syntax)) for _, m in batch)
+            self.current = self._associate(calling, pairs)
+            if self.current is None:
+                return
+        self._mark_up()
+        self.state.set("delivering")
+        for path, meta in batch:
+            if self.stopping or not self.ep.window.is_open(self.clock.now()):
+                break
+            try:
+                self._send_one(path, meta)
+            except EndpointTrouble as exc:
+                self._mark_down(str(exc))
+                break
+        self.last_activity = self.clock.monotonic()
+        if self.current is not None and not self.current.alive:
+            self.current = None  # all contexts rejected, or the peer left after its answer
+
+    def _send_one(self, path: Path, meta: FileMeta) -> None:
+        log = self.log.bind(file=escape(path.name))
+        assert self.current is not None
+        try:
+            rsp = self._c_store(path, meta)
+        except FileNotFoundError:
+            log.info("file left the outbox before it was sent (moved by hand?)")
+            return
+        except PermanentError as exc:
+            self._fail(path, meta, str(exc), log)
+            return
+        status = rsp.get("Status")
+        if status is None:
+            self._no_response(path, meta, log)
+            return
+        self.suspects.pop(path.name, None)
+        outcome = classify(int(status))
+        text = describe(int(status))
+        comment = rsp.get("ErrorComment")
+        if comment:
+            text += f"; destination says: {escape(comment)}"
+        if outcome is Outcome.DELIVERED:
+            self._delivered(path, text, int(status), log)
+        elif outcome is Outcome.TRANSIENT:
+            self._transient(path, meta, f"status {text}", log)
+        else:
+            self._fail(path, meta, f"status {text}", log)
+
+    def _c_store(self, path: Path, meta: FileMeta):
+        """Send by streaming the file, or — if the destination took the SOP class but not
+        its transfer syntax — a decompressed copy (the spool file is never changed)."""
+        current = self.current
+        assert current is not None
+        if not current.alive:
+            if net.all_contexts_rejected(current.assoc):
+                hint = "" if self.ep.transcode else "; transcoding is disabled, so no uncompressed " \
+                    "alternative was proposed"
+                raise PermanentError(
+                    f"the destination accepts none of the proposed presentation contexts "
+                    f"(SOP class {meta.sop_class.name} with {meta.transfer_syntax.name}){hint}")
+            raise EndpointTrouble(f"association with {self.ep.host}:{self.ep.port} was lost")
+        accepted = net.accepted_syntaxes(current.assoc, meta.sop_class)
+        assoc = current.assoc
+        if meta.transfer_syntax in accepted:
+            assoc.dimse_timeout = self.ep.dimse_timeout_for(meta.size)
+            return self._guarded(lambda: assoc.send_c_store(path))
+        if not accepted:
+            raise PermanentError(f"the destination does not accept SOP class {meta.sop_class.name} "
+                                 f"({meta.sop_class})")
+        target = next((ts for ts in UNCOMPRESSED if ts in accepted), None)
+        names = ", ".join(UID(ts).name for ts in accepted)
+        if not self.ep.transcode or target is None:
+            why = "transcoding is disabled" if not self.ep.transcode else "no uncompressed option"
+            raise PermanentError(f"the destination accepts {meta.sop_class.name} only as {names}, not "
+                                 f"{meta.transfer_syntax.name}, and {why}")
+        dataset = load_uncompressed(path, target, self.ep.transcode_max_size)
+        self.log.bind(file=escape(path.name)).info("transcoding {} to {}", meta.transfer_syntax.name,
+                                                   target.name)
+        assoc.dimse_timeout = self.ep.dimse_timeout_for(max(meta.size, decoded_size(dataset)))
+        return self._guarded(lambda: assoc.send_c_store(dataset))
+
+    def _guarded(self, send):
+        try:
+            return send()
+        except FileNotFoundError:
+            raise
+        except RuntimeError as exc:  # "association … must be established": the peer left
+            raise EndpointTrouble(f"association with {self.ep.host}:{self.ep.port} was lost: "
+                                  f"{exc}") from exc
+        except Exception as exc:  # noqa: BLE001 - a bad file must never block the queue
+            raise PermanentError(f"cannot send the file: {type(exc).__name__}: {exc}") from exc
+
+    def _no_response(self, path: Path, meta: FileMeta, log) -> None:
+        """An empty response: a timeout or abort (the endpoint) unless the association is
+        still up (then the file). A file during which the association keeps dying is
+        charged after a few times, so a poison file cannot stall the queue forever."""
+        current = self.current
+        if current is not None and current.alive:
+            self._transient(path, meta, "no valid C-STORE response from the destination", log)
+            return
+        count = self.suspects.get(path.name, 0) + 1
+        self.suspects[path.name] = count
+        reason = f"association lost while sending {path.name} (timeout or abort)"
+        if count >= SUSPECT_LIMIT:
+            self.suspects.pop(path.name, None)
+            self._transient(path, meta, f"the association was lost {count} times while sending it",
+                            log)
+        raise EndpointTrouble(reason)
+
+    # -- outcomes -----------------------------------------------------------------------
+
+    def _delivered(self, path: Path, text: str, status: int, log) -> None:
+        try:
+            self.spool.move(path, self.spool.sent(self.name))
+        except FileNotFoundError:
+            log.warning("delivered, but the file left the outbox meanwhile")
+            return
+        self.spool.remove_sidecars(path)
+        self.retry.forget(path.name)
+        self.metas.pop(path.name, None)
+        self.state.count(sent=1)
+        if status:
+            log.warning("delivered with warning {}", text)
+        else:
+            log.info("delivered")
+
+    def _transient(self, path: Path, meta: FileMeta, text: str, log) -> None:
+        attempt = self.retry.attempts(path.name) + 1
+        wait = delay(attempt, self.ep.retry.backoff, self.ep.retry.backoff_cap, self.rng)
+        entry = self.retry.record(path.name, text, wait)
+        self.state.error(f"{path.name}: {text}")
+        if self.retry.exhausted(entry, self.ep.retry):
+            age = self.clock.time() - entry.first_failure
+            self._fail(path, meta, f"{text}; gave up after {entry.attempts} attempts over {age:.0f}s "
+                                   f"(retry max_attempts={self.ep.retry.max_attempts}, "
+                                   f"max_age={self.ep.retry.max_age:g}s)", log)
+            return
+        log.warning("transient failure ({}), attempt {}, retry in {:.1f}s", text, entry.attempts, wait)
+
+    def _fail(self, path: Path, meta: FileMeta | None, text: str, log) -> None:
+        attempts = max(self.retry.attempts(path.name), 1)
+        reason = self._reason(path, meta, text, attempts)
+        try:
+            self.spool.move_with_reason(path, self.spool.failed(self.name), ".error", reason)
+        except FileNotFoundError:
+            log.warning("failed ({}), but the file left the outbox meanwhile", text)
+            return
+        self.spool.remove_sidecars(path)
+        self.retry.forget(path.name)
+        self.metas.pop(path.name, None)
+        self.state.error(f"{path.name}: {text}")
+        self.state.count(failed=1)
+        log.error("failed: {}", escape(text, limit=500))
+
+    def _reason(self, path: Path, meta: FileMeta | None, text: str, attempts: int) -> str:
+        ep = self.ep
+        lines = [
+            f"error: {text}",
+            f"endpoint: {self.name} ({ep.ae_title}@{ep.host}:{ep.port})",
+            f"time: {iso_utc(self.clock.time())}",
+            f"attempts: {attempts}",
+            f"file: {path.name}",
+        ]
+        if meta is not None:
+            lines.append(f"sop_class: {meta.sop_class} ({meta.sop_class.name})")
+            lines.append(f"transfer_syntax: {meta.transfer_syntax} ({meta.transfer_syntax.name})")
+        lines.append(f"retry: dicomflow retry {self.name} {path.name}   (or mv it back to "
+                     f"outbox/{self.name}/)")
+        return "\n".join(lines) + "\n"
+
+    # -- file meta ----------------------------------------------------------------------
+
+    def _meta(self, path: Path) -> FileMeta | None:
+        """The file's meta (cached); an unreadable file goes to failed/ at once so it
+        never blocks the queue. None for files to skip."""
+        cached = self.metas.get(path.name)
+        if cached is not None:
+            return cached
+        try:
+            st = os.lstat(path)
+            if not stat.S_ISREG(st.st_mode):
+                return None
+            meta = _read_meta(path, st.st_size)
+        except FileNotFoundError:
+            return None
+        except PermanentError as exc:
+            self._fail(path, None, str(exc), self.log.bind(file=escape(path.name)))
+            return None
+        self.metas[path.name] = meta
+        return meta
+
+    # -- sent/ retention ------------------------------------------------------------------
+
+    def _maybe_prune(self) -> None:
+        mono = self.clock.monotonic()
+        if mono < self.next_prune:
+            return
+        self.next_prune = mono + PRUNE_INTERVAL
+        removed = prune_sent(self.spool, self.name, self.ep.sent_retention, self.clock.time())
+        if removed:
+            self.log.info("pruned {} delivered files older than {:g}s from sent/{}", removed,
+                          self.ep.sent_retention, self.name)
+
+
+def _read_meta(path: Path, size: int) -> FileMeta:
+    try:
+        fm = read_file_meta_info(path)
+    except FileNotFoundError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - whatever the parser says, it is the file
+        raise PermanentError(f"cannot read the DICOM file meta information: {exc}") from exc
+    missing = [k for k in ("MediaStorageSOPClassUID", "MediaStorageSOPInstanceUID",
+                           "TransferSyntaxUID") if not fm.get(k)]
+    if missing:
+        raise PermanentError(f"file meta information lacks {', '.join(missing)}")
+    source = fm.get("SourceApplicationEntityTitle")
+    return FileMeta(UID(str(fm.MediaStorageSOPClassUID)), UID(str(fm.MediaStorageSOPInstanceUID)),
+                    UID(str(fm.TransferSyntaxUID)), str(source) if source else None, size)
+
+
+def prune_sent(spool: Spool, endpoint: str, retention: float, now: float) -> int:
+    """Delete this endpoint's delivered copies moved to sent/ more than ``retention``
+    seconds ago (by ctime: the move into sent/ is the last change of the inode)."""
+    removed = 0
+    cutoff = now - retention
+    for path in spool.list_stage(spool.sent(endpoint)):
+        try:
+            st = os.lstat(path)
+            if stat.S_ISREG(st.st_mode) and max(st.st_ctime, st.st_mtime) < cutoff:
+                path.unlink()
+                removed += 1
+        except FileNotFoundError:
+            continue
+    return removed
+
+
+@contextlib.contextmanager
+def _quiet_pynetdicom(quiet: bool):
+    """pynetdicom logs its own errors for a failed association request, again at every
+    probe; :func:`net.failure_reason` says it better, once (one line when down, one when
+    back up)."""
+    if not quiet:
+        yield
+        return
+    plogger = logging.getLogger("pynetdicom")
+    level = plogger.level
+    plogger.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        plogger.setLevel(level)
+
+
+def main(config: Config, endpoint: str) -> int:
+    if endpoint not in config.endpoints:
+        known = ", ".join(sorted(config.endpoints)) or "none"
+        print(f"dicomflow: unknown endpoint {endpoint!r} (configured: {known}; "
+              f"add {config.conf_dir / 'endpoints' / (endpoint + '.ini')})", file=sys.stderr)
+        return 1
+    ep = config.endpoints[endpoint]
+    router = config.router
+    logsetup.setup(f"send-{endpoint}", ep.log_level or router.log_level, router.log_json,
+                   router.pynetdicom_log_level)
+    return Sender(config, endpoint).run()

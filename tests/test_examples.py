@@ -1,0 +1,59 @@
+"""The example scripts run as a user would run them, and assert their own outcome."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from tests.helpers import REPO, free_port, require_binary
+
+
+def run_example(script: str, tmp_path: Path, timeout: float, **env: str) -> subprocess.CompletedProcess:
+    require_binary("/usr/bin/storescp")
+    require_binary("/usr/sbin/Orthanc")
+    environment = {**os.environ, "WORK": str(tmp_path / "work"), **env}
+    result = subprocess.run(["bash", str(REPO / "examples" / script)], capture_output=True, text=True,
+                            timeout=timeout, env=environment, cwd=REPO)
+    assert result.returncode == 0, f"{script} failed:\n{result.stdout[-4000:]}\n{result.stderr[-4000:]}"
+    return result
+
+
+@pytest.mark.slow
+def test_example_01_simple_send_with_retry(tmp_path: Path) -> None:
+    ports = {name: str(free_port()) for name in
+             ("ROUTER_PORT", "SENDER_HTTP", "SENDER_DICOM", "RECEIVER_HTTP", "RECEIVER_DICOM")}
+    result = run_example("01-simple-send-with-retry/run.sh", tmp_path, 600, **ports)
+    assert "waiting in outbox/receiver" in result.stdout
+    assert "down" in result.stdout
+    assert "OK: 10 instances at the receiver" in result.stdout
+
+
+@pytest.mark.slow
+def test_example_02_scheduled_routing(tmp_path: Path) -> None:
+    ports = {name: str(free_port()) for name in ("ROUTER_PORT", "LOCAL_PORT", "REMOTE_PORT")}
+    result = run_example("02-scheduled-routing/run.sh", tmp_path, 600, EXAMPLE_FAST="1", WAIT_LIMIT="300",
+                         **ports)
+    assert "outside window" in result.stdout
+    assert "OK: local got 5 at once" in result.stdout
+
+
+@pytest.mark.slow
+def test_demo_on_a_copy_of_the_shipped_conf(tmp_path: Path) -> None:
+    """The README's run command, on the shipped conf with only the spool redirected."""
+    conf = tmp_path / "conf"
+    (conf / "endpoints").mkdir(parents=True)
+    router = (REPO / "conf" / "router.ini").read_text()
+    router = router.replace("spool = /var/spool/dicomflow", f"spool = {tmp_path / 'spool'}")
+    (conf / "router.ini").write_text(router)
+    (conf / "endpoints" / "pacs.ini").write_text((REPO / "conf" / "endpoints" / "pacs.ini").read_text())
+    try:
+        result = run_example("00-demo/run.sh", tmp_path, 300, DICOMFLOW_CONF=str(conf),
+                             DEMO_DIR=str(tmp_path / "demo"))
+        assert "DEMOPACS" in result.stdout
+        assert len(list((tmp_path / "demo" / "pacs").iterdir())) == 5
+    finally:
+        subprocess.run(["bash", str(REPO / "examples/00-demo/stop.sh")], capture_output=True, timeout=400,
+                       env={**os.environ, "DICOMFLOW_CONF": str(conf), "DEMO_DIR": str(tmp_path / "demo")})

@@ -1,0 +1,112 @@
+"""``dicomflow up / status / retry / down`` against a real supervisord and real peers."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from pipeline import config as config_module
+from pipeline.spool import Spool
+from services.supervise import Supervisor
+from tests.helpers import dicom_files, make_files, router_port, run_cli, wait_for, write_conf
+from tests.peers import StoreSCP, storescu
+
+
+def endpoint(scp: StoreSCP) -> dict:
+    return {"endpoint": {"host": "127.0.0.1", "port": scp.port, "ae_title": scp.ae_title},
+            "retry": {"probe_backoff_cap": "1s"}}
+
+
+def pids(conf: Path) -> dict[str, int]:
+    api = Supervisor(config_module.load(conf)).rpc().supervisor
+    return {info["name"]: info["pid"] for info in api.getAllProcessInfo()}
+
+
+@pytest.fixture
+def pipeline(tmp_path: Path):
+    first = StoreSCP(tmp_path / "first", "FIRST").start()
+    second = StoreSCP(tmp_path / "second", "SECOND").start()
+    conf = write_conf(tmp_path, router={"log_level": "INFO"}, endpoints={"first": endpoint(first)})
+    yield conf, first, second
+    run_cli(conf, "down", timeout=400)
+    first.stop()
+    second.stop()
+
+
+def status(conf: Path) -> dict:
+    result = run_cli(conf, "status", "--json")
+    assert result.returncode == 0, result.stderr
+    return json.loads(result.stdout)
+
+
+@pytest.mark.slow
+def test_up_status_add_endpoint_retry_down(pipeline, tmp_path: Path) -> None:
+    conf, first, second = pipeline
+    up = run_cli(conf, "up", timeout=120)
+    assert up.returncode == 0, up.stdout + up.stderr
+    assert "send-first" in up.stdout and "RUNNING" in up.stdout
+    port = router_port(conf)
+    sent = storescu(port, make_files(tmp_path / "a", 3))
+    assert sent.returncode == 0, sent.stderr
+    wait_for(lambda: len(first.files()) == 3, message="3 files at FIRST")
+    wait_for(lambda: status(conf)["endpoints"]["first"]["sent"]["count"] == 3, message="status sent=3")
+    report = status(conf)
+    assert report["processes"]["receive"]["running"] and report["processes"]["filter"]["running"]
+    assert report["endpoints"]["first"]["sender_running"]
+
+    # Add an endpoint: one command applies it; the others keep running.
+    before = pids(conf)
+    ini = "\n".join(f"{k} = {v}" for k, v in endpoint(second)["endpoint"].items())
+    (conf / "endpoints" / "second.ini").write_text(f"[endpoint]\n{ini}\n")
+    again = run_cli(conf, "up", timeout=120)
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert "started send-second" in again.stdout
+    after = pids(conf)
+    for name in ("receive", "filter", "send-first"):
+        assert after[name] == before[name], f"{name} was restarted"
+    filter_log = Path(config_module.load(conf).spool) / "log" / "filter.log"
+    wait_for(lambda: "second" in filter_log.read_text(), message="filter reloaded the endpoint set")
+    sent = storescu(port, make_files(tmp_path / "b", 2))
+    assert sent.returncode == 0, sent.stderr
+    wait_for(lambda: len(first.files()) == 5 and len(second.files()) == 2, message="fan-out to both")
+
+    # Retry: a file put back from failed/ by the command is delivered.
+    spool = Spool(config_module.load(conf).spool)
+    (source,) = make_files(tmp_path / "c", 1)
+    target = spool.write_bytes(spool.failed("first"), "20261128T000000.000000-000001-1.2.3.dcm",
+                               source.read_bytes())
+    spool.write_sidecar(target, ".error", "status 0xA700 (test)")
+    assert status(conf)["endpoints"]["first"]["failed"]["count"] == 1
+    retried = run_cli(conf, "retry", "first", "--all")
+    assert retried.returncode == 0, retried.stderr
+    wait_for(lambda: len(first.files()) == 6, message="retried file delivered")
+    assert dicom_files(spool.failed("first")) == []
+
+    # Remove an endpoint: its sender stops, its folders stay, status calls it orphaned.
+    (conf / "endpoints" / "second.ini").unlink()
+    removed = run_cli(conf, "up", timeout=120)
+    assert removed.returncode == 0, removed.stdout + removed.stderr
+    assert "stopped send-second" in removed.stdout
+    assert "send-second" not in pids(conf)
+    assert status(conf)["endpoints"]["second"]["state"] == "orphaned"
+
+    down = run_cli(conf, "down", timeout=400)
+    assert down.returncode == 0, down.stderr
+    report = status(conf)
+    assert not report["processes"]["receive"]["running"]
+    assert not report["endpoints"]["first"]["sender_running"]
+
+
+def test_up_refuses_a_bad_configuration(tmp_path: Path) -> None:
+    conf = write_conf(tmp_path, router={"port": "99999"})
+    result = run_cli(conf, "up")
+    assert result.returncode == 1
+    assert "[router] port" in result.stderr
+
+
+def test_down_when_not_running(tmp_path: Path) -> None:
+    conf = write_conf(tmp_path)
+    result = run_cli(conf, "down")
+    assert result.returncode == 0 and "not running" in result.stdout

@@ -1,0 +1,80 @@
+"""Transcoding fallback: decompress keeping the SOP Instance UID, never touch the spool copy."""
+
+from __future__ import annotations
+
+import hashlib
+import subprocess
+from pathlib import Path
+
+import pytest
+from pydicom import dcmread
+from pydicom.data import get_testdata_file
+from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
+
+from pipeline.errors import PermanentError
+from pipeline.transcode import decoded_size, load_uncompressed
+from tests.helpers import dcmtk
+
+MiB = 1024 * 1024
+
+
+def _digest(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+@pytest.mark.parametrize("name", ["SC_rgb_jpeg_gdcm.dcm", "JPEG2000.dcm", "MR_small_RLE.dcm",
+                                  "MR_small_jpeg_ls_lossless.dcm"])
+@pytest.mark.parametrize("target", [ExplicitVRLittleEndian, ImplicitVRLittleEndian])
+def test_decompresses_keeping_the_sop_instance_uid(name: str, target) -> None:
+    path = Path(get_testdata_file(name))
+    before = _digest(path)
+    original = dcmread(path, stop_before_pixels=True)
+    ds = load_uncompressed(path, target, 64 * MiB)
+    assert ds.SOPInstanceUID == original.SOPInstanceUID
+    assert ds.file_meta.TransferSyntaxUID == target
+    assert ds.original_encoding == (target.is_implicit_VR, True)
+    assert len(ds.PixelData) == decoded_size(ds)
+    assert _digest(path) == before
+
+
+def test_dcmtk_jpeg_lossless_ct_decodes(tmp_path: Path) -> None:
+    src = Path(get_testdata_file("CT_small.dcm"))
+    out = tmp_path / "ct_jpeg.dcm"
+    subprocess.run([dcmtk("dcmcjpeg"), str(src), str(out)], check=True, capture_output=True)
+    ds = load_uncompressed(out, ImplicitVRLittleEndian, 64 * MiB)
+    assert ds.SOPInstanceUID == dcmread(src).SOPInstanceUID
+    assert ds.pixel_array.tolist() == dcmread(src).pixel_array.tolist()  # lossless
+
+
+def test_uncompressed_file_only_changes_encoding() -> None:
+    path = Path(get_testdata_file("CT_small.dcm"))
+    ds = load_uncompressed(path, ImplicitVRLittleEndian, 64 * MiB)
+    assert ds.file_meta.TransferSyntaxUID == ImplicitVRLittleEndian
+
+
+def test_undecodable_file_is_a_permanent_error_with_the_reason() -> None:
+    # 12-bit JPEG Extended: no non-GPL decoder installed (python-gdcm refuses 12 bits)
+    with pytest.raises(PermanentError, match="cannot decompress JPEG Extended"):
+        load_uncompressed(Path(get_testdata_file("JPGExtended.dcm")), ExplicitVRLittleEndian, 64 * MiB)
+
+
+def test_file_larger_than_the_bound_is_refused() -> None:
+    path = Path(get_testdata_file("JPEG2000.dcm"))
+    with pytest.raises(PermanentError, match="max_size"):
+        load_uncompressed(path, ExplicitVRLittleEndian, 1000)
+
+
+def test_decoded_size_larger_than_the_bound_is_refused() -> None:
+    path = Path(get_testdata_file("SC_rgb_jpeg_gdcm.dcm"))
+    size = path.stat().st_size
+    ds = dcmread(path, stop_before_pixels=True)
+    assert decoded_size(ds) > size + 1
+    with pytest.raises(PermanentError, match="decompressing"):
+        load_uncompressed(path, ExplicitVRLittleEndian, size + 1)
+
+
+def test_unreadable_file_is_a_permanent_error(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.dcm"
+    bad.write_bytes(b"\0" * 128 + b"DICM" + b"garbage")
+    with pytest.raises(PermanentError):
+        load_uncompressed(bad, ExplicitVRLittleEndian, 64 * MiB)
