@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import socket
 import subprocess
 import sys
 import time
@@ -157,6 +158,20 @@ class Supervisor:
         return not (pid and _alive(pid))
 
 
+def wait_listening(bind: str, port: int, timeout: float) -> bool:
+    """RUNNING only means the process started: wait until the receiver accepts connections."""
+    host = "127.0.0.1" if bind in ("0.0.0.0", "") else ("::1" if bind == "::" else bind)
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            with socket.create_connection((host, port), timeout=1.0):
+                return True
+        except OSError:
+            if time.monotonic() > deadline:
+                return False
+            time.sleep(0.1)
+
+
 def _digest(*files: Path) -> str:
     """Changes when an endpoint's (or the router's) file changes: its sender restarts."""
     digest = hashlib.sha256()
@@ -197,6 +212,11 @@ def up(config: Config, timeout: float = 60.0) -> int:
     if bad:
         print(f"dicomflow: not running: {', '.join(sorted(bad))}; see the logs in "
               f"{supervisor.spool.log_dir}", file=sys.stderr)
+        return 1
+    router = config.router
+    if not wait_listening(router.bind, router.port, timeout):
+        print(f"dicomflow: the receiver is RUNNING but not listening on {router.bind}:{router.port}; "
+              f"see {supervisor.spool.log_dir / 'receive.log'}", file=sys.stderr)
         return 1
     print(f"dicomflow: up ({len(states)} programs; supervisorctl -c {supervisor.conf_file})")
     return 0

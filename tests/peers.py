@@ -18,6 +18,20 @@ from tests.helpers import HANG_TIMEOUT, dcmtk, free_port, require_binary, wait_f
 TCP_ENV = {"TCP_NODELAY": "1"}
 
 
+def terminate(proc: subprocess.Popen | None, log, grace: float) -> None:
+    """SIGTERM a peer, SIGKILL it after ``grace`` seconds, close its log."""
+    if proc is None:
+        return
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(grace)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+    log.close()
+
+
 class StoreSCP:
     """DCMTK ``storescp`` writing every received instance under a unique name."""
 
@@ -43,15 +57,7 @@ class StoreSCP:
         return sorted(p for p in self.directory.iterdir() if p.is_file())
 
     def stop(self) -> None:
-        if self.proc and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        if self.proc:
-            self.log.close()
+        terminate(self.proc, self.log, grace=10)
         self.proc = None
 
 
@@ -144,13 +150,5 @@ class Orthanc:
         return result
 
     def stop(self) -> None:
-        if self.proc and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        if self.proc:
-            self.log.close()
+        terminate(self.proc, self.log, grace=30)
         self.proc = None

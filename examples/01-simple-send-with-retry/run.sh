@@ -18,20 +18,10 @@ RECEIVER_HTTP="${RECEIVER_HTTP:-8042}"; RECEIVER_DICOM="${RECEIVER_DICOM:-4242}"
 ORTHANC=/usr/sbin/Orthanc
 TOOL="$BIN/python $REPO/examples/orthanc_tool.py"
 
-for port in "$ROUTER_PORT" "$SENDER_HTTP" "$SENDER_DICOM" "$RECEIVER_HTTP" "$RECEIVER_DICOM"; do
-  if (exec 3<>/dev/tcp/127.0.0.1/"$port") 2>/dev/null; then
-    echo "port $port is in use (Debian's own orthanc service? try: systemctl stop orthanc)" >&2
-    exit 1
-  fi
-done
+source "$REPO/examples/lib.sh"
+require_free_ports "$ROUTER_PORT" "$SENDER_HTTP" "$SENDER_DICOM" "$RECEIVER_HTTP" "$RECEIVER_DICOM"
 rm -rf "$WORK"; mkdir -p "$WORK/conf/endpoints"
-PIDS=()
-cleanup() {
-  "$BIN/dicomflow" down --conf "$WORK/conf" >/dev/null 2>&1 || true
-  for pid in "${PIDS[@]}"; do kill "$pid" 2>/dev/null || true; done
-  wait 2>/dev/null || true
-}
-trap cleanup EXIT
+cleanup_on_exit "$WORK/conf"
 
 orthanc_config() {  # name http dicom
   cat >"$WORK/$1.json" <<JSON

@@ -41,19 +41,10 @@ print(f"{start:%H:%M} - {end:%H:%M}")')
   fi
 fi
 
-for port in "$ROUTER_PORT" "$LOCAL_PORT" "$REMOTE_PORT"; do
-  if (exec 3<>/dev/tcp/127.0.0.1/"$port") 2>/dev/null; then
-    echo "port $port is in use" >&2; exit 1
-  fi
-done
+source "$REPO/examples/lib.sh"
+require_free_ports "$ROUTER_PORT" "$LOCAL_PORT" "$REMOTE_PORT"
 rm -rf "$WORK"; mkdir -p "$WORK/conf/endpoints" "$WORK/local" "$WORK/remote"
-PIDS=()
-cleanup() {
-  "$BIN/dicomflow" down --conf "$WORK/conf" >/dev/null 2>&1 || true
-  for pid in "${PIDS[@]}"; do kill "$pid" 2>/dev/null || true; done
-  wait 2>/dev/null || true
-}
-trap cleanup EXIT
+cleanup_on_exit "$WORK/conf"
 
 cat >"$WORK/conf/router.ini" <<INI
 [router]
