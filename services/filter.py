@@ -34,6 +34,7 @@ from pipeline import config as config_module
 from pipeline import header as header_module
 from pipeline.config import Config
 from pipeline.errors import ConfigError, QuarantineError
+from pipeline.fastpath import tune_pydicom
 from pipeline.header import Header
 from pipeline.lock import DaemonLock
 from pipeline.log import setup
@@ -99,8 +100,8 @@ class FilterDaemon:
         """Process ``incoming/`` until stopped; with ``once``, until nothing is waiting."""
         self.spool.create(self.config.endpoints)
         with DaemonLock(self.spool.run_dir, "filter"):
-            for stage in (self.spool.incoming, self.spool.accepted, self.spool.rejected,
-                          self.spool.quarantine):
+            # Not incoming/.tmp: that is the receiver's, and it may be receiving right now.
+            for stage in (self.spool.accepted, self.spool.rejected, self.spool.quarantine):
                 self.spool.clean_tmp(stage)
             self.watcher.start()
             try:
@@ -375,6 +376,7 @@ def main(config: Config) -> int:
     router = config.router
     setup("filter", router.log_level, json=router.log_json, pynetdicom_level=router.pynetdicom_log_level)
     header_module.quiet_pydicom()
+    tune_pydicom()
     daemon = FilterDaemon(config)
     restore = install_signals(daemon)
     try:

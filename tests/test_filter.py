@@ -259,3 +259,16 @@ def test_reload_adds_endpoints_and_survives_a_bad_config(conf):
     drop(spool, ds)
     daemon.run(once=True)
     assert uids_in(spool.outbox("extra")) == [ds.SOPInstanceUID]
+
+
+def test_start_up_leaves_the_receivers_temp_files_alone(conf):
+    """incoming/.tmp belongs to the receiver, which may be mid-transfer when the filter restarts."""
+    daemon = daemon_for(conf)
+    spool = daemon.spool.create(daemon.config.endpoints)
+    receiving = spool.incoming / ".tmp" / "tmpabc123.dcm"
+    receiving.write_bytes(b"half a dataset")
+    stale = spool.quarantine / ".tmp" / "stale"
+    stale.write_bytes(b"x")
+    assert daemon.run(once=True) == 0
+    assert receiving.exists()
+    assert not stale.exists()
