@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import sys
+import traceback
 
 from loguru import logger
 
@@ -31,10 +32,12 @@ class _InterceptHandler(logging.Handler):
             level: str | int = logger.level(record.levelname).name
         except ValueError:
             level = record.levelno
-        message = escape(record.getMessage(), limit=2000)
-        logger.opt(depth=0, exception=record.exc_info).bind(source=record.name).log(
-            level, message
-        )
+        message = record.getMessage()
+        if record.exc_info and record.exc_info[0] is not None:
+            # A traceback quotes untrusted values (e.g. an AE title with a newline in a
+            # ValueError): keep it, but escaped on the same line — no forged log lines.
+            message += "\n" + "".join(traceback.format_exception(*record.exc_info)).rstrip()
+        logger.opt(depth=0).bind(source=record.name).log(level, escape(message, limit=4000))
 
 
 def _context(record: dict) -> None:
@@ -58,3 +61,9 @@ def setup(daemon: str, level: str = "INFO", json: bool = False,
     pynetdicom_logger.handlers[:] = [_InterceptHandler()]
     pynetdicom_logger.setLevel(getattr(logging, pynetdicom_level, logging.WARNING))
     pynetdicom_logger.propagate = False
+    # watchdog warns about harmless shutdown races through the standard library's
+    # last-resort handler (an unformatted line): route it, errors only.
+    watchdog_logger = logging.getLogger("watchdog")
+    watchdog_logger.handlers[:] = [_InterceptHandler()]
+    watchdog_logger.setLevel(logging.ERROR)
+    watchdog_logger.propagate = False
