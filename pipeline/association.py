@@ -25,6 +25,7 @@ from pydicom.uid import UID
 from pynetdicom import AE, Association, _config, evt
 from pynetdicom.presentation import PresentationContext, build_context
 
+from pipeline import fastpath
 from pipeline.config import EndpointConfig, TlsConfig
 from pipeline.transcode import UNCOMPRESSED
 
@@ -32,6 +33,7 @@ MAX_CONTEXTS = 128
 VERIFICATION = UID("1.2.840.10008.1.1")
 
 _config.STORE_SEND_CHUNKED_DATASET = True
+fastpath.install()  # event-driven reactors, whole-PDU reads, fast command sets (issue 7)
 
 
 @dataclass(frozen=True)

@@ -25,6 +25,7 @@ from pynetdicom import AE, _config, evt
 from pynetdicom.sop_class import Verification
 from pynetdicom.transport import ThreadedAssociationServer
 
+from pipeline import fastpath
 from pipeline import log as logmod
 from pipeline.config import Config, TlsConfig
 from pipeline.filemeta import install_ae_slots, stamp_ae_titles
@@ -74,12 +75,14 @@ class _DicomFlowServer(ThreadedAssociationServer):
             try:
                 request.settimeout(self.handshake_timeout)
                 request = self.ssl_context.wrap_socket(request, server_side=True)
-                request.settimeout(None)
             except (ssl.SSLError, OSError) as exc:
                 logger.warning("TLS handshake with {} failed: {}", escape(client_address[0]),
                                escape(exc))
                 self.shutdown_request(request)
                 return
+        # accept() returns a blocking socket: a peer that declares a long PDU and stalls
+        # would hold its thread and association slot forever. Reads time out instead.
+        request.settimeout(self.ae.network_timeout)
         super().process_request_thread(request, client_address)
 
 
@@ -283,6 +286,7 @@ def configure_pynetdicom(spool: Spool) -> None:
     # The chunked temp file lives on the spool's filesystem: publishing is a rename.
     tempfile.tempdir = str(spool.incoming / ".tmp")
     install_ae_slots()
+    fastpath.install()  # event-driven reactors, whole-PDU reads, fast command sets
 
 
 def main(config: Config) -> int:

@@ -29,6 +29,7 @@ from pydicom.uid import UID
 from pynetdicom import Association
 
 from pipeline import association as net
+from pipeline import fastpath
 from pipeline import log as logsetup
 from pipeline.association import FileMeta
 from pipeline.backoff import Backoff, delay
@@ -517,6 +518,9 @@ class Sender:
 
 
 def _read_meta(path: Path, size: int) -> FileMeta:
+    fast = _read_meta_fast(path, size)
+    if fast is not None:
+        return fast
     try:
         fm = read_file_meta_info(path)
     except FileNotFoundError:
@@ -530,6 +534,20 @@ def _read_meta(path: Path, size: int) -> FileMeta:
     source = fm.get("SourceApplicationEntityTitle")
     return FileMeta(UID(str(fm.MediaStorageSOPClassUID)), UID(str(fm.MediaStorageSOPInstanceUID)),
                     UID(str(fm.TransferSyntaxUID)), str(source) if source else None, size)
+
+
+def _read_meta_fast(path: Path, size: int) -> FileMeta | None:
+    """The common case without pydicom (one ``pread``; issue 7): a plain explicit-VR
+    file meta with the three UIDs. None sends anything unusual to pydicom's reader."""
+    values = fastpath.read_meta_elements(path)
+    if values is None:
+        return None
+    uids = [values.get(tag, b"").rstrip(b"\0 ").decode("ascii", "replace")
+            for tag in (0x00020002, 0x00020003, 0x00020010)]
+    if not all(uids):
+        return None
+    source = values.get(0x00020016, b"").strip(b"\0 ").decode("ascii", "replace")
+    return FileMeta(UID(uids[0]), UID(uids[1]), UID(uids[2]), source or None, size)
 
 
 def prune_sent(spool: Spool, endpoint: str, retention: float, now: float) -> int:

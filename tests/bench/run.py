@@ -1,0 +1,724 @@
+"""DicomFlow benchmark: DicomFlow side by side with what a site would use instead.
+
+One command (from the repository root)::
+
+    .venv/bin/python -m tests.bench.run            # the full run (~6 min on 2 cores)
+    .venv/bin/python -m tests.bench.run --quick    # smaller data, one round (~1.5 min)
+
+It generates its own data in a temp folder (500 CT images 512×512×16 bit ≈ 0.5 MB,
+one 1 GiB multi-frame object, 100,000 small ≈ 2 KB objects), then measures, on the same
+data and in the same run, with ``TCP_NODELAY=1`` in the environment of every DCMTK
+process (Orthanc included) and TCP_NODELAY on every Python socket:
+
+* throughput, end to end (``storescu`` start → last file complete at the destination):
+  DCMTK storescu → DCMTK storescp directly; → a minimal stock pynetdicom SCP directly;
+  → Orthanc with a Lua ``OnStoredInstance`` → ``SendToModality`` auto-routing script →
+  storescp; → DicomFlow (receive → filter → send) → storescp. Images/s, MB/s, the ratio
+  to the direct DCMTK hop, and the CPU per image (user + system from /proc) of the
+  processes in between (for the direct rows: of the receiving process);
+* DicomFlow's added latency for a single image (p50/p95 over N singles, minus the
+  median of the same single sent directly);
+* the time from a down destination coming back to the first delivery;
+* each daemon's peak RSS (VmHWM) while a 1 GiB object goes through;
+* ``dicomflow status`` time and the sender's drain rate with 100,000 small files
+  queued, against the rate with a small queue.
+
+Rates are medians over ``--runs`` rounds (each round runs every system once, in turn).
+Nothing here is a test: it measures and prints; it asserts no speed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import signal
+import statistics
+import struct
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from pydicom.filereader import read_file_meta_info
+from pydicom.uid import generate_uid
+
+from tests.helpers import REPO, Daemon, free_port, make_dataset, wait_port, write_conf, write_dataset
+
+TCP_ENV = {"TCP_NODELAY": "1"}
+STORESCU = "/usr/bin/storescu"
+STORESCP = "/usr/bin/storescp"
+ORTHANC = "/usr/sbin/Orthanc"
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+MB = 1_000_000
+DEST_AET = "STORESCP"
+
+LUA_AUTOROUTE = """\
+-- Orthanc auto-routing, as in Orthanc's own sample (Samples/Lua/AutoRouting.lua)
+function OnStoredInstance(instanceId, tags, metadata, origin)
+  SendToModality(instanceId, 'dest')
+end
+"""
+
+
+# -- small utilities -------------------------------------------------------------------
+
+def log(text: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {text}", file=sys.stderr, flush=True)
+
+
+def cpu_seconds(pid: int) -> float:
+    """user + system CPU of a process (all its threads), from /proc/<pid>/stat."""
+    with open(f"/proc/{pid}/stat") as fp:
+        fields = fp.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / CLK_TCK
+
+
+def peak_rss_mb(pid: int) -> float:
+    with open(f"/proc/{pid}/status") as fp:
+        for line in fp:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def wait_until(predicate: Callable[[], object], timeout: float, interval: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"timed out after {timeout:.0f}s waiting for {what}")
+        time.sleep(interval)
+
+
+def median(values: list[float]) -> float:
+    return statistics.median(values) if values else float("nan")
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    if not ordered:
+        return float("nan")
+    k = (len(ordered) - 1) * q
+    low, high = int(k), min(int(k) + 1, len(ordered) - 1)
+    return ordered[low] + (ordered[high] - ordered[low]) * (k - low)
+
+
+def terminate(proc: subprocess.Popen | None, timeout: float = 30) -> None:
+    if proc is None or proc.poll() is not None:
+        return
+    proc.terminate()
+    try:
+        proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
+# -- data ----------------------------------------------------------------------------
+
+@dataclass
+class DataSet:
+    files: list[Path]
+    dataset_bytes: int          # bytes after the file meta (what every destination stores)
+    total_bytes: int            # file sizes
+
+    @property
+    def count(self) -> int:
+        return len(self.files)
+
+
+def _dataset_bytes(path: Path) -> int:
+    meta = read_file_meta_info(path)
+    meta_length = int(meta.FileMetaInformationGroupLength) + 12
+    return path.stat().st_size - 132 - meta_length
+
+
+def make_ct_series(directory: Path, count: int, size: int) -> DataSet:
+    directory.mkdir(parents=True, exist_ok=True)
+    study = generate_uid()
+    files = []
+    for index in range(count):
+        ds = make_dataset(rows=size, cols=size, study_uid=study, patient_name="BENCH^CT",
+                          patient_id="BENCH01")
+        ds.InstanceNumber = index + 1
+        files.append(write_dataset(ds, directory / f"ct{index:05d}.dcm"))
+    per_file = _dataset_bytes(files[0])
+    return DataSet(files, per_file * count, sum(p.stat().st_size for p in files))
+
+
+def make_big_object(path: Path, mib: int) -> DataSet:
+    """A multi-frame CT of ``mib`` MiB of pixel data, written without holding it in memory."""
+    frames = max(1, mib * 1024 * 1024 // (512 * 512 * 2))
+    ds = make_dataset(rows=512, cols=512, patient_name="BENCH^BIG", patient_id="BENCH02")
+    del ds.PixelData
+    ds.NumberOfFrames = frames
+    write_dataset(ds, path)
+    length = frames * 512 * 512 * 2
+    block = os.urandom(1024 * 1024)
+    with open(path, "ab") as fp:
+        fp.write(struct.pack("<HH2sHL", 0x7FE0, 0x0010, b"OW", 0, length))
+        left = length
+        while left:
+            chunk = block[: min(left, len(block))]
+            fp.write(chunk)
+            left -= len(chunk)
+    return DataSet([path], _dataset_bytes(path), path.stat().st_size)
+
+
+def make_small_template() -> tuple[bytes, bytes]:
+    """A ≈2 KB object and its SOP Instance UID (to be replaced by same-length UIDs)."""
+    uid = "1.2.826.0.1.3680043.8.498." + "1" * 30
+    ds = make_dataset(rows=30, cols=30, patient_name="BENCH^SMALL", patient_id="BENCH03")
+    ds.SOPInstanceUID = uid
+    ds.file_meta.MediaStorageSOPInstanceUID = uid
+    with tempfile.TemporaryDirectory() as tmp:
+        path = write_dataset(ds, Path(tmp) / "small.dcm")
+        return path.read_bytes(), uid.encode()
+
+
+def fill_small_queue(directory: Path, count: int, template: tuple[bytes, bytes], start: int) -> None:
+    """``count`` small files with distinct UIDs, named as the spool names them."""
+    data, uid = template
+    directory.mkdir(parents=True, exist_ok=True)
+    prefix = uid[: len(uid) - 12]
+    stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime())
+    for index in range(start, start + count):
+        new_uid = prefix + b"%012d" % index
+        name = f"{stamp}.{index % 1_000_000:06d}-{index % 1_000_000:06d}-{new_uid.decode()}.dcm"
+        fd = os.open(directory / name, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        try:
+            os.write(fd, data.replace(uid, new_uid))
+        finally:
+            os.close(fd)
+
+
+# -- peers -----------------------------------------------------------------------------
+
+class Destination:
+    """DCMTK storescp, the destination of every route (and the direct DCMTK row)."""
+
+    def __init__(self, base: Path, port: int | None = None) -> None:
+        self.base = base
+        self.port = port or free_port()
+        self.directory = base / f"dest-{self.port}-{time.monotonic_ns()}"
+        self.proc: subprocess.Popen | None = None
+
+    def start(self, wait: bool = True) -> Destination:
+        self.directory.mkdir(parents=True, exist_ok=True)
+        cmd = [STORESCP, "-aet", DEST_AET, "-od", str(self.directory), "+uf", "+B", "-dhl",
+               "-pdu", "131072", str(self.port)]
+        self._log = open(self.base / f"storescp-{self.port}.log", "ab")  # noqa: SIM115
+        self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT,
+                                     env={**os.environ, **TCP_ENV})
+        if wait:
+            wait_port(self.port)
+        return self
+
+    def count(self) -> int:
+        try:
+            return sum(1 for e in os.scandir(self.directory) if not e.name.startswith("."))
+        except FileNotFoundError:
+            return 0
+
+    def bytes(self) -> int:
+        return sum(e.stat().st_size for e in os.scandir(self.directory))
+
+    def complete(self, count: int, dataset_bytes: int, base_count: int = 0, base_bytes: int = 0) -> bool:
+        """All ``count`` files there and written (storescp writes in place: check sizes)."""
+        return (self.count() >= base_count + count
+                and self.bytes() >= base_bytes + dataset_bytes + 132 * count)
+
+    def stop(self) -> None:
+        terminate(self.proc)
+        if self.proc is not None:
+            self._log.close()
+        self.proc = None
+
+    def clear(self) -> None:
+        shutil.rmtree(self.directory, ignore_errors=True)
+
+
+def storescu(port: int, files: list[Path], called: str, timeout: float = 3600) -> None:
+    cmd = [STORESCU, "-aet", "MODALITY", "-aec", called, "127.0.0.1", str(port), *map(str, files)]
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout,
+                            env={**os.environ, **TCP_ENV})
+    if result.returncode != 0:
+        raise RuntimeError(f"storescu failed ({result.returncode}): {result.stderr[-2000:]}")
+
+
+class PynetdicomSCP:
+    def __init__(self, base: Path) -> None:
+        self.port = free_port()
+        self.directory = base / f"pynetdicom-{self.port}"
+        self.base = base
+        self.proc: subprocess.Popen | None = None
+
+    def start(self) -> PynetdicomSCP:
+        self.directory.mkdir(parents=True)
+        self._log = open(self.base / f"pynetdicom-{self.port}.log", "ab")  # noqa: SIM115
+        self.proc = subprocess.Popen([sys.executable, "-m", "tests.bench.pynetdicom_scp", str(self.port),
+                                      str(self.directory)], cwd=REPO, stdout=self._log,
+                                     stderr=subprocess.STDOUT)
+        wait_port(self.port)
+        return self
+
+    def count(self) -> int:
+        return sum(1 for e in os.scandir(self.directory) if not e.name.startswith("."))
+
+    def stop(self) -> None:
+        terminate(self.proc)
+        if self.proc is not None:
+            self._log.close()
+        shutil.rmtree(self.directory, ignore_errors=True)
+
+
+class OrthancRouter:
+    """Orthanc with the Lua auto-routing script, forwarding to ``dest``."""
+
+    def __init__(self, base: Path, dest_port: int) -> None:
+        self.base = base / f"orthanc-{time.monotonic_ns()}"
+        self.dicom_port = free_port()
+        self.http_port = free_port()
+        self.dest_port = dest_port
+        self.proc: subprocess.Popen | None = None
+
+    def start(self) -> OrthancRouter:
+        self.base.mkdir(parents=True)
+        lua = self.base / "autoroute.lua"
+        lua.write_text(LUA_AUTOROUTE)
+        config = {
+            "Name": "ORTHANC", "DicomAet": "ORTHANC",
+            "StorageDirectory": str(self.base / "storage"), "IndexDirectory": str(self.base / "index"),
+            "HttpPort": self.http_port, "DicomPort": self.dicom_port,
+            "RemoteAccessAllowed": False, "AuthenticationEnabled": False,
+            "DicomModalities": {"dest": [DEST_AET, "127.0.0.1", self.dest_port]},
+            "LuaScripts": [str(lua)], "Plugins": [], "SaveJobs": False,
+            "DicomScpTimeout": 60, "StorageCompression": False,
+        }
+        (self.base / "orthanc.json").write_text(json.dumps(config, indent=2))
+        self._log = open(self.base / "orthanc.log", "ab")  # noqa: SIM115
+        self.proc = subprocess.Popen([ORTHANC, str(self.base / "orthanc.json")], stdout=self._log,
+                                     stderr=subprocess.STDOUT, env={**os.environ, **TCP_ENV})
+        wait_port(self.dicom_port)
+        wait_port(self.http_port)
+        return self
+
+    def stop(self) -> None:
+        terminate(self.proc)
+        if self.proc is not None:
+            self._log.close()
+        shutil.rmtree(self.base, ignore_errors=True)
+
+
+class DicomFlow:
+    """receive, filter and one sender as three daemon subprocesses (what supervisord runs)."""
+
+    DAEMONS = ("receive", "filter", "send")
+
+    def __init__(self, base: Path, dest_port: int, extra_endpoint: dict | None = None,
+                 env: dict | None = None) -> None:
+        self.env = env
+        self.base = base / f"dicomflow-{time.monotonic_ns()}"
+        self.base.mkdir(parents=True)
+        endpoint = {"host": "127.0.0.1", "port": dest_port, "ae_title": DEST_AET}
+        endpoint.update(extra_endpoint or {})
+        self.conf = write_conf(self.base, router={"log_level": "INFO"},
+                               endpoints={"dest": {"endpoint": endpoint}})
+        from pipeline.config import load_router
+
+        self.port = load_router(self.conf).port
+        self.spool = self.base / "spool"
+        self.daemons: dict[str, Daemon] = {}
+
+    def start(self, which: tuple[str, ...] = DAEMONS) -> DicomFlow:
+        for name in which:
+            args = ("send", "dest") if name == "send" else (name,)
+            self.daemons[name] = Daemon(self.conf, *args, log_name=name, env=self.env).start()
+        for name in which:
+            daemon = self.daemons[name]
+            if name == "receive":
+                wait_port(self.port)
+            else:
+                daemon.wait_log("filter ready" if name == "filter" else "sender started")
+        return self
+
+    def pids(self) -> dict[str, int]:
+        return {name: d.pid for name, d in self.daemons.items() if d.alive()}
+
+    def cpu(self) -> float:
+        return sum(self.cpu_each().values())
+
+    def cpu_each(self) -> dict[str, float]:
+        return {name: cpu_seconds(pid) for name, pid in self.pids().items()}
+
+    def stop(self, which: tuple[str, ...] | None = None) -> None:
+        for name in which or tuple(self.daemons):
+            daemon = self.daemons.pop(name, None)
+            if daemon is not None:
+                daemon.stop()
+
+    def status_seconds(self) -> float:
+        start = time.monotonic()
+        result = subprocess.run([sys.executable, "-m", "services.cli", "status", "--conf", str(self.conf)],
+                                cwd=REPO, capture_output=True, text=True, timeout=600)
+        elapsed = time.monotonic() - start
+        if result.returncode != 0:
+            raise RuntimeError(f"dicomflow status failed: {result.stderr}")
+        return elapsed
+
+    def remove(self) -> None:
+        self.stop()
+        shutil.rmtree(self.base, ignore_errors=True)
+
+
+# -- measurements ----------------------------------------------------------------------
+
+@dataclass
+class Rate:
+    seconds: float
+    cpu: float
+    count: int
+    nbytes: int
+    per_process: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def images_s(self) -> float:
+        return self.count / self.seconds
+
+    @property
+    def mb_s(self) -> float:
+        return self.nbytes / MB / self.seconds
+
+    @property
+    def cpu_ms(self) -> float:
+        return self.cpu * 1000 / self.count
+
+
+@dataclass
+class Results:
+    throughput: dict[str, list[Rate]] = field(default_factory=dict)
+    big: dict[str, list[Rate]] = field(default_factory=dict)
+    latency_direct: list[float] = field(default_factory=list)
+    latency_routed: list[float] = field(default_factory=list)
+    comeback: list[float] = field(default_factory=list)
+    rss: dict[str, float] = field(default_factory=dict)
+    status_small: list[float] = field(default_factory=list)
+    status_large: list[float] = field(default_factory=list)
+    drain_small: list[float] = field(default_factory=list)
+    drain_large: list[float] = field(default_factory=list)
+    large_queue: int = 0
+
+
+SYSTEMS = ("dcmtk", "pynetdicom", "orthanc", "dicomflow", "dicomflow-stock")
+LABELS = {
+    "dcmtk": "DCMTK storescu → DCMTK storescp (direct)",
+    "pynetdicom": "DCMTK storescu → pynetdicom SCP (direct)",
+    "orthanc": "DCMTK storescu → Orthanc + Lua auto-routing → storescp",
+    "dicomflow": "DCMTK storescu → DicomFlow → storescp",
+    "dicomflow-stock": "… DicomFlow with DICOMFLOW_FASTPATH=0 (stock pynetdicom loops)",
+}
+
+
+def run_transfer(system: str, base: Path, data: DataSet, poll: float = 0.005,
+                 warmup: DataSet | None = None) -> Rate:
+    """One end-to-end transfer of ``data`` through ``system``; destination complete = done.
+
+    ``warmup`` goes through first, untimed: long-running daemons have their modules
+    imported and their association open; a cold start is not what a site lives with.
+    """
+    dest = Destination(base).start()
+    middle: PynetdicomSCP | OrthancRouter | DicomFlow | None = None
+    try:
+        if system == "dcmtk":
+            port, called, cpu_of = dest.port, DEST_AET, lambda: cpu_seconds(dest.proc.pid)
+        elif system == "pynetdicom":
+            middle = PynetdicomSCP(base).start()
+            port, called = middle.port, "PYNETDICOM"
+            cpu_of = lambda: cpu_seconds(middle.proc.pid)  # noqa: E731
+        elif system == "orthanc":
+            middle = OrthancRouter(base, dest.port).start()
+            port, called = middle.dicom_port, "ORTHANC"
+            cpu_of = lambda: cpu_seconds(middle.proc.pid)  # noqa: E731
+        else:
+            env = {"DICOMFLOW_FASTPATH": "0"} if system == "dicomflow-stock" else None
+            middle = DicomFlow(base, dest.port, env=env).start()
+            port, called, cpu_of = middle.port, "DICOMFLOW", middle.cpu
+        base_count = base_bytes = 0
+        if warmup is not None:
+            storescu(port, warmup.files, called)
+            if system == "pynetdicom":
+                wait_until(lambda: middle.count() >= warmup.count, 600, poll, "warm-up")
+            else:
+                wait_until(lambda: dest.complete(warmup.count, warmup.dataset_bytes), 600, poll, "warm-up")
+            base_count, base_bytes = dest.count(), dest.bytes()
+        time.sleep(0.2)  # let start-up work settle before the clock starts
+        cpu0 = cpu_of()
+        each0 = middle.cpu_each() if isinstance(middle, DicomFlow) else {}
+        start = time.monotonic()
+        storescu(port, data.files, called)
+        if system == "pynetdicom":
+            wait_until(lambda: middle.count() >= data.count + (warmup.count if warmup else 0), 600, poll,
+                       "pynetdicom SCP")
+        else:
+            wait_until(lambda: dest.complete(data.count, data.dataset_bytes, base_count, base_bytes),
+                       3600, poll, "destination")
+        elapsed = time.monotonic() - start
+        cpu = cpu_of() - cpu0
+        each = {k: (v - each0[k]) * 1000 / data.count
+                for k, v in middle.cpu_each().items()} if isinstance(middle, DicomFlow) else {}
+        return Rate(elapsed, cpu, data.count, data.total_bytes, each)
+    finally:
+        if isinstance(middle, DicomFlow):
+            middle.remove()
+        elif middle is not None:
+            middle.stop()
+        dest.stop()
+        dest.clear()
+
+
+def measure_latency(base: Path, files: list[Path], results: Results) -> None:
+    """Single images, one storescu each: directly, then through DicomFlow."""
+    dest = Destination(base).start()
+    flow = DicomFlow(base, dest.port).start()
+    try:
+        for label, port, called, out in (("direct", dest.port, DEST_AET, results.latency_direct),
+                                         ("routed", flow.port, "DICOMFLOW", results.latency_routed)):
+            for path in files:
+                before = dest.count()
+                start = time.monotonic()
+                storescu(port, [path], called)
+                wait_until(lambda b=before: dest.count() > b and dest.bytes() > 0, 60, 0.0005, label)
+                out.append(time.monotonic() - start)
+    finally:
+        flow.remove()
+        dest.stop()
+        dest.clear()
+
+
+def measure_comeback(base: Path, files: list[Path], rounds: int, down_for: float, results: Results) -> None:
+    """Destination down for ``down_for`` s with files queued; time from its restart to
+    the first delivery."""
+    port = free_port()
+    dest = Destination(base, port)
+    flow = DicomFlow(base, port).start()
+    try:
+        for index in range(rounds):
+            storescu(flow.port, files[index * 3:(index + 1) * 3], "DICOMFLOW")
+            time.sleep(down_for)
+            back = dest = Destination(base, port)
+            start = time.monotonic()
+            back.start(wait=False)
+            wait_until(back.count, 120, 0.002, "first delivery after the comeback")
+            results.comeback.append(time.monotonic() - start)
+            wait_until(lambda d=back: d.count() >= 3, 120, 0.01, "the rest of the queue")
+            back.stop()
+            back.clear()
+    finally:
+        flow.remove()
+        dest.stop()
+        dest.clear()
+
+
+def measure_big(base: Path, big: DataSet, results: Results) -> None:
+    """The 1 GiB object directly (DCMTK) and through DicomFlow, with each daemon's VmHWM."""
+    results.big.setdefault("dcmtk", []).append(run_transfer("dcmtk", base, big, poll=0.05))
+    dest = Destination(base).start()
+    flow = DicomFlow(base, dest.port).start()
+    try:
+        cpu0 = flow.cpu()
+        start = time.monotonic()
+        storescu(flow.port, big.files, "DICOMFLOW")
+        wait_until(lambda: dest.complete(1, big.dataset_bytes), 3600, 0.05, "the big object")
+        elapsed = time.monotonic() - start
+        results.big.setdefault("dicomflow", []).append(Rate(elapsed, flow.cpu() - cpu0, 1, big.total_bytes))
+        for name, pid in flow.pids().items():
+            results.rss[name] = max(results.rss.get(name, 0.0), peak_rss_mb(pid))
+    finally:
+        flow.remove()
+        dest.stop()
+        dest.clear()
+
+
+def measure_queue(base: Path, large: int, small: int, window: int, rounds: int, results: Results) -> None:
+    """``status`` time and drain rate with ``large`` files queued, versus ``small``."""
+    template = make_small_template()
+    results.large_queue = large
+    for queued, statuses, drains in ((small, results.status_small, results.drain_small),
+                                     (large, results.status_large, results.drain_large)):
+        for _ in range(rounds):
+            dest = Destination(base).start()
+            flow = DicomFlow(base, dest.port)
+            flow.start(("receive", "filter"))
+            outbox = flow.spool / "outbox" / "dest"
+            log(f"queueing {queued} small files")
+            fill_small_queue(outbox, queued, template, 0)
+            statuses.append(median([flow.status_seconds() for _ in range(3)]))
+            measured = min(window, queued)
+            try:
+                flow.start(("send",))
+                wait_until(dest.count, 600, 0.002, "first small file")
+                c1, t1 = dest.count(), time.monotonic()
+                target = min(queued, c1 + measured)
+                wait_until(lambda d=dest, t=target: d.count() >= t, 3600, 0.01, "the drain window")
+                drains.append((dest.count() - c1) / (time.monotonic() - t1))
+            finally:
+                flow.remove()
+                dest.stop()
+                dest.clear()
+
+
+# -- report ----------------------------------------------------------------------------
+
+def fmt(value: float, digits: int = 1) -> str:
+    return "n/a" if value != value else f"{value:,.{digits}f}"
+
+
+def report(results: Results, args: argparse.Namespace, ct: DataSet) -> str:
+    lines = []
+    mean_mb = ct.total_bytes / ct.count / MB
+    lines.append(f"DicomFlow benchmark — {os.cpu_count()} CPUs, {platform_line()}")
+    lines.append(f"data: {ct.count} CT images {args.size}×{args.size}×16 bit ({mean_mb:.2f} MB each); "
+                 f"medians of {args.runs} round(s); TCP_NODELAY everywhere")
+    lines.append("")
+    base = median([r.images_s for r in results.throughput.get("dcmtk", [])])
+    lines.append("| route | images/s | MB/s | × direct DCMTK | CPU ms/image (in between) | runs (images/s) |")
+    lines.append("|---|---:|---:|---:|---:|---|")
+    for system in SYSTEMS:
+        rates = results.throughput.get(system)
+        if not rates:
+            continue
+        ims = median([r.images_s for r in rates])
+        lines.append(f"| {LABELS[system]} | {fmt(ims)} | {fmt(median([r.mb_s for r in rates]))} | "
+                     f"{fmt(ims / base, 2)} | {fmt(median([r.cpu_ms for r in rates]), 2)} | "
+                     f"{', '.join(fmt(r.images_s, 0) for r in rates)} |")
+    flow = results.throughput.get("dicomflow")
+    orth = results.throughput.get("orthanc")
+    lines.append("")
+    if flow and orth:
+        ratios = [f.images_s / o.images_s for f, o in zip(flow, orth, strict=False)]
+        lines.append(f"DicomFlow / Orthanc auto-routing (same round): median {fmt(median(ratios), 2)}× "
+                     f"({', '.join(fmt(r, 2) for r in ratios)})")
+    if results.big:
+        for system, rates in results.big.items():
+            r = median([x.mb_s for x in rates])
+            cpu = median([x.cpu for x in rates])
+            seconds = median([x.seconds for x in rates])
+            lines.append(f"big object, {system}: {fmt(r)} MB/s, {fmt(seconds, 2)} s"
+                         + (f", router CPU {fmt(cpu, 2)} s" if system == "dicomflow" else ""))
+    if results.rss:
+        lines.append("peak RSS (VmHWM) with the 1 GiB object: "
+                     + ", ".join(f"{k} {v:.0f} MB" for k, v in results.rss.items()))
+    if results.latency_routed:
+        direct = median(results.latency_direct)
+        routed = results.latency_routed
+        lines.append(f"single image ({len(routed)} singles): direct p50 {direct * 1000:.0f} ms; "
+                     f"through DicomFlow p50 {median(routed) * 1000:.0f} ms, "
+                     f"p95 {percentile(routed, 0.95) * 1000:.0f} ms; "
+                     f"added p50 {(median(routed) - direct) * 1000:.0f} ms, "
+                     f"p95 {(percentile(routed, 0.95) - direct) * 1000:.0f} ms")
+    if results.comeback:
+        lines.append(f"destination back → first delivery: median {median(results.comeback):.2f} s, max "
+                     f"{max(results.comeback):.2f} s ({', '.join(f'{x:.2f}' for x in results.comeback)})")
+    if results.status_large:
+        small = median(results.drain_small)
+        large = median(results.drain_large)
+        lines.append(f"status: {median(results.status_small):.2f} s with {args.small_queue} queued, "
+                     f"{median(results.status_large):.2f} s with {results.large_queue:,} queued")
+        lines.append(f"drain rate: {small:.0f} files/s with {args.small_queue} queued, "
+                     f"{large:.0f} files/s with {results.large_queue:,} queued ({large / small * 100:.0f} %)")
+    return "\n".join(lines)
+
+
+def platform_line() -> str:
+    model = "unknown CPU"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    return f"{model}, {mem:.0f} GiB RAM, Linux {os.uname().release}"
+
+
+# -- main --------------------------------------------------------------------------------
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m tests.bench.run", description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true", help="small data, one round")
+    parser.add_argument("--runs", type=int, default=3, help="rounds of the throughput table")
+    parser.add_argument("--count", type=int, default=500, help="CT images per transfer")
+    parser.add_argument("--size", type=int, default=512, help="rows = columns of the CT images")
+    parser.add_argument("--big-mib", type=int, default=1024, help="size of the multi-frame object (MiB)")
+    parser.add_argument("--singles", type=int, default=50, help="single images for the latency")
+    parser.add_argument("--comebacks", type=int, default=3, help="destination restarts measured")
+    parser.add_argument("--down-for", type=float, default=15.0, help="seconds a destination stays down")
+    parser.add_argument("--large-queue", type=int, default=100_000, help="small files queued")
+    parser.add_argument("--small-queue", type=int, default=2_000, help="small files queued (reference)")
+    parser.add_argument("--window", type=int, default=2_000, help="files over which a drain rate is taken")
+    parser.add_argument("--only", default="throughput,big,latency,comeback,queue",
+                        help="comma-separated parts to run")
+    parser.add_argument("--systems", default=",".join(SYSTEMS[:4]),
+                        help=f"comma-separated rows to run, of: {', '.join(SYSTEMS)}")
+    parser.add_argument("--workdir", type=Path, help="where to put data and spools (default: a temp dir)")
+    parser.add_argument("--keep", action="store_true", help="keep the work directory")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.runs, args.count, args.big_mib, args.singles = 1, 200, 256, 20
+        args.comebacks, args.down_for, args.large_queue = 1, 8.0, 20_000
+        args.small_queue = args.window = 1000
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    for binary in (STORESCU, STORESCP, ORTHANC):
+        if not os.access(binary, os.X_OK):
+            print(f"missing {binary}: apt-get install dcmtk orthanc", file=sys.stderr)
+            return 1
+    base = Path(tempfile.mkdtemp(prefix="dicomflow-bench-", dir=args.workdir))
+    parts = set(args.only.split(","))
+    systems = [s for s in SYSTEMS if s in args.systems.split(",")]
+    results = Results()
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(1))
+    try:
+        log(f"generating {args.count} CT images in {base}")
+        ct = make_ct_series(base / "data" / "ct", args.count, args.size)
+        warm = make_ct_series(base / "data" / "warm", 10, args.size)
+        if "throughput" in parts:
+            for round_ in range(args.runs):
+                for system in systems:
+                    rate = run_transfer(system, base, ct, warmup=warm)
+                    results.throughput.setdefault(system, []).append(rate)
+                    detail = ", ".join(f"{k} {v:.2f}" for k, v in rate.per_process.items())
+                    log(f"round {round_ + 1}: {system}: {rate.images_s:.1f} images/s, "
+                        f"{rate.cpu_ms:.2f} ms CPU/image" + (f" ({detail})" if detail else ""))
+        if "latency" in parts:
+            log(f"latency: {args.singles} singles")
+            measure_latency(base, ct.files[: args.singles], results)
+        if "comeback" in parts:
+            log("destination comeback")
+            measure_comeback(base, ct.files, args.comebacks, args.down_for, results)
+        if "big" in parts:
+            log(f"generating a {args.big_mib} MiB multi-frame object")
+            big = make_big_object(base / "data" / "big.dcm", args.big_mib)
+            measure_big(base, big, results)
+            (base / "data" / "big.dcm").unlink()
+        if "queue" in parts:
+            measure_queue(base, args.large_queue, args.small_queue, args.window, 1 if args.quick else 2,
+                          results)
+    finally:
+        text = report(results, args, ct) if "ct" in locals() else ""
+        if not args.keep:
+            shutil.rmtree(base, ignore_errors=True)
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
