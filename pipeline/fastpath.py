@@ -20,6 +20,16 @@ Where a three-process pipeline spent its CPU, and what this module does about it
 * **Value validation.** pydicom validates every value set on a Dataset (regexes per
   UID/AE); the daemons build command sets and file metas from values they validate
   themselves, so validation is switched off for them.
+* **C-STORE messages.** Sending a C-STORE request or response built a pydicom Dataset
+  for its command set (a ``setattr`` per keyword, then values, deletions and a group
+  length computed by encoding twice) before encoding it. For C-STORE the command set
+  is now encoded straight from the primitive; pynetdicom's own ``encode_msg`` still
+  fragments it and the data set. Anything unusual (move originator, error comment,
+  a bound ``EVT_DIMSE_SENT`` handler) takes pynetdicom's path.
+* **Logging handlers nobody reads.** pynetdicom binds four "standard" handlers to every
+  association that format each PDU and DIMSE message into INFO/DEBUG lines (the whole
+  C-STORE command set, every time) before the logger drops them. They are bound only
+  when the ``pynetdicom`` logger would show INFO (``pynetdicom_log_level``).
 
 Only the daemons call :func:`install`; it is idempotent. pynetdicom is pinned to 3.0.x
 (pyproject.toml) because this relies on its private structure. ``DICOMFLOW_FASTPATH=0``
@@ -29,6 +39,7 @@ benchmark's before/after comparison).
 
 from __future__ import annotations
 
+import logging
 import os
 import queue
 import select
@@ -36,6 +47,7 @@ import ssl
 import struct
 import threading
 import time
+from io import BytesIO
 from typing import Any, cast
 
 import pydicom.config
@@ -43,6 +55,7 @@ import pynetdicom.dimse_messages as dimse_messages
 from pynetdicom import evt
 from pynetdicom.association import Association
 from pynetdicom.dimse import DIMSEServiceProvider
+from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.dsutils import encode as _pydicom_encode
 from pynetdicom.dul import DULServiceProvider
 from pynetdicom.pdu import A_ABORT_RQ
@@ -322,24 +335,45 @@ def _assoc_run_reactor(self: Association) -> None:
             return
 
 
+# -- default handlers -------------------------------------------------------------------
+
+_orig_bind_defaults = Association._bind_defaults
+
+
+def _bind_defaults(self: Association) -> None:
+    """pynetdicom's ``_bind_defaults``, minus the logging handlers when their output
+    (INFO and DEBUG lines of the ``pynetdicom`` logger) would be dropped anyway."""
+    if logging.getLogger("pynetdicom").isEnabledFor(logging.INFO):
+        _orig_bind_defaults(self)
+        return
+    for event in evt._INTERVENTION_EVENTS:
+        self.bind(event, evt.get_default_handler(event))
+
+
 # -- socket reads -------------------------------------------------------------------------
 
+RECV_STEP = 4 * 1024 * 1024  # buffer growth step: memory follows the bytes that arrive
+
+
 def _socket_recv(self: AssociationSocket, nr_bytes: int) -> bytearray:
-    """Read ``nr_bytes`` into one buffer (pynetdicom reads 4 KiB pieces and appends)."""
+    """Read ``nr_bytes`` with few large reads (pynetdicom reads 4 KiB pieces and appends).
+
+    The length comes from the peer's PDU header: the buffer grows in steps as data
+    actually arrives, so a client that merely *declares* a 2 GiB PDU costs nothing.
+    """
     sock = self.socket
     assert sock is not None
-    buffer = bytearray(nr_bytes)
-    view = memoryview(buffer)
+    buffer = bytearray(min(nr_bytes, RECV_STEP))
     got = 0
-    try:
-        while got < nr_bytes:
-            count = sock.recv_into(view[got:], nr_bytes - got)
-            if not count:
-                break
-            got += count
-    finally:
-        view.release()
-    if got < nr_bytes:
+    while got < nr_bytes:
+        if got == len(buffer):
+            buffer.extend(bytes(min(nr_bytes - got, RECV_STEP)))
+        with memoryview(buffer) as view:
+            count = sock.recv_into(view[got:], len(buffer) - got)
+        if not count:
+            break
+        got += count
+    if got < len(buffer):
         del buffer[got:]
     return buffer
 
@@ -389,6 +423,8 @@ def encode_command_set(ds: Any, is_implicit_vr: bool, is_little_endian: bool,
                        deflated: bool = False) -> bytes | None:
     """Encode a DIMSE command set (group 0000, Implicit VR Little Endian) quickly;
     anything else, or any value of an unexpected type, goes to pydicom's encoder."""
+    if isinstance(ds, _EncodedCommand):
+        return ds.data
     if not (is_implicit_vr and is_little_endian) or deflated:
         return _pydicom_encode(ds, is_implicit_vr, is_little_endian, deflated)
     parts = []
@@ -404,6 +440,76 @@ def encode_command_set(ds: Any, is_implicit_vr: bool, is_little_endian: bool,
     except (UnicodeEncodeError, struct.error, TypeError, ValueError, KeyError):
         return _pydicom_encode(ds, is_implicit_vr, is_little_endian, deflated)
     return b"".join(parts)
+
+
+class _EncodedCommand:
+    """A command set already encoded (what :func:`encode_command_set` returns as is)."""
+
+    def __init__(self, data: bytes) -> None:
+        self.data = data
+
+
+#: C-STORE command elements after the group length, in tag order: (tag, VR, keyword or
+#: a fixed value). Optional elements absent from the primitive are left out.
+_C_STORE_RQ = ((0x00000002, "UI", "AffectedSOPClassUID"), (0x00000100, "US", 0x0001),
+               (0x00000110, "US", "MessageID"), (0x00000700, "US", "Priority"),
+               (0x00000800, "US", None), (0x00001000, "UI", "AffectedSOPInstanceUID"))
+_C_STORE_RSP = ((0x00000002, "UI", "AffectedSOPClassUID"), (0x00000100, "US", 0x8001),
+                (0x00000120, "US", "MessageIDBeingRespondedTo"), (0x00000800, "US", 0x0101),
+                (0x00000900, "US", "Status"), (0x00001000, "UI", "AffectedSOPInstanceUID"))
+_C_STORE_UNUSUAL = ("MoveOriginatorApplicationEntityTitle", "MoveOriginatorMessageID",
+                    "OffendingElement", "ErrorComment")
+
+
+def encode_c_store_command(primitive: C_STORE) -> bytes | None:
+    """The command set pynetdicom would encode for a C-STORE request or response
+    primitive, or None when this encoder does not cover it."""
+    if any(getattr(primitive, name, None) is not None for name in _C_STORE_UNUSUAL):
+        return None
+    is_request = primitive.MessageIDBeingRespondedTo is None
+    if is_request:
+        has_data = bool(primitive.DataSet) or bool(getattr(primitive, "_dataset_path", None))
+        data_type = 0x0001 if has_data else 0x0101
+    parts = []
+    for tag, vr, source in _C_STORE_RQ if is_request else _C_STORE_RSP:
+        if source is None:
+            value: Any = data_type
+        elif isinstance(source, int):
+            value = source
+        else:
+            value = getattr(primitive, source)
+            if value is None:
+                continue
+        encoded = _encode_element(tag, vr, value)
+        if encoded is None:
+            return None
+        parts.append(encoded)
+    body = b"".join(parts)
+    return struct.pack("<HHLL", 0x0000, 0x0000, 4, len(body)) + body
+
+
+_orig_send_msg = DIMSEServiceProvider.send_msg
+
+
+def _dimse_send_msg(self: DIMSEServiceProvider, primitive: Any, context_id: int) -> None:
+    """pynetdicom's ``send_msg`` with C-STORE command sets encoded directly."""
+    if type(primitive) is C_STORE and not self.assoc.get_handlers(evt.EVT_DIMSE_SENT):
+        command = encode_c_store_command(primitive)
+        if command is not None:
+            if primitive.MessageIDBeingRespondedTo is None:
+                msg = dimse_messages.C_STORE_RQ.__new__(dimse_messages.C_STORE_RQ)
+                msg.data_set = primitive.DataSet
+            else:
+                msg = dimse_messages.C_STORE_RSP.__new__(dimse_messages.C_STORE_RSP)
+                msg.data_set = BytesIO()
+            msg.command_set = _EncodedCommand(command)  # type: ignore[assignment]
+            msg.context_id = context_id
+            msg._data_set_path = getattr(primitive, "_dataset_path", None)
+            msg._data_set_file = None
+            for pdata in msg.encode_msg(context_id, self.maximum_pdu_size):
+                self.dul.send_pdu(pdata)
+            return
+    _orig_send_msg(self, primitive, context_id)
 
 
 # -- installing ---------------------------------------------------------------------------
@@ -429,8 +535,10 @@ def install() -> None:
         DULServiceProvider.kill_dul = _dul_kill  # type: ignore[method-assign]
         DIMSEServiceProvider.__init__ = _dimse_init  # type: ignore[method-assign]
         Association._run_reactor = _assoc_run_reactor  # type: ignore[method-assign]
+        Association._bind_defaults = _bind_defaults  # type: ignore[method-assign]
         AssociationSocket.recv = _socket_recv  # type: ignore[method-assign]
         dimse_messages.encode = encode_command_set  # type: ignore[assignment]
+        DIMSEServiceProvider.send_msg = _dimse_send_msg  # type: ignore[method-assign]
         _installed = True
 
 

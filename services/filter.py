@@ -246,6 +246,7 @@ class FilterDaemon:
             try:
                 head = header_module.read_header_fd(fd, st.st_size)
             except QuarantineError as exc:
+                self._make_durable_and_private(fd, st)  # quarantine/ holds PHI too: 0600
                 return self._quarantine(path, str(exc))
             self._make_durable_and_private(fd, st)
             if not _same_file(path, st):

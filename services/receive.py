@@ -71,6 +71,16 @@ class _DicomFlowServer(ThreadedAssociationServer):
         return False
 
     def process_request_thread(self, request: Any, client_address: Any) -> None:
+        # A connection that sends nothing (a port probe, a silent client) would hold an
+        # association slot until the ACSE timeout: only a peer that speaks gets one.
+        try:
+            request.settimeout(self.ae.acse_timeout)
+            spoke = request.recv(1, socket.MSG_PEEK)
+        except OSError:
+            spoke = b""
+        if not spoke:
+            self.shutdown_request(request)
+            return
         if self.ssl_context is not None:
             try:
                 request.settimeout(self.handshake_timeout)

@@ -8,3 +8,14 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config) -> None:
+    """The reliability suite's figures (issue 6): sent, acknowledged, delivered, lost…"""
+    from tests.reliability import summary_lines
+
+    lines = summary_lines()
+    if lines:
+        terminalreporter.section("DicomFlow reliability figures")
+        for line in lines:
+            terminalreporter.write_line(line)
