@@ -12,10 +12,7 @@ hand-copied file only once it is whole.
 
 from __future__ import annotations
 
-import ctypes
 import os
-import select
-import struct
 import threading
 from pathlib import Path
 
@@ -57,12 +54,12 @@ class DirectoryWatcher:
         self._inotify: _Inotify | None = None
 
     def start(self) -> DirectoryWatcher:
-        """Watch with the kernel's inotify directly; fall back to watchdog's observer.
+        """Watch with watchdog's inotify reader; fall back to watchdog's observer.
 
-        Raw inotify (issue 7): watchdog turned every file into ~9 events through three
-        Python threads (emitter, move grouper, dispatcher), about a quarter of the
-        filter's CPU; here a single thread reads only the events that matter (create,
-        close-after-write, moved-in) in batches.
+        watchdog's observer turns every file into ~9 events through three Python threads
+        (emitter, move grouper, dispatcher): about a quarter of the filter's CPU (issue
+        7). watchdog's own ``InotifyFD`` — one thread calling us back per kernel event —
+        gives the events that matter (create, close-after-write, moved-in) without that.
         """
         inotify = _Inotify.open(self)
         if inotify is not None:
@@ -136,84 +133,57 @@ class DirectoryWatcher:
         self.stop()
 
 
-# -- raw inotify ----------------------------------------------------------------------
+# -- watchdog's inotify reader, without the observer ----------------------------------
 
-_IN_MODIFY, _IN_CLOSE_WRITE, _IN_MOVED_TO, _IN_CREATE = 0x2, 0x8, 0x80, 0x100
-_IN_Q_OVERFLOW, _IN_IGNORED, _IN_ISDIR = 0x4000, 0x8000, 0x40000000
-_IN_CLOEXEC, _IN_NONBLOCK = 0o2000000, 0o4000
-_EVENT = struct.Struct("iIII")
 try:
-    _libc = ctypes.CDLL(None, use_errno=True)
-    _inotify_init1 = _libc.inotify_init1
-    _inotify_add_watch = _libc.inotify_add_watch
-except (OSError, AttributeError):  # pragma: no cover - not Linux
-    _inotify_init1 = _inotify_add_watch = None
+    from watchdog.observers.inotify_c import InotifyConstants, InotifyFD
+except ImportError:  # pragma: no cover - not Linux, or another watchdog layout
+    InotifyConstants = InotifyFD = None
 
 
 class _Inotify:
-    """One inotify descriptor on one directory, read by one daemon thread."""
+    """A private ``InotifyFD`` (one reader thread) watching one directory."""
 
-    MASK = _IN_CREATE | _IN_CLOSE_WRITE | _IN_MOVED_TO | _IN_MODIFY
-
-    def __init__(self, watcher: DirectoryWatcher, fd: int) -> None:
-        self.watcher, self.fd = watcher, fd
-        self.stop_r, self.stop_w = os.pipe()
-        self.thread = threading.Thread(target=self._run, name=f"inotify:{watcher.directory.name}",
-                                       daemon=True)
-        self.thread.start()
+    def __init__(self, watcher: DirectoryWatcher, reader: InotifyFD) -> None:
+        self.watcher, self.reader = watcher, reader
 
     @classmethod
     def open(cls, watcher: DirectoryWatcher) -> _Inotify | None:
-        if _inotify_init1 is None:
+        if InotifyFD is None:
             return None
-        fd = _inotify_init1(_IN_CLOEXEC | _IN_NONBLOCK)
-        if fd < 0:
-            return None  # e.g. EMFILE (fs.inotify.max_user_instances): watchdog may still work
-        if _inotify_add_watch(fd, os.fsencode(watcher.directory), cls.MASK) < 0:
-            os.close(fd)
-            return None  # watchdog reports the problem as it always did
-        return cls(watcher, fd)
+        mask = (InotifyConstants.IN_CREATE | InotifyConstants.IN_CLOSE_WRITE
+                | InotifyConstants.IN_MOVED_TO | InotifyConstants.IN_MODIFY)
+        try:
+            reader = InotifyFD()
+        except OSError:
+            return None  # e.g. EMFILE (fs.inotify.max_user_instances): the observer may still work
+        inotify = cls(watcher, reader)
+        reader.start()
+        try:
+            reader.add_callback(os.fsencode(watcher.directory), mask, inotify, "dicomflow")
+        except OSError:
+            reader.stop()
+            return None
+        return inotify
 
-    def _run(self) -> None:
-        while True:
-            try:
-                ready, _, _ = select.select([self.fd, self.stop_r], [], [])
-            except (OSError, ValueError):
-                return
-            if self.stop_r in ready:
-                return
-            try:
-                data = os.read(self.fd, 256 * 1024)
-            except BlockingIOError:
-                continue
-            except OSError:
-                return
-            self._dispatch(data)
+    def on_event(self, event) -> None:
+        if event.is_directory or not event.name:
+            return
+        name = os.fsdecode(event.name)
+        if name.startswith("."):
+            return
+        if event.is_close_write or event.is_moved_to:
+            self.watcher._note_names([], [name])
+        else:
+            self.watcher._note_names([name], [])
 
-    def _dispatch(self, data: bytes) -> None:
-        names: list[str] = []
-        completed: list[str] = []
-        offset = 0
-        while offset + _EVENT.size <= len(data):
-            _wd, mask, _cookie, length = _EVENT.unpack_from(data, offset)
-            raw = data[offset + _EVENT.size: offset + _EVENT.size + length].rstrip(b"\0")
-            offset += _EVENT.size + length
-            if mask & _IN_Q_OVERFLOW:
-                names.append("")  # lost events: wake the loop, its rescan finds everything
-                continue
-            if mask & (_IN_ISDIR | _IN_IGNORED) or not raw:
-                continue
-            name = os.fsdecode(raw)
-            if name.startswith("."):
-                continue
-            if mask & (_IN_CLOSE_WRITE | _IN_MOVED_TO):
-                completed.append(name)
-            else:
-                names.append(name)
-        self.watcher._note_names(names, completed)
+    def on_queue_overflow(self) -> None:
+        """Events were lost: wake the loop, its rescan finds everything."""
+        self.watcher.wake()
+
+    def on_watch_deleted(self, _wd: object) -> None:
+        self.watcher.wake()
 
     def close(self) -> None:
-        os.write(self.stop_w, b"x")
-        self.thread.join(timeout=5)
-        for fd in (self.fd, self.stop_r, self.stop_w):
-            os.close(fd)
+        self.reader.stop()
+        self.reader.join(timeout=5)

@@ -76,7 +76,9 @@ def test_mv_and_slow_cp_land_in_the_right_outboxes(pipeline, tmp_path):
             assert target.exists(), "a half-written copy was routed"
     wait_for(lambda: uids_in(spool.outbox("ct_only")) == [big.SOPInstanceUID], message="big copy routed")
     wait_for(lambda: uids_in(spool.outbox("mr_research")) == [mr.SOPInstanceUID], message="mv routed")
-    assert sorted(uids_in(spool.outbox("pacs"))) == sorted([mr.SOPInstanceUID, big.SOPInstanceUID])
+    # fan-out links one outbox after the other: wait for the last one too
+    wait_for(lambda: sorted(uids_in(spool.outbox("pacs"))) == sorted([mr.SOPInstanceUID, big.SOPInstanceUID]),
+             message="both in pacs")
     [routed] = dicom_files(spool.outbox("ct_only"))
     assert routed.stat().st_size == source.stat().st_size
     assert stat.S_IMODE(routed.stat().st_mode) == 0o600
