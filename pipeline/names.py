@@ -55,6 +55,8 @@ def escape(value: object, limit: int = 200) -> str:
         text = str(value)
     if len(text) > limit:
         text = text[:limit] + "…"
+    if text.isascii() and text.isprintable() and "\\" not in text:
+        return text  # the common case: nothing to escape (issue 7: a loop per character)
     out = []
     for ch in text:
         code = ord(ch)

@@ -1,0 +1,90 @@
+"""The issue-7 encoders produce exactly the bytes pynetdicom/pydicom would."""
+
+from __future__ import annotations
+
+import io
+import os
+from pathlib import Path
+
+import pynetdicom.dimse_messages as dimse_messages
+import pytest
+from pydicom.uid import UID
+from pynetdicom.dimse_primitives import C_STORE
+from pynetdicom.dsutils import encode as pydicom_encode
+
+from pipeline import fastpath, filemeta
+
+CT = "1.2.840.10008.5.1.4.1.1.2"
+UIDS = ["1.2.3", CT, "1.2.826.0.1.3680043.8.498.1234567890123456789012345678901"]
+
+
+def _stock(primitive: C_STORE, max_pdu: int, monkeypatch) -> list:
+    monkeypatch.setattr(dimse_messages, "encode", pydicom_encode)
+    message_class = (dimse_messages.C_STORE_RQ if primitive.MessageIDBeingRespondedTo is None
+                     else dimse_messages.C_STORE_RSP)
+    msg = message_class()
+    msg.primitive_to_message(primitive)
+    return [p.presentation_data_value_list for p in msg.encode_msg(1, max_pdu)]
+
+
+def _fast(primitive: C_STORE, max_pdu: int, monkeypatch) -> list:
+    monkeypatch.setattr(dimse_messages, "encode", fastpath.encode_command_set)
+    sent: list = []
+
+    class Dimse:
+        maximum_pdu_size = max_pdu
+        dul = type("Dul", (), {"send_pdu": staticmethod(
+            lambda p: sent.append(p.presentation_data_value_list))})
+        assoc = type("Assoc", (), {"get_handlers": staticmethod(lambda event: [])})
+
+    fastpath._dimse_send_msg(Dimse(), primitive, 1)  # type: ignore[arg-type]
+    return sent
+
+
+def _primitives(path: Path) -> list[C_STORE]:
+    out = []
+    for uid in UIDS:
+        rq = C_STORE()
+        rq.MessageID, rq.Priority = 7, 2
+        rq.AffectedSOPClassUID, rq.AffectedSOPInstanceUID = UID(CT), UID(uid)
+        rq._dataset_path = (path, 200)
+        out.append(rq)
+        rq2 = C_STORE()
+        rq2.MessageID, rq2.Priority = 65535, 0
+        rq2.AffectedSOPClassUID, rq2.AffectedSOPInstanceUID = CT, uid
+        rq2.DataSet = io.BytesIO(b"abcd" * 1000)
+        out.append(rq2)
+        for status in (0x0000, 0xA700, 0xB000, 0xC000):
+            rsp = C_STORE()
+            rsp.MessageID = rsp.MessageIDBeingRespondedTo = 7
+            rsp.AffectedSOPClassUID, rsp.AffectedSOPInstanceUID = UID(CT), UID(uid)
+            rsp.Status = status
+            out.append(rsp)
+    bare = C_STORE()
+    bare.MessageIDBeingRespondedTo, bare.Status = 3, 0
+    out.append(bare)
+    return out
+
+
+@pytest.mark.parametrize("max_pdu", [0, 16384, 131072, 1 << 20])
+def test_c_store_messages_encode_as_pynetdicom_does(tmp_path: Path, max_pdu: int, monkeypatch) -> None:
+    path = tmp_path / "data.dcm"
+    path.write_bytes(os.urandom(300_000))
+    for primitive in _primitives(path):
+        assert _fast(primitive, max_pdu, monkeypatch) == _stock(primitive, max_pdu, monkeypatch)
+
+
+def test_unusual_c_store_falls_back() -> None:
+    rsp = C_STORE()
+    rsp.MessageIDBeingRespondedTo, rsp.Status, rsp.ErrorComment = 1, 0xC000, "bad"
+    assert fastpath.encode_c_store_command(rsp) is None
+
+
+@pytest.mark.parametrize("instance", UIDS)
+def test_received_file_meta_is_what_pydicom_writes(instance: str) -> None:
+    values = {"sop_class_uid": UID(CT), "sop_instance_uid": UID(instance),
+              "transfer_syntax": UID("1.2.840.10008.1.2.1")}
+    stock, fast = io.BytesIO(), io.BytesIO()
+    filemeta._pydicom_write_file_meta_info(stock, filemeta._create_file_meta_with_slots(**values))
+    filemeta._write_file_meta_info(fast, filemeta._create_slotted_meta(**values))
+    assert fast.getvalue() == stock.getvalue()
