@@ -263,14 +263,39 @@ class Spool:
             fsync_dir(src.parent)
         return target
 
+    def move_final(self, src: Path, directory: Path) -> Path:
+        """Move a copy into a final stage (``sent/``), tolerating a duplicate already there.
+
+        After a crash the filter may fan a file out again that was delivered meanwhile,
+        so the same name (the same inode, even) can already be in ``sent/``: then the
+        source is simply dropped. Another file with that name keeps its place and this
+        one gets a fresh name. Never overwrites; a name clash never stops a daemon.
+        """
+        try:
+            return self.move(src, directory)
+        except FileExistsError:
+            target = directory / src.name
+            if _same_inode(src, target):
+                self.unlink(src)
+                return target
+            return self.move(src, directory, make_name(uid_in_name(src.name)))
+
     def move_with_reason(
         self, src: Path, directory: Path, suffix: str, reason: str, name: str | None = None
     ) -> Path:
         """Move a file into ``rejected/``, ``quarantine/`` or ``failed/`` with its sidecar.
 
         The sidecar is written first, so a file is never visible there without its reason.
+        A name already taken there is handled as in :meth:`move_final`.
         """
         name = name or src.name
+        existing = directory / name
+        if os.path.lexists(existing):
+            if _same_inode(src, existing):
+                self.write_sidecar(existing, suffix, reason)
+                self.unlink(src)
+                return existing
+            name = make_name(uid_in_name(name))
         self.write_sidecar(directory / name, suffix, reason)
         return self.move(src, directory, name)
 
@@ -331,6 +356,27 @@ class Spool:
                     removed += 1
         return removed
 
+    def clean_dead_tmp(self, directory: Path) -> int:
+        """Remove temp files left by processes that no longer exist, in a ``.tmp`` that
+        several daemons share (``run/``: state and retry files of every sender).
+
+        Temp names start with the writer's pid (:meth:`temp_file`), so a live writer's
+        file is never touched. Returns the count.
+        """
+        removed = 0
+        try:
+            entries = list(os.scandir(directory / TMP))
+        except FileNotFoundError:
+            return 0
+        for entry in entries:
+            pid = entry.name.split(".", 1)[0]
+            if pid.isdigit() and _pid_alive(int(pid)):
+                continue
+            with suppress(FileNotFoundError):
+                os.unlink(entry.path)
+                removed += 1
+        return removed
+
     def free_bytes(self) -> int:
         stats = os.statvfs(self.root)
         return stats.f_bavail * stats.f_frsize
@@ -376,6 +422,32 @@ class Spool:
                 path.unlink()
                 deleted += 1
         return deleted
+
+
+def uid_in_name(name: str) -> str | None:
+    """The SOP Instance UID part of a standard name (None if it has none)."""
+    if not name.endswith(DICOM_SUFFIX) or "-" not in name:
+        return None
+    uid = name[: -len(DICOM_SUFFIX)].rsplit("-", 1)[1]
+    return uid if is_valid_uid(uid) else None
+
+
+def _same_inode(a: Path, b: Path) -> bool:
+    try:
+        sa, sb = os.lstat(a), os.lstat(b)
+    except FileNotFoundError:
+        return False
+    return (sa.st_dev, sa.st_ino) == (sb.st_dev, sb.st_ino)
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def _checked_endpoint(endpoint: str) -> str:

@@ -103,6 +103,7 @@ class FilterDaemon:
             # Not incoming/.tmp: that is the receiver's, and it may be receiving right now.
             for stage in (self.spool.accepted, self.spool.rejected, self.spool.quarantine):
                 self.spool.clean_tmp(stage)
+            self.spool.clean_dead_tmp(self.spool.run_dir)
             self.watcher.start()
             try:
                 self._announce()
@@ -293,11 +294,23 @@ class FilterDaemon:
             outbox = self.spool.outbox(endpoint)
             if not outbox.is_dir():
                 self.spool.create_endpoint(endpoint)
+            if self._already_delivered(accepted, endpoint):
+                continue  # recovered after a crash: this copy already went all the way
             try:
                 self.spool.link(accepted, outbox)
             except FileExistsError:  # another file owns this name there: never overwrite it
                 self.spool.link(accepted, outbox, make_name(uid))
         self.spool.unlink(accepted)
+
+    def _already_delivered(self, accepted: Path, endpoint: str) -> bool:
+        """The same inode already in sent/ or failed/: linking again would send it twice."""
+        for stage in (self.spool.sent(endpoint), self.spool.failed(endpoint)):
+            try:
+                if os.path.samefile(accepted, stage / accepted.name):
+                    return True
+            except FileNotFoundError:
+                continue
+        return False
 
     def _quarantine(self, path: Path, reason: str) -> str:
         name = path.name if _STANDARD_NAME.fullmatch(path.name) else make_name(None)

@@ -305,6 +305,7 @@ def main(config: Config) -> int:
     spool = Spool(router.spool).create(config.endpoints)
     with DaemonLock(spool.run_dir, "receive"):
         removed = spool.clean_tmp(spool.incoming)
+        spool.clean_dead_tmp(spool.run_dir)
         if removed:
             logger.info("removed {} stale temp file(s) from incoming/.tmp", removed)
         configure_pynetdicom(spool)

@@ -107,6 +107,7 @@ class Sender:
         self.lock.acquire()
         for directory in (self.outbox, self.spool.sent(self.name), self.spool.failed(self.name)):
             self.spool.clean_tmp(directory)
+        self.spool.clean_dead_tmp(self.spool.run_dir)  # a state file cut short by a kill -9
         self.retry.load()
         self.watcher.start()
         if self.install_signals and threading.current_thread() is threading.main_thread():
@@ -426,7 +427,7 @@ class Sender:
 
     def _delivered(self, path: Path, text: str, status: int, log) -> None:
         try:
-            self.spool.move(path, self.spool.sent(self.name))
+            self.spool.move_final(path, self.spool.sent(self.name))
         except FileNotFoundError:
             log.warning("delivered, but the file left the outbox meanwhile")
             return

@@ -272,3 +272,19 @@ def test_start_up_leaves_the_receivers_temp_files_alone(conf):
     assert daemon.run(once=True) == 0
     assert receiving.exists()
     assert not stale.exists()
+
+
+def test_recovery_does_not_resend_a_copy_already_delivered(conf):
+    """Killed after linking but before unlinking accepted/: the copy that the sender has
+    delivered meanwhile must not be linked into the outbox again."""
+    daemon = daemon_for(conf)
+    spool = daemon.spool.create(daemon.config.endpoints)
+    ds = make_dataset(modality="CT")
+    path = spool.accepted / make_name(ds.SOPInstanceUID)
+    write_dataset(ds, path)
+    spool.link(path, spool.outbox("pacs"))
+    spool.move_final(spool.outbox("pacs") / path.name, spool.sent("pacs"))  # delivered
+    assert daemon.run(once=True) == 0
+    assert dicom_files(spool.outbox("pacs")) == []
+    assert uids_in(spool.outbox("ct_only")) == [ds.SOPInstanceUID]  # not yet fanned out there
+    assert dicom_files(spool.accepted) == []

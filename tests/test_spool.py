@@ -155,3 +155,40 @@ def test_prune_sent_oldest_first(spool: Spool) -> None:
 def test_invalid_endpoint_name_is_refused(spool: Spool) -> None:
     with pytest.raises(SpoolError):
         spool.outbox("../etc")
+
+
+def test_clean_dead_tmp_spares_live_writers(spool: Spool) -> None:
+    import subprocess
+    import sys
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                          text=True, check=True).stdout.strip()
+    tmp = spool.run_dir / ".tmp"
+    tmp.mkdir(exist_ok=True)
+    (tmp / f"{dead}.0.abcd").write_bytes(b"cut short")
+    (tmp / f"{os.getpid()}.1.abcd").write_bytes(b"being written")
+    (tmp / "garbage").write_bytes(b"x")
+    assert spool.clean_dead_tmp(spool.run_dir) == 2
+    assert [p.name for p in tmp.iterdir()] == [f"{os.getpid()}.1.abcd"]
+
+
+def test_move_final_tolerates_a_recovered_duplicate(spool: Spool) -> None:
+    accepted = spool.write_bytes(spool.accepted, make_name("1.2.3"), b"a")
+    first = spool.link(accepted, spool.outbox("pacs"))
+    delivered = spool.move_final(first, spool.sent("pacs"))
+    again = spool.link(accepted, spool.outbox("pacs"))  # the filter re-links after a crash
+    assert spool.move_final(again, spool.sent("pacs")) == delivered  # same inode: dropped
+    assert spool.list_stage(spool.outbox("pacs")) == [] and delivered.exists()
+    other = spool.write_bytes(spool.outbox("pacs"), delivered.name, b"different file")
+    moved = spool.move_final(other, spool.sent("pacs"))
+    assert moved != delivered and moved.name.endswith("-1.2.3.dcm")
+    assert delivered.read_bytes() == b"a" and moved.read_bytes() == b"different file"
+
+
+def test_move_with_reason_never_overwrites_another_file(spool: Spool) -> None:
+    first = spool.write_bytes(spool.outbox("pacs"), make_name("1.2.4"), b"one")
+    failed = spool.move_with_reason(first, spool.failed("pacs"), ".error", "first")
+    second = spool.write_bytes(spool.outbox("pacs"), failed.name, b"two")
+    moved = spool.move_with_reason(second, spool.failed("pacs"), ".error", "second")
+    assert moved != failed and failed.read_bytes() == b"one" and moved.read_bytes() == b"two"
+    assert sidecar_path(moved, ".error").read_text() == "second\n"
