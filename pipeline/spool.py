@@ -370,7 +370,7 @@ class Spool:
             return 0
         for entry in entries:
             pid = entry.name.split(".", 1)[0]
-            if pid.isdigit() and _pid_alive(int(pid)):
+            if pid.isdigit() and pid_alive(int(pid)):
                 continue
             with suppress(FileNotFoundError):
                 os.unlink(entry.path)
@@ -440,7 +440,8 @@ def _same_inode(a: Path, b: Path) -> bool:
     return (sa.st_dev, sa.st_ino) == (sb.st_dev, sb.st_ino)
 
 
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """Does process ``pid`` exist (ours or another user's)?"""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:

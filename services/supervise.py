@@ -22,7 +22,7 @@ from pathlib import Path
 from supervisor.xmlrpc import SupervisorTransport
 
 from pipeline.config import Config
-from pipeline.spool import Spool
+from pipeline.spool import Spool, pid_alive
 
 REPO = Path(__file__).resolve().parent.parent
 TEMPLATE = REPO / "supervisord.conf"
@@ -153,9 +153,9 @@ class Supervisor:
         pid = int(pid_file.read_text().strip()) if pid_file.exists() else None
         self.rpc().supervisor.shutdown()
         deadline = time.monotonic() + timeout
-        while pid and _alive(pid) and time.monotonic() < deadline:
+        while pid and pid_alive(pid) and time.monotonic() < deadline:
             time.sleep(0.2)
-        return not (pid and _alive(pid))
+        return not (pid and pid_alive(pid))
 
 
 def wait_listening(bind: str, port: int, timeout: float) -> bool:
@@ -178,16 +178,6 @@ def _digest(*files: Path) -> str:
     for file in files:
         digest.update(file.read_bytes())
     return digest.hexdigest()[:16]
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def up(config: Config, timeout: float = 60.0) -> int:
