@@ -19,3 +19,14 @@ cleanup_on_exit() {
         for pid in "${PIDS[@]}"; do kill "$pid" 2>/dev/null || true; done
         wait 2>/dev/null || true' EXIT
 }
+
+# write_router_ini CONF_DIR PORT SPOOL — the router.ini both examples use.
+write_router_ini() {
+  cat >"$1/router.ini" <<INI
+[router]
+ae_title = DICOMFLOW
+bind = 127.0.0.1
+port = $2
+spool = $3
+INI
+}

@@ -18,8 +18,8 @@ from tests.helpers import HANG_TIMEOUT, dcmtk, free_port, require_binary, wait_f
 TCP_ENV = {"TCP_NODELAY": "1"}
 
 
-def terminate(proc: subprocess.Popen | None, log, grace: float) -> None:
-    """SIGTERM a peer, SIGKILL it after ``grace`` seconds, close its log."""
+def terminate(proc: subprocess.Popen | None, log=None, grace: float = 30) -> None:
+    """SIGTERM a peer, SIGKILL it after ``grace`` seconds, close its log (if given)."""
     if proc is None:
         return
     if proc.poll() is None:
@@ -29,7 +29,8 @@ def terminate(proc: subprocess.Popen | None, log, grace: float) -> None:
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
-    log.close()
+    if log is not None:
+        log.close()
 
 
 class StoreSCP:

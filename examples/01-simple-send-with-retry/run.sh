@@ -37,13 +37,7 @@ start_orthanc() {  # name
 }
 
 echo "== the router: conf in $WORK/conf, one endpoint 'receiver' -> RECEIVER@127.0.0.1:$RECEIVER_DICOM"
-cat >"$WORK/conf/router.ini" <<INI
-[router]
-ae_title = DICOMFLOW
-bind = 127.0.0.1
-port = $ROUTER_PORT
-spool = $WORK/spool
-INI
+write_router_ini "$WORK/conf" "$ROUTER_PORT" "$WORK/spool"
 cat >"$WORK/conf/endpoints/receiver.ini" <<INI
 [endpoint]
 host = 127.0.0.1

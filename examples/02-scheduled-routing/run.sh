@@ -46,13 +46,7 @@ require_free_ports "$ROUTER_PORT" "$LOCAL_PORT" "$REMOTE_PORT"
 rm -rf "$WORK"; mkdir -p "$WORK/conf/endpoints" "$WORK/local" "$WORK/remote"
 cleanup_on_exit "$WORK/conf"
 
-cat >"$WORK/conf/router.ini" <<INI
-[router]
-ae_title = DICOMFLOW
-bind = 127.0.0.1
-port = $ROUTER_PORT
-spool = $WORK/spool
-INI
+write_router_ini "$WORK/conf" "$ROUTER_PORT" "$WORK/spool"
 cat >"$WORK/conf/endpoints/local.ini" <<INI
 ; the local PACS: everything, always
 [endpoint]

@@ -48,6 +48,7 @@ from pydicom.filereader import read_file_meta_info
 from pydicom.uid import generate_uid
 
 from tests.helpers import REPO, Daemon, free_port, make_dataset, wait_port, write_conf, write_dataset
+from tests.peers import terminate
 
 TCP_ENV = {"TCP_NODELAY": "1"}
 STORESCU = "/usr/bin/storescu"
@@ -105,17 +106,6 @@ def percentile(values: list[float], q: float) -> float:
     k = (len(ordered) - 1) * q
     low, high = int(k), min(int(k) + 1, len(ordered) - 1)
     return ordered[low] + (ordered[high] - ordered[low]) * (k - low)
-
-
-def terminate(proc: subprocess.Popen | None, timeout: float = 30) -> None:
-    if proc is None or proc.poll() is not None:
-        return
-    proc.terminate()
-    try:
-        proc.wait(timeout)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
 
 
 # -- data ----------------------------------------------------------------------------
