@@ -13,6 +13,7 @@ from __future__ import annotations
 import configparser
 import ipaddress
 import re
+import ssl
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -180,6 +181,23 @@ class TlsConfig:
     ca: Path | None = None
     require_client_cert: bool = False
 
+    def describe(self, server: bool) -> str:
+        """What these settings do, in one line (``dicomflow check`` prints it)."""
+        if not self.enabled:
+            return "off (plain DICOM)"
+        if server:
+            if self.ca is None:
+                clients = "client certificates not requested"
+            elif self.require_client_cert:
+                clients = f"client certificate required, verified against {self.ca}"
+            else:
+                clients = (f"client certificate optional; one presented is verified against "
+                           f"{self.ca}")
+            return f"on, certificate {self.cert}; {clients}"
+        trust = self.ca if self.ca is not None else "the system CAs"
+        own = f"; our certificate {self.cert}" if self.cert is not None else ""
+        return f"on, destination verified against {trust} (host name checked){own}"
+
 
 @dataclass(frozen=True)
 class RouterConfig:
@@ -194,6 +212,7 @@ class RouterConfig:
     log_json: bool = False
     pynetdicom_log_level: str = "WARNING"
     max_associations: int = 10
+    max_pending_connections: int = 32
     acse_timeout: float = 30.0
     dimse_timeout: float = 60.0
     network_timeout: float = 60.0
@@ -338,7 +357,12 @@ def _known_sections(path: Path, data: dict[str, dict[str, str]], allowed: tuple[
 
 
 def _tls(section: _Section, conf_dir: Path, server: bool) -> TlsConfig:
-    """TLS keys; ``tls_require_client_cert`` exists only for the receiver (server side)."""
+    """TLS keys; ``tls_require_client_cert`` exists only for the receiver (server side).
+
+    Settings that cannot work are refused here, so that ``check`` refuses them: a
+    receiver needs its own certificate and key (``tls_ca`` alone verifies clients, it
+    cannot serve TLS), files must load as what they claim to be, and a certificate
+    must match its key."""
     def path_value(value: str) -> Path:
         return _resolve(conf_dir, value)
 
@@ -357,7 +381,33 @@ def _tls(section: _Section, conf_dir: Path, server: bool) -> TlsConfig:
                             "tls_cert and tls_key go together")
     if require and ca is None:
         raise section.error("tls_require_client_cert", "needs tls_ca to verify clients")
+    if require and not enabled:
+        raise section.error("tls_require_client_cert", "needs TLS (tls = false here)")
+    if server and enabled and cert is None:
+        raise section.error("tls_cert", "the receiver's TLS needs tls_cert and tls_key "
+                            "(tls_ca only verifies client certificates)")
+    if enabled:
+        _check_tls_files(section, cert, key, ca, server)
     return TlsConfig(enabled, cert, key, ca, require)
+
+
+def _check_tls_files(section: _Section, cert: Path | None, key: Path | None, ca: Path | None,
+                     server: bool) -> None:
+    """Load the files the way the daemons will, so that a wrong one fails at start-up."""
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER if server else ssl.PROTOCOL_TLS_CLIENT)
+    if cert is not None and key is not None:
+        try:
+            context.load_cert_chain(str(cert), str(key))
+        except (ssl.SSLError, OSError) as exc:
+            raise section.error("tls_cert", f"{cert} with {key} cannot be used "
+                                f"(not PEM, encrypted, or not a matching pair): "
+                                f"{getattr(exc, 'reason', None) or exc}") from None
+    if ca is not None:
+        try:
+            context.load_verify_locations(cafile=str(ca))
+        except (ssl.SSLError, OSError) as exc:
+            raise section.error("tls_ca", f"{ca} holds no usable CA certificate: "
+                                f"{getattr(exc, 'reason', None) or exc}") from None
 
 
 def _resolve(conf_dir: Path, value: str) -> Path:
@@ -397,6 +447,7 @@ def load_router(conf_dir: Path) -> RouterConfig:
         log_json=sec.take("log_json", boolean, False),
         pynetdicom_log_level=sec.take("pynetdicom_log_level", log_level, "WARNING"),
         max_associations=sec.take("max_associations", positive_int, 10),
+        max_pending_connections=sec.take("max_pending_connections", positive_int, 32),
         acse_timeout=sec.take("acse_timeout", positive_duration, 30.0),
         dimse_timeout=sec.take("dimse_timeout", positive_duration, 60.0),
         network_timeout=sec.take("network_timeout", positive_duration, 60.0),

@@ -60,7 +60,7 @@ from pynetdicom.dsutils import encode as _pydicom_encode
 from pynetdicom.dul import DULServiceProvider
 from pynetdicom.pdu import A_ABORT_RQ
 from pynetdicom.pdu_primitives import P_DATA
-from pynetdicom.transport import AssociationSocket
+from pynetdicom.transport import AssociationServer, AssociationSocket
 
 IDLE_TICK = 0.02  # seconds between timer/kill-flag checks of an idle reactor
 SEND_QUEUE_LIMIT = 16  # P-DATA primitives queued for sending (≤ 16 × max PDU in memory)
@@ -350,6 +350,20 @@ def _bind_defaults(self: Association) -> None:
         self.bind(event, evt.get_default_handler(event))
 
 
+_orig_server_bind_defaults = AssociationServer._bind_defaults
+
+
+def _server_bind_defaults(self: AssociationServer) -> None:
+    """The same for a server: its handlers are copied to every association it accepts,
+    so binding the logging handlers here put them back on every acceptor (and kept the
+    receiver's C-STORE responses off the direct encoder)."""
+    if logging.getLogger("pynetdicom").isEnabledFor(logging.INFO):
+        _orig_server_bind_defaults(self)
+        return
+    for event in evt._INTERVENTION_EVENTS:
+        self.bind(event, evt.get_default_handler(event))
+
+
 # -- socket reads -------------------------------------------------------------------------
 
 RECV_STEP = 4 * 1024 * 1024  # buffer growth step: memory follows the bytes that arrive
@@ -393,6 +407,18 @@ def _values(value: Any) -> list:
 
 
 def _encode_element(tag: int, vr: str, value: Any) -> bytes | None:
+    """One Implicit VR element, or None for anything unusual (then pydicom encodes it).
+
+    Values can come from a peer (a response echoes the request's UIDs): a non-ASCII
+    UID, an out-of-range number or an odd type is not an error here, only a reason to
+    take the general path."""
+    try:
+        return _encode_element_strict(tag, vr, value)
+    except (UnicodeEncodeError, struct.error, TypeError, ValueError, OverflowError):
+        return None
+
+
+def _encode_element_strict(tag: int, vr: str, value: Any) -> bytes | None:
     values = _values(value)
     if vr in _NUMBERS:
         if not all(isinstance(v, int | float) for v in values):
@@ -464,6 +490,13 @@ _C_STORE_UNUSUAL = ("MoveOriginatorApplicationEntityTitle", "MoveOriginatorMessa
 def encode_c_store_command(primitive: C_STORE) -> bytes | None:
     """The command set pynetdicom would encode for a C-STORE request or response
     primitive, or None when this encoder does not cover it."""
+    try:
+        return _encode_c_store_command(primitive)
+    except (UnicodeEncodeError, struct.error, TypeError, ValueError, OverflowError, AttributeError):
+        return None  # values from a peer this encoder does not cover: pynetdicom's path
+
+
+def _encode_c_store_command(primitive: C_STORE) -> bytes | None:
     if any(getattr(primitive, name, None) is not None for name in _C_STORE_UNUSUAL):
         return None
     is_request = primitive.MessageIDBeingRespondedTo is None
@@ -536,6 +569,7 @@ def install() -> None:
         DIMSEServiceProvider.__init__ = _dimse_init  # type: ignore[method-assign]
         Association._run_reactor = _assoc_run_reactor  # type: ignore[method-assign]
         Association._bind_defaults = _bind_defaults  # type: ignore[method-assign]
+        AssociationServer._bind_defaults = _server_bind_defaults  # type: ignore[method-assign]
         AssociationSocket.recv = _socket_recv  # type: ignore[method-assign]
         dimse_messages.encode = encode_command_set  # type: ignore[assignment]
         DIMSEServiceProvider.send_msg = _dimse_send_msg  # type: ignore[method-assign]

@@ -11,9 +11,12 @@ def check(config: Config) -> int:
     router = config.router
     print(f"configuration {config.conf_dir}: OK")
     print(f"  receiver {router.ae_title} on {router.bind}:{router.port}, spool {router.spool}")
+    print(f"  receiver TLS: {router.tls.describe(server=True)}")
     for name, ep in sorted(config.endpoints.items()):
         window = ep.window.describe()
         print(f"  endpoint {name}: {ep.ae_title}@{ep.host}:{ep.port}, window {window}")
+        if ep.tls.enabled:
+            print(f"  endpoint {name} TLS: {ep.tls.describe(server=False)}")
     warnings = list(config.warnings)
     spool = Spool(router.spool)
     for orphan in sorted(set(spool.endpoints_on_disk()) - set(config.endpoints)):

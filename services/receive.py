@@ -12,6 +12,7 @@ spool's filesystem so publishing is a rename) so memory does not grow with objec
 from __future__ import annotations
 
 import ipaddress
+import select
 import signal
 import socket
 import ssl
@@ -19,13 +20,13 @@ import tempfile
 import threading
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from pynetdicom import AE, _config, evt
 from pynetdicom.sop_class import Verification
-from pynetdicom.transport import ThreadedAssociationServer
+from pynetdicom.transport import RequestHandler, ThreadedAssociationServer
 
-from pipeline import fastpath
+from pipeline import fastpath, pdu_guard
 from pipeline import log as logmod
 from pipeline.config import Config, TlsConfig
 from pipeline.filemeta import install_ae_slots, stamp_ae_titles
@@ -39,19 +40,65 @@ STATUS_OUT_OF_RESOURCES = 0xA700
 STATUS_CANNOT_UNDERSTAND = 0xC000
 SHUTDOWN_GRACE = 25.0  # seconds to let in-flight associations finish on SIGTERM
 TMP_SWEEP_INTERVAL = 60.0
+PENDING_LOG_INTERVAL = 10.0  # seconds between log lines about refused pending connections
+
+
+class _Pending(NamedTuple):
+    """A connection accepted but not yet associated: who, and by when it must be."""
+
+    address: Any
+    deadline: float  # time.monotonic() by which its A-ASSOCIATE-RQ must have arrived
+
+
+class _DicomFlowRequestHandler(RequestHandler):
+    """pynetdicom's request handler, passing the connection's negotiation deadline on
+    to its association (the PDU reader enforces it)."""
+
+    def _create_association(self) -> Any:
+        assoc = super()._create_association()
+        pdu_guard.negotiation_deadline(assoc, getattr(self.server.negotiating, "deadline", None))
+        return assoc
 
 
 class _DicomFlowServer(ThreadedAssociationServer):
-    """pynetdicom's threaded server with two fixes for a production listener.
+    """pynetdicom's threaded server with the fixes a production listener needs.
 
-    * The TLS handshake happens in the connection's own thread with a timeout, not in
+    * The TLS handshake happens in the connection's own thread, bounded in time, not in
       the accept loop: one silent TCP client no longer blocks every new TLS
       association (DESIGN.md §8).
-    * ``verify_request`` enforces the source-network allow-list before any DICOM.
+    * ``verify_request`` enforces the source-network allow-list before any DICOM (an
+      IPv4 client of a dual-stack ``::`` listener is matched by its IPv4 address).
+    * At most ``max_pending`` connections may be between accept and association; more
+      are closed at once, so connections that never negotiate cannot multiply threads.
+    * Each connection has one deadline (``negotiation_timeout`` after accept) for
+      everything before its association: speaking at all, the TLS handshake and the
+      whole A-ASSOCIATE-RQ.
     """
 
-    allowed_networks: tuple = ()
-    handshake_timeout: float = 10.0
+    def __init__(self, *args: Any, allowed_networks: tuple = (), max_pending: int = 32,
+                 negotiation_timeout: float = 30.0, handshake_timeout: float = 10.0,
+                 **kwargs: Any) -> None:
+        self.allowed_networks = allowed_networks
+        self.max_pending = max_pending
+        self.negotiation_timeout = negotiation_timeout
+        self.handshake_timeout = handshake_timeout
+        self.negotiating = threading.local()  # the deadline of this thread's connection
+        self._starting = 0  # connections in their thread, before an Association exists
+        self._pending_lock = threading.Lock()
+        self._refused_pending = 0
+        self._refused_logged = -1e9
+        super().__init__(*args, **kwargs)
+
+    def server_bind(self) -> None:
+        # ``bind = ::`` means every address, IPv4 included, whatever the system default
+        # (net.ipv6.bindv6only) says.
+        assert self.socket is not None
+        if self.address_family == socket.AF_INET6 and self.server_address[0] in ("::", ""):
+            try:
+                self.socket.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+            except OSError:
+                pass
+        super().server_bind()
 
     def get_request(self) -> tuple[socket.socket, Any]:
         assert self.socket is not None
@@ -64,36 +111,111 @@ class _DicomFlowServer(ThreadedAssociationServer):
             address = ipaddress.ip_address(client_address[0])
         except ValueError:
             return False
-        if any(address in network for network in self.allowed_networks):
+        candidates = [address]
+        if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+            candidates.append(address.ipv4_mapped)
+        if any(a in network for a in candidates for network in self.allowed_networks
+               if a.version == network.version):
             return True
         logger.warning("refused connection from {} (not in allowed_networks)",
                        escape(client_address[0]))
         return False
 
-    def process_request_thread(self, request: Any, client_address: Any) -> None:
-        # A connection that sends nothing (a port probe, a silent client) would hold an
-        # association slot until the ACSE timeout: only a peer that speaks gets one.
+    def pending_connections(self) -> int:
+        """Connections accepted whose association is not negotiated (yet)."""
+        with self._pending_lock:
+            starting = self._starting
+        return starting + sum(
+            1 for a in self.active_associations
+            if not (a.is_established or a.is_released or a.is_aborted or a.is_rejected))
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        """In the accept loop: refuse beyond ``max_pending``, else start the thread."""
+        if self.pending_connections() >= self.max_pending:
+            self._refuse_pending(client_address)
+            self.shutdown_request(request)
+            return
+        with self._pending_lock:
+            self._starting += 1
+        deadline = time.monotonic() + self.negotiation_timeout
         try:
-            request.settimeout(self.ae.acse_timeout)
+            super().process_request(request, _Pending(client_address, deadline))
+        except Exception:
+            with self._pending_lock:
+                self._starting -= 1
+            raise
+
+    def _refuse_pending(self, client_address: Any) -> None:
+        """One log line per burst of refusals (an attack must not flood the log)."""
+        self._refused_pending += 1
+        now = time.monotonic()
+        if now - self._refused_logged >= PENDING_LOG_INTERVAL:
+            logger.warning("refused connection from {}: {} connections not yet associated "
+                           "(max_pending_connections); {} refused since the last report",
+                           escape(client_address[0]), self.max_pending, self._refused_pending)
+            self._refused_logged = now
+            self._refused_pending = 0
+
+    def process_request_thread(self, request: Any, pending: Any) -> None:
+        client_address, deadline = pending
+        try:
+            request = self._open(request, client_address, deadline)
+            if request is None:
+                return
+            self.negotiating.deadline = deadline
+            # accept() returns a blocking socket: reads time out instead (and the PDU
+            # reader bounds each PDU as a whole).
+            request.settimeout(self.ae.network_timeout)
+            super().process_request_thread(request, client_address)
+        finally:
+            self.negotiating.deadline = None
+            with self._pending_lock:
+                self._starting -= 1
+
+    def _open(self, request: Any, client_address: Any, deadline: float) -> Any:
+        """Wait for the first byte, then the TLS handshake, all by ``deadline``; the
+        socket to use, or None (closed) for a client that did not make it.
+
+        A connection that sends nothing (a port probe, a silent client) would hold an
+        association slot until the ACSE timeout: only a peer that speaks gets one."""
+        try:
+            request.settimeout(max(deadline - time.monotonic(), 0.001))
             spoke = request.recv(1, socket.MSG_PEEK)
         except OSError:
             spoke = b""
         if not spoke:
             self.shutdown_request(request)
-            return
-        if self.ssl_context is not None:
+            return None
+        if self.ssl_context is None:
+            return request
+        try:
+            return self._handshake(request, min(deadline, time.monotonic() + self.handshake_timeout))
+        except (ssl.SSLError, OSError) as exc:
+            logger.warning("TLS handshake with {} failed: {}", escape(client_address[0]),
+                           escape(exc))
+            self.shutdown_request(request)
+            return None
+
+    def _handshake(self, request: socket.socket, deadline: float) -> ssl.SSLSocket:
+        """A server-side TLS handshake bounded as a whole, not per read (a client that
+        trickles its handshake would otherwise reset the timeout with each byte)."""
+        assert self.ssl_context is not None
+        tls = self.ssl_context.wrap_socket(request, server_side=True, do_handshake_on_connect=False)
+        tls.setblocking(False)
+        while True:
             try:
-                request.settimeout(self.handshake_timeout)
-                request = self.ssl_context.wrap_socket(request, server_side=True)
-            except (ssl.SSLError, OSError) as exc:
-                logger.warning("TLS handshake with {} failed: {}", escape(client_address[0]),
-                               escape(exc))
-                self.shutdown_request(request)
-                return
-        # accept() returns a blocking socket: a peer that declares a long PDU and stalls
-        # would hold its thread and association slot forever. Reads time out instead.
-        request.settimeout(self.ae.network_timeout)
-        super().process_request_thread(request, client_address)
+                tls.do_handshake()
+                break
+            except ssl.SSLWantReadError:
+                readable, writable = [tls], []
+            except ssl.SSLWantWriteError:
+                readable, writable = [], [tls]
+            remaining = deadline - time.monotonic()
+            if remaining <= 0 or not any(select.select(readable, writable, [], remaining)):
+                tls.close()
+                raise TimeoutError("handshake not complete in time")
+        tls.setblocking(True)
+        return tls
 
 
 def build_ssl_context(tls: TlsConfig) -> ssl.SSLContext | None:
@@ -105,8 +227,12 @@ def build_ssl_context(tls: TlsConfig) -> ssl.SSLContext | None:
     if tls.cert and tls.key:
         context.load_cert_chain(str(tls.cert), str(tls.key))
     if tls.ca:
+        # A configured CA always verifies: a client certificate it did not sign fails the
+        # handshake; tls_require_client_cert decides whether a client may present none.
         context.load_verify_locations(str(tls.ca))
-    context.verify_mode = ssl.CERT_REQUIRED if tls.require_client_cert else ssl.CERT_NONE
+        context.verify_mode = ssl.CERT_REQUIRED if tls.require_client_cert else ssl.CERT_OPTIONAL
+    else:
+        context.verify_mode = ssl.CERT_NONE
     return context
 
 
@@ -127,7 +253,10 @@ class Receiver:
     def build_ae(self) -> AE:
         router = self.router
         ae = AE(ae_title=router.ae_title)
-        ae.maximum_associations = router.max_associations
+        # Only negotiated associations take one of max_associations (pdu_guard); the
+        # connections still negotiating are bounded by max_pending_connections.
+        pdu_guard.established_limit(ae, router.max_associations)
+        ae.maximum_associations = router.max_associations + router.max_pending_connections
         ae.acse_timeout = router.acse_timeout
         ae.dimse_timeout = router.dimse_timeout
         ae.network_timeout = router.network_timeout
@@ -227,12 +356,15 @@ class Receiver:
 
     def start(self) -> _DicomFlowServer:
         ae = self.build_ae()
-        _DicomFlowServer.allowed_networks = self.router.allowed_networks
         server = ae.make_server(
             (self.router.bind, self.router.port),
             evt_handlers=self.handlers(),
             ssl_context=build_ssl_context(self.router.tls),
             server_class=_DicomFlowServer,
+            request_handler=_DicomFlowRequestHandler,
+            allowed_networks=self.router.allowed_networks,
+            max_pending=self.router.max_pending_connections,
+            negotiation_timeout=self.router.acse_timeout,
         )
         ae._servers.append(server)  # what start_server does; shutdown() removes it
         thread = threading.Thread(target=server.serve_forever, name="AcceptorServer", daemon=True)
@@ -296,6 +428,7 @@ def configure_pynetdicom(spool: Spool) -> None:
     # The chunked temp file lives on the spool's filesystem: publishing is a rename.
     tempfile.tempdir = str(spool.incoming / ".tmp")
     install_ae_slots()
+    pdu_guard.install()  # limits on what peers make us read: with or without the fast path
     fastpath.install()  # event-driven reactors, whole-PDU reads, fast command sets
 
 

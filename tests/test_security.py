@@ -7,7 +7,18 @@ import os
 import stat
 from pathlib import Path
 
-from tests.helpers import make_dataset, make_files, wait_for, write_dataset
+import pytest
+
+from tests.helpers import (
+    Daemon,
+    make_dataset,
+    make_files,
+    router_port,
+    run_cli,
+    wait_for,
+    write_conf,
+    write_dataset,
+)
 from tests.reliability import Pipeline, record, storescu_acked
 from tests.tls import make_certificates
 
@@ -86,3 +97,91 @@ def test_modes_and_no_patient_data_in_logs(tmp_path: Path) -> None:
         record("security: PHI and modes", sent=6, acknowledged=4, delivered=4, quarantined=1)
     finally:
         pipeline.stop()
+
+
+# -- defect 12 (issue 10): TLS settings say what they do; what cannot work is refused ------
+
+def _check(base: Path, tls: dict | None = None, endpoint_tls: dict | None = None):
+    endpoint = {"endpoint": {"host": "127.0.0.1", "port": 1104, "ae_title": "PACS"}}
+    if endpoint_tls:
+        endpoint["tls"] = endpoint_tls
+    conf = write_conf(base, tls=tls, endpoints={"pacs": endpoint})
+    return run_cli(conf, "check")
+
+
+def test_defect12_check_refuses_tls_that_cannot_work(tmp_path: Path) -> None:
+    certs = make_certificates(tmp_path / "certs")
+    garbage = tmp_path / "certs" / "garbage.pem"
+    garbage.write_text("not a certificate\n")
+    server = {"tls_cert": certs.server_cert, "tls_key": certs.server_key}
+    refused = {
+        "server TLS with only tls_ca": ({"tls_ca": certs.ca}, None, "tls_cert"),
+        "server tls = true without a certificate": ({"tls": "true"}, None, "tls_cert"),
+        "server certificate with another key": (
+            {"tls_cert": certs.server_cert, "tls_key": certs.client_key}, None, "tls_cert"),
+        "server tls_ca that is no certificate": ({**server, "tls_ca": garbage}, None, "tls_ca"),
+        "client certificates required with TLS off": (
+            {"tls": "false", "tls_ca": certs.ca, "tls_require_client_cert": "true"}, None,
+            "tls_require_client_cert"),
+        "endpoint certificate with another key": (
+            None, {"tls_cert": certs.client_cert, "tls_key": certs.server_key}, "tls_cert"),
+        "endpoint tls_ca that is no certificate": (None, {"tls_ca": garbage}, "tls_ca"),
+    }
+    for n, (case, (tls, endpoint_tls, key)) in enumerate(refused.items()):
+        result = _check(tmp_path / f"case{n}", tls, endpoint_tls)
+        assert result.returncode == 1, f"{case}: check passed:\n{result.stdout}"
+        assert key in result.stderr and "[tls]" in result.stderr, f"{case}: {result.stderr}"
+    result = _check(tmp_path / "good", {**server, "tls_ca": certs.ca},
+                    {"tls_ca": certs.ca, "tls_cert": certs.client_cert, "tls_key": certs.client_key})
+    assert result.returncode == 0, result.stderr
+    assert "client certificate optional; one presented is verified against" in result.stdout
+    assert "destination verified against" in result.stdout
+
+
+def _tls_associate(port: int, trust: Path, cert: Path | None = None, key: Path | None = None) -> str:
+    """A-ASSOCIATE over TLS with an optional client certificate: "accepted" or "refused"."""
+    import socket
+    import ssl
+
+    from tests.reliability import associate_rq
+
+    context = ssl.create_default_context(cafile=str(trust))
+    if cert is not None:
+        context.load_cert_chain(str(cert), str(key))
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=30) as raw, \
+                context.wrap_socket(raw, server_hostname="localhost") as sock:
+            sock.sendall(associate_rq())
+            answer = sock.recv(1)
+    except (ssl.SSLError, OSError):
+        return "refused"
+    return "accepted" if answer == b"\x02" else "refused"
+
+
+@pytest.mark.parametrize("fast", ["1", "0"], ids=["fastpath", "no-fastpath"])
+def test_defect12_tls_ca_verifies_client_certificates(tmp_path: Path, fast: str) -> None:
+    """A configured tls_ca always verifies: a client certificate from another CA fails;
+    tls_require_client_cert decides whether a client without one is accepted."""
+    certs = make_certificates(tmp_path / "certs")
+    other = make_certificates(tmp_path / "other-ca")
+    outcomes = {}
+    for require in ("false", "true"):
+        conf = write_conf(tmp_path / f"require-{require}", tls={
+            "tls_cert": certs.server_cert, "tls_key": certs.server_key, "tls_ca": certs.ca,
+            "tls_require_client_cert": require})
+        daemon = Daemon(conf, "receive", env={"DICOMFLOW_FASTPATH": fast}).start()
+        try:
+            daemon.wait_log("listening as")
+            port = router_port(conf)
+            outcomes[require] = {
+                "our CA": _tls_associate(port, certs.ca, certs.client_cert, certs.client_key),
+                "other CA": _tls_associate(port, certs.ca, other.client_cert, other.client_key),
+                "no certificate": _tls_associate(port, certs.ca),
+            }
+            assert daemon.alive(), daemon.log()[-3000:]
+        finally:
+            assert daemon.stop() == 0
+    assert outcomes == {
+        "false": {"our CA": "accepted", "other CA": "refused", "no certificate": "accepted"},
+        "true": {"our CA": "accepted", "other CA": "refused", "no certificate": "refused"},
+    }, outcomes
