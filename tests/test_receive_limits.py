@@ -8,6 +8,9 @@ client that must still get through.
 
 from __future__ import annotations
 
+import contextlib
+import socket
+import ssl
 import struct
 import subprocess
 import threading
@@ -29,6 +32,7 @@ from tests.reliability import (
     established,
     rss_kib,
 )
+from tests.tls import make_certificates
 
 MiB = 1024 * 1024
 FASTPATH = pytest.mark.parametrize("fast", ["1", "0"], ids=["fastpath", "no-fastpath"])
@@ -47,7 +51,13 @@ class Receiver:
         self.daemon.wait_log("listening as")
         return self
 
-    def __exit__(self, *exc: object) -> None:
+    def __exit__(self, exc_type: object, *exc: object) -> None:
+        if exc_type is not None:  # the test failed: stop, without hiding why
+            try:
+                self.daemon.stop()
+            except AssertionError:
+                pass
+            return
         code = self.daemon.stop()
         assert code == 0, self.daemon.log()[-3000:]
 
@@ -115,10 +125,10 @@ def test_defect06_declared_pdus_cost_nothing(tmp_path: Path, fast: str) -> None:
         for thread in floods:
             thread.join(HANG_TIMEOUT)
         growth = receiver.status("VmHWM") - before
+        assert growth < 32 * 1024, f"peak RSS grew by {growth} KiB on declared 400 MiB PDUs"
         for conn in conns:
             assert answer(conn, 30) in ("abort", "closed")
             conn.close()
-        assert growth < 32 * 1024, f"peak RSS grew by {growth} KiB on declared 400 MiB PDUs"
         assert min(sent) < 64 * MiB, "the receiver read a whole over-long A-ASSOCIATE-RQ"
         assert "A-ASSOCIATE-RQ PDU declaring 419430400 bytes" in receiver.daemon.log()
         assert echo(receiver.port).returncode == 0
@@ -235,6 +245,34 @@ def test_defect07_slowloris_cannot_hold_slots(tmp_path: Path, fast: str) -> None
             for trickler in tricklers:
                 trickler.__exit__()
         assert "not complete within the time allowed" in receiver.daemon.log()
+        receiver.assert_alive()
+
+
+def _client_hello() -> bytes:
+    """The first flight of a real TLS client (a ClientHello), made in memory."""
+    incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+    tls = ssl.create_default_context().wrap_bio(incoming, outgoing, server_hostname="localhost")
+    with contextlib.suppress(ssl.SSLWantReadError):
+        tls.do_handshake()
+    return outgoing.read()
+
+
+@FASTPATH
+def test_defect07_sibling_tls_handshake_is_bounded_as_a_whole(tmp_path: Path, fast: str) -> None:
+    """A client trickling its ClientHello (each byte well within any per-read timeout) is
+    dropped in time (by the negotiation deadline, at most the handshake timeout), and a
+    real TLS client still associates."""
+    certs = make_certificates(tmp_path / "certs")
+    receiver = Receiver(tmp_path, fast, acse_timeout="3s", network_timeout="4s")
+    tls = f"[tls]\ntls_cert = {certs.server_cert}\ntls_key = {certs.server_key}\n"
+    (receiver.conf / "router.ini").write_text((receiver.conf / "router.ini").read_text() + tls)
+    with receiver, Trickler(receiver.port, _client_hello()) as trickler:
+        wait_for(lambda: trickler.dropped, message="the trickling TLS client dropped")
+        context = ssl.create_default_context(cafile=str(certs.ca))
+        with socket.create_connection(("127.0.0.1", receiver.port), timeout=30) as raw, \
+                context.wrap_socket(raw, server_hostname="localhost") as sock:
+            sock.sendall(associate_rq())
+            assert sock.recv(1) == b"\x02"
         receiver.assert_alive()
 
 
