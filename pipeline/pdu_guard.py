@@ -148,6 +148,35 @@ def _drop(dul: DULServiceProvider, reason: str, abort_reason: int = 0x00) -> Non
     transport.close()  # Evt17: the state machine goes to Sta1 (A-P-ABORT if established)
 
 
+class _TooLong(Exception):
+    """A PDU header declares more than its limit."""
+
+
+def _read_pdu(dul: DULServiceProvider, sock: socket.socket, deadline: float) -> bytearray | None:
+    """One whole PDU, or None with Evt17/Evt19 queued (closed, short, unknown type)."""
+    from pynetdicom.dul import LOGGER
+
+    head = recv_exact(sock, 6, deadline)
+    if len(head) < 6:
+        dul.event_queue.put("Evt17")  # closed before a whole header
+        return None
+    pdu_type, _, length = struct.unpack(">BBL", head)
+    if pdu_type not in PDU_NAMES:
+        LOGGER.error(f"Unknown PDU type received '0x{pdu_type:02X}'")
+        dul.event_queue.put("Evt19")
+        return None
+    limit = pdu_limit(dul, pdu_type)
+    if length > limit:
+        raise _TooLong(f"{PDU_NAMES[pdu_type]} PDU declaring {length} bytes (limit {limit})")
+    body = recv_exact(sock, length, deadline)
+    if len(body) != length:
+        LOGGER.error(f"The received PDU is shorter than expected ({6 + len(body)} of "
+                     f"{6 + length} bytes received)")
+        dul.event_queue.put("Evt17")
+        return None
+    return head + body
+
+
 def _read_pdu_data(self: DULServiceProvider) -> None:
     """pynetdicom 3.0.4's ``DULServiceProvider._read_pdu_data`` with limits in size and
     time (see the module docstring); the events it queues are the same."""
@@ -158,38 +187,28 @@ def _read_pdu_data(self: DULServiceProvider) -> None:
     if sock is None:
         self.event_queue.put("Evt17")
         return
-    deadline = _deadline(self)
+    negotiating = self.state_machine.current_state == "Sta2"
     try:
-        head = recv_exact(sock, 6, deadline)
-        if len(head) < 6:
-            self.event_queue.put("Evt17")  # closed before a whole header
-            return
-        pdu_type, _, length = struct.unpack(">BBL", head)
-        if pdu_type not in PDU_NAMES:
-            LOGGER.error(f"Unknown PDU type received '0x{pdu_type:02X}'")
-            self.event_queue.put("Evt19")
-            return
-        limit = pdu_limit(self, pdu_type)
-        if length > limit:
-            _drop(self, f"{PDU_NAMES[pdu_type]} PDU declaring {length} bytes (limit {limit})",
-                  ABORT_REASON_INVALID_PARAMETER)
-            return
-        body = recv_exact(sock, length, deadline)
+        data = _read_pdu(self, sock, _deadline(self))
+    except _TooLong as exc:
+        _drop(self, str(exc), ABORT_REASON_INVALID_PARAMETER)
+        return
     except _Late:
-        phase = "association negotiation" if self.state_machine.current_state == "Sta2" else "PDU"
+        phase = "association negotiation" if negotiating else "PDU"
         _drop(self, f"{phase} not complete within the time allowed")
+        return
+    except ConnectionError as exc:  # a reset: the peer went away (no traceback)
+        LOGGER.info(f"Connection closed by the peer: {exc}")
+        self.event_queue.put("Evt17")
         return
     except OSError as exc:
         LOGGER.error(f"Connection closed before the entire PDU was received: {exc}")
         self.event_queue.put("Evt17")
         return
-    if len(body) != length:
-        LOGGER.error(f"The received PDU is shorter than expected ({6 + len(body)} of "
-                     f"{6 + length} bytes received)")
-        self.event_queue.put("Evt17")
+    if data is None:
         return
     try:
-        pdu, event = self._decode_pdu(head + body)
+        pdu, event = self._decode_pdu(data)
         self.event_queue.put(event)
     except Exception as exc:
         LOGGER.error(f"Unable to decode the received PDU data: {exc}")
