@@ -18,6 +18,7 @@ import ssl
 import tempfile
 import threading
 import time
+import warnings
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -400,6 +401,11 @@ class Receiver:
             logger.info("removed {} abandoned temp file(s)", removed)
 
 
+def _warning_to_log(message: Warning | str, category: type[Warning], filename: str, lineno: int,
+                    file: Any = None, line: str | None = None) -> None:
+    logger.warning("{}: {}", category.__name__, escape(str(message)))
+
+
 def configure_pynetdicom(spool: Spool) -> None:
     """Process-wide pynetdicom settings of the receive daemon (DESIGN.md §8)."""
     _config.STORE_RECV_CHUNKED_DATASET = True
@@ -409,6 +415,9 @@ def configure_pynetdicom(spool: Spool) -> None:
     # The chunked temp file lives on the spool's filesystem: publishing is a rename.
     tempfile.tempdir = str(spool.incoming / ".tmp")
     install_ae_slots()
+    # pydicom's value checks (on with DICOMFLOW_FASTPATH=0) warn with the peer's value in
+    # the text: one escaped log line, not a raw line on stderr.
+    warnings.showwarning = _warning_to_log
     pdu_guard.install()  # limits on what peers make us read: with or without the fast path
     fastpath.install()  # event-driven reactors, whole-PDU reads, fast command sets
 
