@@ -206,7 +206,7 @@ class FilterDaemon:
 
     def process(self, path: Path) -> None:
         """Decide and move one file; log one line; never raise for a file's sake."""
-        log = self.log.bind(file=escape(path.name))
+        log = self.log.bind(file=shown_name(path.name))
         try:
             message = self._process(path)
         except FileNotFoundError:
@@ -217,7 +217,7 @@ class FilterDaemon:
                 self._internal_error(path, exc, log)
                 return
             self._retry_at[path] = time.monotonic() + self.retry_interval
-            log.warning(f"disk error, will retry in {self.retry_interval:g}s: {escape(exc)}")
+            log.warning(f"disk error, will retry in {self.retry_interval:g}s: {error_text(exc, path)}")
             raise DiskTrouble() from exc
         except Exception as exc:  # the daemon never dies on a file
             self._internal_error(path, exc, log)
@@ -227,14 +227,16 @@ class FilterDaemon:
 
     def _internal_error(self, path: Path, exc: BaseException, log) -> None:
         reason = f"error while filtering: {type(exc).__name__}: {exc}"
-        log.opt(exception=exc).warning(escape(reason))
+        # The exception's text may quote the path (a hand-dropped name): only at DEBUG.
+        log.warning(f"error while filtering: {error_text(exc, path)} (traceback at DEBUG)")
+        log.opt(exception=exc).debug(escape(reason))
         try:
             log.info(self._quarantine(path, reason))
         except FileNotFoundError:
             pass
         except Exception as again:
             self._retry_at[path] = time.monotonic() + self.retry_interval
-            log.error(f"cannot quarantine either, will retry: {escape(again)}")
+            log.error(f"cannot quarantine either, will retry: {error_text(again, path)}")
 
     def _process(self, path: Path) -> str | None:
         try:
@@ -274,10 +276,21 @@ class FilterDaemon:
             name = _free_name(self.spool.rejected, name, head.sop_instance_uid)
             self.spool.move_with_reason(path, self.spool.rejected, ".reason",
                                         self._reason(decision.rejected, path), name=name)
-            return f"{what} rejected: {escape(decision.rejected, 500)}"
+            return f"{what} rejected{self._renamed(path, name)}: {escape(decision.rejected, 500)}"
         accepted = path if path.parent == self.spool.accepted else self._accept(path, name, head)
         self._fan_out(accepted, decision.endpoints, head.sop_instance_uid)
-        return f"{what} → {', '.join(decision.endpoints)}"
+        return f"{what}{self._renamed(path, accepted.name)} → {', '.join(decision.endpoints)}"
+
+    def _renamed(self, path: Path, name: str) -> str:
+        """`` as NAME`` when a file got a standard name; its original name only at DEBUG.
+
+        Export tools put patient names in file names: a hand-dropped name never reaches
+        an INFO line, but the operator can still follow it from the DEBUG log.
+        """
+        if name == path.name:
+            return ""
+        self.log.bind(file=escape(path.name)).debug(f"hand-dropped file is now {name}")
+        return f" as {name}"
 
     def decide(self, head: Header) -> Decision:
         rules = {name: ep.rules for name, ep in self.config.endpoints.items()}
@@ -317,6 +330,7 @@ class FilterDaemon:
         name = _free_name(self.spool.quarantine, name, None)
         self.spool.move_with_reason(path, self.spool.quarantine, ".reason",
                                     self._reason(reason, path), name=name)
+        self._renamed(path, name)
         return f"quarantined as {name}: {escape(reason, 500)}"
 
     def _reason(self, reason: str, path: Path) -> str:
@@ -351,6 +365,22 @@ def _free_name(directory: Path, name: str, uid: str | None) -> str:
     if not os.path.lexists(directory / name):
         return name
     return make_name(uid)
+
+
+def shown_name(name: str) -> str:
+    """A file's name as INFO lines show it: a standard name, or no hand-dropped name at all."""
+    return escape(name) if _STANDARD_NAME.fullmatch(name) else "(hand-dropped)"
+
+
+def error_text(exc: BaseException, path: Path) -> str:
+    """An exception for an INFO+ line, without the (possibly patient-named) path it quotes."""
+    if isinstance(exc, OSError) and exc.strerror:
+        code = errno.errorcode.get(exc.errno or 0, str(exc.errno))
+        return f"{type(exc).__name__}: [{code}] {exc.strerror}"
+    text = str(exc)
+    for quoted in (str(path), path.name, repr(str(path)), repr(path.name)):
+        text = text.replace(quoted, "<file>")
+    return escape(f"{type(exc).__name__}: {text}", 500)
 
 
 def _same_file(path: Path, st: os.stat_result) -> bool:

@@ -275,4 +275,5 @@ def test_defect15_hand_dropped_names_never_logged_at_info(tmp_path):
     for line in info_lines(log):
         assert "DOE" not in line and "12345" not in line, line
     # the sidecars keep the original name for the operator
-    assert "original name: DOE^JIM_24680.dcm" in "".join(p.read_text() for p in spool.quarantine.glob("*.reason"))
+    reasons = "".join(p.read_text() for p in spool.quarantine.glob("*.reason"))
+    assert "original name: DOE^JIM_24680.dcm" in reasons
