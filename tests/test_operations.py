@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -10,7 +13,17 @@ import pytest
 from pipeline import config as config_module
 from pipeline.spool import Spool
 from services.supervise import Supervisor
-from tests.helpers import dicom_files, make_files, router_port, run_cli, wait_for, write_conf
+from tests.helpers import (
+    REPO,
+    dicom_files,
+    make_dataset,
+    make_files,
+    router_port,
+    run_cli,
+    wait_for,
+    write_conf,
+    write_dataset,
+)
 from tests.peers import StoreSCP, storescu
 
 
@@ -110,3 +123,24 @@ def test_down_when_not_running(tmp_path: Path) -> None:
     conf = write_conf(tmp_path)
     result = run_cli(conf, "down")
     assert result.returncode == 0 and "not running" in result.stdout
+
+
+def test_defect09_status_and_route_show_non_utf8_names(tmp_path: Path) -> None:
+    """Names and sidecars from disk that are not UTF-8 are shown escaped, never crash a command."""
+    conf = write_conf(tmp_path, endpoints={"pacs": {"endpoint": {"host": "127.0.0.1", "port": 1104,
+                                                                  "ae_title": "PACS"}}})
+    spool = Spool(config_module.load(conf).spool).create(["pacs"])
+    failed = spool.write_bytes(spool.failed("pacs"), "20261128T000000.000000-000001-1.2.3.dcm", b"x")
+    spool.write_bytes(failed.parent, failed.name + ".error", b"status 0xC000 for \xff\xfe\x1b[2J\n")
+    for args in (("status",), ("status", "--json")):
+        result = run_cli(conf, *args)
+        assert result.returncode == 0, result.stderr
+        assert "\\xff\\xfe\\x1b[2J" in result.stdout.replace("\\\\", "\\")
+        assert "\x1b" not in result.stdout and "Traceback" not in result.stderr
+    bad = os.fsencode(tmp_path) + b"/DOE \xff.dcm"
+    write_dataset(make_dataset(), Path(os.fsdecode(bad)))
+    cmd = [sys.executable, "-m", "services.cli", "route", bad, "--conf", str(conf)]
+    result = subprocess.run(cmd, cwd=REPO, capture_output=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert b"DOE \\xff.dcm: route to pacs" in result.stdout
+    result.stdout.decode("utf-8")
