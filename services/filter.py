@@ -41,13 +41,26 @@ from pipeline.log import setup
 from pipeline.names import escape
 from pipeline.rules import Decision, decide
 from pipeline.spool import FILE_MODE, Spool, make_name
-from pipeline.watch import DirectoryWatcher
+from pipeline.watch import DirectoryWatcher, open_for_writing, writer_pids
 
 #: OS errors that say "the disk (or the system) is in trouble, try again later",
 #: as opposed to something wrong with one file.
 RETRYABLE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EIO, errno.EMFILE,
                     errno.ENFILE, errno.ENOMEM}
+#: a file held open for writing this many settle times is reported (one WARNING)
+HELD_WARNING_FACTOR = 20
 _STANDARD_NAME = re.compile(r"\d{8}T\d{6}\.\d{6}-\d{6}-(?P<uid>[0-9.]+|nouid)\.dcm")
+
+
+@dataclasses.dataclass
+class _Arrival:
+    """A file seen in incoming/: its (size, mtime, inode), and since when it is unchanged."""
+
+    key: tuple[int, int, int]
+    since: float
+    completed: bool = False
+    held_since: float | None = None
+    warned: bool = False
 
 
 class DiskTrouble(Exception):
@@ -66,18 +79,21 @@ class FilterDaemon:
     """The filter loop, bound to its configuration, spool and logger (no globals)."""
 
     def __init__(self, config: Config, spool: Spool | None = None, log=None, *,
-                 settle: float = 3.0, rescan_interval: float = 5.0,
+                 settle: float | None = None, rescan_interval: float = 5.0,
                  retry_interval: float = 5.0) -> None:
         self.config = config
         self.spool = spool or Spool(config.spool)
         self.log = log or logger.bind(daemon="filter")
-        self.settle = settle
+        #: seconds a file without a close-write event must stay unchanged ([filter] settle_time)
+        self.settle = config.router.settle_time if settle is None else settle
+        #: a writer holding a file open this long (and not writing) is reported, once
+        self.held_warning = HELD_WARNING_FACTOR * max(self.settle, 0.05)
         self.rescan_interval = rescan_interval
         self.retry_interval = retry_interval
         self.watcher = DirectoryWatcher(self.spool.incoming)
         self.stopping = False
         self.reload_requested = False
-        self._seen: dict[str, tuple[tuple[int, int, int], float]] = {}
+        self._seen: dict[str, _Arrival] = {}
         self._retry_at: dict[Path, float] = {}
 
     # -- control (safe from signal handlers: flags and a wake-up only) ---------------
@@ -183,24 +199,65 @@ class FilterDaemon:
         return False
 
     def _ready(self, path: Path) -> bool:
-        """Complete: moved in / closed after writing, or unchanged for the settle time."""
+        """Complete: nobody has it open for writing, and it was moved in / closed after
+        writing or stayed unchanged for the settle time.
+
+        A file still open for writing is never taken, however long its writer stalls:
+        stability and mtime cannot tell a stalled ``cp`` from a finished one (nor survive
+        a clock step). An old mtime counts only when the kernel says nobody writes.
+        """
         name = path.name
-        if self.watcher.take_completed(name):
-            self._seen.pop(name, None)
-            return True
+        completed = self.watcher.take_completed(name)
         try:
             st = os.lstat(path)
         except FileNotFoundError:
+            self._seen.pop(name, None)
             return False
         if not stat.S_ISREG(st.st_mode):
+            self._seen.pop(name, None)
             return True  # nothing to wait for: it goes to quarantine
-        key = (st.st_size, st.st_mtime_ns, st.st_ino)
         now = time.monotonic()
-        previous = self._seen.get(name)
-        if previous is None or previous[0] != key:
-            self._seen[name] = (key, now)
-            previous = (key, now)
-        return time.time() - st.st_mtime >= self.settle or now - previous[1] >= self.settle
+        arrival = self._arrival(name, (st.st_size, st.st_mtime_ns, st.st_ino), now)
+        arrival.completed |= completed
+        settled = arrival.completed or now - arrival.since >= self.settle
+        if not settled and time.time() - st.st_mtime < self.settle:
+            return False
+        writing = open_for_writing(path)
+        if writing:
+            self._held(path, st, arrival, now)
+            return False
+        if not settled and writing is None:
+            return False  # only the mtime says it is old, and nobody can confirm it
+        del self._seen[name]
+        return True
+
+    def _arrival(self, name: str, key: tuple[int, int, int], now: float) -> _Arrival:
+        """What we know of a file in incoming/; a change of size/mtime/inode restarts its clock."""
+        arrival = self._seen.get(name)
+        if arrival is None:
+            arrival = self._seen[name] = _Arrival(key, now)
+        elif arrival.key != key:
+            arrival.key, arrival.since, arrival.completed = key, now, False
+        return arrival
+
+    def _held(self, path: Path, st: os.stat_result, arrival: _Arrival, now: float) -> None:
+        """A file stays while a writer holds it open; after a long while, say so once.
+
+        A writer that died without closing (a hung process, a stopped job) would
+        otherwise hold the file silently for ever.
+        """
+        if arrival.held_since is None:
+            arrival.held_since = now
+            self.log.bind(file=escape(path.name)).debug("still open for writing: waiting for its writer")
+        if arrival.warned or now - arrival.held_since < self.held_warning:
+            return
+        arrival.warned = True
+        pids = writer_pids(path) or []
+        writer = f" by pid {', '.join(map(str, pids))}" if pids else ""
+        self.log.bind(file=shown_name(path.name)).warning(
+            f"a file in incoming/ (inode {st.st_ino}, {st.st_size} bytes) has been held open "
+            f"for writing{writer} for {now - arrival.held_since:.0f}s: it stays there until "
+            f"its writer closes it")
 
     # -- one file --------------------------------------------------------------------
 
