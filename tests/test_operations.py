@@ -144,3 +144,54 @@ def test_defect09_status_and_route_show_non_utf8_names(tmp_path: Path) -> None:
     assert result.returncode == 0, result.stderr
     assert b"DOE \\xff.dcm: route to pacs" in result.stdout
     result.stdout.decode("utf-8")
+
+
+def supervisord_pid(spool: Path) -> int:
+    return int((spool / "run" / "supervisord.pid").read_text())
+
+
+@pytest.mark.slow
+def test_defect08_a_second_conf_dir_cannot_take_over_a_spool(tmp_path: Path) -> None:
+    first = StoreSCP(tmp_path / "first", "FIRST").start()
+    conf_a = write_conf(tmp_path / "a", router={"log_level": "INFO"}, endpoints={"first": endpoint(first)})
+    spool = config_module.load(conf_a).spool
+    conf_b = write_conf(tmp_path / "b", router={"log_level": "INFO", "spool": str(spool)},
+                        endpoints={"other": endpoint(first)})
+    try:
+        up = run_cli(conf_a, "up", timeout=120)
+        assert up.returncode == 0, up.stdout + up.stderr
+        before, rendered = pids(conf_a), (spool / "run" / "supervisord.conf").read_bytes()
+
+        refused = run_cli(conf_b, "up", timeout=120)
+        assert refused.returncode == 1, refused.stdout + refused.stderr
+        assert f"belongs to the router configured in {conf_a.resolve()}" in refused.stderr
+        assert "--force" in refused.stderr
+        assert pids(conf_a) == before, "A's programs were touched"
+        assert (spool / "run" / "supervisord.conf").read_bytes() == rendered
+        assert not (spool / "outbox" / "other").exists()
+        sent = storescu(router_port(conf_a), make_files(tmp_path / "files", 2))
+        assert sent.returncode == 0, sent.stderr
+        wait_for(lambda: len(first.files()) == 2, message="A still delivers")
+
+        # the siblings: daemons by hand, down, status, retry with B's conf
+        for args in (("filter",), ("receive",), ("send", "other")):
+            result = run_cli(conf_b, *args)
+            assert result.returncode == 1 and "belongs to the router" in result.stderr, (args, result.stderr)
+        down = run_cli(conf_b, "down")
+        assert down.returncode == 1 and "belongs to the router" in down.stderr
+        assert pids(conf_a) == before
+        shown = run_cli(conf_b, "status")
+        assert shown.returncode == 0 and "belongs to the router" in shown.stderr
+        assert run_cli(conf_b, "retry", "other", "--all").returncode == 1
+
+        # a deliberate take-over
+        taken = run_cli(conf_b, "up", "--force", timeout=120)
+        assert taken.returncode == 0, taken.stdout + taken.stderr
+        assert f"taking over spool {spool} from {conf_a.resolve()}" in taken.stdout
+        assert set(pids(conf_b)) == {"receive", "filter", "send-other"}
+        assert run_cli(conf_a, "up", timeout=120).returncode == 1  # now A is the stranger
+        assert run_cli(conf_b, "down", timeout=400).returncode == 0
+    finally:
+        for conf in (conf_a, conf_b):
+            run_cli(conf, "down", "--force", timeout=400)
+        first.stop()
