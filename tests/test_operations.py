@@ -195,3 +195,25 @@ def test_defect08_a_second_conf_dir_cannot_take_over_a_spool(tmp_path: Path) -> 
         for conf in (conf_a, conf_b):
             run_cli(conf, "down", "--force", timeout=400)
         first.stop()
+
+
+def test_defect08_owner_claims_and_refusals(tmp_path: Path) -> None:
+    from pipeline import owner
+    from pipeline.errors import SpoolError
+
+    spool = Spool(tmp_path / "spool").create()
+    conf_a, conf_b = tmp_path / "a", tmp_path / "b"
+    # a spool brought up before owner files existed: its rendered supervisord.conf names the owner
+    (spool.run_dir / "supervisord.conf").write_text(
+        f"[program:receive]\ncommand = /usr/bin/python3 -m services.cli receive --conf {conf_a}\n")
+    assert owner.owner(spool) == conf_a.resolve()
+    with pytest.raises(SpoolError, match="belongs to the router configured in"):
+        owner.claim(spool, conf_b)
+    assert owner.claim(spool, conf_a) is None and (spool.run_dir / "owner").exists()
+    owner.check(spool, conf_a)
+    with pytest.raises(SpoolError, match=r"dicomflow up --force"):
+        owner.check(spool, conf_b)
+    assert owner.claim(spool, conf_b, force=True) == conf_a.resolve()
+    assert owner.owner(spool) == conf_b.resolve()
+    fresh = Spool(tmp_path / "fresh").create()
+    assert owner.claim(fresh, conf_a) is None and owner.owner(fresh) == conf_a.resolve()
