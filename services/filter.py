@@ -37,7 +37,7 @@ from pipeline.errors import ConfigError, QuarantineError
 from pipeline.fastpath import tune_pydicom
 from pipeline.header import Header
 from pipeline.lock import DaemonLock
-from pipeline.log import setup
+from pipeline.log import setup, shown_name
 from pipeline.names import escape
 from pipeline.rules import Decision, decide
 from pipeline.spool import FILE_MODE, Spool, make_name
@@ -422,11 +422,6 @@ def _free_name(directory: Path, name: str, uid: str | None) -> str:
     if not os.path.lexists(directory / name):
         return name
     return make_name(uid)
-
-
-def shown_name(name: str) -> str:
-    """A file's name as INFO lines show it: a standard name, or no hand-dropped name at all."""
-    return escape(name) if _STANDARD_NAME.fullmatch(name) else "(hand-dropped)"
 
 
 def error_text(exc: BaseException, path: Path) -> str:

@@ -64,3 +64,13 @@ def test_defect09_names_from_disk_escape_as_bytes() -> None:
         shown.encode("utf-8")  # the .reason sidecar and the log line are written as UTF-8
     assert escape("a\u2028b\u202e\ud800") == "a\\u2028b\\u202e\\ud800"  # no forged lines, no bidi tricks
     assert json.loads(json.dumps(escape(name), ensure_ascii=False)) == escape(name)
+
+
+def test_defect15_shown_name_hides_hand_dropped_names() -> None:
+    from pipeline.log import shown_name
+
+    standard = "20261128T060102.123456-000042-1.2.840.113619.2.55.3.dcm"
+    assert shown_name(standard) == standard
+    assert shown_name("20261128T060102.123456-000042-nouid.dcm").endswith("nouid.dcm")
+    for name in ("DOE^JOHN_12345.dcm", "1.2.3.dcm", standard + ".DOE", "x\n" + standard):
+        assert shown_name(name) == "(hand-dropped)"
