@@ -236,8 +236,8 @@ class FilterDaemon:
         arrival = self._seen.get(name)
         if arrival is None:
             arrival = self._seen[name] = _Arrival(key, now)
-        elif arrival.key != key:
-            arrival.key, arrival.since, arrival.completed = key, now, False
+        elif arrival.key != key:  # a writer at work: not (yet) a stalled one either
+            arrival.key, arrival.since, arrival.completed, arrival.held_since = key, now, False, None
         return arrival
 
     def _held(self, path: Path, st: os.stat_result, arrival: _Arrival, now: float) -> None:
