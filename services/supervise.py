@@ -6,6 +6,8 @@ then either starts supervisord or — if it already runs — applies the differe
 (``reread``/``update`` semantics over XML-RPC): new senders start, removed ones stop,
 senders whose endpoint file changed restart, the filter gets SIGHUP to reload the
 endpoint set, and nothing else is touched. It returns once every program is RUNNING.
+A spool has one owner conf dir (``pipeline.owner``): ``up``/``down`` with another one
+refuse before touching anything; ``up --force`` stops the owner's router and takes over.
 """
 
 from __future__ import annotations
