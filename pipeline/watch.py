@@ -15,6 +15,7 @@ from __future__ import annotations
 import errno
 import fcntl
 import os
+import signal
 import threading
 from pathlib import Path
 
@@ -218,17 +219,30 @@ def _lease_probe(path: Path) -> bool | None:
     except OSError:
         return None
     try:
+        if not take_read_lease(fd):
+            return True
+    except OSError:
+        return None  # EACCES/EPERM (not the owner), EINVAL (no leases here)
+    finally:
+        os.close(fd)  # releases the lease at once: a writer opening meanwhile waits for this only
+    return False
+
+
+def take_read_lease(fd: int) -> bool:
+    """Take a read lease on ``fd``; False if a writer has the file open (EAGAIN).
+
+    A writer that opens the file while we hold the lease makes the kernel signal us,
+    SIGIO by default — whose default action kills the process. The break is signalled
+    with SIGURG instead, which is ignored by default.
+    """
+    fcntl.fcntl(fd, fcntl.F_SETSIG, signal.SIGURG)
+    try:
         fcntl.fcntl(fd, fcntl.F_SETLEASE, fcntl.F_RDLCK)
     except OSError as exc:
         if exc.errno in (errno.EAGAIN, errno.EBUSY):
-            return True
-        return None  # EACCES/EPERM (not the owner), EINVAL (no leases here)
-    else:
-        # Released at once: a writer opening the file meanwhile waits for this only.
-        fcntl.fcntl(fd, fcntl.F_SETLEASE, fcntl.F_UNLCK)
-        return False
-    finally:
-        os.close(fd)
+            return False
+        raise
+    return True
 
 
 def writer_pids(path: Path, proc: Path = Path("/proc")) -> list[int] | None:

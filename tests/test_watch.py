@@ -53,3 +53,30 @@ def test_writer_pids_without_proc(tmp_path: Path) -> None:
     path = tmp_path / "file.dcm"
     path.write_bytes(b"x")
     assert watch.writer_pids(path, proc=tmp_path / "no-proc") is None
+
+
+LEASE_BREAK = """
+import os, subprocess, sys, time
+from pipeline.watch import take_read_lease
+path = sys.argv[1]
+fd = os.open(path, os.O_RDONLY)
+assert take_read_lease(fd)
+writer = subprocess.Popen([sys.executable, "-c", f"open({path!r}, 'ab').write(b'more')"])
+deadline = time.monotonic() + 30
+while "BREAKING" not in open("/proc/locks").read():  # the writer's open breaks our lease
+    assert time.monotonic() < deadline and writer.poll() is None, "the lease was never broken"
+    time.sleep(0.01)
+os.close(fd)
+assert writer.wait(60) == 0
+print("alive")
+"""
+
+
+def test_defect14_a_lease_break_never_kills_the_filter(tmp_path: Path) -> None:
+    """A writer opening the file during the probe's lease signals us: not with a deadly SIGIO."""
+    path = tmp_path / "file.dcm"
+    path.write_bytes(b"half")
+    result = subprocess.run([sys.executable, "-c", LEASE_BREAK, str(path)], capture_output=True,
+                            text=True, timeout=60, cwd=Path(__file__).resolve().parent.parent)
+    assert result.returncode == 0 and result.stdout.strip() == "alive", result.stderr
+    assert path.read_bytes() == b"halfmore"
