@@ -202,6 +202,9 @@ class RouterConfig:
     disk_floor_fraction: float | None = None
     tls: TlsConfig = field(default_factory=TlsConfig)
     rules: RuleSet = field(default_factory=RuleSet)
+    #: [filter] settle_time: how long a hand-copied file without a close-write event
+    #: must stay unchanged (and unopened for writing) before the filter takes it
+    settle_time: float = 3.0
 
     def disk_floor(self, total_bytes: int) -> int:
         """Free bytes to keep: the configured value, else min(1 GiB, 5 % of the disk)."""
@@ -409,6 +412,8 @@ def load_router(conf_dir: Path) -> RouterConfig:
     values["tls"] = _tls(tls_section, conf_dir, server=True)
     tls_section.finish()
     filter_section = _Section(path, "filter", data["filter"]) if "filter" in data else None
+    if filter_section is not None:
+        values["settle_time"] = filter_section.take("settle_time", positive_duration, 3.0)
     values["rules"] = _rules(filter_section)
     return RouterConfig(**values)
 

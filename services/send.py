@@ -335,7 +335,7 @@ class Sender:
             self.current = None  # all contexts rejected, or the peer left after its answer
 
     def _send_one(self, path: Path, meta: FileMeta) -> None:
-        log = self.log.bind(file=escape(path.name))
+        log = self.log.bind(file=logsetup.shown_name(path.name))
         assert self.current is not None
         try:
             rsp = self._c_store(path, meta)
@@ -390,8 +390,8 @@ class Sender:
             raise PermanentError(f"the destination accepts {meta.sop_class.name} only as {names}, not "
                                  f"{meta.transfer_syntax.name}, and {why}")
         dataset = load_uncompressed(path, target, self.ep.transcode_max_size)
-        self.log.bind(file=escape(path.name)).info("transcoding {} to {}", meta.transfer_syntax.name,
-                                                   target.name)
+        self.log.bind(file=logsetup.shown_name(path.name)).info(
+            "transcoding {} to {}", meta.transfer_syntax.name, target.name)
         assoc.dimse_timeout = self.ep.dimse_timeout_for(max(meta.size, decoded_size(dataset)))
         return self._guarded(lambda: assoc.send_c_store(dataset))
 
@@ -500,7 +500,7 @@ class Sender:
         except FileNotFoundError:
             return None
         except PermanentError as exc:
-            self._fail(path, None, str(exc), self.log.bind(file=escape(path.name)))
+            self._fail(path, None, str(exc), self.log.bind(file=logsetup.shown_name(path.name)))
             return None
         self.metas[path.name] = meta
         return meta
