@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
 import threading
 from collections.abc import Callable
 from pathlib import Path
@@ -31,10 +32,10 @@ from pipeline.clock import FakeClock
 from pipeline.config import load
 from pipeline.errors import SpoolError
 from pipeline.log import logger
-from pipeline.spool import make_name
+from pipeline.spool import Spool, make_name
 from pipeline.statuses import Outcome, classify
 from services.send import Sender
-from tests.helpers import Daemon, dicom_files, make_dataset, make_files, run_cli, wait_for
+from tests.helpers import IN_CI, Daemon, dicom_files, make_dataset, make_files, run_cli, wait_for
 from tests.reliability import free_bytes, tmpfs
 from tests.sendkit import StatusSCP, endpoint_conf, put_in_outbox, read_retry, read_state
 
@@ -200,6 +201,29 @@ def test_defect02_restart_refuses_a_cross_device_sent_then_moves_without_resendi
     assert read_retry_delivered(spool) == {}
     assert any("delivered before the restart" in line for line in log_lines)
     no_traceback(log_lines)
+
+
+def test_defect02_sibling_every_daemon_refuses_a_stage_bind_mounted_from_the_same_filesystem(
+        tmp_path: Path) -> None:
+    """A bind mount keeps ``st_dev`` but rename across it still fails with EXDEV: the
+    start-up check reads the mount table, and it guards receive and filter too."""
+    spool = Spool(tmp_path / "spool").create([EP])
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    target = spool.root / "accepted"
+    result = subprocess.run(["mount", "--bind", str(elsewhere), str(target)],
+                            capture_output=True, text=True)
+    if result.returncode != 0:
+        message = f"cannot bind-mount (root needed): {result.stderr.strip()}"
+        if IN_CI:
+            pytest.fail(message)
+        pytest.skip(message)
+    try:
+        with pytest.raises(SpoolError, match="accepted is another filesystem"):
+            Spool(spool.root).create([EP])
+    finally:
+        subprocess.run(["umount", "-l", str(target)], capture_output=True)
+    Spool(spool.root).create([EP])  # one filesystem again: accepted
 
 
 # -- defect 2: a full disk ------------------------------------------------------------------
