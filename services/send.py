@@ -561,11 +561,12 @@ class Sender:
         self.state.set("busy")
 
     def _end_busy(self) -> None:
-        if self.busy_since is not None:
-            self.log.info("endpoint no longer busy after {:.1f}s",
-                          self.clock.monotonic() - self.busy_since)
+        if self.busy_since is None:
+            return
+        self.log.info("endpoint no longer busy after {:.1f}s", self.clock.monotonic() - self.busy_since)
         self.busy_since = None
         self.busy_probes.reset()
+        self.state.set("delivering")
 
     def _fail(self, path: Path, meta: FileMeta | None, text: str, log) -> None:
         attempts = max(self.retry.attempts(path.name), 1)
@@ -717,7 +718,12 @@ class Sender:
         if mono < self.next_prune:
             return
         self.next_prune = mono + PRUNE_INTERVAL
-        removed = prune_sent(self.spool, self.name, self.ep.sent_retention, self.clock.time())
+        try:
+            removed = prune_sent(self.spool, self.name, self.ep.sent_retention, self.clock.time())
+        except OSError as exc:  # bookkeeping: never worth stopping delivery for
+            self.log.warning("cannot prune sent/{}: {}; trying again in {:g}s", self.name,
+                             exc.strerror or exc, PRUNE_INTERVAL)
+            return
         if removed:
             self.log.info("pruned {} delivered files older than {:g}s from sent/{}", removed,
                           self.ep.sent_retention, self.name)
