@@ -595,7 +595,7 @@ class Sender:
     def _settled(self, path: Path, log) -> None:
         """Forget a file that has left the outbox (nothing here may raise)."""
         done = self.pending.pop(path.name, None)
-        if done is not None:
+        if done is not None and done.tries:
             log.info("moved to {}/{} after {} retries", done.stage, self.name, done.tries)
         try:
             self.spool.remove_sidecars(path)

@@ -306,7 +306,7 @@ def test_defect02_full_disk_retry_count_and_error_sidecar_never_crash_and_max_at
 LONG_TS = "1.2.840.10008.1.2.1" + ".1" * 25   # 69 characters
 
 
-def write_with_transfer_syntax(path: Path, transfer_syntax: str) -> Path:
+def write_with_transfer_syntax(path: Path, transfer_syntax: str, sop_class: str | None = None) -> Path:
     """An Explicit VR LE file whose file meta names ``transfer_syntax`` (pydicom refuses to
     write an unknown one, so the file meta is written on its own)."""
     ds = make_dataset()
@@ -314,6 +314,8 @@ def write_with_transfer_syntax(path: Path, transfer_syntax: str) -> Path:
     body.is_little_endian, body.is_implicit_VR = True, False
     write_body(body, ds)
     ds.file_meta.TransferSyntaxUID = transfer_syntax
+    if sop_class is not None:
+        ds.file_meta.MediaStorageSOPClassUID = sop_class
     out = DicomBytesIO()
     out.is_little_endian, out.is_implicit_VR = True, False
     out.write(b"\0" * 128 + b"DICM")
@@ -347,6 +349,23 @@ def test_defect03_a_69_character_transfer_syntax_uid_fails_alone(
     assert sorted(server.stored()) == sorted(uid_of(p) for p in stage(spool, "sent"))
     assert {p.name for p in stage(spool, "sent")} == {p.name for p in good}
     assert "Traceback" not in sender.log()
+
+
+def test_defect03_sibling_a_sop_class_uid_that_is_not_a_uid_fails_alone(tmp_path: Path, peer) -> None:
+    """pynetdicom checks only the length: letters in the SOP Class UID would go into the
+    association request of the whole batch."""
+    server = peer()
+    spool = tmp_path / "spool"
+    bad = write_with_transfer_syntax(tmp_path / "src" / "bad.dcm", "1.2.840.10008.1.2.1",
+                                     sop_class="1.2.840.10008.5.1.4.1.1.2a")
+    [queued_bad] = put_in_outbox(spool, EP, [bad])
+    put_in_outbox(spool, EP, make_files(tmp_path / "good", 2))
+    sender_for(conf_for(tmp_path, server.port)).run(once=True)
+    [failed] = stage(spool, "failed")
+    assert failed.name == queued_bad.name
+    text = (failed.parent / (failed.name + ".error")).read_text()
+    assert "SOP Class UID" in text and "not a valid UID" in text
+    assert len(stage(spool, "sent")) == 2 and server.associations == 1
 
 
 def test_defect03_sibling_an_unexpected_error_while_preparing_a_file_fails_it_alone(
