@@ -242,8 +242,9 @@ class Sender:
         due = [p for p in paths if self.retry.is_due(p.name, mono) and p.name not in self.pending]
         if len(due) == len(paths):
             return due, None
-        times = [self.pending[p.name].due if p.name in self.pending else
-                 self.retry.not_before.get(p.name, mono) for p in paths if p not in due]
+        ready = {p.name for p in due}
+        times = [self.pending[n].due if n in self.pending else self.retry.not_before.get(n, mono)
+                 for n in names if n not in ready]
         return due, min(times, default=None)
 
     def _wait(self, seconds: float) -> None:
@@ -628,7 +629,7 @@ class Sender:
             what, after = f"failed ({escape(text, limit=300)}), but", "is not sent again"
         message = (f"{what} cannot move it to {item.stage}/{self.name}: {why}; it stays in "
                    f"outbox/{self.name}, {after}, and the move is retried with backoff")
-        log.error(message)
+        log.error("{}", message)
         self.state.error(f"{path.name}: {message}")
 
     def _bookkeeping(self) -> None:
