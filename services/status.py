@@ -23,6 +23,7 @@ from pipeline.spool import Spool, is_hidden, is_sidecar
 SENDER_STATES = {
     "delivering": "delivering",
     "idle": "idle (outbox empty)",
+    "busy": "busy (destination out of resources)",
     "down": "down",
     "outside_window": "outside window",
     "stopped": "stopped",
@@ -169,6 +170,8 @@ def describe_state(info: dict) -> str:
         return "orphaned (no endpoint file; not sent)"
     if state == "down":
         return f"down since {info.get('down_since') or info.get('since') or '?'}"
+    if state == "busy":
+        return f"busy since {info.get('since') or '?'} (queue kept)"
     if state == "outside_window":
         return f"outside window, opens at {info.get('next_open') or '?'}"
     return SENDER_STATES.get(state, state)
