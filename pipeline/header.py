@@ -487,6 +487,7 @@ class _InflatedSource:
 
     def skip(self, length: int, what: str) -> None:
         start = self.reader.tell()
+        self.reader.seek(start + length)  # first: what lies before the target is dropped
         reached = self.reader.available_to(start + length)
         if reached < start + length:
             raise _Truncated(f"{what} at inflated byte {start} needs {length} bytes but the "
