@@ -295,3 +295,32 @@ def test_defect18_other_trailing_bytes_are_still_refused(tmp_path, padding):
     path.write_bytes(path.read_bytes() + padding)
     with pytest.raises(QuarantineError, match="truncated or corrupt"):
         read_header(path)
+
+
+def test_defect04_sibling_deflated_image_frames_are_walked_like_any_data_set(tmp_path):
+    """Deflated Image Frame Compression (1.2.840.10008.1.2.8.1) deflates pixel frames,
+    not the data set: it was taken for a deflated data set and never walked, so a file
+    cut short passed."""
+    ds = make_dataset()
+    data = _meta_bytes(ds, "1.2.840.10008.1.2.8.1") + _body_bytes(ds)
+    (tmp_path / "whole.dcm").write_bytes(data)
+    assert read_header(tmp_path / "whole.dcm").transfer_syntax == "1.2.840.10008.1.2.8.1"
+    (tmp_path / "cut.dcm").write_bytes(data[:-100])
+    with pytest.raises(QuarantineError, match="truncated"):
+        read_header(tmp_path / "cut.dcm")
+
+
+def test_header_limits_are_configured_in_the_filter_section(tmp_path):
+    from pipeline.config import load_router
+    from pipeline.errors import ConfigError
+    from pipeline.header import HeaderLimits
+    from tests.helpers import write_conf
+
+    conf = write_conf(tmp_path, filter_={"max_header_elements": "1000", "max_header_bytes": "1 MiB",
+                                         "max_inflated_size": "2 GiB"})
+    assert load_router(conf).header_limits == HeaderLimits(1000, MiB, 2 * 1024 * MiB)
+    assert write_conf(tmp_path / "d") and load_router(tmp_path / "d" / "conf").header_limits \
+        == HeaderLimits()
+    conf = write_conf(tmp_path / "bad", filter_={"max_inflated_size": "0"})
+    with pytest.raises(ConfigError, match=r"\[filter\] max_inflated_size"):
+        load_router(conf)
