@@ -318,7 +318,7 @@ class InflatingReader:
     OUT = 1024 * 1024      # inflated bytes produced per step at most
     KEEP = 64
 
-    def __init__(self, raw: BinaryIO, cap: int, what: str = "max_inflated_size") -> None:
+    def __init__(self, raw: BinaryIO, cap: int, what: str = "[filter] max_inflated_size") -> None:
         self._raw, self._cap, self._what = raw, cap, what
         self._inflater = zlib.decompressobj(-zlib.MAX_WBITS)
         self._buffer = bytearray()
@@ -366,8 +366,8 @@ class InflatingReader:
                 raise InflateError(f"corrupt deflated data set: {exc}") from None
             self._produced += len(out)
             if self._produced > self._cap:
-                raise InflateLimit(f"deflated data set inflates to more than {self._what} "
-                                   f"({_size_text(self._cap)}); refused")
+                raise InflateLimit(f"deflated data set inflates to more than "
+                                   f"{_size_text(self._cap)} (limit: {self._what})")
             self._buffer += out
             self.eof = self._inflater.eof
 

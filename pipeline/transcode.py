@@ -94,11 +94,11 @@ def _read(path: Path, max_size: int) -> Dataset:
         if meta.get("TransferSyntaxUID") != DeflatedExplicitVRLittleEndian:
             fp.seek(0)
             return dcmread(fp)
-        reader = InflatingReader(fp, max_size, what="transcode max_size")
+        reader = InflatingReader(fp, max_size, what="[transcode] max_size")
         try:
             ds = read_dataset(reader, False, True)
         except InflateError as exc:
-            raise PermanentError(f"needs transcoding but its {exc}") from exc
+            raise PermanentError(f"needs transcoding, but its {exc}") from exc
     result = FileDataset(os.fspath(path), ds, preamble=preamble, file_meta=meta,
                          is_implicit_VR=False, is_little_endian=True)
     result.set_original_encoding(False, True, ds._character_set)
