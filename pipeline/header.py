@@ -191,6 +191,8 @@ def _read_meta(fp: BinaryIO, size: int, limits: HeaderLimits) -> FileMetaDataset
         walker.meta()
     except _Truncated as exc:
         raise QuarantineError(f"truncated or corrupt: {exc}") from None
+    except _OverLimit as exc:
+        raise QuarantineError(str(exc)) from None
     fp.seek(PREAMBLE)
     try:
         return _read_file_meta_info(fp)

@@ -342,7 +342,8 @@ def test_defect04_deflate_bomb_is_quarantined_in_bounded_memory(tmp_path):
         return deflate_bomb(path, 1024 * 1024 * 1024)
 
     peak = _hostile_file_is_quarantined_by_the_daemon(
-        tmp_path, make, {"max_inflated_size": "256 MiB"}, "inflates to more than 256 MiB (limit: [filter] max_inflated_size)")
+        tmp_path, make, {"max_inflated_size": "256 MiB"},
+        "inflates to more than 256 MiB (limit: [filter] max_inflated_size)")
     assert peak < 200 * 1024 * 1024, f"filter peaked at {peak >> 20} MiB"
 
 

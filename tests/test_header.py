@@ -324,3 +324,14 @@ def test_header_limits_are_configured_in_the_filter_section(tmp_path):
     conf = write_conf(tmp_path / "bad", filter_={"max_inflated_size": "0"})
     with pytest.raises(ConfigError, match=r"\[filter\] max_inflated_size"):
         load_router(conf)
+
+
+def test_defect05_the_file_meta_counts_too(tmp_path):
+    import struct
+
+    from pipeline.header import HeaderLimits
+
+    meta = b"".join(struct.pack("<HH2sH", 0x0002, 0x0100 + i, b"LO", 0) for i in range(2000))
+    (tmp_path / "meta.dcm").write_bytes(b"\0" * 128 + b"DICM" + meta)
+    with pytest.raises(QuarantineError, match="max_header_elements"):
+        read_header(tmp_path / "meta.dcm", limits=HeaderLimits(max_header_elements=1000))
