@@ -112,8 +112,14 @@ def give_vrs(ds: Dataset) -> None:
     VR — once the data set is labelled explicit (the bug that sent RT plans to
     ``failed/`` with "Failed to encode the supplied dataset"). Each raw element gets
     its VR and keeps its value bytes (little endian either way); sequences are parsed
-    and their items treated alike; ambiguous VRs are resolved from the data set.
+    and their items treated alike; ambiguous VRs are resolved from the data set (once,
+    from the top: an item's ``US or SS`` may depend on its parent's Pixel Representation).
     """
+    _give_vrs(ds)
+    correct_ambiguous_vr(ds, True)
+
+
+def _give_vrs(ds: Dataset) -> None:
     for tag in list(ds.keys()):
         elem = ds.get_item(tag)
         if isinstance(elem, RawDataElement) and elem.VR is None:
@@ -129,9 +135,8 @@ def give_vrs(ds: Dataset) -> None:
                 continue
         if getattr(elem, "VR", None) == "SQ":
             for item in ds[tag].value:
-                give_vrs(item)
+                _give_vrs(item)
                 item.set_original_encoding(False, True, item._character_set)
-    correct_ambiguous_vr(ds, True)
 
 
 def parse_sequences(ds: Dataset) -> None:
