@@ -304,7 +304,7 @@ class FilterDaemon:
             return self._quarantine(path, f"cannot be opened: {exc.strerror}")
         try:
             try:
-                head = header_module.read_header_fd(fd, st.st_size)
+                head = header_module.read_header_fd(fd, st.st_size, self.config.router.header_limits)
             except QuarantineError as exc:
                 self._make_durable_and_private(fd, st)  # quarantine/ holds PHI too: 0600
                 return self._quarantine(path, str(exc))

@@ -23,7 +23,7 @@ def explain(config: Config, path: Path) -> list[str]:
     """The lines printed for one file; raises OSError if it cannot be read at all."""
     shown = escape(str(path), 500)
     try:
-        head = read_header(path)
+        head = read_header(path, config.router.header_limits)
     except QuarantineError as exc:
         return [f"{shown}: quarantine: {escape(exc, 2000)}"]
     rules = {name: ep.rules for name, ep in config.endpoints.items()}
