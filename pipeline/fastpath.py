@@ -130,11 +130,15 @@ class _SendQueue(_WakingQueue):
 
     def put(self, item: Any, block: bool = True, timeout: float | None = None) -> None:
         if isinstance(item, P_DATA) and threading.current_thread() is not self._dul:
-            while not self._pending.acquire(timeout=0.5):
-                if self._dul._kill_thread or (self._dul.ident is not None and not self._dul.is_alive()):
-                    return
+            while not self._pending.acquire(timeout=0.5 if not self._dul_gone() else 0):
+                if self._dul_gone():
+                    return  # checked before every wait: the rest of a file drops at once
             item._df_bounded = True
         super().put(item, block, timeout)
+
+    def _dul_gone(self) -> bool:
+        dul = self._dul
+        return bool(dul._kill_thread) or (dul.ident is not None and not dul.is_alive())
 
     def get(self, block: bool = True, timeout: float | None = None) -> Any:
         item = super().get(block, timeout)
@@ -147,6 +151,11 @@ def _dul_wake(dul: DULServiceProvider) -> None:
     pipe = getattr(dul, "_df_pipe", None)
     if pipe is not None and threading.current_thread() is not dul:
         pipe.wake()
+
+
+def wake_dul(dul: DULServiceProvider) -> None:
+    """Wake the DUL thread (to notice its kill flag); a no-op without the fast path."""
+    _dul_wake(dul)
 
 
 def _assoc_wake(dul: DULServiceProvider) -> None:

@@ -50,6 +50,7 @@ PRUNE_INTERVAL = 3600.0      # sent/ retention is enforced hourly
 MAX_WINDOW_SLEEP = 900.0     # recompute the next opening now and then (clock jumps, DST)
 BATCH_LIMIT = 1000           # files planned per association round (bounds each rescan)
 SUSPECT_LIMIT = 3            # associations lost while sending the same file → charge it
+SHUTDOWN_STALL = 2.0         # on SIGTERM, a send blocked this long on the peer is cut
 
 
 class EndpointTrouble(Exception):
@@ -90,11 +91,14 @@ class Sender:
         self.watcher = DirectoryWatcher(self.outbox)
         self.lock = DaemonLock(self.spool.run_dir, f"send-{endpoint}")
         self.stopping = False
+        self.closed = False
         self.current: _Current | None = None
         self.last_activity = self.clock.monotonic()
         self.down_reason: str | None = None
         self.down_at = 0.0
         self.next_probe = 0.0
+        self.last_probe: float | None = None
+        self.verification = True  # False once the destination refused Verification
         self.next_prune = 0.0
         self.metas: dict[str, FileMeta] = {}
         self.suspects: dict[str, int] = {}
@@ -121,6 +125,20 @@ class Sender:
         # thread may be inside the watcher's own lock right now.
         self.stopping = True
         threading.Thread(target=self.watcher.wake, daemon=True).start()
+        threading.Thread(target=self._cut_stalled_send, name="dicomflow-stop", daemon=True).start()
+
+    def _cut_stalled_send(self) -> None:
+        """While stopping: the file in flight may finish — unless its send is blocked on
+        a destination that stopped reading; that association is cut, so a shutdown never
+        waits on a peer (the file stays in the outbox)."""
+        while not self.closed:
+            current = self.current
+            if current is not None and net.send_blocked_for(current.assoc) >= SHUTDOWN_STALL:
+                net.cut(current.assoc, "stopping: the destination stopped reading")
+                self.log.warning("stopping: the destination stopped reading; transfer cut, the "
+                                 "file stays in the outbox")
+                return
+            threading.Event().wait(0.1)
 
     def stop(self) -> None:
         """Ask the loop to finish the file in flight and exit (signal-safe)."""
@@ -128,6 +146,7 @@ class Sender:
         self.watcher.wake()
 
     def close(self) -> None:
+        self.closed = True
         self.release()
         self.state.set("stopped")
         self.state.flush()
@@ -220,14 +239,29 @@ class Sender:
     # -- endpoint health ----------------------------------------------------------------
 
     def _probe(self) -> bool:
-        """Cheap check (TCP connect, TLS handshake) before trying a real association."""
-        reason = net.tcp_probe(self.ep)
-        if reason:
-            self._mark_down(reason)
+        """Check before trying a real association: an association and C-ECHO (a bare TCP
+        connection kills fragile destinations), a TCP connection only for a destination
+        that does not accept Verification. Never more often than ``probe_backoff``."""
+        mono = self.clock.monotonic()
+        if self.last_probe is not None and mono - self.last_probe < self.ep.retry.probe_backoff:
+            self.next_probe = self.last_probe + self.ep.retry.probe_backoff
+            return False
+        self.last_probe = mono
+        with _quiet_pynetdicom(True):
+            result = net.probe(self.ep, self.ep.calling_ae_title, self.verification)
+        if self.verification and not result.verification:
+            self.log.info("the destination does not accept Verification; probing it with TCP "
+                          "connections from now on")
+        self.verification = result.verification
+        if result.reason:
+            self._mark_down(result.reason)
             return False
         return True
 
     def _mark_down(self, reason: str) -> None:
+        stalled = net.stall_reason(self.current.assoc) if self.current is not None else None
+        if stalled and not self.stopping:
+            reason = f"{stalled} ({self.ep.host}:{self.ep.port}): {reason}"
         self.release(abort=True)
         if self.down_reason is None:
             self.down_at = self.clock.monotonic()
@@ -250,12 +284,11 @@ class Sender:
         if current is None:
             return
         try:
-            if current.alive:
-                if abort:
-                    current.assoc.abort()
-                else:
-                    current.assoc.release()
-                    self.log.debug("association released")
+            was_alive = current.alive
+            net.close(current.assoc, abort=abort,
+                      timeout=min(self.ep.acse_timeout, net.RELEASE_WAIT))
+            if was_alive and not abort:
+                self.log.debug("association released")
         except Exception as exc:  # noqa: BLE001 - a dying peer must not kill the sender
             self.log.debug("error releasing association: {}", exc)
 
