@@ -37,6 +37,7 @@ from pipeline.transcode import UNCOMPRESSED
 
 MAX_CONTEXTS = 128
 RELEASE_WAIT = 10.0  # at most this long for a peer's A-RELEASE-RP (or an abort) to complete
+ABORT_WAIT = 2.0     # an A-ABORT is sent, not answered: longer means the DUL thread is stuck
 VERIFICATION = UID("1.2.840.10008.1.1")
 
 _config.STORE_SEND_CHUNKED_DATASET = True
@@ -134,6 +135,15 @@ def _on_conn_open(event: evt.Event) -> None:
         tune_socket(sock)
         sock.settimeout(send_timeout(assoc))
     assoc.dul.socket.send = types.MethodType(_bounded_send, assoc.dul.socket)
+    # pynetdicom re-points ``abort`` at ``_abort_blocking`` around every event handler
+    assoc._abort_blocking = types.MethodType(  # type: ignore[method-assign]
+        _bounded_abort(assoc._abort_blocking), assoc)
+    if "abort" in vars(assoc):
+        assoc.abort = assoc._abort_blocking  # type: ignore[method-assign]
+    if hasattr(assoc.dul.to_provider_queue, "on_overdue"):  # the fast path's bounded queue
+        assoc.dul.to_provider_queue.on_overdue = lambda: cut(
+            assoc, f"the transfer took longer than its DIMSE timeout ({assoc.dimse_timeout:g}s: "
+                   f"dimse_timeout plus the file at min_transfer_rate)")
     install_response_handback(assoc)
 
 
@@ -157,7 +167,7 @@ def _bounded_send(transport, bytestream: bytes) -> None:
     try:
         while total < length:
             total += sock.send(bytestream[total:])
-            transport._dicomflow_sending_since = time.monotonic()
+            transport._dicomflow_sending_since = transport._dicomflow_last_sent = time.monotonic()
         evt.trigger(assoc, evt.EVT_DATA_SENT, {"data": bytestream})
     except TimeoutError:
         cut(assoc, f"the destination stopped reading: nothing could be sent to it for "
@@ -168,12 +178,50 @@ def _bounded_send(transport, bytestream: bytes) -> None:
         transport._dicomflow_sending_since = None
 
 
+def _bounded_abort(abort):
+    """``Association.abort`` that never waits on a stuck DUL thread: pynetdicom's own
+    abort (also called inside ``send_*`` after a DIMSE timeout) waits for the DUL to
+    send the A-ABORT, which it cannot while blocked on a peer that reads nothing."""
+    def bounded(assoc: Association, block: bool = True) -> None:
+        if not block:
+            abort(block=False)
+            return
+        _run_bounded(assoc, abort, ABORT_WAIT, f"the destination stopped reading (an A-ABORT "
+                                               f"could not be sent to it within {ABORT_WAIT:g}s)")
+    return bounded
+
+
+def _run_bounded(assoc: Association, call, timeout: float, why: str) -> None:
+    """Run ``call()`` in a helper thread for at most ``timeout``, then :func:`cut`."""
+    def run() -> None:
+        try:
+            call()
+        except Exception:  # noqa: BLE001 - a dying peer must not matter here
+            pass
+    worker = threading.Thread(target=run, name="dicomflow-close", daemon=True)
+    worker.start()
+    worker.join(timeout)
+    if worker.is_alive():
+        cut(assoc, why)
+        worker.join(1.0)
+
+
 def send_blocked_for(assoc: Association) -> float:
     """Seconds the current ``socket.send`` has been waiting without progress (0 when
     not sending)."""
     transport = getattr(assoc.dul, "socket", None)
     since = getattr(transport, "_dicomflow_sending_since", None)
     return 0.0 if since is None else time.monotonic() - since
+
+
+def exchange_quiet_for(assoc: Association) -> float:
+    """Seconds since a byte last went out while a ``send_*`` exchange is in flight (its
+    reactor is paused then), i.e. how long the peer has kept us waiting; 0 otherwise."""
+    if assoc._reactor_checkpoint.is_set():
+        return 0.0
+    transport = getattr(assoc.dul, "socket", None)
+    last = getattr(transport, "_dicomflow_last_sent", None)
+    return 0.0 if last is None else time.monotonic() - last
 
 
 def stall_reason(assoc: Association | None) -> str | None:
@@ -219,20 +267,10 @@ def close(assoc: Association, abort: bool = False, timeout: float = 10.0) -> Non
         if assoc.dul.is_alive():
             cut(assoc, "closed")
         return
-    def run() -> None:
-        try:
-            if abort:
-                assoc.abort()
-            else:
-                assoc.release()
-        except Exception:  # noqa: BLE001 - a dying peer must not matter here
-            pass
-    worker = threading.Thread(target=run, name="dicomflow-close", daemon=True)
-    worker.start()
-    worker.join(timeout)
-    if worker.is_alive():
-        cut(assoc, "no answer to the release request" if not abort else "abort did not complete")
-        worker.join(1.0)
+    if abort:
+        assoc.abort()  # bounded by _bounded_abort
+    else:
+        _run_bounded(assoc, assoc.release, timeout, "no answer to the release request")
 
 
 HANDLERS = [(evt.EVT_CONN_OPEN, _on_conn_open)]

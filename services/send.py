@@ -8,7 +8,8 @@ its reason) or stays for a later retry. Endpoint health is separate from file
 failure: an unreachable destination charges no file an attempt, it is probed with a
 capped backoff until it answers. Outside its delivery window the sender sleeps until
 the next opening. A signal only sets a flag: the file in flight finishes, the
-association is released, the process exits 0.
+association is released, the process exits 0 — but a transfer blocked on a destination
+that stopped reading (or answering) is cut, so a shutdown never waits on a peer.
 """
 
 from __future__ import annotations
@@ -129,14 +130,17 @@ class Sender:
 
     def _cut_stalled_send(self) -> None:
         """While stopping: the file in flight may finish — unless its send is blocked on
-        a destination that stopped reading; that association is cut, so a shutdown never
-        waits on a peer (the file stays in the outbox)."""
+        a destination that stopped reading, or the destination has kept it waiting for
+        longer than ``dimse_timeout``; that association is cut, so a shutdown never
+        waits on a peer (the file stays in the outbox and is sent again later)."""
         while not self.closed:
             current = self.current
-            if current is not None and net.send_blocked_for(current.assoc) >= SHUTDOWN_STALL:
-                net.cut(current.assoc, "stopping: the destination stopped reading")
-                self.log.warning("stopping: the destination stopped reading; transfer cut, the "
-                                 "file stays in the outbox")
+            if current is not None and (
+                    net.send_blocked_for(current.assoc) >= SHUTDOWN_STALL
+                    or net.exchange_quiet_for(current.assoc) >= self.ep.dimse_timeout):
+                net.cut(current.assoc, "stopping: the destination stopped reading or answering")
+                self.log.warning("stopping: the destination stopped reading or answering; "
+                                 "transfer cut, the file stays in the outbox")
                 return
             threading.Event().wait(0.1)
 

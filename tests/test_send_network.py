@@ -116,6 +116,43 @@ def test_defect01_sigterm_exits_while_a_send_is_blocked(tmp_path: Path, cleanup,
     assert restarted.stop() == 0
 
 
+TRANSFER_SCRIPT = r"""
+import os, signal, sys, time
+from pathlib import Path
+import pipeline.config as pc
+from pipeline import association as net
+from pydicom.uid import ExplicitVRLittleEndian
+conf, pid, path = Path(sys.argv[1]), int(sys.argv[2]), Path(sys.argv[3])
+ep = pc.load(conf).endpoints["pacs"]
+contexts = net.contexts_for([("1.2.840.10008.5.1.4.1.1.2", ExplicitVRLittleEndian)], False)
+assoc = net.associate(ep, "DICOMFLOW", contexts)
+assert assoc.is_established
+os.kill(pid, signal.SIGSTOP)
+assoc.dimse_timeout = 3  # what Sender sets: dimse_timeout + size / min_transfer_rate
+rsp = assoc.send_c_store(path)
+print("RESULT", rsp.get("Status"), net.stall_reason(assoc), flush=True)
+"""
+
+
+@pytest.mark.parametrize("fastpath", FASTPATH)
+def test_defect01_a_transfer_is_bounded_by_its_dimse_timeout(tmp_path: Path, cleanup,
+                                                             fastpath: str) -> None:
+    # the per-send socket timeout (dimse_timeout 10m) is out of reach: only the C-STORE's
+    # own DIMSE timeout may end it, and the abort that follows must not wait on the peer
+    peer = StoreSCP(tmp_path / "recv", ae_title="PACS").start()
+    cleanup.append(peer)
+    cleanup.append(_Resume(peer.proc.pid))
+    conf = endpoint_conf(tmp_path, {"pacs": {"port": peer.port, "ae_title": "PACS",
+                                             "dimse_timeout": "10m"}})
+    big = write_dataset(make_dataset(rows=BIG_SIDE, cols=BIG_SIDE), tmp_path / "src" / "big.dcm")
+    result = subprocess.run([sys.executable, "-c", TRANSFER_SCRIPT, str(conf), str(peer.proc.pid),
+                             str(big)], capture_output=True, text=True, timeout=HANG_TIMEOUT,
+                            cwd=Path(__file__).resolve().parent.parent,
+                            env={**os.environ, "DICOMFLOW_FASTPATH": fastpath})
+    assert "RESULT None" in result.stdout, result.stdout + result.stderr
+    assert "stopped reading" in result.stdout or "DIMSE timeout" in result.stdout
+
+
 # -- defect 20: probes that do not kill fragile destinations ---------------------------
 
 SCP_SCRIPT = r"""
