@@ -263,8 +263,11 @@ class Sender:
         return True
 
     def _mark_down(self, reason: str) -> None:
+        if self.stopping:  # a transfer cut by the shutdown: said once, the state is "stopped"
+            self.release(abort=True)
+            return
         stalled = net.stall_reason(self.current.assoc) if self.current is not None else None
-        if stalled and not self.stopping:
+        if stalled:
             reason = f"{stalled} ({self.ep.host}:{self.ep.port}): {reason}"
         self.release(abort=True)
         if self.down_reason is None:
