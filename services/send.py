@@ -10,7 +10,9 @@ capped backoff until it answers; a destination out of resources (0xA7xx) is *bus
 the same way. The sender's own bookkeeping never stops it: a delivered file whose
 move to ``sent/`` fails is never sent again (see :class:`_Pending`). Outside its
 delivery window the sender sleeps until the next opening. A signal only sets a flag:
-the file in flight finishes, the association is released, the process exits 0.
+the file in flight finishes, the association is released, the process exits 0 — but a
+transfer blocked on a destination that stopped reading (or answering) is cut, so a
+shutdown never waits on a peer.
 """
 
 from __future__ import annotations
@@ -54,6 +56,7 @@ BATCH_LIMIT = 1000           # files planned per association round (bounds each 
 SUSPECT_LIMIT = 3            # associations lost while sending the same file → charge it
 MOVE_RETRY = 1.0             # first wait before retrying a move the disk refused
 MOVE_RETRY_CAP = 60.0        # longest wait between such retries
+SHUTDOWN_STALL = 2.0         # on SIGTERM, a send blocked this long on the peer is cut
 
 
 class EndpointTrouble(Exception):
@@ -121,11 +124,14 @@ class Sender:
         self.watcher = DirectoryWatcher(self.outbox)
         self.lock = DaemonLock(self.spool.run_dir, f"send-{endpoint}")
         self.stopping = False
+        self.closed = False
         self.current: _Current | None = None
         self.last_activity = self.clock.monotonic()
         self.down_reason: str | None = None
         self.down_at = 0.0
         self.next_probe = 0.0
+        self.last_probe: float | None = None
+        self.verification = True  # False once the destination refused Verification
         self.next_prune = 0.0
         self.metas: dict[str, FileMeta] = {}
         self.suspects: dict[str, int] = {}
@@ -163,6 +169,23 @@ class Sender:
         # thread may be inside the watcher's own lock right now.
         self.stopping = True
         threading.Thread(target=self.watcher.wake, daemon=True).start()
+        threading.Thread(target=self._cut_stalled_send, name="dicomflow-stop", daemon=True).start()
+
+    def _cut_stalled_send(self) -> None:
+        """While stopping: the file in flight may finish — unless its send is blocked on
+        a destination that stopped reading, or the destination has kept it waiting for
+        longer than ``dimse_timeout``; that association is cut, so a shutdown never
+        waits on a peer (the file stays in the outbox and is sent again later)."""
+        while not self.closed:
+            current = self.current
+            if current is not None and (
+                    net.send_blocked_for(current.assoc) >= SHUTDOWN_STALL
+                    or net.exchange_quiet_for(current.assoc) >= self.ep.dimse_timeout):
+                net.cut(current.assoc, "stopping: the destination stopped reading or answering")
+                self.log.warning("stopping: the destination stopped reading or answering; "
+                                 "transfer cut, the file stays in the outbox")
+                return
+            threading.Event().wait(0.1)
 
     def stop(self) -> None:
         """Ask the loop to finish the file in flight and exit (signal-safe)."""
@@ -170,6 +193,7 @@ class Sender:
         self.watcher.wake()
 
     def close(self) -> None:
+        self.closed = True
         self.release()
         self.state.set("stopped")
         self.state.flush()
@@ -278,14 +302,32 @@ class Sender:
     # -- endpoint health ----------------------------------------------------------------
 
     def _probe(self) -> bool:
-        """Cheap check (TCP connect, TLS handshake) before trying a real association."""
-        reason = net.tcp_probe(self.ep)
-        if reason:
-            self._mark_down(reason)
+        """Check before trying a real association: an association and C-ECHO (a bare TCP
+        connection kills fragile destinations), a TCP connection only for a destination
+        that does not accept Verification. Never more often than ``probe_backoff``."""
+        mono = self.clock.monotonic()
+        if self.last_probe is not None and mono - self.last_probe < self.ep.retry.probe_backoff:
+            self.next_probe = self.last_probe + self.ep.retry.probe_backoff
+            return False
+        self.last_probe = mono
+        with _quiet_pynetdicom(True):
+            result = net.probe(self.ep, self.ep.calling_ae_title, self.verification)
+        if self.verification and not result.verification:
+            self.log.info("the destination does not accept Verification; probing it with TCP "
+                          "connections from now on")
+        self.verification = result.verification
+        if result.reason:
+            self._mark_down(result.reason)
             return False
         return True
 
     def _mark_down(self, reason: str) -> None:
+        if self.stopping:  # a transfer cut by the shutdown: said once, the state is "stopped"
+            self.release(abort=True)
+            return
+        stalled = net.stall_reason(self.current.assoc) if self.current is not None else None
+        if stalled:
+            reason = f"{stalled} ({self.ep.host}:{self.ep.port}): {reason}"
         self.release(abort=True)
         if self.down_reason is None:
             self.down_at = self.clock.monotonic()
@@ -308,12 +350,11 @@ class Sender:
         if current is None:
             return
         try:
-            if current.alive:
-                if abort:
-                    current.assoc.abort()
-                else:
-                    current.assoc.release()
-                    self.log.debug("association released")
+            was_alive = current.alive
+            net.close(current.assoc, abort=abort,
+                      timeout=min(self.ep.acse_timeout, net.RELEASE_WAIT))
+            if was_alive and not abort:
+                self.log.debug("association released")
         except Exception as exc:  # noqa: BLE001 - a dying peer must not kill the sender
             self.log.debug("error releasing association: {}", exc)
 

@@ -153,3 +153,51 @@ class Orthanc:
     def stop(self) -> None:
         terminate(self.proc, self.log, grace=30)
         self.proc = None
+
+
+class SimpleStorage:
+    """CTN's ``simple_storage``: a fragile Storage SCP (one process, no fork) that exits
+    when a TCP connection closes without an association — the peer that a bare TCP
+    health probe kills. Received images land under ``directory``."""
+
+    BINARY = "/usr/bin/simple_storage"
+
+    def __init__(self, directory: Path, ae_title: str = "CTN", port: int | None = None) -> None:
+        self.directory = directory
+        self.ae_title = ae_title
+        self.port = port or free_port()
+        self.proc: subprocess.Popen | None = None
+
+    def start(self) -> SimpleStorage:
+        """Started without a port check: a connect-and-close would kill it."""
+        self.directory.mkdir(parents=True, exist_ok=True)
+        cmd = [require_binary(self.BINARY), "-s", "-c", self.ae_title, "-x", str(self.directory),
+               str(self.port)]
+        self.log = open(self.directory.parent / f"simple_storage-{self.port}.log", "ab")  # noqa: SIM115
+        self.proc = subprocess.Popen(cmd, cwd=self.directory, stdout=self.log,
+                                     stderr=subprocess.STDOUT)
+        wait_for(self._listening, HANG_TIMEOUT, message=f"simple_storage on port {self.port}")
+        return self
+
+    def _listening(self) -> bool:
+        """Whether the port is in LISTEN state, read from /proc (no connection made)."""
+        wanted = f":{self.port:04X} "
+        for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+            try:
+                lines = Path(table).read_text().splitlines()[1:]
+            except OSError:
+                continue
+            if any(wanted in line.split(None, 3)[1] + " " and line.split()[3] == "0A"
+                   for line in lines):
+                return True
+        return False
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def files(self) -> list[Path]:
+        return sorted(p for p in self.directory.rglob("*") if p.is_file())
+
+    def stop(self) -> None:
+        terminate(self.proc, self.log, grace=10)
+        self.proc = None
