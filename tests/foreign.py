@@ -242,8 +242,15 @@ class PixelMed:
         for found in re.finditer(r"Send (.+?) (succeeded|failed) between", result.stderr):
             said[found.group(1)] = found.group(2) == "succeeded"
         return [Outcome(p, said.get(str(p), False), None,
-                        "" if said.get(str(p)) else _last_error(result) or "not reported")
-                for p in files]
+                        _pixelmed_detail(said.get(str(p)), result)) for p in files]
+
+
+def _pixelmed_detail(succeeded: bool | None, result: subprocess.CompletedProcess) -> str:
+    if succeeded:
+        return ""
+    if succeeded is None:
+        return "not reported: " + (_last_error(result) or f"exit status {result.returncode}")
+    return "PixelMed reports the send failed (it gives no status)"
 
 
 def _last_error(result: subprocess.CompletedProcess) -> str:
