@@ -48,12 +48,13 @@ _LONG_VRS = {b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"SV", b"UC", b"UN
 _UNDEFINED = 0xFFFFFFFF
 
 
-@dataclass(frozen=True)
 class Refusal(Exception):
     """A received data set that must not be acknowledged: status and Error Comment."""
 
-    status: int
-    comment: str
+    def __init__(self, status: int, comment: str) -> None:
+        super().__init__(status, comment)
+        self.status = status
+        self.comment = comment
 
     def __str__(self) -> str:
         return f"0x{self.status:04X} {self.comment}"
@@ -89,7 +90,8 @@ def _dataset_offset(fp: BinaryIO, size: int) -> int:
         if len(head) < 8 or struct.unpack_from("<H", head)[0] != 0x0002:
             return position
         if head[4:6] in _LONG_VRS:
-            length = struct.unpack("<L", fp.read(4))[0]
+            extra = fp.read(4)
+            length = struct.unpack("<L", extra)[0] if len(extra) == 4 else size
         else:
             length = struct.unpack_from("<H", head, 6)[0]
         if fp.tell() + length > size:
@@ -154,7 +156,10 @@ def _scan_sop_uids(fp: BinaryIO, start: int, little: bool) -> tuple[str, str] | 
         if not explicit:
             length = struct.unpack(end + "L", raw[4:])[0]
         elif raw[4:6] in _LONG_VRS:
-            length = struct.unpack(end + "L", fp.read(4))[0]
+            extra = fp.read(4)
+            if len(extra) < 4:
+                return None
+            length = struct.unpack(end + "L", extra)[0]
         elif raw[4:6].isalpha() and raw[4:6].isupper():
             length = struct.unpack(end + "H", raw[6:])[0]
         else:
@@ -178,6 +183,7 @@ class _PixelSpy:
 
     def __init__(self, fp: BinaryIO, little: bool) -> None:
         self.fp = fp
+        self.seek, self.tell = fp.seek, fp.tell  # not wrapped: the walk calls them a lot
         self.pixel_tag = struct.pack("<HH" if little else ">HH", 0x7FE0, 0x0010)
         self.after_tag = -1      # bytes read since the last Pixel Data tag, -1 = none
         self.encapsulated = False
@@ -196,11 +202,6 @@ class _PixelSpy:
                 self.after_tag = -1
         return data
 
-    def seek(self, offset: int, whence: int = 0) -> int:
-        return self.fp.seek(offset, whence)
-
-    def tell(self) -> int:
-        return self.fp.tell()
 
 
 # -- deflated transfer syntaxes ------------------------------------------------------------

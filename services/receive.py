@@ -223,8 +223,8 @@ class Receiver:
         The filter would quarantine it: answering success would let the modality delete
         its only copy. Only cheap, seek-only checks (see :mod:`pipeline.intake`).
         """
-        command = Command(str(event.request.AffectedSOPClassUID),
-                          str(event.request.AffectedSOPInstanceUID),
+        uid = str(event.request.AffectedSOPInstanceUID)
+        command = Command(str(event.request.AffectedSOPClassUID), uid,
                           str(event.context.transfer_syntax))
         try:
             check_received(path, command)
@@ -233,6 +233,8 @@ class Receiver:
         except OSError as exc:
             return Refusal(STATUS_OUT_OF_RESOURCES, f"cannot read the received data set: "
                                                     f"{escape(exc.strerror or exc, 40)}")
+        except Exception:  # a bug in a check must not refuse (or 0xC211) a good file
+            logger.exception("cannot check the data set of {}; the filter will", escape(uid))
         return None
 
     def _enough_space(self) -> bool:
@@ -317,7 +319,7 @@ def _failure(refusal: Refusal) -> Dataset:
     """A C-STORE failure status with its Error Comment (LO: at most 64 characters)."""
     status = Dataset()
     status.Status = refusal.status
-    status.ErrorComment = refusal.comment[:64]
+    status.ErrorComment = refusal.comment.encode("ascii", "replace").decode("ascii")[:64]
     return status
 
 
