@@ -17,7 +17,8 @@ pixel data, so it costs next to nothing for ordinary files:
   pynetdicom wrote into the temp file's meta) — e.g. a file sent on another file's
   presentation context;
 * for the deflated transfer syntaxes, the same checks on the inflated stream, inflated
-  incrementally (bounded memory) up to :data:`MAX_INFLATED` bytes.
+  incrementally (bounded memory) up to :data:`MAX_INFLATED` bytes; an odd-length
+  deflated stream is then padded to even length (:func:`pad_deflated`).
 
 Each refusal is a :class:`Refusal` carrying the DIMSE status and an Error Comment.
 """
@@ -79,6 +80,25 @@ def check_received(path: os.PathLike | str, command: Command) -> None:
             return
         _check_uids(fp, head_len, command, little=command.transfer_syntax != EXPLICIT_BE)
         _check_structure(fp, size, command.transfer_syntax, command)
+
+
+def pad_deflated(path: os.PathLike | str, transfer_syntax: str) -> bool:
+    """Pad an odd-length deflated data set with one NUL byte; True if it was padded.
+
+    PS3.5 A.5 requires the deflated bitstream to be padded to an even length with a
+    single trailing NULL byte; some files and senders (pydicom's ``image_dfl.dcm`` sent
+    by GDCM) omit it, and DCMTK then refuses every fragment of it ("Odd Fragment
+    Length"), so the file could never be delivered there. Inflating stops at the end
+    of the deflate stream: the pad byte changes nothing in the data set.
+    """
+    if transfer_syntax not in DEFLATED:
+        return False
+    with open(path, "r+b") as fp:
+        size = fp.seek(0, os.SEEK_END)
+        if size % 2 == 0:
+            return False
+        fp.write(b"\0")
+    return True
 
 
 def _dataset_offset(fp: BinaryIO, size: int) -> int:

@@ -30,7 +30,7 @@ from pipeline import fastpath, peer_reset
 from pipeline import log as logmod
 from pipeline.config import Config, TlsConfig
 from pipeline.filemeta import install_ae_slots, stamp_ae_titles
-from pipeline.intake import Command, Refusal, check_received
+from pipeline.intake import Command, Refusal, check_received, pad_deflated
 from pipeline.lock import DaemonLock
 from pipeline.log import escape, logger
 from pipeline.names import is_valid_uid
@@ -202,6 +202,8 @@ class Receiver:
                            refusal.comment)
             return _failure(refusal)
         try:
+            if pad_deflated(path, str(event.context.transfer_syntax)):
+                logger.debug("{}: odd-length deflated data set padded to even length", escape(uid))
             stamp_ae_titles(path, calling, event.assoc.acceptor.ae_title)
             target = self.spool.publish_new(path, self.spool.incoming, str(uid))
         except OSError as exc:

@@ -219,3 +219,27 @@ def test_defect18_pixelmed_odd_length_data_set_is_delivered_equal_to_source(
     finally:
         pipeline.stop()
         destination.stop()
+
+
+@FASTPATH
+def test_defect19_gdcm_odd_length_deflated_data_set_is_delivered(fastpath: str, tmp_path: Path) -> None:
+    """pydicom's image_dfl.dcm has an odd-length deflated data set (PS3.5 A.5 wants a pad
+    byte); GDCM sends it as it is and storescp refuses it ("Odd Fragment Length"). The
+    receiver pads it, so the file it acknowledges can be delivered to DCMTK unchanged."""
+    source = Path(shutil.copy(get_testdata_file("image_dfl.dcm"), tmp_path / "image_dfl.dcm"))
+    assert source.stat().st_size % 2 == 1
+    sender = Gdcm()
+    (direct,), _ = send_direct(sender, [source], tmp_path)
+    print(f"gdcm: peer limit (storescp refuses it too): {source.name}: {direct.detail}")
+    destination = StoreSCP(tmp_path / "dest", "DEST", extra=SCP_OPTIONS).start()
+    pipeline = Pipeline(tmp_path, destination, fastpath).start()
+    try:
+        (outcome,) = sender.send(pipeline.port, [source], "DICOMFLOW")
+        assert outcome.ok, outcome
+        (delivered,) = wait_for(destination.files, message="the deflated file delivered")
+        wait_for(pipeline.settled, message="the pipeline settled")
+        assert pipeline.dead_ends() == [], pipeline.logs()
+        assert data_set_differences(pydicom.dcmread(delivered), pydicom.dcmread(source)) == []
+    finally:
+        pipeline.stop()
+        destination.stop()
