@@ -9,7 +9,8 @@ Both are normal network events for a daemon, not bugs.
 
 :class:`PeerResetFilter` sits on pynetdicom's DUL logger and rewrites each such pair of
 records into one line without a traceback: INFO when the peer left between PDUs (after
-its last response), WARNING when it left in the middle of a PDU (a transfer was cut).
+its last response), WARNING when it left in the middle of a PDU (a transfer was cut) or
+stayed silent beyond the network timeout.
 Anything that is not an ``OSError`` keeps its ERROR line and traceback (a real bug).
 It works with pynetdicom's own reactor (``DICOMFLOW_FASTPATH=0``) as with the fast path.
 """
@@ -38,8 +39,11 @@ def describe_peer(assoc: Any) -> str:
 
 
 def connection_lost_line(assoc: Any, exc: BaseException, mid_pdu: bool) -> str:
-    """The one line that says a peer closed its connection."""
+    """The one line that says a peer closed its connection (or went silent)."""
     where = "in the middle of a PDU" if mid_pdu else "after its last PDU"
+    if isinstance(exc, TimeoutError):
+        return (f"connection from {describe_peer(assoc)} timed out {where} "
+                "(no data within the network timeout)")
     reason = getattr(exc, "strerror", None) or type(exc).__name__
     return f"connection from {describe_peer(assoc)} closed by the peer {where} ({reason})"
 
@@ -72,7 +76,7 @@ class PeerResetFilter(logging.Filter):
         record.msg = connection_lost_line(getattr(dul, "assoc", None), exc, mid_pdu)
         record.args = None
         record.exc_info, record.exc_text = None, None
-        record.levelno = logging.WARNING if mid_pdu else logging.INFO
+        record.levelno = logging.WARNING if mid_pdu or isinstance(exc, TimeoutError) else logging.INFO
         record.levelname = logging.getLevelName(record.levelno)
         return True
 
