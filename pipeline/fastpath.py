@@ -247,8 +247,15 @@ def _dul_run_reactor(self: DULServiceProvider) -> None:
             except Exception as exc:
                 from pynetdicom.dul import LOGGER
 
-                LOGGER.error("Exception in DUL.run(), aborting association")
-                LOGGER.exception(exc)
+                if isinstance(exc, OSError):
+                    # The peer closed or reset the connection (gdcmscu aborts on exit):
+                    # a network event, one line without a traceback.
+                    from pipeline.peer_reset import connection_lost_line
+
+                    LOGGER.info(connection_lost_line(self.assoc, exc, mid_pdu=False))
+                else:
+                    LOGGER.error("Exception in DUL.run(), aborting association")
+                    LOGGER.exception(exc)
                 abort_pdu = A_ABORT_RQ()
                 abort_pdu.source = 0x02
                 abort_pdu.reason_diagnostic = 0x00

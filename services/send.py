@@ -33,7 +33,7 @@ from pydicom.uid import UID
 from pynetdicom import Association
 
 from pipeline import association as net
-from pipeline import fastpath
+from pipeline import fastpath, peer_reset
 from pipeline import log as logsetup
 from pipeline.association import FileMeta
 from pipeline.backoff import Backoff, delay
@@ -860,4 +860,5 @@ def main(config: Config, endpoint: str) -> int:
     router = config.router
     logsetup.setup(f"send-{endpoint}", ep.log_level or router.log_level, router.log_json,
                    router.pynetdicom_log_level)
+    peer_reset.install()
     return Sender(config, endpoint).run()

@@ -34,20 +34,27 @@ def terminate(proc: subprocess.Popen | None, log=None, grace: float = 30) -> Non
 
 
 class StoreSCP:
-    """DCMTK ``storescp`` writing every received instance under a unique name."""
+    """DCMTK ``storescp`` writing every received instance under a unique name.
+
+    ``bit_preserving`` (``+B``) writes what arrives without parsing it; without it,
+    storescp parses each data set and refuses what it cannot read (a reference for
+    what a careful receiver accepts).
+    """
 
     def __init__(self, directory: Path, ae_title: str = "STORESCP", port: int | None = None,
-                 extra: tuple[str, ...] = ()) -> None:
+                 extra: tuple[str, ...] = (), bit_preserving: bool = True) -> None:
         self.directory = directory
         self.ae_title = ae_title
         self.port = port or free_port()
         self.extra = extra
+        self.bit_preserving = bit_preserving
         self.proc: subprocess.Popen | None = None
 
     def start(self) -> StoreSCP:
         self.directory.mkdir(parents=True, exist_ok=True)
         cmd = [dcmtk("storescp"), "-aet", self.ae_title, "-od", str(self.directory),
-               "+uf", "+B", "-dhl", *self.extra, str(self.port)]
+               "+uf", *(("+B",) if self.bit_preserving else ()), "-dhl", *self.extra,
+               str(self.port)]
         self.log = open(self.directory.parent / f"storescp-{self.port}.log", "ab")  # noqa: SIM115
         self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT,
                                      env={**os.environ, **TCP_ENV})
