@@ -390,8 +390,18 @@ class _OverLimit(Exception):
     pass
 
 
+@dataclass(frozen=True)
+class Structure:
+    """What the walk saw of a complete file: where its top-level pixel data starts
+    (None for objects without) and whether that pixel data is encapsulated (undefined
+    length: compressed frames) — which only an encapsulated transfer syntax allows."""
+
+    pixel_data_at: int | None
+    encapsulated_pixel_data: bool
+
+
 def check_complete(fp: BinaryIO, size: int, transfer_syntax: str, sop_class_uid: str = "", *,
-                   limits: HeaderLimits = DEFAULT_LIMITS) -> None:
+                   limits: HeaderLimits = DEFAULT_LIMITS) -> Structure:
     """Walk the element structure by seeking; refuse a file cut short, malformed or
     beyond ``limits``.
 
@@ -417,6 +427,7 @@ def check_complete(fp: BinaryIO, size: int, transfer_syntax: str, sop_class_uid:
         raise QuarantineError(str(exc)) from None
     if walker.pixel_data_at is None and _is_image_class(sop_class_uid):
         raise QuarantineError("truncated: an image without pixel data")
+    return Structure(walker.pixel_data_at, walker.encapsulated_pixel_data)
 
 
 def _is_image_class(sop_class_uid: str) -> bool:
@@ -526,6 +537,7 @@ class _Walker:
         self.limits = limits
         self.little, self.explicit = True, True
         self.pixel_data_at: int | None = None
+        self.encapsulated_pixel_data = False
         self.elements = 0
         self.header_bytes = 0
 
@@ -610,6 +622,7 @@ class _Walker:
             vr, length, header = self._element(tag)
             if depth == 0 and tag in _PIXEL_TAGS and self.pixel_data_at is None:
                 self.pixel_data_at = self.src.tell()
+                self.encapsulated_pixel_data = length == _UNDEFINED
             if tag == _ITEM_END:
                 if until_item_end:
                     return

@@ -9,16 +9,17 @@ not acknowledged and then quarantined.
 Everything here reads element headers and a few short values by seeking, never the
 pixel data, so it costs next to nothing for ordinary files:
 
-* the structure walk of :func:`pipeline.header.check_complete` (every element inside
-  the file);
+* the structure walk of :func:`pipeline.header.check_complete` with the filter's own
+  limits (every element inside the file; a deflated data set inflated in chunks up to
+  ``[filter] max_inflated_size``), so the receiver refuses exactly what the filter
+  would quarantine;
 * pixel data encapsulated (undefined length) although the context's transfer syntax is
   native — compressed pixel data sent in an uncompressed context;
 * the data set's SOP Class and SOP Instance UIDs against the C-STORE command's (which
   pynetdicom wrote into the temp file's meta) — e.g. a file sent on another file's
-  presentation context;
-* for the deflated transfer syntaxes, the same checks on the inflated stream, inflated
-  incrementally (bounded memory) up to :data:`MAX_INFLATED` bytes; an odd-length
-  deflated stream is then padded to even length (:func:`pad_deflated`).
+  presentation context.
+
+An odd-length deflated stream is padded to even length (:func:`pad_deflated`).
 
 Each refusal is a :class:`Refusal` carrying the DIMSE status and an Error Comment.
 """
@@ -27,22 +28,26 @@ from __future__ import annotations
 
 import os
 import struct
-import zlib
 from dataclasses import dataclass
 from typing import BinaryIO
 
 from pydicom.uid import UID
 
 from pipeline.errors import QuarantineError
-from pipeline.header import DEFLATED, EXPLICIT_BE, IMPLICIT_LE, PREAMBLE, check_complete
+from pipeline.header import (
+    DEFAULT_LIMITS,
+    DEFLATED,
+    EXPLICIT_BE,
+    PREAMBLE,
+    HeaderLimits,
+    InflateError,
+    InflatingReader,
+    check_complete,
+)
 from pipeline.names import escape
 
 STATUS_DOES_NOT_MATCH = 0xA900   # PS3.4 B.2.3: Data Set does not match SOP Class
 STATUS_CANNOT_UNDERSTAND = 0xC000
-MAX_INFLATED = 1024 ** 3         # a deflated data set inflating beyond this is refused
-EXPLICIT_LE = "1.2.840.10008.1.2.1"
-INFLATE_CHUNK = 256 * 1024
-LOOKBACK = 64 * 1024             # how far the walk may seek back in an inflated stream
 SCAN_LIMIT = 64                  # top-level elements read while looking for the SOP UIDs
 _SOP_CLASS, _SOP_INSTANCE = 0x00080016, 0x00080018
 _LONG_VRS = {b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"SV", b"UC", b"UN", b"UR", b"UT", b"UV"}
@@ -70,16 +75,17 @@ class Command:
     transfer_syntax: str
 
 
-def check_received(path: os.PathLike | str, command: Command) -> None:
+def check_received(path: os.PathLike | str, command: Command,
+                   limits: HeaderLimits = DEFAULT_LIMITS) -> None:
     """Raise :class:`Refusal` if the received Part-10 temp file cannot be routed."""
     with open(path, "rb") as fp:
         size = os.fstat(fp.fileno()).st_size
         head_len = _dataset_offset(fp, size)
         if command.transfer_syntax in DEFLATED:
-            _check_deflated(fp, size, head_len, command)
-            return
-        _check_uids(fp, head_len, command, little=command.transfer_syntax != EXPLICIT_BE)
-        _check_structure(fp, size, command.transfer_syntax, command)
+            _check_deflated_uids(fp, head_len, command, limits)
+        else:
+            _check_uids(fp, head_len, command, little=command.transfer_syntax != EXPLICIT_BE)
+        _check_structure(fp, size, command, limits)
 
 
 def pad_deflated(path: os.PathLike | str, transfer_syntax: str) -> bool:
@@ -119,13 +125,13 @@ def _dataset_offset(fp: BinaryIO, size: int) -> int:
         fp.seek(fp.tell() + length)
 
 
-def _check_structure(fp: BinaryIO, size: int, syntax: str, command: Command) -> None:
-    spy = _PixelSpy(fp, little=syntax != EXPLICIT_BE)
+def _check_structure(fp: BinaryIO, size: int, command: Command, limits: HeaderLimits) -> None:
+    syntax = command.transfer_syntax
     try:
-        check_complete(spy, size, syntax, command.sop_class_uid)  # type: ignore[arg-type]
+        structure = check_complete(fp, size, syntax, command.sop_class_uid, limits=limits)
     except QuarantineError as exc:
         raise Refusal(STATUS_CANNOT_UNDERSTAND, f"data set {exc}") from None
-    if spy.encapsulated and not UID(syntax).is_encapsulated:
+    if structure.encapsulated_pixel_data and not UID(syntax).is_encapsulated:
         raise Refusal(STATUS_CANNOT_UNDERSTAND,
                       f"encapsulated (compressed) pixel data in a {_syntax_name(syntax)} context")
 
@@ -195,126 +201,17 @@ def _scan_sop_uids(fp: BinaryIO, start: int, little: bool) -> tuple[str, str] | 
     return values.get(_SOP_CLASS, ""), values.get(_SOP_INSTANCE, "")
 
 
-# -- encapsulated pixel data -------------------------------------------------------------
-
-class _PixelSpy:
-    """A file wrapper that notices the structure walk reading an undefined-length
-    (encapsulated) Pixel Data element, at any depth; it reads nothing itself."""
-
-    def __init__(self, fp: BinaryIO, little: bool) -> None:
-        self.fp = fp
-        self.seek, self.tell = fp.seek, fp.tell  # not wrapped: the walk calls them a lot
-        self.pixel_tag = struct.pack("<HH" if little else ">HH", 0x7FE0, 0x0010)
-        self.after_tag = -1      # bytes read since the last Pixel Data tag, -1 = none
-        self.encapsulated = False
-
-    def read(self, count: int = -1) -> bytes:
-        data = self.fp.read(count)
-        if data == self.pixel_tag:
-            self.after_tag = 0
-        elif self.after_tag >= 0:
-            self.after_tag += len(data)
-            if len(data) == 4 and self.after_tag in (4, 8):  # implicit / explicit OB/OW
-                if data == b"\xff\xff\xff\xff":
-                    self.encapsulated = True
-                self.after_tag = -1
-            elif self.after_tag > 8:
-                self.after_tag = -1
-        return data
-
-
-
 # -- deflated transfer syntaxes ------------------------------------------------------------
 
-def _check_deflated(fp: BinaryIO, size: int, head_len: int, command: Command) -> None:
-    """Inflate the data set (bounded, incrementally) and check it as explicit VR LE."""
-    fp.seek(0)
-    head = fp.read(head_len)
-    reader = _Inflated(fp, head, size)
-    _check_uids(reader, head_len, command, little=True)  # type: ignore[arg-type]
-    inflated_end = reader.inflate_all()
-    _check_structure(_Inflated(fp, head, size), inflated_end, EXPLICIT_LE,  # type: ignore[arg-type]
-                     command)
+def _check_deflated_uids(fp: BinaryIO, head_len: int, command: Command, limits: HeaderLimits) -> None:
+    """The SOP UID check on the start of the inflated data set (inflated on demand,
+    bounded like the structure walk that follows)."""
+    fp.seek(head_len)
+    reader = InflatingReader(fp, limits.max_inflated_size)
+    try:
+        _check_uids(reader, 0, command, little=True)  # type: ignore[arg-type]
+    except InflateError as exc:
+        raise Refusal(STATUS_CANNOT_UNDERSTAND, f"data set {exc}") from None
 
 
-class _Inflated:
-    """A read-only, forward-seeking file over the Part-10 head followed by the inflated
-    data set; keeps :data:`LOOKBACK` bytes behind the furthest read for small seeks back.
-    """
-
-    def __init__(self, fp: BinaryIO, head: bytes, size: int) -> None:
-        self.fp, self.head, self.size = fp, head, size
-        fp.seek(len(head))
-        self.inflater = zlib.decompressobj(-zlib.MAX_WBITS)
-        self.window = bytearray()
-        self.window_start = len(head)   # virtual offset of window[0]
-        self.produced = len(head)       # virtual offset just after the inflated bytes so far
-        self.position = 0
-        self.done = False
-
-    def _more(self) -> None:
-        if self.done:
-            return
-        compressed = self.fp.read(INFLATE_CHUNK)
-        try:
-            if compressed:
-                data = self.inflater.decompress(compressed, INFLATE_CHUNK * 64)
-                while self.inflater.unconsumed_tail:
-                    self._append(data)
-                    data = self.inflater.decompress(self.inflater.unconsumed_tail, INFLATE_CHUNK * 64)
-            else:
-                data = self.inflater.flush()
-                self.done = True
-        except zlib.error as exc:
-            raise Refusal(STATUS_CANNOT_UNDERSTAND, f"deflated data set does not inflate: {exc}") from None
-        if self.inflater.eof:
-            self.done = True
-        self._append(data)
-
-    def _append(self, data: bytes) -> None:
-        self.produced += len(data)
-        if self.produced - len(self.head) > MAX_INFLATED:
-            raise Refusal(STATUS_CANNOT_UNDERSTAND,
-                          f"deflated data set inflates beyond {MAX_INFLATED} bytes")
-        self.window += data
-        keep_from = min(len(self.window), self.position - LOOKBACK - self.window_start)
-        if keep_from > 0:
-            del self.window[:keep_from]
-            self.window_start += keep_from
-
-    def inflate_all(self) -> int:
-        """Inflate to the end (bounded); the virtual size of head + inflated data set."""
-        while not self.done:
-            self.position = self.produced
-            self._more()
-        return self.produced
-
-    def read(self, count: int = -1) -> bytes:
-        if count < 0:
-            raise ValueError("unbounded read of an inflated stream")
-        start = self.position
-        if start < len(self.head):
-            data = self.head[start:start + count]
-            self.position += len(data)
-            if len(data) == count:
-                return data
-            return data + self.read(count - len(data))
-        while self.produced < start + count and not self.done:
-            self._more()
-        if start < self.window_start:
-            raise Refusal(STATUS_CANNOT_UNDERSTAND, "inflated data set needs a seek too far back")
-        data = bytes(self.window[start - self.window_start:start - self.window_start + count])
-        self.position += len(data)
-        return data
-
-    def seek(self, offset: int, whence: int = 0) -> int:
-        if whence != 0:
-            raise ValueError("only absolute seeks")
-        self.position = offset
-        return offset
-
-    def tell(self) -> int:
-        return self.position
-
-
-__all__ = ["Command", "Refusal", "check_received", "IMPLICIT_LE", "MAX_INFLATED"]
+__all__ = ["Command", "Refusal", "check_received", "pad_deflated"]

@@ -229,7 +229,7 @@ class Receiver:
         command = Command(str(event.request.AffectedSOPClassUID), uid,
                           str(event.context.transfer_syntax))
         try:
-            check_received(path, command)
+            check_received(path, command, self.router.header_limits)
         except Refusal as refusal:
             return refusal
         except OSError as exc:

@@ -14,7 +14,7 @@ import pytest
 from pydicom.data import get_testdata_file
 from pydicom.filereader import read_file_meta_info
 
-from pipeline import intake
+from pipeline.header import HeaderLimits
 from pipeline.intake import Command, Refusal, check_received
 
 
@@ -62,8 +62,7 @@ def test_other_instance_than_the_command_is_refused() -> None:
     assert refused.value.status == 0xA900 and "SOP Class" in refused.value.comment
 
 
-def test_deflate_bomb_is_refused_at_the_cap(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(intake, "MAX_INFLATED", 8 * 1024 * 1024)
+def test_deflate_bomb_is_refused_at_the_cap(tmp_path: Path) -> None:
     source = Path(get_testdata_file("image_dfl.dcm"))
     inflated = zlib.decompress(source.read_bytes()[_head_length(source):], -zlib.MAX_WBITS)
     bomb = tmp_path / "bomb.dcm"
@@ -77,8 +76,8 @@ def test_deflate_bomb_is_refused_at_the_cap(tmp_path: Path, monkeypatch: pytest.
     bomb.write_bytes(source.read_bytes()[:_head_length(source)] + body)
     assert bomb.stat().st_size < 1024 * 1024
     with pytest.raises(Refusal) as refused:
-        check_received(bomb, command_of(bomb))
-    assert "inflates beyond" in refused.value.comment
+        check_received(bomb, command_of(bomb), HeaderLimits(max_inflated_size=8 * 1024 * 1024))
+    assert "inflates to more than 8 MiB" in refused.value.comment
 
 
 def _head_length(path: Path) -> int:
