@@ -9,13 +9,19 @@ Facts this module is built on:
 * the requestor's reactor thread can take a C-STORE-RSP off the DIMSE queue before the
   waiting ``send_c_store`` does, which then hangs until its timeout. ``_serve_request``
   is where the reactor drops such a message ("Received unexpected … service message"):
-  :func:`install_response_handback` puts responses back for the waiting send.
+  :func:`install_response_handback` puts responses back for the waiting send;
+* pynetdicom clears the timeout of the outgoing socket once connected: a destination
+  that stops reading blocks its DUL thread in ``socket.send`` for ever, and with it
+  every abort (``Association.kill`` waits for that thread). :func:`_on_conn_open`
+  gives the socket a send timeout and :func:`cut` ends an association without
+  waiting on anything the peer does.
 """
 
 from __future__ import annotations
 
 import socket
 import ssl
+import threading
 import time
 import types
 from collections.abc import Iterable
@@ -30,6 +36,8 @@ from pipeline.config import EndpointConfig, TlsConfig
 from pipeline.transcode import UNCOMPRESSED
 
 MAX_CONTEXTS = 128
+RELEASE_WAIT = 10.0  # at most this long for a peer's A-RELEASE-RP (or an abort) to complete
+ABORT_WAIT = 2.0     # an A-ABORT is sent, not answered: longer means the DUL thread is stuck
 VERIFICATION = UID("1.2.840.10008.1.1")
 
 _config.STORE_SEND_CHUNKED_DATASET = True
@@ -120,10 +128,149 @@ def tune_socket(sock: socket.socket) -> None:
 
 
 def _on_conn_open(event: evt.Event) -> None:
-    sock = event.assoc.dul.socket.socket
+    assoc = event.assoc
+    assoc._dicomflow_connected = True
+    sock = assoc.dul.socket.socket
     if sock is not None:
         tune_socket(sock)
-    install_response_handback(event.assoc)
+        sock.settimeout(send_timeout(assoc))
+    assoc.dul.socket.send = types.MethodType(_bounded_send, assoc.dul.socket)
+    # pynetdicom re-points ``abort`` at ``_abort_blocking`` around every event handler
+    assoc._abort_blocking = types.MethodType(  # type: ignore[method-assign]
+        _bounded_abort(assoc._abort_blocking), assoc)
+    if "abort" in vars(assoc):
+        assoc.abort = assoc._abort_blocking  # type: ignore[method-assign]
+    if hasattr(assoc.dul.to_provider_queue, "on_overdue"):  # the fast path's bounded queue
+        assoc.dul.to_provider_queue.on_overdue = lambda: cut(
+            assoc, f"the transfer took longer than its DIMSE timeout ({assoc.dimse_timeout:g}s: "
+                   f"dimse_timeout plus the file at min_transfer_rate)")
+    install_response_handback(assoc)
+
+
+# -- bounded sending and cutting an association -----------------------------------------
+
+def send_timeout(assoc: Association) -> float:
+    """How long one ``socket.send`` may make no progress: the endpoint's DIMSE timeout
+    (a destination that takes no byte for that long is not going to answer either)."""
+    return float(getattr(assoc, "_dicomflow_send_timeout", None) or assoc.dimse_timeout or 60.0)
+
+
+def _bounded_send(transport, bytestream: bytes) -> None:
+    """pynetdicom's ``AssociationSocket.send`` on a socket with a timeout: a destination
+    that stops reading ends the association (:func:`cut`) instead of blocking the DUL
+    thread — and every abort waiting for it — for ever. Records when a send started, so
+    a shutdown can tell a blocked transfer from a slow one."""
+    assoc = transport.assoc
+    sock = transport.socket
+    total, length = 0, len(bytestream)
+    transport._dicomflow_sending_since = time.monotonic()
+    try:
+        while total < length:
+            total += sock.send(bytestream[total:])
+            transport._dicomflow_sending_since = transport._dicomflow_last_sent = time.monotonic()
+        evt.trigger(assoc, evt.EVT_DATA_SENT, {"data": bytestream})
+    except TimeoutError:
+        cut(assoc, f"the destination stopped reading: nothing could be sent to it for "
+                   f"{send_timeout(assoc):g}s (dimse_timeout)")
+    except Exception:  # noqa: BLE001 - as pynetdicom: any socket error closes the transport
+        transport.event_queue.put("Evt17")
+    finally:
+        transport._dicomflow_sending_since = None
+
+
+def _bounded_abort(abort):
+    """``Association.abort`` that never waits on a stuck DUL thread: pynetdicom's own
+    abort (also called inside ``send_*`` after a DIMSE timeout) waits for the DUL to
+    send the A-ABORT, which it cannot while blocked on a peer that reads nothing."""
+    def bounded(assoc: Association, block: bool = True) -> None:
+        if not block:
+            abort(block=False)
+            return
+        _run_bounded(assoc, abort, ABORT_WAIT, f"the destination stopped reading (an A-ABORT "
+                                               f"could not be sent to it within {ABORT_WAIT:g}s)")
+    return bounded
+
+
+def _run_bounded(assoc: Association, call, timeout: float, why: str) -> None:
+    """Run ``call()`` in a helper thread for at most ``timeout``, then :func:`cut`."""
+    def run() -> None:
+        try:
+            call()
+        except Exception:  # noqa: BLE001 - a dying peer must not matter here
+            pass
+    worker = threading.Thread(target=run, name="dicomflow-close", daemon=True)
+    worker.start()
+    worker.join(timeout)
+    if worker.is_alive():
+        cut(assoc, why)
+        worker.join(1.0)
+
+
+def send_blocked_for(assoc: Association) -> float:
+    """Seconds the current ``socket.send`` has been waiting without progress (0 when
+    not sending)."""
+    transport = getattr(assoc.dul, "socket", None)
+    since = getattr(transport, "_dicomflow_sending_since", None)
+    return 0.0 if since is None else time.monotonic() - since
+
+
+def exchange_quiet_for(assoc: Association) -> float:
+    """Seconds since a byte last went out while a ``send_*`` exchange is in flight (its
+    reactor is paused then), i.e. how long the peer has kept us waiting; 0 otherwise."""
+    if assoc._reactor_checkpoint.is_set():
+        return 0.0
+    transport = getattr(assoc.dul, "socket", None)
+    last = getattr(transport, "_dicomflow_last_sent", None)
+    return 0.0 if last is None else time.monotonic() - last
+
+
+def stall_reason(assoc: Association | None) -> str | None:
+    """Why :func:`cut` ended ``assoc``, if it did."""
+    return getattr(assoc, "_dicomflow_cut", None) if assoc is not None else None
+
+
+def cut(assoc: Association, reason: str) -> None:
+    """End ``assoc`` at once, whatever the peer does: mark it aborted, stop its DUL
+    thread, shut the socket down (a ``send`` blocked on it returns) and wake a
+    ``send_*`` waiting for a response. Safe from any thread, more than once."""
+    if getattr(assoc, "_dicomflow_cut", None) is None:
+        assoc._dicomflow_cut = reason
+    assoc.is_established = False
+    assoc.is_aborted = True
+    assoc._kill = True  # the reactor's checkpoint is left alone: a paused reactor
+    # would take the wake-up below meant for the waiting send_*; that send sets it
+    dul = assoc.dul
+    dul._kill_thread = True
+    transport = getattr(dul, "socket", None)
+    sock = getattr(transport, "socket", None)
+    if sock is not None:
+        try:
+            sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+        try:
+            sock.close()
+        except OSError:
+            pass
+    fastpath.wake_dul(dul)
+    try:
+        assoc.dimse.msg_queue.put((None, None))  # a waiting send_c_store returns "no response"
+    except Exception:  # noqa: BLE001 - best effort: the DIMSE timeout still bounds the wait
+        pass
+
+
+def close(assoc: Association, abort: bool = False, timeout: float = 10.0) -> None:
+    """Release (or abort) ``assoc`` without ever waiting on the peer for more than
+    ``timeout``: pynetdicom's own release/abort runs in a helper thread; if it is not
+    done in time the association is :func:`cut`."""
+    if not assoc.is_established:
+        if assoc.dul.is_alive():
+            cut(assoc, "closed")
+        return
+    if abort:
+        assoc.abort()  # bounded by _bounded_abort
+    else:
+        _run_bounded(assoc, assoc.release, timeout, "no answer to the release request")
 
 
 HANDLERS = [(evt.EVT_CONN_OPEN, _on_conn_open)]
@@ -188,6 +335,54 @@ def tcp_probe(ep: EndpointConfig) -> str | None:
     return None
 
 
+@dataclass(frozen=True)
+class ProbeResult:
+    """What a probe found: ``reason`` is None when the endpoint is worth an association;
+    ``verification`` is False when it answered but does not accept Verification (then
+    later probes fall back to a TCP connection)."""
+
+    reason: str | None
+    verification: bool = True
+
+
+def echo_probe(ep: EndpointConfig, calling_ae: str) -> ProbeResult:
+    """Health check by association and C-ECHO, every wait bounded by the endpoint's
+    timeouts. A bare TCP connect-and-close kills fragile destinations (CTN's
+    ``simple_storage`` exits on one), so a destination is asked the DICOM way. It is up
+    when it answers the association at all: a rejection or a Verification it does not
+    accept is left for the real association to report."""
+    where = f"{ep.host}:{ep.port}"
+    assoc, elapsed = associate_timed(ep, calling_ae, [build_context(VERIFICATION)])
+    if not assoc.is_established:
+        if assoc.is_rejected:
+            return ProbeResult(None)
+        if all_contexts_rejected(assoc) or getattr(assoc, "_dicomflow_connected", False) \
+                and elapsed < ep.acse_timeout:
+            return ProbeResult(None, verification=False)  # answered, or aborted: not by echo
+        return ProbeResult(failure_reason(ep, assoc, elapsed))
+    try:
+        assoc.dimse_timeout = ep.dimse_timeout
+        rsp = assoc.send_c_echo()
+    except Exception as exc:  # noqa: BLE001 - a peer leaving mid-probe is an answer too
+        rsp = None
+        reason = f"C-ECHO to {where} failed: {type(exc).__name__}: {exc}"
+    else:
+        reason = f"no C-ECHO response from {where} within dimse_timeout {ep.dimse_timeout:g}s"
+    finally:
+        close(assoc, timeout=min(ep.acse_timeout, RELEASE_WAIT))
+    if rsp is None or rsp.get("Status") is None:
+        return ProbeResult(reason)
+    return ProbeResult(None)
+
+
+def probe(ep: EndpointConfig, calling_ae: str, verification: bool = True) -> ProbeResult:
+    """:func:`echo_probe`, or :func:`tcp_probe` for a destination known not to accept
+    Verification."""
+    if verification:
+        return echo_probe(ep, calling_ae)
+    return ProbeResult(tcp_probe(ep), verification=False)
+
+
 def associate_timed(ep: EndpointConfig, calling_ae: str,
                     contexts: list[PresentationContext]) -> tuple[Association, float]:
     """:func:`associate` and how long it took (pynetdicom reports an ACSE timeout as an
@@ -206,9 +401,14 @@ def failure_reason(ep: EndpointConfig, assoc: Association, elapsed: float = 0.0)
             return (f"association rejected by {ep.ae_title}@{ep.host}:{ep.port}: "
                     f"{rsp.result_str}, {rsp.source_str}, {rsp.reason_str}")
         return f"association rejected by {ep.ae_title}@{ep.host}:{ep.port}"
-    transport = tcp_probe(ep)
-    if transport:
-        return transport
+    if not getattr(assoc, "_dicomflow_connected", False):
+        if elapsed >= ep.connect_timeout:
+            return f"timeout connecting to {ep.host}:{ep.port} after {ep.connect_timeout:g}s"
+        # the connection failed at once (refused, no route, TLS): ask again for the
+        # reason — a port that refused a moment ago is no fragile DICOM peer
+        transport = tcp_probe(ep)
+        if transport:
+            return transport
     if elapsed >= ep.acse_timeout:
         return (f"timeout: no answer to the association request from {ep.host}:{ep.port} "
                 f"within acse_timeout {ep.acse_timeout:g}s")

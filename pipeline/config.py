@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.errors import ConfigError
+from pipeline.header import HeaderLimits
 from pipeline.names import is_valid_ae_title, is_valid_endpoint_name
 from pipeline.rules import RuleSet, RuleSyntaxError, parse_conditions, parse_sop_list
 from pipeline.schedule import ALWAYS, Window, WindowSyntaxError, parse_window
@@ -102,6 +103,13 @@ def size(value: str) -> int:
     if not match or match.group(2) not in _SIZE_UNITS:
         raise ValueError(f"{value!r} is not a size (e.g. 4096, 64 KiB, 1 MiB, 2 GiB)")
     return int(float(match.group(1)) * _SIZE_UNITS[match.group(2)])
+
+
+def positive_size(value: str) -> int:
+    number = size(value)
+    if number < 1:
+        raise ValueError(f"{value!r} must be at least 1 byte")
+    return number
 
 
 def pdu_size(value: str) -> int:
@@ -221,6 +229,10 @@ class RouterConfig:
     disk_floor_fraction: float | None = None
     tls: TlsConfig = field(default_factory=TlsConfig)
     rules: RuleSet = field(default_factory=RuleSet)
+    #: [filter] settle_time: how long a hand-copied file without a close-write event
+    #: must stay unchanged (and unopened for writing) before the filter takes it
+    settle_time: float = 3.0
+    header_limits: HeaderLimits = field(default_factory=HeaderLimits)
 
     def disk_floor(self, total_bytes: int) -> int:
         """Free bytes to keep: the configured value, else min(1 GiB, 5 % of the disk)."""
@@ -460,8 +472,24 @@ def load_router(conf_dir: Path) -> RouterConfig:
     values["tls"] = _tls(tls_section, conf_dir, server=True)
     tls_section.finish()
     filter_section = _Section(path, "filter", data["filter"]) if "filter" in data else None
+    if filter_section is not None:
+        values["settle_time"] = filter_section.take("settle_time", positive_duration, 3.0)
+    values["header_limits"] = _header_limits(filter_section)
     values["rules"] = _rules(filter_section)
     return RouterConfig(**values)
+
+
+def _header_limits(section: _Section | None) -> HeaderLimits:
+    """[filter] bounds on reading one file's header (the rest of the section is rules)."""
+    default = HeaderLimits()
+    if section is None:
+        return default
+    return HeaderLimits(
+        max_header_elements=section.take("max_header_elements", positive_int,
+                                         default.max_header_elements),
+        max_header_bytes=section.take("max_header_bytes", positive_size, default.max_header_bytes),
+        max_inflated_size=section.take("max_inflated_size", positive_size, default.max_inflated_size),
+    )
 
 
 _LEGACY = {

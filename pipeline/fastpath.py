@@ -39,6 +39,7 @@ benchmark's before/after comparison).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import queue
@@ -121,20 +122,35 @@ class _SendQueue(_WakingQueue):
     whole file's PDUs before the DUL thread has sent any, so a 1 GiB object sat in
     memory (557 MB peak RSS measured). A producer now waits while ``SEND_QUEUE_LIMIT``
     P-DATA primitives are pending — unless the DUL thread is gone, when waiting would
-    hang it forever (the PDU could never be sent; the DIMSE timeout reports it)."""
+    hang it forever (the PDU could never be sent; the DIMSE timeout reports it).
+
+    Waiting here is also where a slow destination keeps the producer, so the message's
+    ``deadline`` (its DIMSE timeout, which the sender sizes by ``min_transfer_rate``)
+    is enforced here: past it, ``on_overdue`` ends the association."""
 
     def __init__(self, dul: DULServiceProvider) -> None:
         super().__init__(lambda: _dul_wake(dul))
         self._dul = dul
         self._pending = threading.Semaphore(SEND_QUEUE_LIMIT)
+        self.deadline: float | None = None
+        self.on_overdue = None
 
     def put(self, item: Any, block: bool = True, timeout: float | None = None) -> None:
         if isinstance(item, P_DATA) and threading.current_thread() is not self._dul:
-            while not self._pending.acquire(timeout=0.5):
-                if self._dul._kill_thread or (self._dul.ident is not None and not self._dul.is_alive()):
+            while not self._pending.acquire(timeout=0.5 if not self._dul_gone() else 0):
+                if self._dul_gone():
+                    return  # checked before every wait: the rest of a file drops at once
+                if self.deadline is not None and time.monotonic() > self.deadline:
+                    self.deadline = None
+                    if self.on_overdue is not None:
+                        self.on_overdue()
                     return
             item._df_bounded = True
         super().put(item, block, timeout)
+
+    def _dul_gone(self) -> bool:
+        dul = self._dul
+        return bool(dul._kill_thread) or (dul.ident is not None and not dul.is_alive())
 
     def get(self, block: bool = True, timeout: float | None = None) -> Any:
         item = super().get(block, timeout)
@@ -147,6 +163,11 @@ def _dul_wake(dul: DULServiceProvider) -> None:
     pipe = getattr(dul, "_df_pipe", None)
     if pipe is not None and threading.current_thread() is not dul:
         pipe.wake()
+
+
+def wake_dul(dul: DULServiceProvider) -> None:
+    """Wake the DUL thread (to notice its kill flag); a no-op without the fast path."""
+    _dul_wake(dul)
 
 
 def _assoc_wake(dul: DULServiceProvider) -> None:
@@ -226,8 +247,15 @@ def _dul_run_reactor(self: DULServiceProvider) -> None:
             except Exception as exc:
                 from pynetdicom.dul import LOGGER
 
-                LOGGER.error("Exception in DUL.run(), aborting association")
-                LOGGER.exception(exc)
+                if isinstance(exc, OSError):
+                    # The peer closed or reset the connection (gdcmscu aborts on exit):
+                    # a network event, one line without a traceback.
+                    from pipeline.peer_reset import connection_lost_line
+
+                    LOGGER.info(connection_lost_line(self.assoc, exc, mid_pdu=False))
+                else:
+                    LOGGER.error("Exception in DUL.run(), aborting association")
+                    LOGGER.exception(exc)
                 abort_pdu = A_ABORT_RQ()
                 abort_pdu.source = 0x02
                 abort_pdu.reason_diagnostic = 0x00
@@ -539,10 +567,28 @@ def _dimse_send_msg(self: DIMSEServiceProvider, primitive: Any, context_id: int)
             msg.context_id = context_id
             msg._data_set_path = getattr(primitive, "_dataset_path", None)
             msg._data_set_file = None
-            for pdata in msg.encode_msg(context_id, self.maximum_pdu_size):
-                self.dul.send_pdu(pdata)
+            with _deadline(self):
+                for pdata in msg.encode_msg(context_id, self.maximum_pdu_size):
+                    self.dul.send_pdu(pdata)
             return
-    _orig_send_msg(self, primitive, context_id)
+    with _deadline(self):
+        _orig_send_msg(self, primitive, context_id)
+
+
+@contextlib.contextmanager
+def _deadline(dimse: DIMSEServiceProvider):
+    """While a message is queued for sending, its DIMSE timeout bounds the whole
+    transfer (pynetdicom applies it only to the wait for the response)."""
+    queue_ = getattr(dimse.dul, "to_provider_queue", None)
+    timeout = getattr(dimse, "dimse_timeout", None)
+    if not isinstance(queue_, _SendQueue) or timeout is None:
+        yield
+        return
+    queue_.deadline = time.monotonic() + timeout
+    try:
+        yield
+    finally:
+        queue_.deadline = None
 
 
 # -- installing ---------------------------------------------------------------------------

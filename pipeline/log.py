@@ -9,6 +9,7 @@ must pass through :func:`pipeline.names.escape` before they are logged.
 from __future__ import annotations
 
 import logging
+import re
 import sys
 import traceback
 
@@ -16,7 +17,11 @@ from loguru import logger
 
 from pipeline.names import escape
 
-__all__ = ["logger", "setup", "escape"]
+__all__ = ["logger", "setup", "escape", "shown_name"]
+
+#: the names DicomFlow gives files (arrival time, counter, SOP Instance UID): no patient data
+_STANDARD_NAME = re.compile(r"\d{8}T\d{6}\.\d{6}-\d{6}-(?:[0-9.]+|nouid)\.dcm")
+HAND_DROPPED = "(hand-dropped)"
 
 _FORMAT = (
     "{time:YYYY-MM-DD HH:mm:ss.SSS} {level: <7} {extra[daemon]}"
@@ -38,6 +43,15 @@ class _InterceptHandler(logging.Handler):
             # ValueError): keep it, but escaped on the same line — no forged log lines.
             message += "\n" + "".join(traceback.format_exception(*record.exc_info)).rstrip()
         logger.opt(depth=0).bind(source=record.name).log(level, escape(message, limit=4000))
+
+
+def shown_name(name: str) -> str:
+    """A file name as INFO+ lines may show it: a standard name, never a hand-dropped one.
+
+    Export tools put patient names in file names (``DOE^JOHN_12345.dcm``); such a name is
+    logged at DEBUG only, and INFO lines name the file by the standard name it gets.
+    """
+    return escape(name) if _STANDARD_NAME.fullmatch(name) else HAND_DROPPED
 
 
 def _context(record: dict) -> None:

@@ -44,26 +44,34 @@ def is_valid_endpoint_name(value: str) -> bool:
 
 
 def escape(value: object, limit: int = 200) -> str:
-    """Render untrusted text for a log line: no control characters, bounded length.
+    """Render untrusted text for a log line, a sidecar or JSON: printable, valid UTF-8, bounded.
 
     Newlines and other control characters are shown as ``\\xNN`` escapes so that a
-    hostile AE title or file name can never forge a log line.
+    hostile AE title or file name can never forge a log line. Names from disk are bytes
+    (a ``str`` of them carries undecodable bytes as lone surrogates, PEP 383): bytes that
+    are not UTF-8 are shown as ``\\xNN`` too, so that the result can always be written
+    as UTF-8 (a surrogate kept as such made every write of a ``.reason`` fail).
     """
-    if isinstance(value, bytes):
-        text = value.decode("latin-1")
+    if isinstance(value, bytes | bytearray):
+        text = bytes(value).decode("utf-8", "surrogateescape")
     else:
         text = str(value)
     if len(text) > limit:
         text = text[:limit] + "…"
     if text.isascii() and text.isprintable() and "\\" not in text:
         return text  # the common case: nothing to escape (issue 7: a loop per character)
-    out = []
-    for ch in text:
-        code = ord(ch)
-        if code < 0x20 or code == 0x7F or 0x80 <= code < 0xA0:
-            out.append(f"\\x{code:02x}")
-        elif ch == "\\":
-            out.append("\\\\")
-        else:
-            out.append(ch)
-    return "".join(out)
+    return "".join(_escape_char(ch) for ch in text)
+
+
+def _escape_char(ch: str) -> str:
+    code = ord(ch)
+    if 0xDC80 <= code <= 0xDCFF:  # an undecodable byte of a name from disk (surrogateescape)
+        return f"\\x{code - 0xDC00:02x}"
+    if code < 0x20 or code == 0x7F or 0x80 <= code < 0xA0:
+        return f"\\x{code:02x}"
+    if ch == "\\":
+        return "\\\\"
+    if ch == " " or ch.isprintable():
+        return ch
+    # other surrogates, line/paragraph separators, bidi overrides, unassigned code points
+    return f"\\u{code:04x}" if code <= 0xFFFF else f"\\U{code:08x}"

@@ -3,9 +3,15 @@
 Two small files, both replaced atomically through the spool:
 
 * ``retry-<endpoint>.json`` — per-file attempts of transient failures, so that a
-  restart neither forgets how often a file was refused nor lets it retry forever;
+  restart neither forgets how often a file was refused nor lets it retry forever; and
+  the files the destination acknowledged whose move to ``sent/`` could not be done
+  yet, so that a restart moves them instead of sending them again;
 * ``send-<endpoint>.json`` — what the operator sees in ``dicomflow status``
-  (delivering / idle / down since … / outside window until … / stopped).
+  (delivering / idle / busy / down since … / outside window until … / stopped).
+
+Neither file may stop delivery: when one cannot be written (a full disk), the
+in-memory copy stays authoritative while the sender runs, one line says so, and the
+write is tried again later.
 """
 
 from __future__ import annotations
@@ -20,7 +26,7 @@ from pipeline.config import RetryPolicy
 from pipeline.log import logger
 from pipeline.spool import Spool
 
-STATES = ("delivering", "idle", "down", "outside_window", "stopped")
+STATES = ("delivering", "idle", "busy", "down", "outside_window", "stopped")
 
 
 def iso_utc(epoch: float) -> str:
@@ -44,6 +50,7 @@ class RetryBook:
 
     The wait before the next attempt is kept in memory only (monotonic clock): after a
     restart a waiting file is tried again at once, but its attempt count survives.
+    ``delivered`` names acknowledged files still waiting for their move to ``sent/``.
     """
 
     def __init__(self, spool: Spool, endpoint: str, clock=None) -> None:
@@ -52,23 +59,56 @@ class RetryBook:
         self.name = f"retry-{endpoint}.json"
         self.entries: dict[str, RetryEntry] = {}
         self.not_before: dict[str, float] = {}
+        self.delivered: dict[str, str] = {}   # name -> when acknowledged (ISO UTC)
+        self.unsaved = False
 
     def load(self) -> RetryBook:
         path = self.spool.run_dir / self.name
         try:
             raw = json.loads(path.read_text())
             self.entries = {k: RetryEntry(**v) for k, v in raw.get("files", {}).items()}
+            self.delivered = {str(k): str(v) for k, v in raw.get("delivered", {}).items()}
         except FileNotFoundError:
-            self.entries = {}
+            self.entries, self.delivered = {}, {}
         except (ValueError, TypeError, AttributeError) as exc:
             logger.warning("ignoring unreadable retry state {}: {}", path, exc)
-            self.entries = {}
+            self.entries, self.delivered = {}, {}
         return self
 
-    def save(self) -> None:
+    def save(self) -> bool:
+        """Persist the book; False (one warning, the first time) when it cannot be
+        written — the in-memory book stays authoritative and :meth:`flush` retries."""
         data = {"endpoint": self.endpoint, "files": {k: asdict(v) for k, v in self.entries.items()}}
+        if self.delivered:
+            data["delivered"] = self.delivered
         payload = json.dumps(data, indent=1, sort_keys=True).encode()
-        self.spool.write_bytes(self.spool.run_dir, self.name, payload, replace=True)
+        try:
+            self.spool.write_bytes(self.spool.run_dir, self.name, payload, replace=True)
+        except OSError as exc:
+            if not self.unsaved:
+                logger.bind(endpoint=self.endpoint).warning(
+                    "cannot save the retry state {}: {}; attempts are counted in memory "
+                    "and saved when possible", self.name, exc.strerror or exc)
+            self.unsaved = True
+            return False
+        if self.unsaved:
+            logger.bind(endpoint=self.endpoint).info("retry state saved again")
+        self.unsaved = False
+        return True
+
+    def flush(self) -> None:
+        """Save again if an earlier save failed."""
+        if self.unsaved:
+            self.save()
+
+    def mark_delivered(self, name: str) -> bool:
+        """Record that the destination acknowledged ``name`` (its move is pending)."""
+        self.delivered[name] = iso_utc(self.clock.time())
+        return self.save()
+
+    def clear_delivered(self, name: str) -> None:
+        if self.delivered.pop(name, None) is not None:
+            self.save()
 
     def record(self, name: str, error: str, wait: float) -> RetryEntry:
         """Charge ``name`` one attempt; it may be retried after ``wait`` seconds."""
@@ -109,7 +149,10 @@ class RetryBook:
         stale = [k for k in self.entries if k not in names]
         for key in stale:
             del self.entries[key]
-        if stale:
+        gone = [k for k in self.delivered if k not in names]
+        for key in gone:
+            del self.delivered[key]
+        if stale or gone:
             self.save()
 
 
@@ -131,6 +174,7 @@ class StateReporter:
         self.failed = 0
         self._last_write = -1e18
         self._dirty = True
+        self._write_failed = False
 
     def set(self, state: str, next_open: datetime | None = None) -> None:
         assert state in STATES, state
@@ -182,8 +226,12 @@ class StateReporter:
         try:
             self.spool.write_bytes(self.spool.run_dir, f"send-{self.endpoint}.json", payload,
                                    replace=True)
-        except OSError as exc:  # a full disk must not stop delivery
-            logger.warning("cannot write state file: {}", exc)
+        except OSError as exc:  # a full disk must not stop delivery; say so once
+            if not self._write_failed:
+                logger.bind(endpoint=self.endpoint).warning("cannot write state file: {}", exc)
+            self._write_failed = True
+            self._dirty = True
             return
+        self._write_failed = False
         self._last_write = self.clock.monotonic()
         self._dirty = False

@@ -13,6 +13,7 @@ import ctypes
 import errno
 import itertools
 import os
+import re
 import time
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager, suppress
@@ -153,9 +154,29 @@ class Spool:
             self._check_version()
             for endpoint in endpoints:
                 self.create_endpoint(endpoint)
+            self._check_one_filesystem(endpoints)
         except OSError as exc:
             raise SpoolError(f"cannot create spool {self.root}: {exc.strerror or exc}") from exc
         return self
+
+    def _check_one_filesystem(self, endpoints: Iterable[str]) -> None:
+        """Refuse a spool whose stages are not all on one mount: files change stage by
+        rename, which fails (EXDEV) across filesystems — a delivered file could then
+        never reach ``sent/``. A configuration error, said at start-up, not a crash later."""
+        stages = [self.root / stage for stage in STAGES]
+        for endpoint in endpoints:
+            stages += [self.outbox(endpoint), self.sent(endpoint), self.failed(endpoint)]
+        stages += [d / TMP for d in stages if (d / TMP).is_dir()]  # published by rename too
+        root_dev = os.stat(self.root).st_dev
+        mounts = _mount_points_under(self.root)
+        for directory in stages:
+            inside = [m for m in mounts if m == directory or m in directory.parents]
+            if inside or os.stat(directory).st_dev != root_dev:
+                where = inside[0] if inside else directory
+                raise SpoolError(
+                    f"spool {self.root}: {where} is another filesystem (a mount point); every "
+                    f"stage must be on the spool's one filesystem, because files move between "
+                    f"stages by rename")
 
     def create_endpoint(self, endpoint: str) -> None:
         for directory in (self.outbox(endpoint), self.sent(endpoint), self.failed(endpoint)):
@@ -296,8 +317,15 @@ class Spool:
                 self.unlink(src)
                 return existing
             name = make_name(uid_in_name(name))
-        self.write_sidecar(directory / name, suffix, reason)
-        return self.move(src, directory, name)
+        sidecar = self.write_sidecar(directory / name, suffix, reason)
+        try:
+            return self.move(src, directory, name)
+        except FileExistsError:
+            raise
+        except OSError:  # nothing published: no reason without its file
+            with suppress(OSError):
+                sidecar.unlink()
+            raise
 
     def link(self, src: Path, directory: Path, name: str | None = None) -> Path:
         """Hard-link ``src`` into ``directory``; idempotent if the same file is already there."""
@@ -430,6 +458,26 @@ def uid_in_name(name: str) -> str | None:
         return None
     uid = name[: -len(DICOM_SUFFIX)].rsplit("-", 1)[1]
     return uid if is_valid_uid(uid) else None
+
+
+def _mount_points_under(root: Path) -> list[Path]:
+    """Mount points strictly inside ``root`` (``/proc/self/mountinfo``; bind mounts of
+    the same filesystem included, which ``st_dev`` cannot tell apart)."""
+    base = os.path.realpath(root)
+    found = []
+    try:
+        with open("/proc/self/mountinfo", "rb") as info:
+            lines = info.read().splitlines()
+    except OSError:
+        return []
+    for line in lines:
+        fields = line.split(b" ")
+        if len(fields) < 5:
+            continue
+        point = os.fsdecode(re.sub(rb"\\([0-7]{3})", lambda m: bytes([int(m[1], 8)]), fields[4]))
+        if point != base and point.startswith(base.rstrip("/") + "/"):
+            found.append(Path(root) / os.path.relpath(point, base))
+    return found
 
 
 def _same_inode(a: Path, b: Path) -> bool:

@@ -1,7 +1,10 @@
 """C-STORE statuses: what each code means and what the sender does with it.
 
-DESIGN.md §6: success and the storage warnings are *delivered*; out of resources
-(0xA7xx) is *transient* (retry later, the file goes to the back of the queue); every
+Success and *every* warning are *delivered*: PS3.4 (B.2.3) and PS3.7 (C) say a warning
+status means the object was stored — 0x0001, 0x0107, 0x0116 and the whole 0xBxxx range,
+codes not listed today included — so sending it again would only make a duplicate.
+Out of resources (0xA7xx, and the general 0x0213 resource limitation) is *transient*:
+the sender treats it as a condition of the endpoint (busy), not of the file. Every
 other failure is *permanent* (``failed/`` with this module's explanation in the
 sidecar, written for an integration engineer, not a DICOM expert).
 """
@@ -47,10 +50,11 @@ _RANGES = (
     (0xA700, 0xA7FF, "Failure: out of resources at the destination (disk full or busy; retried)"),
     (0xA900, 0xA9FF, "Failure: data set does not match SOP class"),
     (0xC000, 0xCFFF, "Failure: cannot understand (the destination could not parse the object)"),
-    (0xB000, 0xBFFF, "Warning"),
+    (0xB000, 0xBFFF, "Warning (the destination stored the object)"),
 )
 
-_DELIVERED = frozenset({0x0000, 0x0001, 0x0107, 0x0116, 0xB000, 0xB006, 0xB007})
+_DELIVERED = frozenset({0x0000, 0x0001, 0x0107, 0x0116})
+_WARNING_RANGE = (0xB000, 0xBFFF)
 
 
 def meaning(status: int) -> str:
@@ -64,8 +68,8 @@ def meaning(status: int) -> str:
 
 
 def classify(status: int) -> Outcome:
-    """What a sender does with a C-STORE status (DESIGN.md §6)."""
-    if status in _DELIVERED:
+    """What a sender does with a C-STORE status: every warning means stored."""
+    if status in _DELIVERED or _WARNING_RANGE[0] <= status <= _WARNING_RANGE[1]:
         return Outcome.DELIVERED
     if 0xA700 <= status <= 0xA7FF or status == 0x0213:
         return Outcome.TRANSIENT

@@ -12,7 +12,10 @@ hand-copied file only once it is whole.
 
 from __future__ import annotations
 
+import errno
+import fcntl
 import os
+import signal
 import threading
 from pathlib import Path
 
@@ -187,3 +190,94 @@ class _Inotify:
     def close(self) -> None:
         self.reader.stop()
         self.reader.join(timeout=5)
+
+
+# -- is a file still being written? -----------------------------------------------------
+
+_O_ACCMODE = 0o3
+
+
+def open_for_writing(path: Path) -> bool | None:
+    """True while some process has ``path`` open for writing; None if that cannot be told.
+
+    Size and mtime stability cannot tell a stalled ``cp`` (network source, spun-down
+    disk) from a finished one, and an mtime can lie after a clock step. The kernel knows:
+    a read lease (``F_SETLEASE, F_RDLCK``) on an ``O_RDONLY`` descriptor is refused with
+    EAGAIN while any writer has the file open. A lease needs the file's owner (or
+    CAP_LEASE) and a filesystem that grants leases; otherwise ``/proc/*/fd`` is scanned.
+    """
+    held = _lease_probe(path)
+    if held is None:
+        pids = writer_pids(path)
+        held = None if pids is None else bool(pids)
+    return held
+
+
+def _lease_probe(path: Path) -> bool | None:
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError:
+        return None
+    try:
+        if not take_read_lease(fd):
+            return True
+    except OSError:
+        return None  # EACCES/EPERM (not the owner), EINVAL (no leases here)
+    finally:
+        os.close(fd)  # releases the lease at once: a writer opening meanwhile waits for this only
+    return False
+
+
+def take_read_lease(fd: int) -> bool:
+    """Take a read lease on ``fd``; False if a writer has the file open (EAGAIN).
+
+    A writer that opens the file while we hold the lease makes the kernel signal us,
+    SIGIO by default — whose default action kills the process. The break is signalled
+    with SIGURG instead, which is ignored by default.
+    """
+    fcntl.fcntl(fd, fcntl.F_SETSIG, signal.SIGURG)
+    try:
+        fcntl.fcntl(fd, fcntl.F_SETLEASE, fcntl.F_RDLCK)
+    except OSError as exc:
+        if exc.errno in (errno.EAGAIN, errno.EBUSY):
+            return False
+        raise
+    return True
+
+
+def writer_pids(path: Path, proc: Path = Path("/proc")) -> list[int] | None:
+    """Processes (that we may inspect) holding ``path`` open for writing; None without /proc.
+
+    Processes of other users cannot be inspected without privileges and are not seen.
+    """
+    try:
+        st = os.stat(path, follow_symlinks=False)
+        entries = os.listdir(proc)
+    except OSError:
+        return None
+    own = os.getpid()
+    pids = []
+    for entry in entries:
+        if entry.isdigit() and int(entry) != own and _writes(proc / entry, st):
+            pids.append(int(entry))
+    return pids
+
+
+def _writes(process: Path, st: os.stat_result) -> bool:
+    """Does this process have a descriptor on (st_dev, st_ino) open for writing?"""
+    try:
+        fds = os.listdir(process / "fd")
+    except OSError:
+        return False  # gone, or another user's
+    for fd in fds:
+        try:
+            target = os.stat(process / "fd" / fd)
+            if (target.st_ino, target.st_dev) != (st.st_ino, st.st_dev):
+                continue
+            info = (process / "fdinfo" / fd).read_text()
+        except OSError:
+            continue
+        for line in info.splitlines():
+            if line.startswith("flags:") and int(line.split()[1], 8) & _O_ACCMODE:
+                return True
+    return False

@@ -52,7 +52,11 @@ def build_parser() -> argparse.ArgumentParser:
     up = _command(sub, "up", "start the whole pipeline under supervisord (or apply endpoint changes)",
                   "dicomflow up --conf /etc/dicomflow")
     up.add_argument("--timeout", type=float, default=60.0, help="seconds to wait for RUNNING")
-    _command(sub, "down", "stop the pipeline and its supervisord", "dicomflow down")
+    up.add_argument("--force", action="store_true",
+                    help="take the spool over from another conf directory (stops its router)")
+    down = _command(sub, "down", "stop the pipeline and its supervisord", "dicomflow down")
+    down.add_argument("--force", action="store_true",
+                      help="stop it even if the spool belongs to another conf directory")
     status = _command(sub, "status", "show every stage and endpoint", "dicomflow status --json")
     status.add_argument("--json", action="store_true", help="machine-readable output")
     retry = _command(sub, "retry", "move failed files of an endpoint back to its outbox",
@@ -81,6 +85,19 @@ def _load(args: argparse.Namespace) -> config_module.Config:
     return config_module.load(conf_dir(args))
 
 
+def _load_owned(args: argparse.Namespace) -> config_module.Config:
+    """For the daemons and commands that change the spool: its owner conf dir only.
+
+    A daemon started by hand claims a spool nobody owns yet (as ``up`` does).
+    """
+    from pipeline import owner
+    from pipeline.spool import Spool
+
+    config = _load(args)
+    owner.claim(Spool(config.spool).create(), config.conf_dir)
+    return config
+
+
 def _cmd_check(args: argparse.Namespace) -> int:
     from services.check import check
 
@@ -90,19 +107,19 @@ def _cmd_check(args: argparse.Namespace) -> int:
 def _cmd_receive(args: argparse.Namespace) -> int:
     from services.receive import main
 
-    return main(_load(args))
+    return main(_load_owned(args))
 
 
 def _cmd_filter(args: argparse.Namespace) -> int:
     from services.filter import main
 
-    return main(_load(args))
+    return main(_load_owned(args))
 
 
 def _cmd_send(args: argparse.Namespace) -> int:
     from services.send import main
 
-    return main(_load(args), args.endpoint)
+    return main(_load_owned(args), args.endpoint)
 
 
 def _cmd_route(args: argparse.Namespace) -> int:
@@ -118,27 +135,35 @@ def _cmd_echo(args: argparse.Namespace) -> int:
 
 
 def _cmd_status(args: argparse.Namespace) -> int:
+    from pipeline import owner
+    from pipeline.errors import SpoolError
+    from pipeline.spool import Spool
     from services.status import main
 
-    return main(_load(args), as_json=args.json)
+    config = _load(args)
+    try:
+        owner.check(Spool(config.spool), config.conf_dir)
+    except SpoolError as exc:  # still show it: an operator needs to see whose spool it is
+        print(f"dicomflow: warning: {exc}", file=sys.stderr)
+    return main(config, as_json=args.json)
 
 
 def _cmd_retry(args: argparse.Namespace) -> int:
     from services.retry import main
 
-    return main(_load(args), args.endpoint, args.files, retry_all=args.all)
+    return main(_load_owned(args), args.endpoint, args.files, retry_all=args.all)
 
 
 def _cmd_up(args: argparse.Namespace) -> int:
     from services.supervise import up
 
-    return up(_load(args), timeout=args.timeout)
+    return up(_load(args), timeout=args.timeout, force=args.force)
 
 
 def _cmd_down(args: argparse.Namespace) -> int:
     from services.supervise import down
 
-    return down(_load(args))
+    return down(_load(args), force=args.force)
 
 
 COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {

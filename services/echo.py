@@ -3,7 +3,9 @@
 Uses the endpoint's own settings (calling/called AE titles, timeouts, TLS), so a
 success here means the sender can associate too. The failure is named the way an
 integration engineer debugs it: connection refused, timeout, TLS failure, association
-rejected (with the peer's reason), aborted, or a failure status.
+rejected (with the peer's reason), aborted, or a failure status. No bare TCP connection
+is opened first: some destinations (CTN's ``simple_storage``) exit on one. Every wait is
+bounded by the endpoint's timeouts, the release included.
 """
 
 from __future__ import annotations
@@ -22,9 +24,6 @@ def echo(config: Config, endpoint: str) -> tuple[bool, str]:
     """(ok, message) for one C-ECHO to ``endpoint``."""
     ep = config.endpoints[endpoint]
     where = f"{ep.ae_title}@{ep.host}:{ep.port}"
-    reason = net.tcp_probe(ep)
-    if reason:
-        return False, reason
     logging.getLogger("pynetdicom").setLevel(logging.CRITICAL)  # we explain failures ourselves
     assoc, elapsed = net.associate_timed(ep, ep.calling_ae_title, [build_context(net.VERIFICATION)])
     if not assoc.is_established:
@@ -34,8 +33,7 @@ def echo(config: Config, endpoint: str) -> tuple[bool, str]:
     try:
         status = assoc.send_c_echo()
     finally:
-        if assoc.is_established:
-            assoc.release()
+        net.close(assoc, timeout=min(ep.acse_timeout, net.RELEASE_WAIT))
     code = status.get("Status")
     if code is None:
         return False, f"no C-ECHO response from {where} (timeout or abort)"

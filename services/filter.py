@@ -37,17 +37,30 @@ from pipeline.errors import ConfigError, QuarantineError
 from pipeline.fastpath import tune_pydicom
 from pipeline.header import Header
 from pipeline.lock import DaemonLock
-from pipeline.log import setup
+from pipeline.log import setup, shown_name
 from pipeline.names import escape
 from pipeline.rules import Decision, decide
 from pipeline.spool import FILE_MODE, Spool, make_name
-from pipeline.watch import DirectoryWatcher
+from pipeline.watch import DirectoryWatcher, open_for_writing, writer_pids
 
 #: OS errors that say "the disk (or the system) is in trouble, try again later",
 #: as opposed to something wrong with one file.
 RETRYABLE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EIO, errno.EMFILE,
                     errno.ENFILE, errno.ENOMEM}
+#: a file held open for writing this many settle times is reported (one WARNING)
+HELD_WARNING_FACTOR = 20
 _STANDARD_NAME = re.compile(r"\d{8}T\d{6}\.\d{6}-\d{6}-(?P<uid>[0-9.]+|nouid)\.dcm")
+
+
+@dataclasses.dataclass
+class _Arrival:
+    """A file seen in incoming/: its (size, mtime, inode), and since when it is unchanged."""
+
+    key: tuple[int, int, int]
+    since: float
+    completed: bool = False
+    held_since: float | None = None
+    warned: bool = False
 
 
 class DiskTrouble(Exception):
@@ -66,18 +79,21 @@ class FilterDaemon:
     """The filter loop, bound to its configuration, spool and logger (no globals)."""
 
     def __init__(self, config: Config, spool: Spool | None = None, log=None, *,
-                 settle: float = 3.0, rescan_interval: float = 5.0,
+                 settle: float | None = None, rescan_interval: float = 5.0,
                  retry_interval: float = 5.0) -> None:
         self.config = config
         self.spool = spool or Spool(config.spool)
         self.log = log or logger.bind(daemon="filter")
-        self.settle = settle
+        #: seconds a file without a close-write event must stay unchanged ([filter] settle_time)
+        self.settle = config.router.settle_time if settle is None else settle
+        #: a writer holding a file open this long (and not writing) is reported, once
+        self.held_warning = HELD_WARNING_FACTOR * max(self.settle, 0.05)
         self.rescan_interval = rescan_interval
         self.retry_interval = retry_interval
         self.watcher = DirectoryWatcher(self.spool.incoming)
         self.stopping = False
         self.reload_requested = False
-        self._seen: dict[str, tuple[tuple[int, int, int], float]] = {}
+        self._seen: dict[str, _Arrival] = {}
         self._retry_at: dict[Path, float] = {}
 
     # -- control (safe from signal handlers: flags and a wake-up only) ---------------
@@ -183,30 +199,71 @@ class FilterDaemon:
         return False
 
     def _ready(self, path: Path) -> bool:
-        """Complete: moved in / closed after writing, or unchanged for the settle time."""
+        """Complete: nobody has it open for writing, and it was moved in / closed after
+        writing or stayed unchanged for the settle time.
+
+        A file still open for writing is never taken, however long its writer stalls:
+        stability and mtime cannot tell a stalled ``cp`` from a finished one (nor survive
+        a clock step). An old mtime counts only when the kernel says nobody writes.
+        """
         name = path.name
-        if self.watcher.take_completed(name):
-            self._seen.pop(name, None)
-            return True
+        completed = self.watcher.take_completed(name)
         try:
             st = os.lstat(path)
         except FileNotFoundError:
+            self._seen.pop(name, None)
             return False
         if not stat.S_ISREG(st.st_mode):
+            self._seen.pop(name, None)
             return True  # nothing to wait for: it goes to quarantine
-        key = (st.st_size, st.st_mtime_ns, st.st_ino)
         now = time.monotonic()
-        previous = self._seen.get(name)
-        if previous is None or previous[0] != key:
-            self._seen[name] = (key, now)
-            previous = (key, now)
-        return time.time() - st.st_mtime >= self.settle or now - previous[1] >= self.settle
+        arrival = self._arrival(name, (st.st_size, st.st_mtime_ns, st.st_ino), now)
+        arrival.completed |= completed
+        settled = arrival.completed or now - arrival.since >= self.settle
+        if not settled and time.time() - st.st_mtime < self.settle:
+            return False
+        writing = open_for_writing(path)
+        if writing:
+            self._held(path, st, arrival, now)
+            return False
+        if not settled and writing is None:
+            return False  # only the mtime says it is old, and nobody can confirm it
+        del self._seen[name]
+        return True
+
+    def _arrival(self, name: str, key: tuple[int, int, int], now: float) -> _Arrival:
+        """What we know of a file in incoming/; a change of size/mtime/inode restarts its clock."""
+        arrival = self._seen.get(name)
+        if arrival is None:
+            arrival = self._seen[name] = _Arrival(key, now)
+        elif arrival.key != key:  # a writer at work: not (yet) a stalled one either
+            arrival.key, arrival.since, arrival.completed, arrival.held_since = key, now, False, None
+        return arrival
+
+    def _held(self, path: Path, st: os.stat_result, arrival: _Arrival, now: float) -> None:
+        """A file stays while a writer holds it open; after a long while, say so once.
+
+        A writer that died without closing (a hung process, a stopped job) would
+        otherwise hold the file silently for ever.
+        """
+        if arrival.held_since is None:
+            arrival.held_since = now
+            self.log.bind(file=escape(path.name)).debug("still open for writing: waiting for its writer")
+        if arrival.warned or now - arrival.held_since < self.held_warning:
+            return
+        arrival.warned = True
+        pids = writer_pids(path) or []
+        writer = f" by pid {', '.join(map(str, pids))}" if pids else ""
+        self.log.bind(file=shown_name(path.name)).warning(
+            f"a file in incoming/ (inode {st.st_ino}, {st.st_size} bytes) has been held open "
+            f"for writing{writer} for {now - arrival.held_since:.0f}s: it stays there until "
+            f"its writer closes it")
 
     # -- one file --------------------------------------------------------------------
 
     def process(self, path: Path) -> None:
         """Decide and move one file; log one line; never raise for a file's sake."""
-        log = self.log.bind(file=escape(path.name))
+        log = self.log.bind(file=shown_name(path.name))
         try:
             message = self._process(path)
         except FileNotFoundError:
@@ -217,7 +274,7 @@ class FilterDaemon:
                 self._internal_error(path, exc, log)
                 return
             self._retry_at[path] = time.monotonic() + self.retry_interval
-            log.warning(f"disk error, will retry in {self.retry_interval:g}s: {escape(exc)}")
+            log.warning(f"disk error, will retry in {self.retry_interval:g}s: {error_text(exc, path)}")
             raise DiskTrouble() from exc
         except Exception as exc:  # the daemon never dies on a file
             self._internal_error(path, exc, log)
@@ -227,14 +284,16 @@ class FilterDaemon:
 
     def _internal_error(self, path: Path, exc: BaseException, log) -> None:
         reason = f"error while filtering: {type(exc).__name__}: {exc}"
-        log.opt(exception=exc).warning(escape(reason))
+        # The exception's text may quote the path (a hand-dropped name): only at DEBUG.
+        log.warning(f"error while filtering: {error_text(exc, path)} (traceback at DEBUG)")
+        log.opt(exception=exc).debug(escape(reason))
         try:
             log.info(self._quarantine(path, reason))
         except FileNotFoundError:
             pass
         except Exception as again:
             self._retry_at[path] = time.monotonic() + self.retry_interval
-            log.error(f"cannot quarantine either, will retry: {escape(again)}")
+            log.error(f"cannot quarantine either, will retry: {error_text(again, path)}")
 
     def _process(self, path: Path) -> str | None:
         try:
@@ -245,7 +304,7 @@ class FilterDaemon:
             return self._quarantine(path, f"cannot be opened: {exc.strerror}")
         try:
             try:
-                head = header_module.read_header_fd(fd, st.st_size)
+                head = header_module.read_header_fd(fd, st.st_size, self.config.router.header_limits)
             except QuarantineError as exc:
                 self._make_durable_and_private(fd, st)  # quarantine/ holds PHI too: 0600
                 return self._quarantine(path, str(exc))
@@ -274,10 +333,21 @@ class FilterDaemon:
             name = _free_name(self.spool.rejected, name, head.sop_instance_uid)
             self.spool.move_with_reason(path, self.spool.rejected, ".reason",
                                         self._reason(decision.rejected, path), name=name)
-            return f"{what} rejected: {escape(decision.rejected, 500)}"
+            return f"{what} rejected{self._renamed(path, name)}: {escape(decision.rejected, 500)}"
         accepted = path if path.parent == self.spool.accepted else self._accept(path, name, head)
         self._fan_out(accepted, decision.endpoints, head.sop_instance_uid)
-        return f"{what} → {', '.join(decision.endpoints)}"
+        return f"{what}{self._renamed(path, accepted.name)} → {', '.join(decision.endpoints)}"
+
+    def _renamed(self, path: Path, name: str) -> str:
+        """`` as NAME`` when a file got a standard name; its original name only at DEBUG.
+
+        Export tools put patient names in file names: a hand-dropped name never reaches
+        an INFO line, but the operator can still follow it from the DEBUG log.
+        """
+        if name == path.name:
+            return ""
+        self.log.bind(file=escape(path.name)).debug(f"hand-dropped file is now {name}")
+        return f" as {name}"
 
     def decide(self, head: Header) -> Decision:
         rules = {name: ep.rules for name, ep in self.config.endpoints.items()}
@@ -317,6 +387,7 @@ class FilterDaemon:
         name = _free_name(self.spool.quarantine, name, None)
         self.spool.move_with_reason(path, self.spool.quarantine, ".reason",
                                     self._reason(reason, path), name=name)
+        self._renamed(path, name)
         return f"quarantined as {name}: {escape(reason, 500)}"
 
     def _reason(self, reason: str, path: Path) -> str:
@@ -351,6 +422,17 @@ def _free_name(directory: Path, name: str, uid: str | None) -> str:
     if not os.path.lexists(directory / name):
         return name
     return make_name(uid)
+
+
+def error_text(exc: BaseException, path: Path) -> str:
+    """An exception for an INFO+ line, without the (possibly patient-named) path it quotes."""
+    if isinstance(exc, OSError) and exc.strerror:
+        code = errno.errorcode.get(exc.errno or 0, str(exc.errno))
+        return f"{type(exc).__name__}: [{code}] {exc.strerror}"
+    text = str(exc)
+    for quoted in (str(path), path.name, repr(str(path)), repr(path.name)):
+        text = text.replace(quoted, "<file>")
+    return escape(f"{type(exc).__name__}: {text}", 500)
 
 
 def _same_file(path: Path, st: os.stat_result) -> bool:

@@ -22,14 +22,16 @@ import warnings
 from pathlib import Path
 from typing import Any, NamedTuple
 
+from pydicom.dataset import Dataset
 from pynetdicom import AE, _config, evt
 from pynetdicom.sop_class import Verification
 from pynetdicom.transport import RequestHandler, ThreadedAssociationServer
 
-from pipeline import fastpath, pdu_guard
+from pipeline import fastpath, pdu_guard, peer_reset
 from pipeline import log as logmod
 from pipeline.config import Config, TlsConfig
 from pipeline.filemeta import install_ae_slots, stamp_ae_titles
+from pipeline.intake import Command, Refusal, check_received, pad_deflated
 from pipeline.lock import DaemonLock
 from pipeline.log import escape, logger
 from pipeline.names import is_valid_uid
@@ -286,7 +288,7 @@ class Receiver:
     def handle_echo(self, event: evt.Event) -> int:
         return STATUS_SUCCESS
 
-    def handle_store(self, event: evt.Event) -> int:
+    def handle_store(self, event: evt.Event) -> int | Dataset:
         """Publish the received file durably, then (and only then) answer success."""
         request = event.request
         uid = request.AffectedSOPInstanceUID
@@ -304,7 +306,15 @@ class Receiver:
         if not self._enough_space():
             self.refused += 1
             return STATUS_OUT_OF_RESOURCES
+        refusal = self._unroutable(path, event)
+        if refusal is not None:
+            self.refused += 1
+            logger.warning("refused store of {} from {}: {}", escape(uid), escape(calling),
+                           refusal.comment)
+            return _failure(refusal)
         try:
+            if pad_deflated(path, str(event.context.transfer_syntax)):
+                logger.debug("{}: odd-length deflated data set padded to even length", escape(uid))
             stamp_ae_titles(path, calling, event.assoc.acceptor.ae_title)
             target = self.spool.publish_new(path, self.spool.incoming, str(uid))
         except OSError as exc:
@@ -319,6 +329,26 @@ class Receiver:
         self.stored += 1
         logger.bind(file=target.name).info("stored from {}", escape(calling))
         return STATUS_SUCCESS
+
+    def _unroutable(self, path: Path, event: evt.Event) -> Refusal | None:
+        """Why the received data set cannot be routed (and must not be acknowledged).
+
+        The filter would quarantine it: answering success would let the modality delete
+        its only copy. Only cheap, seek-only checks (see :mod:`pipeline.intake`).
+        """
+        uid = str(event.request.AffectedSOPInstanceUID)
+        command = Command(str(event.request.AffectedSOPClassUID), uid,
+                          str(event.context.transfer_syntax))
+        try:
+            check_received(path, command, self.router.header_limits)
+        except Refusal as refusal:
+            return refusal
+        except OSError as exc:
+            return Refusal(STATUS_OUT_OF_RESOURCES, f"cannot read the received data set: "
+                                                    f"{escape(exc.strerror or exc, 40)}")
+        except Exception:  # a bug in a check must not refuse (or 0xC211) a good file
+            logger.exception("cannot check the data set of {}; the filter will", escape(uid))
+        return None
 
     def _enough_space(self) -> bool:
         """Keep the disk floor: prune ``sent/`` oldest-first, else refuse (0xA700)."""
@@ -406,6 +436,14 @@ def _warning_to_log(message: Warning | str, category: type[Warning], filename: s
     logger.warning("{}: {}", category.__name__, escape(str(message)))
 
 
+def _failure(refusal: Refusal) -> Dataset:
+    """A C-STORE failure status with its Error Comment (LO: at most 64 characters)."""
+    status = Dataset()
+    status.Status = refusal.status
+    status.ErrorComment = refusal.comment.encode("ascii", "replace").decode("ascii")[:64]
+    return status
+
+
 def configure_pynetdicom(spool: Spool) -> None:
     """Process-wide pynetdicom settings of the receive daemon (DESIGN.md §8)."""
     _config.STORE_RECV_CHUNKED_DATASET = True
@@ -425,6 +463,7 @@ def configure_pynetdicom(spool: Spool) -> None:
 def main(config: Config) -> int:
     router = config.router
     logmod.setup("receive", router.log_level, router.log_json, router.pynetdicom_log_level)
+    peer_reset.install()
     spool = Spool(router.spool).create(config.endpoints)
     with DaemonLock(spool.run_dir, "receive"):
         removed = spool.clean_tmp(spool.incoming)

@@ -23,14 +23,14 @@ def explain(config: Config, path: Path) -> list[str]:
     """The lines printed for one file; raises OSError if it cannot be read at all."""
     shown = escape(str(path), 500)
     try:
-        head = read_header(path)
+        head = read_header(path, config.router.header_limits)
     except QuarantineError as exc:
-        return [f"{shown}: quarantine: {exc}"]
+        return [f"{shown}: quarantine: {escape(exc, 2000)}"]
     rules = {name: ep.rules for name, ep in config.endpoints.items()}
     decision = decide(config.router.rules, rules, head.dataset)
     label = UID(head.sop_class_uid).keyword or head.sop_class_uid
     first = f"{shown}: {_verdict(decision)}"
-    lines = [first, f"  {label} {head.sop_instance_uid}"]
+    lines = [first, f"  {label} {escape(head.sop_instance_uid, 80)}"]
     if decision.rejected is None or decision.refusals:
         for name in sorted(config.endpoints):
             why = decision.refusals.get(name)

@@ -6,9 +6,13 @@ files go out in arrival (name) order over a reused association whose presentatio
 contexts come from the files at hand; each file ends in ``sent/`` or ``failed/`` (with
 its reason) or stays for a later retry. Endpoint health is separate from file
 failure: an unreachable destination charges no file an attempt, it is probed with a
-capped backoff until it answers. Outside its delivery window the sender sleeps until
-the next opening. A signal only sets a flag: the file in flight finishes, the
-association is released, the process exits 0.
+capped backoff until it answers; a destination out of resources (0xA7xx) is *busy*,
+the same way. The sender's own bookkeeping never stops it: a delivered file whose
+move to ``sent/`` fails is never sent again (see :class:`_Pending`). Outside its
+delivery window the sender sleeps until the next opening. A signal only sets a flag:
+the file in flight finishes, the association is released, the process exits 0 — but a
+transfer blocked on a destination that stopped reading (or answering) is cut, so a
+shutdown never waits on a peer.
 """
 
 from __future__ import annotations
@@ -29,7 +33,7 @@ from pydicom.uid import UID
 from pynetdicom import Association
 
 from pipeline import association as net
-from pipeline import fastpath
+from pipeline import fastpath, peer_reset
 from pipeline import log as logsetup
 from pipeline.association import FileMeta
 from pipeline.backoff import Backoff, delay
@@ -38,7 +42,7 @@ from pipeline.config import Config, EndpointConfig
 from pipeline.errors import PermanentError
 from pipeline.lock import DaemonLock
 from pipeline.log import escape, logger
-from pipeline.names import is_valid_ae_title
+from pipeline.names import is_valid_ae_title, is_valid_uid
 from pipeline.sender_state import RetryBook, StateReporter, iso_utc
 from pipeline.spool import DICOM_SUFFIX, Spool, is_hidden
 from pipeline.statuses import Outcome, classify, describe
@@ -50,10 +54,40 @@ PRUNE_INTERVAL = 3600.0      # sent/ retention is enforced hourly
 MAX_WINDOW_SLEEP = 900.0     # recompute the next opening now and then (clock jumps, DST)
 BATCH_LIMIT = 1000           # files planned per association round (bounds each rescan)
 SUSPECT_LIMIT = 3            # associations lost while sending the same file → charge it
+MOVE_RETRY = 1.0             # first wait before retrying a move the disk refused
+MOVE_RETRY_CAP = 60.0        # longest wait between such retries
+SHUTDOWN_STALL = 2.0         # on SIGTERM, a send blocked this long on the peer is cut
 
 
 class EndpointTrouble(Exception):
     """The association broke (abort, timeout, peer gone): the endpoint, not the file."""
+
+
+class StopBatch(Exception):
+    """The endpoint is busy, or a delivered file could not be moved to ``sent/``:
+    send nothing more for now; every file stays in the outbox."""
+
+
+@dataclass
+class _Pending:
+    """A file whose fate is decided — acknowledged by the destination, or failed with
+    its reason — but whose move out of the outbox the disk refused (``sent/`` on
+    another filesystem, ENOSPC writing the ``.error`` sidecar, EIO …). It stays in
+    the outbox, where it is safe and visible, is never sent again while the sender
+    runs, and the move is retried with backoff. A delivered one is also recorded in
+    the retry state, so that a restart moves it instead of sending it again."""
+
+    path: Path
+    meta: FileMeta | None
+    text: str                 # why it failed ("" when delivered)
+    reason: str | None        # its ``.error`` sidecar; None when delivered
+    backoff: Backoff
+    due: float = 0.0
+    tries: int = 0
+
+    @property
+    def stage(self) -> str:
+        return "sent" if self.reason is None else "failed"
 
 
 @dataclass
@@ -90,14 +124,28 @@ class Sender:
         self.watcher = DirectoryWatcher(self.outbox)
         self.lock = DaemonLock(self.spool.run_dir, f"send-{endpoint}")
         self.stopping = False
+        self.closed = False
         self.current: _Current | None = None
         self.last_activity = self.clock.monotonic()
         self.down_reason: str | None = None
         self.down_at = 0.0
         self.next_probe = 0.0
+        self.last_probe: float | None = None
+        self.verification = True  # False once the destination refused Verification
         self.next_prune = 0.0
         self.metas: dict[str, FileMeta] = {}
         self.suspects: dict[str, int] = {}
+        self.pending: dict[str, _Pending] = {}
+        self.good_pairs: set[tuple[str, str]] = set()
+        # Out of resources (0xA7xx) is the endpoint's condition: a file is charged only
+        # if another one was stored since its last such refusal.
+        self.stored = 0                                   # files stored since start
+        self.refused: dict[str, tuple[int, int]] = {}     # name -> (self.stored then, order)
+        self.refusals = 0
+        self.busy_since: float | None = None
+        self.busy_until = 0.0
+        self.busy_probes = Backoff(self.ep.retry.probe_backoff, self.ep.retry.probe_backoff_cap,
+                                   self.rng)
         self.associations = 0
 
     # -- life cycle ------------------------------------------------------------------
@@ -121,6 +169,23 @@ class Sender:
         # thread may be inside the watcher's own lock right now.
         self.stopping = True
         threading.Thread(target=self.watcher.wake, daemon=True).start()
+        threading.Thread(target=self._cut_stalled_send, name="dicomflow-stop", daemon=True).start()
+
+    def _cut_stalled_send(self) -> None:
+        """While stopping: the file in flight may finish — unless its send is blocked on
+        a destination that stopped reading, or the destination has kept it waiting for
+        longer than ``dimse_timeout``; that association is cut, so a shutdown never
+        waits on a peer (the file stays in the outbox and is sent again later)."""
+        while not self.closed:
+            current = self.current
+            if current is not None and (
+                    net.send_blocked_for(current.assoc) >= SHUTDOWN_STALL
+                    or net.exchange_quiet_for(current.assoc) >= self.ep.dimse_timeout):
+                net.cut(current.assoc, "stopping: the destination stopped reading or answering")
+                self.log.warning("stopping: the destination stopped reading or answering; "
+                                 "transfer cut, the file stays in the outbox")
+                return
+            threading.Event().wait(0.1)
 
     def stop(self) -> None:
         """Ask the loop to finish the file in flight and exit (signal-safe)."""
@@ -128,6 +193,7 @@ class Sender:
         self.watcher.wake()
 
     def close(self) -> None:
+        self.closed = True
         self.release()
         self.state.set("stopped")
         self.state.flush()
@@ -137,8 +203,9 @@ class Sender:
 
     def run(self, once: bool = False) -> int:
         """Deliver until stopped. With ``once``, return as soon as nothing is deliverable
-        without new files or the endpoint coming back (outbox empty, or endpoint down);
-        waits for retries and windows still happen, through the injected clock."""
+        without new files or the endpoint coming back (outbox empty, endpoint down, or a
+        move to ``sent/`` the disk refuses); waits for retries, a busy endpoint and
+        windows still happen, through the injected clock."""
         self.start()
         try:
             while not self.stopping:
@@ -158,6 +225,7 @@ class Sender:
         """Do the next thing. Returns (seconds to wait or None to go on at once, whether
         the sender is blocked on something outside it: new files or the endpoint)."""
         self._maybe_prune()
+        self._bookkeeping()
         now = self.clock.now()
         if not self.ep.window.is_open(now):
             return self._outside_window(now), False
@@ -165,8 +233,17 @@ class Sender:
         if self.down_reason is not None and mono < self.next_probe:
             self.state.set("down")
             return self.next_probe - mono, True
+        stalled = self._stalled_until()
+        if stalled is not None:
+            self.state.flush()
+            return self._idle_timeout(stalled), True
+        if self.busy_since is not None and mono < self.busy_until:
+            self.state.set("busy")
+            return self._idle_timeout(self.busy_until), False
         due, next_due = self._scan()
         if not due:
+            self.busy_since = None  # nothing left to try: whatever comes next goes out at once
+            self.busy_probes.reset()
             self.state.set("down" if self.down_reason else "idle")
             self.state.flush()
             return self._idle_timeout(next_due), next_due is None
@@ -182,12 +259,17 @@ class Sender:
                  if p.name.endswith(DICOM_SUFFIX) and not is_hidden(p.name)]
         names = {p.name for p in paths}
         self.retry.keep_only(names)
-        for stale in [n for n in self.metas if n not in names]:
-            del self.metas[stale]
+        for cache in (self.metas, self.refused):
+            for stale in [n for n in cache if n not in names]:
+                del cache[stale]
         mono = self.clock.monotonic()
-        due = [p for p in paths if self.retry.is_due(p.name, mono)]
-        next_due = self.retry.next_due() if len(due) < len(paths) else None
-        return due, next_due
+        due = [p for p in paths if self.retry.is_due(p.name, mono) and p.name not in self.pending]
+        if len(due) == len(paths):
+            return due, None
+        ready = {p.name for p in due}
+        times = [self.pending[n].due if n in self.pending else self.retry.not_before.get(n, mono)
+                 for n in names if n not in ready]
+        return due, min(times, default=None)
 
     def _wait(self, seconds: float) -> None:
         if not self.stopping:
@@ -220,14 +302,32 @@ class Sender:
     # -- endpoint health ----------------------------------------------------------------
 
     def _probe(self) -> bool:
-        """Cheap check (TCP connect, TLS handshake) before trying a real association."""
-        reason = net.tcp_probe(self.ep)
-        if reason:
-            self._mark_down(reason)
+        """Check before trying a real association: an association and C-ECHO (a bare TCP
+        connection kills fragile destinations), a TCP connection only for a destination
+        that does not accept Verification. Never more often than ``probe_backoff``."""
+        mono = self.clock.monotonic()
+        if self.last_probe is not None and mono - self.last_probe < self.ep.retry.probe_backoff:
+            self.next_probe = self.last_probe + self.ep.retry.probe_backoff
+            return False
+        self.last_probe = mono
+        with _quiet_pynetdicom(True):
+            result = net.probe(self.ep, self.ep.calling_ae_title, self.verification)
+        if self.verification and not result.verification:
+            self.log.info("the destination does not accept Verification; probing it with TCP "
+                          "connections from now on")
+        self.verification = result.verification
+        if result.reason:
+            self._mark_down(result.reason)
             return False
         return True
 
     def _mark_down(self, reason: str) -> None:
+        if self.stopping:  # a transfer cut by the shutdown: said once, the state is "stopped"
+            self.release(abort=True)
+            return
+        stalled = net.stall_reason(self.current.assoc) if self.current is not None else None
+        if stalled:
+            reason = f"{stalled} ({self.ep.host}:{self.ep.port}): {reason}"
         self.release(abort=True)
         if self.down_reason is None:
             self.down_at = self.clock.monotonic()
@@ -250,12 +350,11 @@ class Sender:
         if current is None:
             return
         try:
-            if current.alive:
-                if abort:
-                    current.assoc.abort()
-                else:
-                    current.assoc.release()
-                    self.log.debug("association released")
+            was_alive = current.alive
+            net.close(current.assoc, abort=abort,
+                      timeout=min(self.ep.acse_timeout, net.RELEASE_WAIT))
+            if was_alive and not abort:
+                self.log.debug("association released")
         except Exception as exc:  # noqa: BLE001 - a dying peer must not kill the sender
             self.log.debug("error releasing association: {}", exc)
 
@@ -291,6 +390,8 @@ class Sender:
                 continue
             ae = self._calling_ae(meta)
             pair = (str(meta.sop_class), str(meta.transfer_syntax))
+            if not self._proposable(path, meta, pair):
+                continue
             if calling is None:
                 calling = ae
                 if current and (ae != current.calling_ae or pair not in current.pairs):
@@ -312,6 +413,8 @@ class Sender:
     # -- delivery -----------------------------------------------------------------------
 
     def _deliver(self, due: list[Path]) -> None:
+        if self.busy_since is not None:  # probe with the file refused longest ago
+            due = sorted(due, key=lambda p: self.refused.get(p.name, (0, -1))[1])
         calling, batch = self._plan(due)
         if not batch:
             return
@@ -321,7 +424,7 @@ class Sender:
             if self.current is None:
                 return
         self._mark_up()
-        self.state.set("delivering")
+        self.state.set("busy" if self.busy_since is not None else "delivering")
         for path, meta in batch:
             if self.stopping or not self.ep.window.is_open(self.clock.now()):
                 break
@@ -330,12 +433,14 @@ class Sender:
             except EndpointTrouble as exc:
                 self._mark_down(str(exc))
                 break
+            except StopBatch:
+                break
         self.last_activity = self.clock.monotonic()
         if self.current is not None and not self.current.alive:
             self.current = None  # all contexts rejected, or the peer left after its answer
 
     def _send_one(self, path: Path, meta: FileMeta) -> None:
-        log = self.log.bind(file=escape(path.name))
+        log = self.log.bind(file=logsetup.shown_name(path.name))
         assert self.current is not None
         try:
             rsp = self._c_store(path, meta)
@@ -344,6 +449,11 @@ class Sender:
             return
         except PermanentError as exc:
             self._fail(path, meta, str(exc), log)
+            return
+        except EndpointTrouble:
+            raise
+        except Exception as exc:  # noqa: BLE001 - no single file may ever stop a sender
+            self._fail(path, meta, f"cannot send the file: {type(exc).__name__}: {exc}", log)
             return
         status = rsp.get("Status")
         if status is None:
@@ -358,7 +468,7 @@ class Sender:
         if outcome is Outcome.DELIVERED:
             self._delivered(path, text, int(status), log)
         elif outcome is Outcome.TRANSIENT:
-            self._transient(path, meta, f"status {text}", log)
+            self._out_of_resources(path, meta, f"status {text}", log)
         else:
             self._fail(path, meta, f"status {text}", log)
 
@@ -390,8 +500,8 @@ class Sender:
             raise PermanentError(f"the destination accepts {meta.sop_class.name} only as {names}, not "
                                  f"{meta.transfer_syntax.name}, and {why}")
         dataset = load_uncompressed(path, target, self.ep.transcode_max_size)
-        self.log.bind(file=escape(path.name)).info("transcoding {} to {}", meta.transfer_syntax.name,
-                                                   target.name)
+        self.log.bind(file=logsetup.shown_name(path.name)).info(
+            "transcoding {} to {}", meta.transfer_syntax.name, target.name)
         assoc.dimse_timeout = self.ep.dimse_timeout_for(max(meta.size, decoded_size(dataset)))
         return self._guarded(lambda: assoc.send_c_store(dataset))
 
@@ -426,21 +536,33 @@ class Sender:
     # -- outcomes -----------------------------------------------------------------------
 
     def _delivered(self, path: Path, text: str, status: int, log) -> None:
-        try:
-            self.spool.move_final(path, self.spool.sent(self.name))
-        except FileNotFoundError:
-            log.warning("delivered, but the file left the outbox meanwhile")
-            return
-        self.spool.remove_sidecars(path)
-        self.retry.forget(path.name)
-        self.metas.pop(path.name, None)
-        self.state.count(sent=1)
+        self.stored += 1
+        self._end_busy()
         if status:
             log.warning("delivered with warning {}", text)
         else:
             log.info("delivered")
+        if not self._to_sent(path, log):
+            raise StopBatch  # the disk refuses the move: deliver nothing more until it works
+
+    def _to_sent(self, path: Path, log) -> bool:
+        """Move an acknowledged file to ``sent/``; False if the move is postponed."""
+        try:
+            self.spool.move_final(path, self.spool.sent(self.name))
+        except FileNotFoundError:
+            if path.name not in self.pending:  # else: renamed, then the directory fsync failed
+                log.warning("delivered, but the file left the outbox meanwhile")
+        except OSError as exc:
+            self._postpone(path, None, "", None, exc, log)
+            return False
+        self._settled(path, log)
+        self.retry.clear_delivered(path.name)
+        self.state.count(sent=1)
+        return True
 
     def _transient(self, path: Path, meta: FileMeta, text: str, log) -> None:
+        """Charge the file an attempt (kept in memory if the disk refuses to save it, so
+        that ``max_attempts`` ends the retries even then)."""
         attempt = self.retry.attempts(path.name) + 1
         wait = delay(attempt, self.ep.retry.backoff, self.ep.retry.backoff_cap, self.rng)
         entry = self.retry.record(path.name, text, wait)
@@ -453,20 +575,127 @@ class Sender:
             return
         log.warning("transient failure ({}), attempt {}, retry in {:.1f}s", text, entry.attempts, wait)
 
+    def _out_of_resources(self, path: Path, meta: FileMeta, text: str, log) -> None:
+        """0xA7xx: the destination is full or busy — the endpoint's condition. The file
+        is charged an attempt only if another file was stored since its last such
+        refusal (then it is this file the destination cannot take); otherwise the
+        endpoint is *busy* and nothing more is sent until the next probe."""
+        last = self.refused.get(path.name)
+        self.refusals += 1
+        self.refused[path.name] = (self.stored, self.refusals)
+        if last is not None and self.stored > last[0]:
+            self._transient(path, meta, f"{text}; other files were stored meanwhile", log)
+            return
+        log.debug("refused ({}); endpoint busy, no attempt charged", text)
+        self._mark_busy(text)
+        raise StopBatch
+
+    def _mark_busy(self, text: str) -> None:
+        mono = self.clock.monotonic()
+        wait = self.busy_probes.next_delay()
+        self.busy_until = mono + wait
+        if self.busy_since is None:
+            self.busy_since = mono
+            self.log.warning("endpoint busy: {}; no file is charged, the queue is kept, sending "
+                             "is tried again with backoff (at most every {:g}s)", text,
+                             self.ep.retry.probe_backoff_cap)
+            self.state.error(text)
+        self.state.set("busy")
+
+    def _end_busy(self) -> None:
+        if self.busy_since is None:
+            return
+        self.log.info("endpoint no longer busy after {:.1f}s", self.clock.monotonic() - self.busy_since)
+        self.busy_since = None
+        self.busy_probes.reset()
+        self.state.set("delivering")
+
     def _fail(self, path: Path, meta: FileMeta | None, text: str, log) -> None:
         attempts = max(self.retry.attempts(path.name), 1)
         reason = self._reason(path, meta, text, attempts)
+        self.state.error(f"{path.name}: {text}")
+        self._to_failed(path, meta, text, reason, log)
+
+    def _to_failed(self, path: Path, meta: FileMeta | None, text: str, reason: str, log) -> bool:
+        """Move a file to ``failed/`` with its ``.error``; False if the move is postponed."""
         try:
             self.spool.move_with_reason(path, self.spool.failed(self.name), ".error", reason)
         except FileNotFoundError:
-            log.warning("failed ({}), but the file left the outbox meanwhile", text)
-            return
-        self.spool.remove_sidecars(path)
-        self.retry.forget(path.name)
-        self.metas.pop(path.name, None)
-        self.state.error(f"{path.name}: {text}")
+            log.warning("failed ({}), but the file left the outbox meanwhile", escape(text, limit=500))
+            self._settled(path, log)
+            return True
+        except OSError as exc:
+            self._postpone(path, meta, text, reason, exc, log)
+            return False
+        said = path.name in self.pending  # the failure was logged when the move was postponed
+        self._settled(path, log)
         self.state.count(failed=1)
-        log.error("failed: {}", escape(text, limit=500))
+        if not said:
+            log.error("failed: {}", escape(text, limit=500))
+        return True
+
+    def _settled(self, path: Path, log) -> None:
+        """Forget a file that has left the outbox (nothing here may raise)."""
+        done = self.pending.pop(path.name, None)
+        if done is not None and done.tries:
+            log.info("moved to {}/{} after {} retries", done.stage, self.name, done.tries)
+        try:
+            self.spool.remove_sidecars(path)
+        except OSError as exc:
+            log.debug("cannot remove a stale sidecar: {}", exc)
+        self.retry.forget(path.name)
+        for cache in (self.metas, self.refused, self.suspects):
+            cache.pop(path.name, None)
+
+    def _postpone(self, path: Path, meta: FileMeta | None, text: str, reason: str | None,
+                  exc: OSError, log) -> None:
+        """The disk refused a move whose outcome is decided: keep the file where it is,
+        say so once, retry with backoff (:class:`_Pending`)."""
+        item = self.pending.get(path.name)
+        if item is None:
+            item = _Pending(path, meta, text, reason, Backoff(MOVE_RETRY, MOVE_RETRY_CAP, self.rng))
+            self.pending[path.name] = item
+        wait = item.backoff.next_delay()
+        item.due = self.clock.monotonic() + wait
+        item.tries += 1
+        why = escape(exc.strerror or exc, limit=300)
+        if item.tries > 1:
+            log.debug("still cannot move it to {}/{}: {}", item.stage, self.name, why)
+            return
+        if reason is None:
+            saved = self.retry.mark_delivered(path.name)
+            what = "delivered, but"
+            after = "is not sent again" + ("" if saved else " while the sender runs")
+        else:
+            what, after = f"failed ({escape(text, limit=300)}), but", "is not sent again"
+        message = (f"{what} cannot move it to {item.stage}/{self.name}: {why}; it stays in "
+                   f"outbox/{self.name}, {after}, and the move is retried with backoff")
+        log.error("{}", message)
+        self.state.error(f"{path.name}: {message}")
+
+    def _bookkeeping(self) -> None:
+        """Retry what the disk refused earlier: the retry state, postponed moves, and
+        delivered files a previous run recorded but could not move."""
+        self.retry.flush()
+        for name in self.retry.delivered:
+            if name not in self.pending:
+                self.pending[name] = _Pending(self.outbox / name, None, "", None,
+                                              Backoff(MOVE_RETRY, MOVE_RETRY_CAP, self.rng))
+                self.log.bind(file=escape(name)).info(
+                    "delivered before the restart; moving it to sent/{} (not sent again)", self.name)
+        mono = self.clock.monotonic()
+        for item in [i for i in self.pending.values() if i.due <= mono]:
+            log = self.log.bind(file=escape(item.path.name))
+            if item.reason is None:
+                self._to_sent(item.path, log)
+            else:
+                self._to_failed(item.path, item.meta, item.text, item.reason, log)
+
+    def _stalled_until(self) -> float | None:
+        """While an acknowledged file cannot be moved to ``sent/``, deliver nothing more:
+        the spool is not usable as it is, and each further file would be one more that
+        a restart might send twice."""
+        return min((i.due for i in self.pending.values() if i.reason is None), default=None)
 
     def _reason(self, path: Path, meta: FileMeta | None, text: str, attempts: int) -> str:
         ep = self.ep
@@ -500,10 +729,29 @@ class Sender:
         except FileNotFoundError:
             return None
         except PermanentError as exc:
-            self._fail(path, None, str(exc), self.log.bind(file=escape(path.name)))
+            self._fail(path, None, str(exc), self.log.bind(file=logsetup.shown_name(path.name)))
+            return None
+        except OSError as exc:  # unreadable (permissions, I/O error): the file, not the sender
+            self._fail(path, None, f"cannot read the file: {exc.strerror or exc}",
+                       self.log.bind(file=escape(path.name)))
             return None
         self.metas[path.name] = meta
         return meta
+
+    def _proposable(self, path: Path, meta: FileMeta, pair: tuple[str, str]) -> bool:
+        """Can this file's (SOP class, transfer syntax) go into a presentation context?
+        A file pynetdicom refuses would otherwise break the whole association, on every
+        start: it goes to failed/ alone."""
+        if pair in self.good_pairs:
+            return True
+        try:
+            net.contexts_for([pair], fallback=False)
+        except Exception as exc:  # noqa: BLE001 - whatever pynetdicom objects to, it is the file
+            self._fail(path, meta, f"cannot propose a presentation context for it: {exc}",
+                       self.log.bind(file=escape(path.name)))
+            return False
+        self.good_pairs.add(pair)
+        return True
 
     # -- sent/ retention ------------------------------------------------------------------
 
@@ -512,7 +760,12 @@ class Sender:
         if mono < self.next_prune:
             return
         self.next_prune = mono + PRUNE_INTERVAL
-        removed = prune_sent(self.spool, self.name, self.ep.sent_retention, self.clock.time())
+        try:
+            removed = prune_sent(self.spool, self.name, self.ep.sent_retention, self.clock.time())
+        except OSError as exc:  # bookkeeping: never worth stopping delivery for
+            self.log.warning("cannot prune sent/{}: {}; trying again in {:g}s", self.name,
+                             exc.strerror or exc, PRUNE_INTERVAL)
+            return
         if removed:
             self.log.info("pruned {} delivered files older than {:g}s from sent/{}", removed,
                           self.ep.sent_retention, self.name)
@@ -521,7 +774,7 @@ class Sender:
 def _read_meta(path: Path, size: int) -> FileMeta:
     fast = _read_meta_fast(path, size)
     if fast is not None:
-        return fast
+        return _checked(fast)
     try:
         fm = read_file_meta_info(path)
     except FileNotFoundError:
@@ -533,8 +786,21 @@ def _read_meta(path: Path, size: int) -> FileMeta:
     if missing:
         raise PermanentError(f"file meta information lacks {', '.join(missing)}")
     source = fm.get("SourceApplicationEntityTitle")
-    return FileMeta(UID(str(fm.MediaStorageSOPClassUID)), UID(str(fm.MediaStorageSOPInstanceUID)),
-                    UID(str(fm.TransferSyntaxUID)), str(source) if source else None, size)
+    return _checked(FileMeta(UID(str(fm.MediaStorageSOPClassUID)),
+                             UID(str(fm.MediaStorageSOPInstanceUID)),
+                             UID(str(fm.TransferSyntaxUID)), str(source) if source else None, size))
+
+
+def _checked(meta: FileMeta) -> FileMeta:
+    """The UIDs that go into a presentation context must be UIDs (digits and dots, at
+    most 64 characters): pynetdicom refuses anything else for the whole association."""
+    for label, uid in (("Media Storage SOP Class UID", meta.sop_class),
+                       ("Transfer Syntax UID", meta.transfer_syntax)):
+        if not is_valid_uid(str(uid)):
+            raise PermanentError(f"the file meta {label} {escape(str(uid), limit=80)!r} is not a "
+                                 f"valid UID ({len(str(uid))} characters; a UID is digits and "
+                                 f"dots, at most 64)")
+    return meta
 
 
 def _read_meta_fast(path: Path, size: int) -> FileMeta | None:
@@ -594,4 +860,5 @@ def main(config: Config, endpoint: str) -> int:
     router = config.router
     logsetup.setup(f"send-{endpoint}", ep.log_level or router.log_level, router.log_json,
                    router.pynetdicom_log_level)
+    peer_reset.install()
     return Sender(config, endpoint).run()

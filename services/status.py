@@ -17,11 +17,13 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from pipeline.config import Config
+from pipeline.names import escape
 from pipeline.spool import Spool, is_hidden, is_sidecar
 
 SENDER_STATES = {
     "delivering": "delivering",
     "idle": "idle (outbox empty)",
+    "busy": "busy (destination out of resources)",
     "down": "down",
     "outside_window": "outside window",
     "stopped": "stopped",
@@ -97,9 +99,14 @@ def _last_failure(failed_dir: Path) -> str | None:
     if not errors:
         return None
     try:
-        return (failed_dir / errors[-1]).read_text().strip().splitlines()[0]
+        # bytes: a sidecar written by hand may not be UTF-8; escaped like every disk name
+        return escape((failed_dir / errors[-1]).read_bytes().strip().splitlines()[0], 500)
     except (OSError, IndexError):
         return None
+
+
+def _escaped(text: object) -> str | None:
+    return escape(text, 500) if text else None
 
 
 def collect(config: Config, now: float | None = None) -> dict:
@@ -140,7 +147,7 @@ def _endpoint(config: Config, spool: Spool, name: str, now: float) -> dict:
         "since": state.get("since"),
         "down_since": state.get("down_since"),
         "next_open": state.get("next_open"),
-        "last_error": state.get("last_error") or _last_failure(spool.root / "failed" / name),
+        "last_error": _escaped(state.get("last_error")) or _last_failure(spool.root / "failed" / name),
         "last_error_at": state.get("last_error_at"),
         "outbox": count_stage(spool.root / "outbox" / name, now).as_dict(),
         "sent": {"count": count_stage(spool.root / "sent" / name, now).count},
@@ -163,6 +170,8 @@ def describe_state(info: dict) -> str:
         return "orphaned (no endpoint file; not sent)"
     if state == "down":
         return f"down since {info.get('down_since') or info.get('since') or '?'}"
+    if state == "busy":
+        return f"busy since {info.get('since') or '?'} (queue kept)"
     if state == "outside_window":
         return f"outside window, opens at {info.get('next_open') or '?'}"
     return SENDER_STATES.get(state, state)

@@ -6,6 +6,8 @@ then either starts supervisord or — if it already runs — applies the differe
 (``reread``/``update`` semantics over XML-RPC): new senders start, removed ones stop,
 senders whose endpoint file changed restart, the filter gets SIGHUP to reload the
 endpoint set, and nothing else is touched. It returns once every program is RUNNING.
+A spool has one owner conf dir (``pipeline.owner``): ``up``/``down`` with another one
+refuse before touching anything; ``up --force`` stops the owner's router and takes over.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from pathlib import Path
 
 from supervisor.xmlrpc import SupervisorTransport
 
+from pipeline import owner
 from pipeline.config import Config
 from pipeline.spool import Spool, pid_alive
 
@@ -180,8 +183,28 @@ def _digest(*files: Path) -> str:
     return digest.hexdigest()[:16]
 
 
-def up(config: Config, timeout: float = 60.0) -> int:
+def take_spool(supervisor: Supervisor, force: bool) -> bool:
+    """Claim the spool for this conf dir; with ``force``, stop the previous owner's router.
+
+    Without ``force`` another owner is refused (SpoolError) before anything is touched.
+    """
+    spool = supervisor.spool.create()
+    previous = owner.claim(spool, supervisor.config.conf_dir, force=force)
+    if previous is None:
+        return True
+    print(f"dicomflow: taking over spool {spool.root} from {previous} (--force)")
+    if supervisor.running():
+        print(f"dicomflow: stopping the router of {previous}")
+        if not supervisor.shutdown():
+            print("dicomflow: its supervisord did not stop in time", file=sys.stderr)
+            return False
+    return True
+
+
+def up(config: Config, timeout: float = 60.0, force: bool = False) -> int:
     supervisor = Supervisor(config)
+    if not take_spool(supervisor, force):
+        return 1
     supervisor.render()
     if supervisor.running():
         for note in supervisor.apply_changes():
@@ -212,8 +235,10 @@ def up(config: Config, timeout: float = 60.0) -> int:
     return 0
 
 
-def down(config: Config) -> int:
+def down(config: Config, force: bool = False) -> int:
     supervisor = Supervisor(config)
+    if not force:
+        owner.check(supervisor.spool, config.conf_dir)  # never stop another conf dir's router
     if not supervisor.running():
         print("dicomflow: not running")
         return 0

@@ -30,7 +30,7 @@ def require_binary(path: str) -> str:
     if os.access(path, os.X_OK):
         return path
     if IN_CI:
-        pytest.fail(f"{path} is required in CI (apt-get install dcmtk orthanc)")
+        pytest.fail(f"{path} is required in CI (see .ci/run for the packages to install)")
     pytest.skip(f"{path} not installed")
 
 

@@ -34,20 +34,27 @@ def terminate(proc: subprocess.Popen | None, log=None, grace: float = 30) -> Non
 
 
 class StoreSCP:
-    """DCMTK ``storescp`` writing every received instance under a unique name."""
+    """DCMTK ``storescp`` writing every received instance under a unique name.
+
+    ``bit_preserving`` (``+B``) writes what arrives without parsing it; without it,
+    storescp parses each data set and refuses what it cannot read (a reference for
+    what a careful receiver accepts).
+    """
 
     def __init__(self, directory: Path, ae_title: str = "STORESCP", port: int | None = None,
-                 extra: tuple[str, ...] = ()) -> None:
+                 extra: tuple[str, ...] = (), bit_preserving: bool = True) -> None:
         self.directory = directory
         self.ae_title = ae_title
         self.port = port or free_port()
         self.extra = extra
+        self.bit_preserving = bit_preserving
         self.proc: subprocess.Popen | None = None
 
     def start(self) -> StoreSCP:
         self.directory.mkdir(parents=True, exist_ok=True)
         cmd = [dcmtk("storescp"), "-aet", self.ae_title, "-od", str(self.directory),
-               "+uf", "+B", "-dhl", *self.extra, str(self.port)]
+               "+uf", *(("+B",) if self.bit_preserving else ()), "-dhl", *self.extra,
+               str(self.port)]
         self.log = open(self.directory.parent / f"storescp-{self.port}.log", "ab")  # noqa: SIM115
         self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT,
                                      env={**os.environ, **TCP_ENV})
@@ -152,4 +159,52 @@ class Orthanc:
 
     def stop(self) -> None:
         terminate(self.proc, self.log, grace=30)
+        self.proc = None
+
+
+class SimpleStorage:
+    """CTN's ``simple_storage``: a fragile Storage SCP (one process, no fork) that exits
+    when a TCP connection closes without an association — the peer that a bare TCP
+    health probe kills. Received images land under ``directory``."""
+
+    BINARY = "/usr/bin/simple_storage"
+
+    def __init__(self, directory: Path, ae_title: str = "CTN", port: int | None = None) -> None:
+        self.directory = directory
+        self.ae_title = ae_title
+        self.port = port or free_port()
+        self.proc: subprocess.Popen | None = None
+
+    def start(self) -> SimpleStorage:
+        """Started without a port check: a connect-and-close would kill it."""
+        self.directory.mkdir(parents=True, exist_ok=True)
+        cmd = [require_binary(self.BINARY), "-s", "-c", self.ae_title, "-x", str(self.directory),
+               str(self.port)]
+        self.log = open(self.directory.parent / f"simple_storage-{self.port}.log", "ab")  # noqa: SIM115
+        self.proc = subprocess.Popen(cmd, cwd=self.directory, stdout=self.log,
+                                     stderr=subprocess.STDOUT)
+        wait_for(self._listening, HANG_TIMEOUT, message=f"simple_storage on port {self.port}")
+        return self
+
+    def _listening(self) -> bool:
+        """Whether the port is in LISTEN state, read from /proc (no connection made)."""
+        wanted = f":{self.port:04X} "
+        for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+            try:
+                lines = Path(table).read_text().splitlines()[1:]
+            except OSError:
+                continue
+            if any(wanted in line.split(None, 3)[1] + " " and line.split()[3] == "0A"
+                   for line in lines):
+                return True
+        return False
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def files(self) -> list[Path]:
+        return sorted(p for p in self.directory.rglob("*") if p.is_file())
+
+    def stop(self) -> None:
+        terminate(self.proc, self.log, grace=10)
         self.proc = None

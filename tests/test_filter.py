@@ -288,3 +288,107 @@ def test_recovery_does_not_resend_a_copy_already_delivered(conf):
     assert dicom_files(spool.outbox("pacs")) == []
     assert uids_in(spool.outbox("ct_only")) == [ds.SOPInstanceUID]  # not yet fanned out there
     assert dicom_files(spool.accepted) == []
+
+
+# -- issue 10: hostile headers reach quarantine, the filter stays small -------------------
+
+def _quarantined_with_reason(spool: Path) -> tuple[Path, str] | None:
+    files = dicom_files(spool / "quarantine")
+    if not files or not Path(str(files[0]) + ".reason").exists():
+        return None
+    return files[0], Path(str(files[0]) + ".reason").read_text()
+
+
+def _peak_rss(pid: int) -> int:
+    """The process's high-water resident set (VmHWM), in bytes."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    raise AssertionError("no VmHWM in /proc status")
+
+
+def _hostile_file_is_quarantined_by_the_daemon(tmp_path: Path, make, filter_: dict | None,
+                                               expect: str) -> int:
+    """Run the real filter daemon, drop ``make(path)`` in, wait for its quarantine; then
+    check the daemon still routes a normal file. Returns the daemon's peak RSS."""
+    from tests.helpers import Daemon
+
+    conf = write_conf(tmp_path, filter_=filter_, endpoints={"pacs": ENDPOINTS["pacs"]})
+    spool = Spool(tmp_path / "spool").create(["pacs"])
+    daemon = Daemon(conf, "filter").start()
+    try:
+        daemon.wait_log("filter ready")
+        hostile = make(tmp_path / "hostile.dcm")
+        os.rename(hostile, spool.incoming / "hostile.dcm")
+        _, reason = wait_for(lambda: _quarantined_with_reason(spool.root), timeout=300,
+                             message="the hostile file in quarantine/")
+        assert expect in reason and "original name: hostile.dcm" in reason
+        peak = _peak_rss(daemon.pid)
+        print(f"filter peak RSS {peak >> 20} MiB")
+        drop(spool, make_dataset())
+        wait_for(lambda: dicom_files(spool.outbox("pacs")), message="a normal file routed after it")
+        assert daemon.alive() and "Traceback" not in daemon.log()
+    finally:
+        assert daemon.stop() == 0
+    return peak
+
+
+def test_defect04_deflate_bomb_is_quarantined_in_bounded_memory(tmp_path):
+    """A 1 MB deflated file inflating to 1 GiB: pydicom inflated it whole (RSS > 2 GiB),
+    and accepted it. Inflated in chunks, it is refused at the cap in bounded memory."""
+    from tests.test_header import deflate_bomb
+
+    def make(path: Path) -> Path:
+        return deflate_bomb(path, 1024 * 1024 * 1024)
+
+    peak = _hostile_file_is_quarantined_by_the_daemon(
+        tmp_path, make, {"max_inflated_size": "256 MiB"},
+        "inflates to more than 256 MiB (limit: [filter] max_inflated_size)")
+    assert peak < 200 * 1024 * 1024, f"filter peaked at {peak >> 20} MiB"
+
+
+def test_defect05_a_million_elements_are_quarantined_in_bounded_memory(tmp_path):
+    """1 M empty private elements (8 MB): pydicom's read held ~400 MiB; the default
+    max_header_elements refuses the file before pydicom parses it."""
+    from tests.test_header import many_elements
+
+    def make(path: Path) -> Path:
+        return many_elements(path, 1_000_000)
+
+    peak = _hostile_file_is_quarantined_by_the_daemon(tmp_path, make, None, "max_header_elements")
+    assert peak < 200 * 1024 * 1024, f"filter peaked at {peak >> 20} MiB"
+
+
+def test_defect03_invalid_transfer_syntax_uid_is_quarantined(conf):
+    """A 69-character Transfer Syntax UID passed the filter and then stopped the sender."""
+    from tests.test_header import _body_bytes, _meta_bytes
+
+    daemon = daemon_for(conf)
+    spool = daemon.spool.create(daemon.config.endpoints)
+    ds = make_dataset()
+    body = _body_bytes(ds)
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        data = _meta_bytes(ds, "1." + "2" * 67) + body
+    (spool.incoming / "long-ts.dcm").write_bytes(data)
+    assert daemon.run(once=True) == 0
+    [quarantined] = dicom_files(spool.quarantine)
+    reason = Path(str(quarantined) + ".reason").read_text()
+    assert "invalid Transfer Syntax UID" in reason and "(0002,0010)" in reason
+    assert dicom_files(spool.outbox("pacs")) == []
+
+
+def test_defect18_one_trailing_pad_byte_is_routed_unchanged(conf):
+    """PixelMed's odd-length data set + one 0x00: routed as is, not quarantined."""
+    daemon = daemon_for(conf)
+    spool = daemon.spool.create(daemon.config.endpoints)
+    ds = make_dataset(modality="CT")
+    staging = write_dataset(ds, spool.root.parent / "staging" / "padded.dcm")
+    data = staging.read_bytes() + b"\0"
+    staging.write_bytes(data)
+    os.rename(staging, spool.incoming / "padded.dcm")
+    assert daemon.run(once=True) == 0
+    assert dicom_files(spool.quarantine) == []
+    routed = dicom_files(spool.outbox("pacs"))
+    assert [p.read_bytes() for p in routed] == [data]

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import random
+import re
 import shutil
 import stat
 import subprocess
@@ -220,3 +221,59 @@ def test_receive_and_filter_route_a_mixed_set_from_storescu(tmp_path):
     finally:
         assert filter_.stop() == 0
         receiver.stop()
+
+
+def info_lines(log: str) -> list[str]:
+    """The lines of a daemon's log at INFO or above (DEBUG/TRACE left out)."""
+    return [line for line in log.splitlines() if not re.search(r" (DEBUG|TRACE)\s", line[:40])]
+
+
+def test_defect09_non_utf8_name_is_quarantined_once_without_traceback(pipeline, tmp_path):
+    conf, spool, daemon = pipeline
+    incoming = os.fsencode(spool.incoming)
+    garbage = incoming + b"/scan \xff\xfe\x1b[31m.dcm"  # not UTF-8, with an escape sequence
+    with open(tmp_path / "garbage", "wb") as out:
+        out.write(b"not DICOM at all" * 20)
+    os.rename(tmp_path / "garbage", garbage)
+    wait_for(lambda: len(quarantined(spool)) == 1, message="the non-UTF-8 name in quarantine")
+    [reason] = list(spool.quarantine.glob("*.reason"))
+    text = reason.read_bytes().decode("utf-8")  # readable: valid UTF-8, escaped
+    assert "original name: scan \\xff\\xfe\\x1b[31m.dcm\n" in text
+    good = make_dataset()
+    good_path = write_dataset(good, tmp_path / "good.dcm")
+    os.rename(good_path, incoming + b"/ok \xe9\xff.dcm")  # a valid file with a bad name is routed
+    wait_for(lambda: uids_in(spool.outbox("pacs")) == [good.SOPInstanceUID], message="good file routed")
+    assert os.listdir(spool.incoming) == [".tmp"]
+    assert daemon.alive()
+    log = daemon.log()
+    assert "Traceback" not in log and "UnicodeEncodeError" not in log
+    assert log.count("quarantined as") == 1
+    assert "\x1b" not in log and "\udcff" not in log
+
+
+def test_defect15_hand_dropped_names_never_logged_at_info(tmp_path):
+    conf = write_conf(tmp_path, router={"log_level": "INFO"},
+                      filter_={"sop_blacklist": "EncapsulatedPDFStorage"}, endpoints=ENDPOINTS)
+    spool = Spool(tmp_path / "spool")
+    daemon = start_filter(conf)
+    try:
+        routed, rejected = make_dataset(), make_dataset(PDF, modality="DOC")
+        mv(write_dataset(routed, tmp_path / "DOE^JOHN_12345.dcm"), spool)
+        mv(write_dataset(rejected, tmp_path / "DOE^JANE_67890.dcm"), spool)
+        (tmp_path / "DOE^JIM_24680.dcm").write_bytes(b"not DICOM" * 30)
+        mv(tmp_path / "DOE^JIM_24680.dcm", spool)
+        with open(spool.incoming / "DOE^JOAN_13579.dcm", "wb") as copy:  # a cp, closed at once
+            copy.write(write_dataset(make_dataset(), tmp_path / "x" / "y.dcm").read_bytes())
+        wait_for(lambda: len(dicom_files(spool.outbox("pacs"))) == 2, message="two routed")
+        wait_for(lambda: len(dicom_files(spool.rejected)) == 1 and len(quarantined(spool)) == 1,
+                 message="one rejected, one quarantined")
+        wait_for(lambda: daemon.log().count("\n") >= 5, message="the decisions logged")
+    finally:
+        assert daemon.stop() == 0
+    log = daemon.log()
+    assert "rejected" in log and "quarantined as" in log
+    for line in info_lines(log):
+        assert "DOE" not in line and "12345" not in line, line
+    # the sidecars keep the original name for the operator
+    reasons = "".join(p.read_text() for p in spool.quarantine.glob("*.reason"))
+    assert "original name: DOE^JIM_24680.dcm" in reasons

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -10,7 +13,17 @@ import pytest
 from pipeline import config as config_module
 from pipeline.spool import Spool
 from services.supervise import Supervisor
-from tests.helpers import dicom_files, make_files, router_port, run_cli, wait_for, write_conf
+from tests.helpers import (
+    REPO,
+    dicom_files,
+    make_dataset,
+    make_files,
+    router_port,
+    run_cli,
+    wait_for,
+    write_conf,
+    write_dataset,
+)
 from tests.peers import StoreSCP, storescu
 
 
@@ -110,3 +123,97 @@ def test_down_when_not_running(tmp_path: Path) -> None:
     conf = write_conf(tmp_path)
     result = run_cli(conf, "down")
     assert result.returncode == 0 and "not running" in result.stdout
+
+
+def test_defect09_status_and_route_show_non_utf8_names(tmp_path: Path) -> None:
+    """Names and sidecars from disk that are not UTF-8 are shown escaped, never crash a command."""
+    conf = write_conf(tmp_path, endpoints={"pacs": {"endpoint": {"host": "127.0.0.1", "port": 1104,
+                                                                  "ae_title": "PACS"}}})
+    spool = Spool(config_module.load(conf).spool).create(["pacs"])
+    failed = spool.write_bytes(spool.failed("pacs"), "20261128T000000.000000-000001-1.2.3.dcm", b"x")
+    spool.write_bytes(failed.parent, failed.name + ".error", b"status 0xC000 for \xff\xfe\x1b[2J\n")
+    for args in (("status",), ("status", "--json")):
+        result = run_cli(conf, *args)
+        assert result.returncode == 0, result.stderr
+        assert "\\xff\\xfe\\x1b[2J" in result.stdout.replace("\\\\", "\\")
+        assert "\x1b" not in result.stdout and "Traceback" not in result.stderr
+    bad = os.fsencode(tmp_path) + b"/DOE \xff.dcm"
+    write_dataset(make_dataset(), Path(os.fsdecode(bad)))
+    cmd = [sys.executable, "-m", "services.cli", "route", bad, "--conf", str(conf)]
+    result = subprocess.run(cmd, cwd=REPO, capture_output=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert b"DOE \\xff.dcm: route to pacs" in result.stdout
+    result.stdout.decode("utf-8")
+
+
+def supervisord_pid(spool: Path) -> int:
+    return int((spool / "run" / "supervisord.pid").read_text())
+
+
+@pytest.mark.slow
+def test_defect08_a_second_conf_dir_cannot_take_over_a_spool(tmp_path: Path) -> None:
+    first = StoreSCP(tmp_path / "first", "FIRST").start()
+    conf_a = write_conf(tmp_path / "a", router={"log_level": "INFO"}, endpoints={"first": endpoint(first)})
+    spool = config_module.load(conf_a).spool
+    conf_b = write_conf(tmp_path / "b", router={"log_level": "INFO", "spool": str(spool)},
+                        endpoints={"other": endpoint(first)})
+    try:
+        up = run_cli(conf_a, "up", timeout=120)
+        assert up.returncode == 0, up.stdout + up.stderr
+        before, rendered = pids(conf_a), (spool / "run" / "supervisord.conf").read_bytes()
+
+        refused = run_cli(conf_b, "up", timeout=120)
+        assert refused.returncode == 1, refused.stdout + refused.stderr
+        assert f"belongs to the router configured in {conf_a.resolve()}" in refused.stderr
+        assert "--force" in refused.stderr
+        assert pids(conf_a) == before, "A's programs were touched"
+        assert (spool / "run" / "supervisord.conf").read_bytes() == rendered
+        assert not (spool / "outbox" / "other").exists()
+        sent = storescu(router_port(conf_a), make_files(tmp_path / "files", 2))
+        assert sent.returncode == 0, sent.stderr
+        wait_for(lambda: len(first.files()) == 2, message="A still delivers")
+
+        # the siblings: daemons by hand, down, status, retry with B's conf
+        for args in (("filter",), ("receive",), ("send", "other")):
+            result = run_cli(conf_b, *args)
+            assert result.returncode == 1 and "belongs to the router" in result.stderr, (args, result.stderr)
+        down = run_cli(conf_b, "down")
+        assert down.returncode == 1 and "belongs to the router" in down.stderr
+        assert pids(conf_a) == before
+        shown = run_cli(conf_b, "status")
+        assert shown.returncode == 0 and "belongs to the router" in shown.stderr
+        assert run_cli(conf_b, "retry", "other", "--all").returncode == 1
+
+        # a deliberate take-over
+        taken = run_cli(conf_b, "up", "--force", timeout=120)
+        assert taken.returncode == 0, taken.stdout + taken.stderr
+        assert f"taking over spool {spool} from {conf_a.resolve()}" in taken.stdout
+        assert set(pids(conf_b)) == {"receive", "filter", "send-other"}
+        assert run_cli(conf_a, "up", timeout=120).returncode == 1  # now A is the stranger
+        assert run_cli(conf_b, "down", timeout=400).returncode == 0
+    finally:
+        for conf in (conf_a, conf_b):
+            run_cli(conf, "down", "--force", timeout=400)
+        first.stop()
+
+
+def test_defect08_owner_claims_and_refusals(tmp_path: Path) -> None:
+    from pipeline import owner
+    from pipeline.errors import SpoolError
+
+    spool = Spool(tmp_path / "spool").create()
+    conf_a, conf_b = tmp_path / "a", tmp_path / "b"
+    # a spool brought up before owner files existed: its rendered supervisord.conf names the owner
+    (spool.run_dir / "supervisord.conf").write_text(
+        f"[program:receive]\ncommand = /usr/bin/python3 -m services.cli receive --conf {conf_a}\n")
+    assert owner.owner(spool) == conf_a.resolve()
+    with pytest.raises(SpoolError, match="belongs to the router configured in"):
+        owner.claim(spool, conf_b)
+    assert owner.claim(spool, conf_a) is None and (spool.run_dir / "owner").exists()
+    owner.check(spool, conf_a)
+    with pytest.raises(SpoolError, match=r"dicomflow up --force"):
+        owner.check(spool, conf_b)
+    assert owner.claim(spool, conf_b, force=True) == conf_a.resolve()
+    assert owner.owner(spool) == conf_b.resolve()
+    fresh = Spool(tmp_path / "fresh").create()
+    assert owner.claim(fresh, conf_a) is None and owner.owner(fresh) == conf_a.resolve()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import io
 import subprocess
 from pathlib import Path
 
@@ -78,3 +79,72 @@ def test_unreadable_file_is_a_permanent_error(tmp_path: Path) -> None:
     bad.write_bytes(b"\0" * 128 + b"DICM" + b"garbage")
     with pytest.raises(PermanentError):
         load_uncompressed(bad, ExplicitVRLittleEndian, 64 * MiB)
+
+
+# -- issue 10 ---------------------------------------------------------------------------
+
+def implicit_copy(name: str, path: Path) -> Path:
+    """pydicom's ``name`` (RT Plan, RT Structure Set) as a Part-10 Implicit VR LE file."""
+    ds = dcmread(get_testdata_file(name), force=True)
+    ds.file_meta = ds.get("file_meta") or ds.file_meta
+    ds.file_meta.MediaStorageSOPClassUID = ds.SOPClassUID
+    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+    ds.file_meta.TransferSyntaxUID = ImplicitVRLittleEndian
+    ds.save_as(path, implicit_vr=True, little_endian=True, enforce_file_format=True)
+    return path
+
+
+@pytest.mark.parametrize("name", ["rtplan.dcm", "rtstruct.dcm"])
+def test_defect17_implicit_vr_converts_to_explicit_vr(tmp_path: Path, name: str) -> None:
+    """Relabelling an implicitly read data set as explicit wrote elements without a VR
+    ("Failed to encode the supplied dataset"); every element must survive, bytes and all."""
+    from pydicom.filebase import DicomBytesIO
+    from pydicom.filereader import read_dataset
+    from pynetdicom.dsutils import encode
+
+    path = implicit_copy(name, tmp_path / name)
+    ds = load_uncompressed(path, ExplicitVRLittleEndian, 64 * MiB)
+    encoded = encode(ds, False, True)
+    assert encoded is not None, "pynetdicom could not encode the converted data set"
+    received = read_dataset(DicomBytesIO(encoded), False, True)
+    source = dcmread(path)
+    assert sorted(received.keys()) == sorted(source.keys())
+    for elem in source.iterall():
+        assert elem.VR != "UN" or elem.tag.is_private, elem.tag
+    assert [(e.tag, e.VR, e.value) for e in received.iterall()] == \
+        [(e.tag, e.VR, e.value) for e in source.iterall()]
+
+
+def test_defect17_explicit_vr_still_converts_to_implicit_vr() -> None:
+    from pynetdicom.dsutils import decode, encode
+
+    path = Path(get_testdata_file("CT_small.dcm"))
+    ds = load_uncompressed(path, ImplicitVRLittleEndian, 64 * MiB)
+    received = decode(io.BytesIO(encode(ds, True, True)), True, True)
+    source = dcmread(path)
+    assert sorted(received.keys()) == sorted(source.keys())
+    assert all(received[e.tag].value == e.value for e in source if not e.tag.is_private)
+
+
+def test_defect04_transcoding_caps_what_a_deflated_file_inflates_to(tmp_path: Path) -> None:
+    """The size check used the compressed size: a 0.3 MB deflated file inflating to
+    256 MiB passed a 16 MiB max_size and was inflated whole."""
+    import resource
+
+    from tests.test_header import deflate_bomb
+
+    path = deflate_bomb(tmp_path / "bomb.dcm", 256 * MiB)
+    assert path.stat().st_size < 16 * MiB
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    expect = r"inflates to more than 16 MiB \(limit: \[transcode\] max_size\)"
+    with pytest.raises(PermanentError, match=expect):
+        load_uncompressed(path, ExplicitVRLittleEndian, 16 * MiB)
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before < 100_000  # KiB
+
+
+def test_defect04_deflated_file_within_the_bound_is_transcoded() -> None:
+    path = Path(get_testdata_file("image_dfl.dcm"))
+    ds = load_uncompressed(path, ExplicitVRLittleEndian, 64 * MiB)
+    reference = dcmread(path)
+    assert ds.file_meta.TransferSyntaxUID == ExplicitVRLittleEndian
+    assert ds.PixelData == reference.PixelData and ds.SOPInstanceUID == reference.SOPInstanceUID
