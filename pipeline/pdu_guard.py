@@ -34,6 +34,7 @@ from pynetdicom.pdu import A_ABORT_RQ
 from pynetdicom.transport import AssociationSocket
 
 from pipeline.log import escape, logger
+from pipeline.peer_reset import connection_lost_line
 
 KiB = 1024
 CONTROL_PDU_LIMIT = 256 * KiB  # A-ASSOCIATE-RQ/AC/RJ, A-RELEASE, A-ABORT: tiny in practice
@@ -53,6 +54,14 @@ UPSTREAM = {"DULServiceProvider._read_pdu_data": DULServiceProvider._read_pdu_da
 
 class _Late(Exception):
     """The PDU did not arrive within its deadline."""
+
+
+class _Lost(Exception):
+    """The peer closed or reset the connection: between PDUs, or in the middle of one."""
+
+    def __init__(self, cause: BaseException | None, mid_pdu: bool) -> None:
+        super().__init__(cause)
+        self.cause, self.mid_pdu = cause, mid_pdu
 
 
 def pdu_limit(dul: DULServiceProvider, pdu_type: int) -> int:
@@ -156,9 +165,14 @@ def _read_pdu(dul: DULServiceProvider, sock: socket.socket, deadline: float) -> 
     """One whole PDU, or None with Evt17/Evt19 queued (closed, short, unknown type)."""
     from pynetdicom.dul import LOGGER
 
-    head = recv_exact(sock, 6, deadline)
+    try:
+        head = recv_exact(sock, 6, deadline)
+    except OSError as exc:
+        raise _Lost(exc, mid_pdu=False) from None
     if len(head) < 6:
-        dul.event_queue.put("Evt17")  # closed before a whole header
+        if head:
+            raise _Lost(None, mid_pdu=True)
+        dul.event_queue.put("Evt17")  # closed between PDUs
         return None
     pdu_type, _, length = struct.unpack(">BBL", head)
     if pdu_type not in PDU_NAMES:
@@ -168,12 +182,12 @@ def _read_pdu(dul: DULServiceProvider, sock: socket.socket, deadline: float) -> 
     limit = pdu_limit(dul, pdu_type)
     if length > limit:
         raise _TooLong(f"{PDU_NAMES[pdu_type]} PDU declaring {length} bytes (limit {limit})")
-    body = recv_exact(sock, length, deadline)
+    try:
+        body = recv_exact(sock, length, deadline)
+    except OSError as exc:
+        raise _Lost(exc, mid_pdu=True) from None
     if len(body) != length:
-        LOGGER.error(f"The received PDU is shorter than expected ({6 + len(body)} of "
-                     f"{6 + length} bytes received)")
-        dul.event_queue.put("Evt17")
-        return None
+        raise _Lost(None, mid_pdu=True)
     return head + body
 
 
@@ -197,12 +211,9 @@ def _read_pdu_data(self: DULServiceProvider) -> None:
         phase = "association negotiation" if negotiating else "PDU"
         _drop(self, f"{phase} not complete within the time allowed")
         return
-    except ConnectionError as exc:  # a reset: the peer went away (no traceback)
-        LOGGER.info(f"Connection closed by the peer: {exc}")
-        self.event_queue.put("Evt17")
-        return
-    except OSError as exc:
-        LOGGER.error(f"Connection closed before the entire PDU was received: {exc}")
+    except _Lost as lost:  # a normal network event: one line, no traceback
+        line = connection_lost_line(self.assoc, lost.cause, lost.mid_pdu)
+        (logger.warning if lost.mid_pdu else logger.info)("{}", line)
         self.event_queue.put("Evt17")
         return
     if data is None:

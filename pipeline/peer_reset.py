@@ -22,6 +22,8 @@ import threading
 from types import TracebackType
 from typing import Any
 
+from pipeline.names import escape
+
 DUL_LOGGER = "pynetdicom.dul"
 _HEADERS = (
     "Connection closed before the entire PDU was received",
@@ -33,18 +35,19 @@ def describe_peer(assoc: Any) -> str:
     """``AE (address:port)`` of the other side of an association, or ``peer``."""
     try:
         peer = assoc.requestor if assoc.is_acceptor else assoc.acceptor
-        return f"{str(peer.ae_title).strip() or '?'} ({peer.address}:{peer.port})"
+        return f"{escape(str(peer.ae_title).strip()) or '?'} ({escape(peer.address)}:{peer.port})"
     except Exception:
         return "peer"
 
 
-def connection_lost_line(assoc: Any, exc: BaseException, mid_pdu: bool) -> str:
-    """The one line that says a peer closed its connection (or went silent)."""
+def connection_lost_line(assoc: Any, exc: BaseException | None, mid_pdu: bool) -> str:
+    """The one line that says a peer closed its connection (``exc`` None: an orderly
+    close), reset it, or went silent."""
     where = "in the middle of a PDU" if mid_pdu else "after its last PDU"
     if isinstance(exc, TimeoutError):
         return (f"connection from {describe_peer(assoc)} timed out {where} "
                 "(no data within the network timeout)")
-    reason = getattr(exc, "strerror", None) or type(exc).__name__
+    reason = "closed" if exc is None else getattr(exc, "strerror", None) or type(exc).__name__
     return f"connection from {describe_peer(assoc)} closed by the peer {where} ({reason})"
 
 

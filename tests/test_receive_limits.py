@@ -153,7 +153,8 @@ def test_defect06_every_pdu_has_a_cap(tmp_path: Path, fast: str) -> None:
         assert outcomes == dict.fromkeys(outcomes, "abort"), outcomes
         # At the limit is fine: a store in PDUs of exactly max_pdu is answered.
         conn = established(receiver.port, max_pdu=64 * 1024)
-        assert conn.store(c_store_rq(CT, "1.2.3.4.5"), encode_dataset(make_dataset())) == 0
+        ds = make_dataset()
+        assert conn.store(c_store_rq(CT, str(ds.SOPInstanceUID)), encode_dataset(ds)) == 0
         conn.release()
         receiver.assert_alive()
 
