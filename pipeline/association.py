@@ -224,6 +224,20 @@ def exchange_quiet_for(assoc: Association) -> float:
     return 0.0 if last is None else time.monotonic() - last
 
 
+def is_usable(assoc: Association) -> bool:
+    """Established, and its connection still open. pynetdicom clears ``is_established``
+    only once its reactor has handled a closed connection or an abort — possibly after a
+    ``send_*`` has already returned empty-handed — so the transport and the state
+    machine are asked too: a connection that is gone is the endpoint's trouble, never a
+    file's."""
+    if not assoc.is_established or stall_reason(assoc) is not None:
+        return False
+    transport = getattr(assoc.dul, "socket", None)
+    if getattr(transport, "socket", None) is None:
+        return False
+    return assoc.dul.state_machine.current_state == "Sta6"  # data transfer
+
+
 def stall_reason(assoc: Association | None) -> str | None:
     """Why :func:`cut` ended ``assoc``, if it did."""
     return getattr(assoc, "_dicomflow_cut", None) if assoc is not None else None

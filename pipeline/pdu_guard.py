@@ -142,7 +142,8 @@ def _peer(dul: DULServiceProvider) -> str:
 
 def _drop(dul: DULServiceProvider, reason: str, abort_reason: int = 0x00) -> None:
     """End the connection now: an A-ABORT (best effort, never blocking), then close."""
-    logger.warning("dropped connection from {}: {}", _peer(dul), reason)
+    direction = "from" if dul.assoc.is_acceptor else "to"
+    logger.warning("dropped connection {} {}: {}", direction, _peer(dul), reason)
     transport = cast(AssociationSocket, dul.socket)
     sock = transport.socket
     if sock is not None:

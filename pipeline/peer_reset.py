@@ -101,8 +101,26 @@ def _dul_frame(tb: TracebackType | None) -> tuple[Any, bool]:
     return dul, mid_pdu
 
 
+ASSOCIATION_LOGGER = "pynetdicom.association"
+#: pynetdicom's words for a connection that ended while a ``send_*`` waited for its
+#: answer; the daemon says it better itself (the sender's "endpoint down: …" line)
+_SAID_BY_US = ("Connection closed while waiting for DIMSE message",)
+
+
+class LostWhileWaitingFilter(logging.Filter):
+    """Demotes pynetdicom's ERROR for a connection lost during a ``send_*`` to DEBUG:
+    the sender reports it once, as the endpoint's trouble."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.msg in _SAID_BY_US:
+            record.levelno, record.levelname = logging.DEBUG, "DEBUG"
+            return logging.getLogger(record.name).isEnabledFor(logging.DEBUG)
+        return True
+
+
 def install() -> None:
-    """Put the filter on pynetdicom's DUL logger (idempotent, process-wide)."""
-    dul_logger = logging.getLogger(DUL_LOGGER)
-    if not any(isinstance(f, PeerResetFilter) for f in dul_logger.filters):
-        dul_logger.addFilter(PeerResetFilter())
+    """Put the filters on pynetdicom's loggers (idempotent, process-wide)."""
+    for name, kind in ((DUL_LOGGER, PeerResetFilter), (ASSOCIATION_LOGGER, LostWhileWaitingFilter)):
+        target = logging.getLogger(name)
+        if not any(isinstance(f, kind) for f in target.filters):
+            target.addFilter(kind())

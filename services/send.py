@@ -33,7 +33,7 @@ from pydicom.uid import UID
 from pynetdicom import Association
 
 from pipeline import association as net
-from pipeline import fastpath, peer_reset
+from pipeline import fastpath, pdu_guard, peer_reset
 from pipeline import log as logsetup
 from pipeline.association import FileMeta
 from pipeline.backoff import Backoff, delay
@@ -57,6 +57,7 @@ SUSPECT_LIMIT = 3            # associations lost while sending the same file →
 MOVE_RETRY = 1.0             # first wait before retrying a move the disk refused
 MOVE_RETRY_CAP = 60.0        # longest wait between such retries
 SHUTDOWN_STALL = 2.0         # on SIGTERM, a send blocked this long on the peer is cut
+SHUTDOWN_ANSWER_WAIT = 15.0  # …and an answer is awaited at most this long (or dimse_timeout)
 
 
 class EndpointTrouble(Exception):
@@ -100,7 +101,7 @@ class _Current:
 
     @property
     def alive(self) -> bool:
-        return bool(self.assoc.is_established)
+        return net.is_usable(self.assoc)
 
 
 class Sender:
@@ -174,13 +175,15 @@ class Sender:
     def _cut_stalled_send(self) -> None:
         """While stopping: the file in flight may finish — unless its send is blocked on
         a destination that stopped reading, or the destination has kept it waiting for
-        longer than ``dimse_timeout``; that association is cut, so a shutdown never
-        waits on a peer (the file stays in the outbox and is sent again later)."""
+        its answer longer than ``SHUTDOWN_ANSWER_WAIT`` (or ``dimse_timeout``, if
+        shorter); that association is cut, so a shutdown never waits on a peer beyond
+        supervisord's stop timeout (the file stays in the outbox and is sent again)."""
+        answer_wait = min(self.ep.dimse_timeout, SHUTDOWN_ANSWER_WAIT)
         while not self.closed:
             current = self.current
             if current is not None and (
                     net.send_blocked_for(current.assoc) >= SHUTDOWN_STALL
-                    or net.exchange_quiet_for(current.assoc) >= self.ep.dimse_timeout):
+                    or net.exchange_quiet_for(current.assoc) >= answer_wait):
                 net.cut(current.assoc, "stopping: the destination stopped reading or answering")
                 self.log.warning("stopping: the destination stopped reading or answering; "
                                  "transfer cut, the file stays in the outbox")
@@ -440,7 +443,7 @@ class Sender:
             self.current = None  # all contexts rejected, or the peer left after its answer
 
     def _send_one(self, path: Path, meta: FileMeta) -> None:
-        log = self.log.bind(file=logsetup.shown_name(path.name))
+        log = self._file_log(path)
         assert self.current is not None
         try:
             rsp = self._c_store(path, meta)
@@ -500,7 +503,7 @@ class Sender:
             raise PermanentError(f"the destination accepts {meta.sop_class.name} only as {names}, not "
                                  f"{meta.transfer_syntax.name}, and {why}")
         dataset = load_uncompressed(path, target, self.ep.transcode_max_size)
-        self.log.bind(file=logsetup.shown_name(path.name)).info(
+        self._file_log(path).info(
             "transcoding {} to {}", meta.transfer_syntax.name, target.name)
         assoc.dimse_timeout = self.ep.dimse_timeout_for(max(meta.size, decoded_size(dataset)))
         return self._guarded(lambda: assoc.send_c_store(dataset))
@@ -681,11 +684,11 @@ class Sender:
             if name not in self.pending:
                 self.pending[name] = _Pending(self.outbox / name, None, "", None,
                                               Backoff(MOVE_RETRY, MOVE_RETRY_CAP, self.rng))
-                self.log.bind(file=escape(name)).info(
+                self.log.bind(file=logsetup.shown_name(name)).info(
                     "delivered before the restart; moving it to sent/{} (not sent again)", self.name)
         mono = self.clock.monotonic()
         for item in [i for i in self.pending.values() if i.due <= mono]:
-            log = self.log.bind(file=escape(item.path.name))
+            log = self.log.bind(file=logsetup.shown_name(item.path.name))
             if item.reason is None:
                 self._to_sent(item.path, log)
             else:
@@ -729,14 +732,19 @@ class Sender:
         except FileNotFoundError:
             return None
         except PermanentError as exc:
-            self._fail(path, None, str(exc), self.log.bind(file=logsetup.shown_name(path.name)))
+            self._fail(path, None, str(exc), self._file_log(path))
             return None
         except OSError as exc:  # unreadable (permissions, I/O error): the file, not the sender
             self._fail(path, None, f"cannot read the file: {exc.strerror or exc}",
-                       self.log.bind(file=escape(path.name)))
+                       self._file_log(path))
             return None
         self.metas[path.name] = meta
         return meta
+
+    def _file_log(self, path: Path):
+        """The logger for one file: a standard name as is, a hand-made one hidden at
+        INFO (export tools put patient names in file names)."""
+        return self.log.bind(file=logsetup.shown_name(path.name))
 
     def _proposable(self, path: Path, meta: FileMeta, pair: tuple[str, str]) -> bool:
         """Can this file's (SOP class, transfer syntax) go into a presentation context?
@@ -748,7 +756,7 @@ class Sender:
             net.contexts_for([pair], fallback=False)
         except Exception as exc:  # noqa: BLE001 - whatever pynetdicom objects to, it is the file
             self._fail(path, meta, f"cannot propose a presentation context for it: {exc}",
-                       self.log.bind(file=escape(path.name)))
+                       self._file_log(path))
             return False
         self.good_pairs.add(pair)
         return True
@@ -860,5 +868,6 @@ def main(config: Config, endpoint: str) -> int:
     router = config.router
     logsetup.setup(f"send-{endpoint}", ep.log_level or router.log_level, router.log_json,
                    router.pynetdicom_log_level)
+    pdu_guard.install()  # what a destination can make us read: bounded in size and time
     peer_reset.install()
     return Sender(config, endpoint).run()

@@ -48,9 +48,11 @@ def cleanup():
             pass
 
 
-def _stalled_sender(tmp_path: Path, cleanup: list, fastpath: str, dimse_timeout: str):
+def _stalled_sender(tmp_path: Path, cleanup: list, fastpath: str, dimse_timeout: str,
+                    side: int = BIG_SIDE):
     """A DCMTK storescp with a live association from the sender, then SIGSTOPped, and a
-    32 MiB file in the outbox: the sender is left writing to a peer that reads nothing."""
+    32 MiB file in the outbox: the sender is left writing to a peer that reads nothing
+    (with a small ``side``, the file fits the socket buffers: the peer never answers)."""
     peer = StoreSCP(tmp_path / "recv", ae_title="PACS").start()
     cleanup.append(peer)
     conf = endpoint_conf(tmp_path, {"pacs": {
@@ -65,7 +67,7 @@ def _stalled_sender(tmp_path: Path, cleanup: list, fastpath: str, dimse_timeout:
     wait_for(lambda: count(spool / "sent/pacs") == 1, message="the first file delivered")
     os.kill(peer.proc.pid, signal.SIGSTOP)
     cleanup.append(_Resume(peer.proc.pid))
-    big = write_dataset(make_dataset(rows=BIG_SIDE, cols=BIG_SIDE), tmp_path / "src" / "big.dcm")
+    big = write_dataset(make_dataset(rows=side, cols=side), tmp_path / "src" / "big.dcm")
     put_in_outbox(spool, "pacs", [big])
     wait_for(lambda: read_state(spool, "pacs").get("state") == "delivering", message="delivering")
     return peer, sender, spool
@@ -114,6 +116,17 @@ def test_defect01_sigterm_exits_while_a_send_is_blocked(tmp_path: Path, cleanup,
     cleanup.append(restarted)
     wait_for(lambda: count(spool / "sent/pacs") == 2, message="the big file delivered after restart")
     assert restarted.stop() == 0
+
+
+@pytest.mark.parametrize("fastpath", FASTPATH)
+def test_defect01_sigterm_exits_while_the_destination_keeps_quiet(tmp_path: Path, cleanup,
+                                                                  fastpath: str) -> None:
+    # the file is sent whole, the destination never answers, dimse_timeout is 10m: the
+    # stop waits for the answer only a bounded time, then cuts (the file stays queued)
+    peer, sender, spool = _stalled_sender(tmp_path, cleanup, fastpath, dimse_timeout="10m", side=64)
+    assert sender.stop(timeout=HANG_TIMEOUT) == 0
+    assert count(spool / "outbox/pacs") == 1 and count(spool / "failed/pacs") == 0
+    assert "transfer cut, the file stays in the outbox" in sender.log()
 
 
 TRANSFER_SCRIPT = r"""
@@ -284,4 +297,94 @@ def test_defect20_falls_back_to_tcp_without_verification(tmp_path: Path, cleanup
     cleanup.append(peer)
     wait_for(lambda: count(spool / "sent/pacs") == 3, message="delivered after TCP probes")
     assert peer.events("ECHO") == []
+    assert sender.stop() == 0
+
+
+# -- defect 6, sibling: what a destination can make the sender read --------------------
+
+HUGE_PDU = 0x7FFFFFF0  # declared P-DATA-TF body length: almost 2 GiB
+HUGE_PDU_SCRIPT = r"""
+import struct, sys, time
+from pynetdicom import AE, evt
+from pynetdicom.sop_class import Verification
+port, declared = int(sys.argv[1]), int(sys.argv[2])
+stores = []
+ae = AE("PACS")
+ae.add_supported_context("1.2.840.10008.5.1.4.1.1.2", ["1.2.840.10008.1.2.1", "1.2.840.10008.1.2"])
+ae.add_supported_context(Verification)
+def on_store(event):
+    stores.append(event.request.AffectedSOPInstanceUID)
+    if len(stores) > 1:
+        print("STORED", flush=True)
+        return 0x0000
+    # instead of an answer: a P-DATA-TF header declaring `declared` bytes, 4 KiB of
+    # them, then silence on a connection kept open
+    event.assoc.dul.socket.socket.sendall(struct.pack(">BBL", 0x04, 0, declared) + bytes(4096))
+    print("HUGE", flush=True)
+    # the reactor (this thread) is busy here: the DUL's state machine sees the peer leave
+    state = event.assoc.dul.state_machine
+    end = time.monotonic() + 600
+    while state.current_state == "Sta6" and time.monotonic() < end:
+        time.sleep(0.1)
+    print("DROPPED" if state.current_state != "Sta6" else "HELD", flush=True)
+    return 0x0000
+ae.start_server(("127.0.0.1", port), evt_handlers=[(evt.EVT_C_STORE, on_store)])
+"""
+
+
+class HugePduSCP(ScriptSCP):
+    """A pynetdicom Storage SCP (with Verification) in its own process that answers its
+    first C-STORE with a P-DATA-TF header declaring ``HUGE_PDU`` bytes and a few KiB,
+    then holds the connection silent; later C-STOREs are answered with success."""
+
+    def __init__(self, directory: Path) -> None:
+        super().__init__(directory, verification=True)
+        self.script = directory / "huge_pdu_scp.py"
+        self.script.write_text(HUGE_PDU_SCRIPT)
+
+    def start(self) -> HugePduSCP:
+        self.log = open(self.log_path, "ab")  # noqa: SIM115 - closed in stop()
+        self.proc = subprocess.Popen([sys.executable, str(self.script), str(self.port), str(HUGE_PDU)],
+                                     stdout=self.log, stderr=subprocess.STDOUT)
+        wait_port(self.port)
+        return self
+
+
+def peak_rss(pid: int) -> int:
+    """The process's peak resident set size in bytes (VmHWM)."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    raise AssertionError(f"no VmHWM in /proc/{pid}/status")
+
+
+@pytest.mark.parametrize("fastpath", FASTPATH)
+def test_defect06_sibling_a_destination_cannot_make_the_sender_read_a_huge_pdu(
+        tmp_path: Path, cleanup, fastpath: str) -> None:
+    peer = HugePduSCP(tmp_path / "peer").start()
+    cleanup.append(peer)
+    # dimse_timeout far beyond the wait below: only the PDU limit may end the first C-STORE
+    conf = endpoint_conf(tmp_path, {"pacs": {"port": peer.port, "ae_title": "PACS",
+                                             "dimse_timeout": "10m",
+                                             "retry": {"probe_backoff": "0.5s",
+                                                       "probe_backoff_cap": "2s"}}})
+    spool = tmp_path / "spool"
+    put_in_outbox(spool, "pacs", make_files(tmp_path / "src", 1))
+    sender = Daemon(conf, "send", "pacs", env={"DICOMFLOW_FASTPATH": fastpath}).start()
+    cleanup.append(sender)
+    sender.wait_log("P-DATA-TF PDU declaring", timeout=HANG_TIMEOUT)
+    wait_for(lambda: peer.events("DROPPED"), message="the destination sees the association end")
+    wait_for(lambda: count(spool / "sent/pacs") == 1, message="delivered once the destination behaves")
+    assert len(peer.events("HUGE")) == 1 and len(peer.events("STORED")) == 1
+    peak = peak_rss(sender.pid)
+    log = sender.log()
+    lines = [line for line in log.splitlines() if "P-DATA-TF PDU declaring" in line]
+    assert len(lines) == 1, lines
+    assert "dropped connection" in lines[0] and str(HUGE_PDU) in lines[0], lines[0]
+    assert "Traceback" not in log and " ERROR " not in log, log[-3000:]
+    # the destination's trouble, not the file's: the endpoint goes down, no attempt charged
+    assert "endpoint down" in log and "transient failure" not in log, log[-3000:]
+    assert count(spool / "failed/pacs") == 0 and count(spool / "outbox/pacs") == 0
+    assert peak < 300 * 1024 * 1024, f"peak RSS {peak / 2**20:.0f} MiB"
+    assert sender.alive()
     assert sender.stop() == 0
