@@ -5,9 +5,23 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
+
+
+@pytest.fixture
+def cleanup():
+    """Things to ``stop()`` after the test (peers, daemons), last started first."""
+    items: list = []
+    yield items
+    for item in reversed(items):
+        try:
+            item.stop()
+        except Exception:  # noqa: BLE001 - best effort teardown
+            pass
 
 
 def pytest_terminal_summary(terminalreporter, exitstatus, config) -> None:

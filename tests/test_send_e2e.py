@@ -31,17 +31,6 @@ def associations(peer: StoreSCP) -> int:
     return len(re.findall(r"Association Acknowledged", log))
 
 
-@pytest.fixture
-def cleanup():
-    items: list = []
-    yield items
-    for item in reversed(items):
-        try:
-            item.stop()
-        except Exception:  # noqa: BLE001 - best effort teardown
-            pass
-
-
 def test_300_files_over_few_associations(tmp_path: Path, cleanup) -> None:
     peer = StoreSCP(tmp_path / "recv", ae_title="PACS", extra=("-v",)).start()
     cleanup.append(peer)

@@ -37,17 +37,6 @@ def count(directory: Path) -> int:
     return len(dicom_files(directory))
 
 
-@pytest.fixture
-def cleanup():
-    items: list = []
-    yield items
-    for item in reversed(items):
-        try:
-            item.stop()
-        except Exception:  # noqa: BLE001 - best effort teardown
-            pass
-
-
 def _stalled_sender(tmp_path: Path, cleanup: list, fastpath: str, dimse_timeout: str,
                     side: int = BIG_SIDE):
     """A DCMTK storescp with a live association from the sender, then SIGSTOPped, and a

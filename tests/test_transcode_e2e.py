@@ -58,17 +58,6 @@ def _elements(path: Path) -> list[tuple]:
     return [(e.tag, "private" if e.tag.is_private else e.VR, e.value) for e in ds.iterall()]
 
 
-@pytest.fixture
-def cleanup():
-    items: list = []
-    yield items
-    for item in reversed(items):
-        try:
-            item.stop()
-        except Exception:  # noqa: BLE001 - best effort teardown
-            pass
-
-
 @pytest.mark.parametrize("fastpath", ["1", "0"])
 def test_defect17_implicit_rt_objects_reach_an_explicit_only_destination(tmp_path: Path, cleanup,
                                                                         fastpath: str) -> None:
