@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 
 from pipeline.config import Config
-from pipeline.names import is_valid_endpoint_name
+from pipeline.names import escape, is_valid_endpoint_name
 from pipeline.spool import Spool
 
 
@@ -31,21 +31,26 @@ def main(config: Config, endpoint: str, files: list[str], retry_all: bool = Fals
     selected = spool.list_stage(failed) if retry_all else _named(failed, files)
     if selected is None:
         return 1
-    moved = 0
+    moved = refused = 0
     for path in selected:
         try:
             spool.move(path, spool.outbox(endpoint))
         except FileNotFoundError:
-            print(f"dicomflow: {path.name} is no longer in failed/{endpoint}", file=sys.stderr)
+            print(f"dicomflow: {escape(path.name)} is no longer in failed/{endpoint}", file=sys.stderr)
             continue
         except FileExistsError:
-            print(f"dicomflow: {path.name} is already in outbox/{endpoint}; left in failed/",
+            print(f"dicomflow: {escape(path.name)} is already in outbox/{endpoint}; left in failed/",
                   file=sys.stderr)
+            continue
+        except OSError as exc:  # EXDEV (outbox/ on another mount), ENOSPC, EIO: say it, go on
+            print(f"dicomflow: cannot move {escape(path.name)} back to outbox/{endpoint}: "
+                  f"{escape(exc.strerror or exc)}; left in failed/", file=sys.stderr)
+            refused += 1
             continue
         spool.remove_sidecars(path)
         moved += 1
     print(f"dicomflow: {moved} file(s) moved back to outbox/{endpoint}")
-    return 0
+    return 1 if refused else 0
 
 
 def _named(failed: Path, files: list[str]) -> list[Path] | None:

@@ -7,6 +7,7 @@ from pathlib import Path
 from pipeline import config as config_module
 from pipeline.spool import Spool, make_name
 from tests.helpers import run_cli, write_conf
+from tests.reliability import tmpfs
 
 ENDPOINT = {"endpoint": {"host": "127.0.0.1", "port": 1, "ae_title": "PACS"}}
 
@@ -48,6 +49,16 @@ def test_retry_refuses_unknown_files_and_endpoints(tmp_path: Path) -> None:
     assert run_cli(conf, "retry", "other", "--all").returncode == 1
     assert run_cli(conf, "retry", "../x", "--all").returncode == 1
     assert spool.list_stage(spool.failed("pacs")) == paths
+
+
+def test_defect02_sibling_retry_survives_a_move_the_disk_refuses(tmp_path: Path) -> None:
+    conf, spool, paths = failed_files(tmp_path, 2)
+    with tmpfs(spool.outbox("pacs"), 1):  # outbox/ on another mount: EXDEV on every move
+        result = run_cli(conf, "retry", "pacs", "--all")
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr
+    assert result.stderr.count("cannot move") == 2 and "left in failed/" in result.stderr
+    assert spool.list_stage(spool.failed("pacs")) == paths  # nothing lost, sidecars kept
+    assert all((spool.failed("pacs") / (p.name + ".error")).exists() for p in paths)
 
 
 def test_every_command_has_help_with_an_example(tmp_path: Path) -> None:
