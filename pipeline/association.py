@@ -1,5 +1,5 @@
 """Outgoing associations: AE set-up, presentation contexts, socket options, TLS, and a
-fix for pynetdicom 3.0.4's C-STORE response race (DESIGN.md §8).
+fix for pynetdicom 3.0.4's C-STORE response race (README, Design notes).
 
 Facts this module is built on:
 
@@ -119,7 +119,7 @@ def handbacks(assoc: Association) -> int:
 # -- socket options and TLS ----------------------------------------------------------
 
 def tune_socket(sock: socket.socket) -> None:
-    """TCP_NODELAY (small files ~3x faster, DESIGN.md §8) and keepalive (dead peers)."""
+    """TCP_NODELAY (small files ~3x faster, README: Design notes) and keepalive (dead peers)."""
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
     for name, value in (("TCP_KEEPIDLE", 60), ("TCP_KEEPINTVL", 10), ("TCP_KEEPCNT", 6)):

@@ -2,7 +2,7 @@
 
 Jitter spreads retries of many senders apart; taking it only *downwards* keeps the
 configured cap a true bound, so a returning destination is noticed within the cap
-(DESIGN.md §6: "capped — by default at 5 s").
+(README, How it works: at most 5 s between probes by default).
 """
 
 from __future__ import annotations

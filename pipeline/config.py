@@ -280,7 +280,7 @@ class EndpointConfig:
     window: Window = ALWAYS
 
     def dimse_timeout_for(self, file_size: int) -> float:
-        """A C-STORE's timeout includes transmitting the file (DESIGN.md §8): size it."""
+        """A C-STORE's timeout includes transmitting the file (P-DATA is queued before the wait)."""
         return self.dimse_timeout + file_size / max(self.min_transfer_rate, 1)
 
 

@@ -1,4 +1,4 @@
-"""Speed-ups for pynetdicom 3.0.x and pydicom in the daemons (issue 7, DESIGN.md §8).
+"""Speed-ups for pynetdicom 3.0.x and pydicom in the daemons (issue 7; README, Performance).
 
 Where a three-process pipeline spent its CPU, and what this module does about it:
 

@@ -1,7 +1,7 @@
 """Routing rules: SOP Class allow/deny-lists and ``Keyword=regex`` conditions.
 
 Parsed once at start-up (so a bad rule is a configuration error) and evaluated
-against a header-only dataset. Semantics (DESIGN.md §10): ``re.fullmatch``,
+against a header-only dataset. Semantics (README, Design notes): ``re.fullmatch``,
 case-sensitive; a multi-valued attribute matches if any value does; ``!=`` holds when
 no value matches (a missing attribute included); ``=`` never matches a missing
 attribute; deny-lists win over allow-lists.
@@ -21,7 +21,7 @@ from pydicom.tag import Tag
 
 from pipeline.names import is_valid_uid
 
-#: Pseudo-keywords read from the file meta the receiver writes (DESIGN.md §3).
+#: Pseudo-keywords read from the file meta the receiver writes (README, How it works).
 META_KEYWORDS = {
     "CallingAETitle": ("SourceApplicationEntityTitle", "SendingApplicationEntityTitle"),
     "CalledAETitle": ("ReceivingApplicationEntityTitle",),

@@ -3,7 +3,7 @@
 Every form in the configuration is compiled to a list of cron expressions, so one
 question ("does croniter match this minute?") answers "is it open?" and croniter's
 ``get_next`` answers "when does it open?" — the sender sleeps until then instead of
-polling. Forms accepted (one per line, DESIGN.md §10):
+polling. Forms accepted (one per line, README: Design notes):
 
 * a cron expression: ``*/10 19-23 * * 1-5`` (a minute is open if it matches);
 * ``HH:MM - HH:MM`` ranges, several comma-separated, over midnight allowed; the start

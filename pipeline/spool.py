@@ -4,7 +4,7 @@ Every hand-off follows CPython's ``mailbox.Maildir``: write under a hidden temp 
 in the target filesystem, fsync the file, publish it with an atomic rename that never
 overwrites, fsync the directory. A failed write therefore leaves nothing visible, and
 a file that is visible is complete. Daemons call these functions and never
-``os.rename`` themselves (DESIGN.md §3).
+``os.rename`` themselves (README, The spool).
 """
 
 from __future__ import annotations

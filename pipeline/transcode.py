@@ -1,5 +1,5 @@
 """Transcoding fallback: decompress a file for a destination that will not take its
-transfer syntax (DESIGN.md §6, §8).
+transfer syntax (README, Design notes).
 
 The spool copy is never modified: the file is read into memory, decompressed with
 pydicom's pixel decoders (python-gdcm, pylibjpeg-openjpeg, pydicom's RLE — no GPL

@@ -1,6 +1,6 @@
 """Filesystem-event triggers for the daemon loops (watchdog, one directory each).
 
-inotify is a trigger, not a ledger (DESIGN.md §10): the kernel's queue overflows on
+inotify is a trigger, not a ledger (README, Design notes): the kernel's queue overflows on
 big bursts without watchdog telling anyone, so a daemon never trusts events to list
 its work. It rescans its directory after every wake-up, and wakes up by itself after
 ``rescan_interval`` even if no event came. Events only make that wake-up immediate.

@@ -1,4 +1,4 @@
-"""``dicomflow filter``: route every file in ``incoming/`` to its outboxes (DESIGN.md §2).
+"""``dicomflow filter``: route every file in ``incoming/`` to its outboxes (README, How it works).
 
 For each file, in name (arrival) order: read only its header, apply the global rules,
 move it to ``accepted/`` under its standard name, hard-link it into the outbox of every

@@ -3,7 +3,7 @@
 One small daemon in the manner of pynetdicom's ``apps/storescp``: handlers are bound
 to a :class:`Receiver` that holds its dependencies; nothing lives in module globals.
 
-The promise it keeps (DESIGN.md §1): a C-STORE success (0x0000) is answered only after
+The promise it keeps (README, Design notes: promise 1): a C-STORE success (0x0000) is answered only after
 the file is written, fsynced, renamed into ``incoming/`` and the directory fsynced.
 Datasets stream to disk (pynetdicom's chunked receive, with the temp directory on the
 spool's filesystem so publishing is a rename) so memory does not grow with object size.
@@ -67,7 +67,7 @@ class _DicomFlowServer(ThreadedAssociationServer):
 
     * The TLS handshake happens in the connection's own thread with a timeout, not in
       the accept loop: one silent TCP client no longer blocks every new TLS
-      association (DESIGN.md §8).
+      association (README, Design notes).
     * ``verify_request`` enforces the source-network allow-list before any DICOM (an
       IPv4 client of a dual-stack ``::`` listener is matched by its IPv4 address).
     * At most ``max_pending`` connections may be between accept and association; more
@@ -265,7 +265,7 @@ class Receiver:
     # -- handlers -----------------------------------------------------------
 
     def handle_conn_open(self, event: evt.Event) -> None:
-        """Nagle off (small files: ~17 → ~60/s, DESIGN.md §8), keepalive on."""
+        """Nagle off (small files: ~17 → ~60/s, README: Design notes), keepalive on."""
         sock = event.assoc.dul.socket.socket
         if sock is not None:
             try:
@@ -445,7 +445,7 @@ def _failure(refusal: Refusal) -> Dataset:
 
 
 def configure_pynetdicom(spool: Spool) -> None:
-    """Process-wide pynetdicom settings of the receive daemon (DESIGN.md §8)."""
+    """Process-wide pynetdicom settings of the receive daemon (README, Design notes)."""
     _config.STORE_RECV_CHUNKED_DATASET = True
     # Accept every storage SOP class, private and unknown ones included, in any
     # transfer syntax (compressed included): we store the bytes as sent.

@@ -1,6 +1,6 @@
 """``dicomflow send ENDPOINT``: deliver ``outbox/<endpoint>/`` to one destination.
 
-One process per endpoint (DESIGN.md §2, §6). The loop, in the manner of rq's worker:
+One process per endpoint (README, How it works). The loop, in the manner of rq's worker:
 filesystem events only *trigger* a rescan of the outbox (inotify is not a ledger);
 files go out in arrival (name) order over a reused association whose presentation
 contexts come from the files at hand; each file ends in ``sent/`` or ``failed/`` (with

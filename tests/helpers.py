@@ -1,7 +1,7 @@
 """Shared test helpers: configuration writers, daemon subprocesses, waiting, data.
 
 Tests wait on conditions with generous timeouts (hang detection), never on fixed
-sleeps and never assert a speed (DESIGN.md §10).
+sleeps and never assert a speed (README, Design notes).
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""The pynetdicom pin (we rely on its internals, DESIGN.md §10) and the internals themselves."""
+"""The pynetdicom pin (we rely on its internals, README: Design notes) and the internals themselves."""
 
 from __future__ import annotations
 

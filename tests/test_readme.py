@@ -65,3 +65,23 @@ def test_readme_starts_with_the_two_commands() -> None:
     assert commands[1].endswith(".venv/bin/python -m pytest")
     ci = (REPO / ".ci" / "run").read_text()
     assert ".venv/bin/python -m pytest" in ci
+
+
+def test_nothing_refers_to_a_document_outside_the_repository() -> None:
+    """Comments and docs point to the README or a file in the repository, never outside."""
+    import subprocess
+
+    names = subprocess.run(["git", "ls-files", "-z"], cwd=REPO, capture_output=True,
+                           check=True).stdout.decode().split("\0")
+    forbidden = ("DES" + "IGN.md", "../" + "shared")  # split: this file must pass too
+    offenders = []
+    for name in filter(None, names):
+        path = REPO / name
+        if not path.is_file():
+            continue
+        data = path.read_bytes()
+        if b"\0" in data[:8192]:
+            continue  # binary
+        text = data.decode("utf-8", "replace")
+        offenders += [f"{name}: {word}" for word in forbidden if word in text]
+    assert offenders == []

@@ -1,4 +1,4 @@
-"""Rule parsing and evaluation (DESIGN.md §10: fullmatch, case-sensitive, any-of, deny wins)."""
+"""Rule parsing and evaluation (README, Design notes: fullmatch, case-sensitive, any-of, deny wins)."""
 
 from __future__ import annotations
 

@@ -357,7 +357,7 @@ def test_files_wait_outside_the_window(tmp_path: Path, scp) -> None:
         sender.close()
 
 
-# -- the pynetdicom C-STORE response race (DESIGN.md §8) ------------------------------------------
+# -- the pynetdicom C-STORE response race (README, Design notes) ------------------------------------------
 
 class _NeverPausedCheckpoint:
     """Stands in for the reactor's pause checkpoint so the reactor never pauses."""

@@ -1,7 +1,7 @@
 """A minimal stock pynetdicom C-STORE SCP: the "one Python hop" row of the benchmark.
 
-Chunked receive (the dataset streams to a temp file) and TCP_NODELAY, as DESIGN.md §8
-recommends, and nothing else: each received file is renamed into the output folder
+Chunked receive (the dataset streams to a temp file) and TCP_NODELAY (README, Design notes),
+and nothing else: each received file is renamed into the output folder
 (no fsync, like DCMTK's storescp). Usage: ``python -m tests.bench.pynetdicom_scp PORT DIR``.
 """
 
