@@ -31,7 +31,7 @@ Where a three-process pipeline spent its CPU, and what this module does about it
   C-STORE command set, every time) before the logger drops them. They are bound only
   when the ``pynetdicom`` logger would show INFO (``pynetdicom_log_level``).
 
-Only the daemons call :func:`install`; it is idempotent. pynetdicom is pinned to 3.0.x
+Only the daemons call :func:`install`; it is idempotent. pynetdicom is pinned to 3.0.4
 (pyproject.toml) because this relies on its private structure. ``DICOMFLOW_FASTPATH=0``
 in the environment leaves pynetdicom and pydicom as they are (troubleshooting, and the
 benchmark's before/after comparison).

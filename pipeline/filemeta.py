@@ -114,7 +114,7 @@ def install_ae_slots() -> None:
 
     This replaces the ``create_file_meta`` and ``write_file_meta_info`` names
     pynetdicom's DIMSE decoder uses (nothing else there uses them); it is process-wide,
-    so only the receive daemon calls it. pynetdicom is pinned to 3.0.x.
+    so only the receive daemon calls it. pynetdicom is pinned to 3.0.4.
     """
     dimse_messages.create_file_meta = _create_slotted_meta  # type: ignore[assignment]
     dimse_messages.write_file_meta_info = _write_file_meta_info  # type: ignore[assignment]
