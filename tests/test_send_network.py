@@ -113,9 +113,22 @@ def test_defect01_sigterm_exits_while_the_destination_keeps_quiet(tmp_path: Path
     # the file is sent whole, the destination never answers, dimse_timeout is 10m: the
     # stop waits for the answer only a bounded time, then cuts (the file stays queued)
     peer, sender, spool = _stalled_sender(tmp_path, cleanup, fastpath, dimse_timeout="10m", side=64)
+    # "delivering" is set before the C-STORE starts: wait until its bytes reach the peer
+    wait_for(lambda: _bytes_waiting_at(peer.port), message="the file's bytes at the stopped peer")
     assert sender.stop(timeout=HANG_TIMEOUT) == 0
     assert count(spool / "outbox/pacs") == 1 and count(spool / "failed/pacs") == 0
     assert "transfer cut, the file stays in the outbox" in sender.log()
+
+
+def _bytes_waiting_at(port: int) -> bool:
+    """Has data arrived, unread, on an established connection to local ``port``
+    (the receive queue of /proc/net/tcp)?"""
+    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+        fields = line.split()
+        local, state, queues = fields[1], fields[3], fields[4]
+        if int(local.split(":")[1], 16) == port and state == "01" and int(queues.split(":")[1], 16):
+            return True
+    return False
 
 
 TRANSFER_SCRIPT = r"""
