@@ -15,8 +15,9 @@ import sys
 
 from pynetdicom.presentation import build_context
 
-from pipeline import association as net
 from pipeline.config import Config
+from pipeline.dicom import patches
+from pipeline.dicom import scu as net
 from pipeline.statuses import describe
 
 
@@ -47,6 +48,7 @@ def main(config: Config, endpoint: str) -> int:
         known = ", ".join(sorted(config.endpoints)) or "none"
         print(f"dicomflow: unknown endpoint {endpoint!r} (configured: {known})", file=sys.stderr)
         return 1
+    patches.install("echo")
     ok, message = echo(config, endpoint)
     print(message if ok else f"dicomflow: echo {endpoint}: {message}", file=sys.stdout if ok else sys.stderr)
     return 0 if ok else 1

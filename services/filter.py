@@ -33,8 +33,8 @@ from pydicom.uid import UID
 from pipeline import config as config_module
 from pipeline import header as header_module
 from pipeline.config import Config
+from pipeline.dicom import patches
 from pipeline.errors import ConfigError, QuarantineError
-from pipeline.fastpath import tune_pydicom
 from pipeline.header import Header
 from pipeline.lock import DaemonLock
 from pipeline.log import setup, shown_name
@@ -472,7 +472,7 @@ def main(config: Config) -> int:
     router = config.router
     setup("filter", router.log_level, json=router.log_json, pynetdicom_level=router.pynetdicom_log_level)
     header_module.quiet_pydicom()
-    tune_pydicom()
+    patches.install("filter")
     daemon = FilterDaemon(config)
     restore = install_signals(daemon)
     try:

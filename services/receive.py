@@ -27,10 +27,10 @@ from pynetdicom import AE, _config, evt
 from pynetdicom.sop_class import Verification
 from pynetdicom.transport import RequestHandler, ThreadedAssociationServer
 
-from pipeline import fastpath, pdu_guard, peer_reset
 from pipeline import log as logmod
 from pipeline.config import Config, TlsConfig
-from pipeline.filemeta import install_ae_slots, stamp_ae_titles
+from pipeline.dicom import patches, pdu_guard
+from pipeline.dicom.filemeta import stamp_ae_titles
 from pipeline.intake import Command, Refusal, check_received, pad_deflated
 from pipeline.lock import DaemonLock
 from pipeline.log import escape, logger
@@ -452,18 +452,15 @@ def configure_pynetdicom(spool: Spool) -> None:
     _config.UNRESTRICTED_STORAGE_SERVICE = True
     # The chunked temp file lives on the spool's filesystem: publishing is a rename.
     tempfile.tempdir = str(spool.incoming / ".tmp")
-    install_ae_slots()
     # pydicom's value checks (on with DICOMFLOW_FASTPATH=0) warn with the peer's value in
     # the text: one escaped log line, not a raw line on stderr.
     warnings.showwarning = _warning_to_log
-    pdu_guard.install()  # limits on what peers make us read: with or without the fast path
-    fastpath.install()  # event-driven reactors, whole-PDU reads, fast command sets
 
 
 def main(config: Config) -> int:
     router = config.router
     logmod.setup("receive", router.log_level, router.log_json, router.pynetdicom_log_level)
-    peer_reset.install()
+    patches.install("receive")
     spool = Spool(router.spool).create(config.endpoints)
     with DaemonLock(spool.run_dir, "receive"):
         removed = spool.clean_tmp(spool.incoming)

@@ -32,13 +32,13 @@ from pydicom.filereader import read_file_meta_info
 from pydicom.uid import UID
 from pynetdicom import Association
 
-from pipeline import association as net
-from pipeline import fastpath, pdu_guard, peer_reset
 from pipeline import log as logsetup
-from pipeline.association import FileMeta
 from pipeline.backoff import Backoff, delay
 from pipeline.clock import SystemClock
 from pipeline.config import Config, EndpointConfig
+from pipeline.dicom import fastpath, patches
+from pipeline.dicom import scu as net
+from pipeline.dicom.scu import FileMeta
 from pipeline.errors import PermanentError
 from pipeline.lock import DaemonLock
 from pipeline.log import escape, logger
@@ -868,6 +868,5 @@ def main(config: Config, endpoint: str) -> int:
     router = config.router
     logsetup.setup(f"send-{endpoint}", ep.log_level or router.log_level, router.log_json,
                    router.pynetdicom_log_level)
-    pdu_guard.install()  # what a destination can make us read: bounded in size and time
-    peer_reset.install()
+    patches.install("send")
     return Sender(config, endpoint).run()

@@ -12,6 +12,15 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 
+@pytest.fixture(scope="session")
+def send_patches():
+    """What ``dicomflow send``'s ``main`` installs, for tests that drive a ``Sender`` in
+    this process (nothing in ``pipeline.dicom`` patches pynetdicom at import)."""
+    from pipeline.dicom import patches
+
+    patches.install("send")
+
+
 @pytest.fixture
 def cleanup():
     """Things to ``stop()`` after the test (peers, daemons), last started first."""

@@ -12,7 +12,7 @@ from pydicom.uid import UID
 from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.dsutils import encode as pydicom_encode
 
-from pipeline import fastpath, filemeta
+from pipeline.dicom import fastpath, filemeta
 
 CT = "1.2.840.10008.5.1.4.1.1.2"
 UIDS = ["1.2.3", CT, "1.2.826.0.1.3680043.8.498.1234567890123456789012345678901"]

@@ -29,7 +29,7 @@ def test_pynetdicom_is_pinned_exactly() -> None:
     assert pynetdicom.__version__ == "3.0.4", pynetdicom.__version__
 
 
-#: pynetdicom 3.0.4 code that pipeline/fastpath.py, pdu_guard.py, association.py,
+#: pynetdicom 3.0.4 code that pipeline/dicom/fastpath.py, pdu_guard.py, scu.py,
 #: filemeta.py and services/receive.py replace, wrap or rely on: "module:qualname" ->
 #: sha256 of its source. A new pynetdicom must be reviewed before the pin moves.
 UPSTREAM_SHA256 = {
@@ -109,7 +109,7 @@ def upstream_source(name: str) -> str:
 
 
 def test_upstream_code_we_patch_or_rely_on_is_unchanged() -> None:
-    from pipeline import pdu_guard
+    from pipeline.dicom import pdu_guard
 
     changed = sorted(name for name, digest in UPSTREAM_SHA256.items()
                      if hashlib.sha256(upstream_source(name).encode()).hexdigest() != digest)
@@ -121,8 +121,8 @@ def test_upstream_code_we_patch_or_rely_on_is_unchanged() -> None:
 def test_the_internals_we_rely_on_exist() -> None:
     for knob in ("STORE_RECV_CHUNKED_DATASET", "STORE_SEND_CHUNKED_DATASET", "UNRESTRICTED_STORAGE_SERVICE"):
         assert hasattr(_config, knob), knob
-    assert callable(dimse_messages.create_file_meta)  # replaced by pipeline.filemeta
-    assert callable(Association._serve_request)  # wrapped by pipeline.association
+    assert callable(dimse_messages.create_file_meta)  # replaced by pipeline.dicom.filemeta
+    assert callable(Association._serve_request)  # wrapped by pipeline.dicom.scu
     assert callable(ThreadedAssociationServer.process_request_thread)  # services.receive
 
 

@@ -21,7 +21,7 @@ from pynetdicom import AE
 from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.sop_class import Verification
 
-from pipeline import fastpath
+from pipeline.dicom import fastpath
 from tests.helpers import HANG_TIMEOUT, Daemon, dcmtk, make_dataset, router_port, wait_for, write_conf
 from tests.reliability import (
     CT,

@@ -14,9 +14,9 @@ from pydicom import dcmread
 from pydicom.data import get_testdata_file
 from pydicom.uid import ImplicitVRLittleEndian, JPEGBaseline8Bit
 
-from pipeline import association as net
 from pipeline.clock import FakeClock
 from pipeline.config import load
+from pipeline.dicom import scu as net
 from pipeline.errors import AlreadyRunning
 from pipeline.spool import Spool
 from services.send import Sender, main, prune_sent
@@ -30,6 +30,8 @@ from tests.sendkit import (
     read_state,
     storescp_uids,
 )
+
+pytestmark = pytest.mark.usefixtures("send_patches")
 
 EP = "pacs"
 

@@ -135,7 +135,7 @@ TRANSFER_SCRIPT = r"""
 import os, signal, sys, time
 from pathlib import Path
 import pipeline.config as pc
-from pipeline import association as net
+from pipeline.dicom import scu as net
 from pydicom.uid import ExplicitVRLittleEndian
 conf, pid, path = Path(sys.argv[1]), int(sys.argv[2]), Path(sys.argv[3])
 ep = pc.load(conf).endpoints["pacs"]

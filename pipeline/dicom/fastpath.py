@@ -250,7 +250,7 @@ def _dul_run_reactor(self: DULServiceProvider) -> None:
                 if isinstance(exc, OSError):
                     # The peer closed or reset the connection (gdcmscu aborts on exit):
                     # a network event, one line without a traceback.
-                    from pipeline.peer_reset import connection_lost_line
+                    from pipeline.dicom.peer_reset import connection_lost_line
 
                     LOGGER.info(connection_lost_line(self.assoc, exc, mid_pdu=False))
                 else:

@@ -31,8 +31,8 @@ from pydicom.uid import UID
 from pynetdicom import AE, Association, _config, evt
 from pynetdicom.presentation import PresentationContext, build_context
 
-from pipeline import fastpath
 from pipeline.config import EndpointConfig, TlsConfig
+from pipeline.dicom import fastpath
 from pipeline.transcode import UNCOMPRESSED
 
 MAX_CONTEXTS = 128
@@ -40,8 +40,12 @@ RELEASE_WAIT = 10.0  # at most this long for a peer's A-RELEASE-RP (or an abort)
 ABORT_WAIT = 2.0     # an A-ABORT is sent, not answered: longer means the DUL thread is stuck
 VERIFICATION = UID("1.2.840.10008.1.1")
 
-_config.STORE_SEND_CHUNKED_DATASET = True
-fastpath.install()  # event-driven reactors, whole-PDU reads, fast command sets (issue 7)
+
+
+def configure() -> None:
+    """Process-wide pynetdicom setting of a sending process: stream each file from disk
+    (only its file meta is read into memory). Called by :func:`patches.install`."""
+    _config.STORE_SEND_CHUNKED_DATASET = True
 
 
 @dataclass(frozen=True)

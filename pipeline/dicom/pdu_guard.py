@@ -33,8 +33,8 @@ from pynetdicom.dul import DULServiceProvider
 from pynetdicom.pdu import A_ABORT_RQ
 from pynetdicom.transport import AssociationSocket
 
+from pipeline.dicom.peer_reset import connection_lost_line
 from pipeline.log import escape, logger
-from pipeline.peer_reset import connection_lost_line
 
 KiB = 1024
 CONTROL_PDU_LIMIT = 256 * KiB  # A-ASSOCIATE-RQ/AC/RJ, A-RELEASE, A-ABORT: tiny in practice
