@@ -414,11 +414,12 @@ LABELS = {
 
 
 def run_transfer(system: str, base: Path, data: DataSet, poll: float = 0.005,
-                 warmup: DataSet | None = None) -> Rate:
+                 warmup: DataSet | None = None, env: dict | None = None) -> Rate:
     """One end-to-end transfer of ``data`` through ``system``; destination complete = done.
 
     ``warmup`` goes through first, untimed: long-running daemons have their modules
     imported and their association open; a cold start is not what a site lives with.
+    ``env`` is added to the DicomFlow daemons' environment (the patch A/B, ``patches_ab``).
     """
     dest = Destination(base).start()
     middle: PynetdicomSCP | OrthancRouter | DicomFlow | None = None
@@ -434,7 +435,8 @@ def run_transfer(system: str, base: Path, data: DataSet, poll: float = 0.005,
             port, called = middle.dicom_port, "ORTHANC"
             cpu_of = lambda: cpu_seconds(middle.proc.pid)  # noqa: E731
         else:
-            env = {"DICOMFLOW_FASTPATH": "0"} if system == "dicomflow-stock" else None
+            if system == "dicomflow-stock":
+                env = {**(env or {}), "DICOMFLOW_FASTPATH": "0"}
             middle = DicomFlow(base, dest.port, env=env).start()
             port, called, cpu_of = middle.port, "DICOMFLOW", middle.cpu
         base_count = base_bytes = 0
