@@ -16,8 +16,8 @@ def delay(attempt: int, base: float, cap: float, rng: random.Random | None = Non
     then reduced by up to ``jitter`` (a fraction) at random. Never above ``cap``."""
     exponent = min(max(attempt - 1, 0), 62)
     full = min(cap, base * (2.0**exponent))
-    rng = rng or random
-    return full * (1.0 - jitter * rng.random())
+    draw = rng.random() if rng is not None else random.random()
+    return full * (1.0 - jitter * draw)
 
 
 class Backoff:

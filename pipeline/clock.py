@@ -4,17 +4,41 @@ Backoff and timeouts use ``monotonic()``; delivery windows use local wall time
 ``now()`` (like cron); state files use ``time()`` (UTC epoch). Every sleep goes
 through ``wait(waiter, seconds)`` so that a filesystem event or a signal ends it
 early — and so a fake clock can jump instead of sleeping.
+
+``Clock`` is the interface the daemons depend on (README, Design notes: Clocks);
+``SystemClock`` and ``FakeClock`` both satisfy it structurally, so a test's clock
+needs no base class.
 """
 
 from __future__ import annotations
 
 import time
 from datetime import datetime
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 
 class Waiter(Protocol):
     def wait(self, timeout: float | None) -> bool: ...
+
+
+class Clock(Protocol):
+    """What a daemon asks of time: the four readings and the one interruptible sleep."""
+
+    def monotonic(self) -> float:
+        """Seconds on a clock that never steps back (backoff, timeouts)."""
+        ...
+
+    def time(self) -> float:
+        """UTC epoch seconds (state files, names)."""
+        ...
+
+    def now(self) -> datetime:
+        """Local wall-clock time, naive (delivery windows, like cron)."""
+        ...
+
+    def wait(self, waiter: Waiter, seconds: float) -> bool:
+        """Sleep up to ``seconds`` unless ``waiter`` fires; True if woken early."""
+        ...
 
 
 class SystemClock:
@@ -66,3 +90,8 @@ class FakeClock:
             return True
         self.advance(max(0.0, seconds))
         return False
+
+
+if TYPE_CHECKING:  # mypy proves both clocks satisfy the protocol; nothing runs at import
+    _system: Clock = SystemClock()
+    _fake: Clock = FakeClock()

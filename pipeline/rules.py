@@ -104,12 +104,12 @@ def _resolve_attribute(name: str) -> tuple[str, int | None]:
     if tag_match:
         tag = int(tag_match.group(1) + tag_match.group(2), 16)
         return keyword_for_tag(tag) or name, tag
-    tag = tag_for_keyword(name)
-    if tag is None:
+    known = tag_for_keyword(name)
+    if known is None:
         raise RuleSyntaxError(
             f"{name!r} is not a DICOM keyword, a (gggg,eeee) tag, CallingAETitle or CalledAETitle"
         )
-    return name, tag
+    return name, known
 
 
 def attribute_values(ds: Dataset, keyword: str, tag: int | None) -> list[str]:

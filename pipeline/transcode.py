@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Any, BinaryIO, cast
 
 from pydicom import dcmread, hooks
 from pydicom.dataelem import RawDataElement
@@ -96,7 +97,8 @@ def _read(path: Path, max_size: int) -> Dataset:
             return dcmread(fp)
         reader = InflatingReader(fp, max_size, what="[transcode] max_size")
         try:
-            ds = read_dataset(reader, False, True)
+            # A duck-typed binary file (read/seek/tell), not a BinaryIO subclass.
+            ds = read_dataset(cast(BinaryIO, reader), False, True)
         except InflateError as exc:
             raise PermanentError(f"needs transcoding, but its {exc}") from exc
     result = FileDataset(os.fspath(path), ds, preamble=preamble, file_meta=meta,
@@ -123,7 +125,7 @@ def _give_vrs(ds: Dataset) -> None:
     for tag in list(ds.keys()):
         elem = ds.get_item(tag)
         if isinstance(elem, RawDataElement) and elem.VR is None:
-            found: dict = {}
+            found: dict[str, Any] = {}
             hooks.raw_element_vr(elem, found, encoding=ds._character_set, ds=ds)
             vr = found["VR"]
             if vr == "SQ" or vr in AMBIGUOUS_VR:

@@ -17,6 +17,7 @@ import fcntl
 import os
 import signal
 import threading
+from collections.abc import Callable
 from pathlib import Path
 
 from watchdog.events import (
@@ -28,6 +29,7 @@ from watchdog.events import (
     FileSystemEventHandler,
 )
 from watchdog.observers import Observer
+from watchdog.observers.api import BaseObserver
 
 
 class _Handler(FileSystemEventHandler):
@@ -53,7 +55,7 @@ class DirectoryWatcher:
         self._event = threading.Event()
         self._lock = threading.Lock()
         self._completed: set[str] = set()
-        self._observer: Observer | None = None
+        self._observer: BaseObserver | None = None
         self._inotify: _Inotify | None = None
 
     def start(self) -> DirectoryWatcher:
@@ -71,8 +73,10 @@ class DirectoryWatcher:
         try:
             # Full events: a rename from outside the watched directory (the receiver's
             # .tmp/, an operator's `mv`) is then a FileMovedEvent, i.e. completed, and
-            # not a plain FileCreatedEvent that would have to wait to settle.
-            observer = Observer(generate_full_events=True)
+            # not a plain FileCreatedEvent that would have to wait to settle. Only the
+            # inotify observer takes the keyword, hence the looser type of the factory.
+            factory: Callable[..., BaseObserver] = Observer
+            observer = factory(generate_full_events=True)
         except TypeError:  # pragma: no cover - observers other than inotify
             observer = Observer()
         observer.schedule(_Handler(self), str(self.directory), recursive=False)
@@ -139,9 +143,11 @@ class DirectoryWatcher:
 # -- watchdog's inotify reader, without the observer ----------------------------------
 
 try:
-    from watchdog.observers.inotify_c import InotifyConstants, InotifyFD
+    from watchdog.observers.inotify_c import CallbackId, InotifyConstants, InotifyEvent, InotifyFD, Mask
 except ImportError:  # pragma: no cover - not Linux, or another watchdog layout
-    InotifyConstants = InotifyFD = None
+    _HAVE_INOTIFY = False
+else:
+    _HAVE_INOTIFY = True
 
 
 class _Inotify:
@@ -152,10 +158,10 @@ class _Inotify:
 
     @classmethod
     def open(cls, watcher: DirectoryWatcher) -> _Inotify | None:
-        if InotifyFD is None:
+        if not _HAVE_INOTIFY:
             return None
-        mask = (InotifyConstants.IN_CREATE | InotifyConstants.IN_CLOSE_WRITE
-                | InotifyConstants.IN_MOVED_TO | InotifyConstants.IN_MODIFY)
+        mask = Mask(InotifyConstants.IN_CREATE | InotifyConstants.IN_CLOSE_WRITE
+                    | InotifyConstants.IN_MOVED_TO | InotifyConstants.IN_MODIFY)
         try:
             reader = InotifyFD()
         except OSError:
@@ -163,13 +169,14 @@ class _Inotify:
         inotify = cls(watcher, reader)
         reader.start()
         try:
-            reader.add_callback(os.fsencode(watcher.directory), mask, inotify, "dicomflow")
+            # The reader is ours alone and holds this one callback: any id will do.
+            reader.add_callback(os.fsencode(watcher.directory), mask, inotify, CallbackId(1))
         except OSError:
             reader.stop()
             return None
         return inotify
 
-    def on_event(self, event) -> None:
+    def on_event(self, event: InotifyEvent) -> None:
         if event.is_directory or not event.name:
             return
         name = os.fsdecode(event.name)

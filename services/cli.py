@@ -26,10 +26,11 @@ def _conf_argument(parser: argparse.ArgumentParser, default: object) -> None:
     )
 
 
-def _command(sub, name: str, help_: str, example: str) -> argparse.ArgumentParser:
+def _command(sub: argparse._SubParsersAction[argparse.ArgumentParser], name: str, help_: str,
+             example: str, note: str = "") -> argparse.ArgumentParser:
     parser = sub.add_parser(
         name, help=help_, description=help_,
-        epilog=f"example:\n  {example}\n\n{EPILOG_CONF}",
+        epilog=f"example:\n  {example}\n\n{EPILOG_CONF}{note}",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     _conf_argument(parser, argparse.SUPPRESS)
@@ -69,10 +70,10 @@ def build_parser() -> argparse.ArgumentParser:
     echo = _command(sub, "echo", "C-ECHO an endpoint", "dicomflow echo pacs")
     echo.add_argument("endpoint")
     route = _command(sub, "route", "dry run: where would these files go, or which rule rejects them",
-                     "dicomflow route study/*.dcm")
+                     "dicomflow route study/*.dcm",
+                     note="\n\nexit status: 0 when every file got a decision (a quarantine verdict included),"
+                          "\n1 when some file could not be read at all (missing, permission denied).")
     route.add_argument("files", nargs="+", type=Path)
-    route.epilog += ("\n\nexit status: 0 when every file got a decision (a quarantine verdict included),"
-                     "\n1 when some file could not be read at all (missing, permission denied).")
     return parser
 
 

@@ -20,6 +20,7 @@ import sys
 import time
 import xmlrpc.client
 from pathlib import Path
+from typing import Any
 
 from supervisor.xmlrpc import SupervisorTransport
 
@@ -102,9 +103,14 @@ class Supervisor:
         transport = SupervisorTransport(None, None, f"unix://{self.socket}")
         return xmlrpc.client.ServerProxy("http://127.0.0.1", transport=transport)
 
+    def api(self) -> Any:
+        """supervisord's ``supervisor.*`` XML-RPC namespace. XML-RPC replies carry no
+        static types (typeshed types them as any marshallable value), so this is ``Any``."""
+        return self.rpc().supervisor
+
     def running(self) -> bool:
         try:
-            return self.rpc().supervisor.getState()["statename"] == "RUNNING"
+            return self.api().getState()["statename"] == "RUNNING"
         except (OSError, xmlrpc.client.Fault, xmlrpc.client.ProtocolError):
             return False
 
@@ -115,7 +121,7 @@ class Supervisor:
 
     def apply_changes(self) -> list[str]:
         """``supervisorctl update`` semantics: returns what changed."""
-        api = self.rpc().supervisor
+        api = self.api()
         added, changed, removed = api.reloadConfig()[0]
         for group in removed + changed:
             try:
@@ -136,7 +142,7 @@ class Supervisor:
         return notes
 
     def states(self) -> dict[str, str]:
-        return {info["name"]: info["statename"] for info in self.rpc().supervisor.getAllProcessInfo()}
+        return {info["name"]: info["statename"] for info in self.api().getAllProcessInfo()}
 
     def wait_running(self, timeout: float) -> dict[str, str]:
         deadline = time.monotonic() + timeout
@@ -154,7 +160,7 @@ class Supervisor:
     def shutdown(self, timeout: float = 400.0) -> bool:
         pid_file = self.run_dir / "supervisord.pid"
         pid = int(pid_file.read_text().strip()) if pid_file.exists() else None
-        self.rpc().supervisor.shutdown()
+        self.api().shutdown()
         deadline = time.monotonic() + timeout
         while pid and pid_alive(pid) and time.monotonic() < deadline:
             time.sleep(0.2)
