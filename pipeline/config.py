@@ -6,7 +6,7 @@ stops at the first mistake with one line naming the file, section and key
 (``ConfigError``). Sections and keys the table does not list are errors too, so a typo
 never passes silently. Endpoint files also accept the older DicomFlowRouter layout
 (``[ENDPOINT] hostname/port/ae_title/whitelist/blacklist``, ``[SCHEDULE] scheduled``,
-``[DEBUG] loglevel/logname``; README "Coming from DicomFlowRouter").
+``[DEBUG] loglevel/logname``; README "Configuration", "Coming from DicomFlowRouter").
 """
 
 from __future__ import annotations
