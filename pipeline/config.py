@@ -1,193 +1,41 @@
 """Configuration: ``conf/router.ini`` and ``conf/endpoints/<name>.ini``, validated once.
 
-In the manner of Supervisor's ``datatypes.py``: every key has one named converter,
-every value is checked at start-up, and the first mistake stops everything with one
-line naming the file, section and key (``ConfigError``). Unknown sections and keys are
-errors too, so a typo never passes silently. Endpoint files also accept the older
-DicomFlowRouter layout (``[ENDPOINT] hostname/port/ae_title/whitelist/blacklist``,
-``[SCHEDULE] scheduled``, ``[DEBUG] loglevel/logname``).
+Every key is declared once, in pipeline/config_keys.py (converter, default, meaning);
+this module reads the INI files, fills the typed objects below from that table, and
+stops at the first mistake with one line naming the file, section and key
+(``ConfigError``). Sections and keys the table does not list are errors too, so a typo
+never passes silently. Endpoint files also accept the older DicomFlowRouter layout
+(``[ENDPOINT] hostname/port/ae_title/whitelist/blacklist``, ``[SCHEDULE] scheduled``,
+``[DEBUG] loglevel/logname``; README "Configuration", "Coming from DicomFlowRouter").
 """
 
 from __future__ import annotations
 
 import configparser
-import ipaddress
-import re
 import ssl
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
+from pipeline.config_keys import ENDPOINT, ROUTER, Option, options, sections
+from pipeline.config_types import EMPTY_OK, GiB
 from pipeline.errors import ConfigError
 from pipeline.header import HeaderLimits
-from pipeline.names import is_valid_ae_title, is_valid_endpoint_name
-from pipeline.rules import RuleSet, RuleSyntaxError, parse_conditions, parse_sop_list
-from pipeline.schedule import ALWAYS, Window, WindowSyntaxError, parse_window
+from pipeline.names import is_valid_endpoint_name
+from pipeline.rules import RuleSet
+from pipeline.schedule import Window
 
-LOG_LEVELS = ("TRACE", "DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
-KiB, MiB, GiB = 1024, 1024**2, 1024**3
-_SIZE_UNITS = {"": 1, "b": 1, "k": KiB, "kb": KiB, "kib": KiB, "m": MiB, "mb": MiB, "mib": MiB,
-               "g": GiB, "gb": GiB, "gib": GiB, "t": 1024**4, "tib": 1024**4, "tb": 1024**4}
-_DURATION_UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
-_BOOLEANS = {"true": True, "yes": True, "on": True, "1": True,
-             "false": False, "no": False, "off": False, "0": False}
-
-
-# -- converters (one per kind of value) ------------------------------------------
-
-def ae_title(value: str) -> str:
-    if not is_valid_ae_title(value):
-        raise ValueError(
-            f"{value!r} is not an AE title (1-16 printable ASCII characters, no backslash)"
-        )
-    return value.strip()
-
-
-def ae_title_list(value: str) -> tuple[str, ...]:
-    return tuple(ae_title(v) for v in _split_list(value))
-
-
-def port(value: str) -> int:
-    number = integer(value)
-    if not 1 <= number <= 65535:
-        raise ValueError(f"{value!r} is not a TCP port (1-65535)")
-    return number
-
-
-def host(value: str) -> str:
-    if not value or any(ch.isspace() for ch in value) or not re.fullmatch(r"[\w.:\-\[\]]+", value):
-        raise ValueError(f"{value!r} is not a host name or IP address")
-    return value
-
-
-def integer(value: str) -> int:
-    try:
-        return int(value)
-    except ValueError:
-        raise ValueError(f"{value!r} is not a whole number") from None
-
-
-def positive_int(value: str) -> int:
-    number = integer(value)
-    if number < 1:
-        raise ValueError(f"{value!r} must be at least 1")
-    return number
-
-
-def boolean(value: str) -> bool:
-    try:
-        return _BOOLEANS[value.lower()]
-    except KeyError:
-        raise ValueError(f"{value!r} is not a boolean (true/false, yes/no, on/off)") from None
-
-
-def duration(value: str) -> float:
-    """``30``, ``30s``, ``5m``, ``2h``, ``7d`` → seconds."""
-    match = re.fullmatch(r"(\d+(?:\.\d+)?)\s*([smhd]?)", value.strip().lower())
-    if not match:
-        raise ValueError(f"{value!r} is not a duration (e.g. 30s, 5m, 2h, 7d)")
-    return float(match.group(1)) * _DURATION_UNITS[match.group(2)]
-
-
-def positive_duration(value: str) -> float:
-    seconds = duration(value)
-    if seconds <= 0:
-        raise ValueError(f"{value!r} must be longer than zero")
-    return seconds
-
-
-def size(value: str) -> int:
-    """``4096``, ``64 KiB``, ``1 MiB``, ``2 GiB`` → bytes."""
-    match = re.fullmatch(r"(\d+(?:\.\d+)?)\s*([a-z]*)", value.strip().lower())
-    if not match or match.group(2) not in _SIZE_UNITS:
-        raise ValueError(f"{value!r} is not a size (e.g. 4096, 64 KiB, 1 MiB, 2 GiB)")
-    return int(float(match.group(1)) * _SIZE_UNITS[match.group(2)])
-
-
-def positive_size(value: str) -> int:
-    number = size(value)
-    if number < 1:
-        raise ValueError(f"{value!r} must be at least 1 byte")
-    return number
-
-
-def pdu_size(value: str) -> int:
-    number = size(value)
-    if number != 0 and not 4096 <= number <= 64 * MiB:
-        raise ValueError(f"{value!r}: a maximum PDU is 4 KiB to 64 MiB (0 = unlimited)")
-    if number == 0:
-        raise ValueError("0 (unlimited) would hold whole datasets in memory; use e.g. 1 MiB")
-    return number
-
-
-def size_or_percent(value: str) -> tuple[int | None, float | None]:
-    """``2 GiB`` → (bytes, None); ``5%`` → (None, 0.05)."""
-    text = value.strip()
-    if text.endswith("%"):
-        try:
-            fraction = float(text[:-1]) / 100
-        except ValueError:
-            raise ValueError(f"{value!r} is not a percentage") from None
-        if not 0 <= fraction < 1:
-            raise ValueError(f"{value!r} must be between 0% and 100%")
-        return None, fraction
-    return size(text), None
-
-
-def log_level(value: str) -> str:
-    level = value.upper()
-    if level not in LOG_LEVELS:
-        raise ValueError(f"{value!r} is not a log level ({', '.join(LOG_LEVELS)})")
-    return level
-
-
-def networks(value: str) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]:
-    result = []
-    for item in _split_list(value):
-        try:
-            result.append(ipaddress.ip_network(item, strict=False))
-        except ValueError:
-            raise ValueError(f"{item!r} is not an IP network (e.g. 10.0.0.0/8)") from None
-    return tuple(result)
-
-
-def sop_list(value: str) -> frozenset[str]:
-    try:
-        return parse_sop_list(value)
-    except RuleSyntaxError as exc:
-        raise ValueError(str(exc)) from None
-
-
-def conditions(value: str) -> tuple:
-    try:
-        return parse_conditions(value)
-    except RuleSyntaxError as exc:
-        raise ValueError(str(exc)) from None
-
-
-def window(value: str) -> Window:
-    try:
-        return parse_window(value)
-    except WindowSyntaxError as exc:
-        raise ValueError(str(exc)) from None
-
-
-def _split_list(value: str) -> list[str]:
-    return [v.strip() for v in re.split(r"[,\n]", value) if v.strip()]
-
-
-# -- typed configuration -----------------------------------------------------------
+# -- typed configuration (no defaults here: the loader takes each from config_keys) --
 
 @dataclass(frozen=True)
 class TlsConfig:
     """TLS settings; ``enabled`` False means plain TCP."""
 
-    enabled: bool = False
-    cert: Path | None = None
-    key: Path | None = None
-    ca: Path | None = None
-    require_client_cert: bool = False
+    enabled: bool
+    cert: Path | None
+    key: Path | None
+    ca: Path | None
+    require_client_cert: bool
 
     def describe(self, server: bool) -> str:
         """What these settings do, in one line (``dicomflow check`` prints it)."""
@@ -210,29 +58,29 @@ class TlsConfig:
 @dataclass(frozen=True)
 class RouterConfig:
     conf_file: Path
-    ae_title: str = "DICOMFLOW"
-    bind: str = "0.0.0.0"
-    port: int = 11112
-    spool: Path = Path("/var/spool/dicomflow")
-    allowed_calling_aets: tuple[str, ...] = ()
-    allowed_networks: tuple = ()
-    log_level: str = "INFO"
-    log_json: bool = False
-    pynetdicom_log_level: str = "WARNING"
-    max_associations: int = 10
-    max_pending_connections: int = 32
-    acse_timeout: float = 30.0
-    dimse_timeout: float = 60.0
-    network_timeout: float = 60.0
-    max_pdu: int = MiB
-    disk_floor_bytes: int | None = None
-    disk_floor_fraction: float | None = None
-    tls: TlsConfig = field(default_factory=TlsConfig)
-    rules: RuleSet = field(default_factory=RuleSet)
+    ae_title: str
+    bind: str
+    port: int
+    spool: Path
+    allowed_calling_aets: tuple[str, ...]
+    allowed_networks: tuple
+    log_level: str
+    log_json: bool
+    pynetdicom_log_level: str
+    max_associations: int
+    max_pending_connections: int
+    acse_timeout: float
+    dimse_timeout: float
+    network_timeout: float
+    max_pdu: int
+    disk_floor_bytes: int | None
+    disk_floor_fraction: float | None
+    tls: TlsConfig
+    rules: RuleSet
     #: [filter] settle_time: how long a hand-copied file without a close-write event
     #: must stay unchanged (and unopened for writing) before the filter takes it
-    settle_time: float = 3.0
-    header_limits: HeaderLimits = field(default_factory=HeaderLimits)
+    settle_time: float
+    header_limits: HeaderLimits
 
     def disk_floor(self, total_bytes: int) -> int:
         """Free bytes to keep: the configured value, else min(1 GiB, 5 % of the disk)."""
@@ -247,12 +95,12 @@ class RouterConfig:
 class RetryPolicy:
     """How a sender retries: per file (transient statuses) and per endpoint (down)."""
 
-    max_attempts: int = 10
-    max_age: float = 86400.0
-    backoff: float = 10.0
-    backoff_cap: float = 600.0
-    probe_backoff: float = 0.5
-    probe_backoff_cap: float = 5.0
+    max_attempts: int
+    max_age: float
+    backoff: float
+    backoff_cap: float
+    probe_backoff: float
+    probe_backoff_cap: float
 
 
 @dataclass(frozen=True)
@@ -263,21 +111,21 @@ class EndpointConfig:
     port: int
     ae_title: str
     calling_ae_title: str
-    pass_calling_ae_title: bool = False
-    connect_timeout: float = 10.0
-    acse_timeout: float = 30.0
-    dimse_timeout: float = 60.0
-    min_transfer_rate: int = MiB
-    max_pdu: int = MiB
-    idle_release: float = 10.0
-    sent_retention: float = 7 * 86400.0
-    log_level: str | None = None
-    transcode: bool = True
-    transcode_max_size: int = 512 * MiB
-    tls: TlsConfig = field(default_factory=TlsConfig)
-    retry: RetryPolicy = field(default_factory=RetryPolicy)
-    rules: RuleSet = field(default_factory=RuleSet)
-    window: Window = ALWAYS
+    pass_calling_ae_title: bool
+    connect_timeout: float
+    acse_timeout: float
+    dimse_timeout: float
+    min_transfer_rate: int
+    max_pdu: int
+    idle_release: float
+    sent_retention: float
+    log_level: str | None
+    transcode: bool
+    transcode_max_size: int
+    tls: TlsConfig
+    retry: RetryPolicy
+    rules: RuleSet
+    window: Window
 
     def dimse_timeout_for(self, file_size: int) -> float:
         """A C-STORE's timeout includes transmitting the file (P-DATA is queued before the wait)."""
@@ -299,24 +147,30 @@ class Config:
 # -- reading INI files -------------------------------------------------------------
 
 class _Section:
-    """The keys of one section; ``take`` converts one, ``finish`` rejects leftovers."""
+    """The keys of one section; ``take`` converts one, ``finish`` rejects leftovers.
 
-    def __init__(self, file: Path, name: str, values: dict[str, str],
+    ``origins`` maps a key folded in from a legacy section to where it was written, so
+    that errors name the line the operator wrote."""
+
+    def __init__(self, file: Path, kind: str, name: str, values: dict[str, str],
                  origins: dict[str, tuple[str, str]] | None = None) -> None:
-        self.file, self.name, self.values = file, name, dict(values)
+        self.file, self.kind, self.name, self.values = file, kind, name, dict(values)
         self.origins = origins or {}
 
-    def take(self, key: str, converter: Callable[[str], Any], default: Any = None,
-             required: bool = False) -> Any:
-        raw = self.values.pop(key, None)
-        if raw is None or (raw.strip() == "" and converter not in _EMPTY_OK):
-            if required:
-                raise self.error(key, "is required")
-            return default
+    def take(self, opt: Option) -> Any:
+        raw = self.values.pop(opt.key, None)
+        if raw is None or (raw.strip() == "" and opt.converter not in EMPTY_OK):
+            if opt.required:
+                raise self.error(opt.key, "is required")
+            return opt.value()
         try:
-            return converter(raw.strip())
+            return opt.converter(raw.strip())
         except ValueError as exc:
-            raise self.error(key, str(exc)) from None
+            raise self.error(opt.key, str(exc)) from None
+
+    def take_all(self) -> dict[str, Any]:
+        """Every key the table lists for this section, by field name, in the table's order."""
+        return {opt.name: self.take(opt) for opt in options(self.kind, self.name)}
 
     def error(self, key: str | None, message: str) -> ConfigError:
         section, real_key = self.origins.get(key or "", (self.name, key))
@@ -325,9 +179,6 @@ class _Section:
     def finish(self) -> None:
         for key in self.values:
             raise self.error(key, "unknown key")
-
-
-_EMPTY_OK: tuple = (sop_list, conditions, window, ae_title_list, networks)
 
 
 def _read_ini(path: Path) -> dict[str, dict[str, str]]:
@@ -368,21 +219,19 @@ def _known_sections(path: Path, data: dict[str, dict[str, str]], allowed: tuple[
                               f"unknown section (expected one of: {', '.join(allowed)})")
 
 
-def _tls(section: _Section, conf_dir: Path, server: bool) -> TlsConfig:
+def _tls(section: _Section, conf_dir: Path) -> TlsConfig:
     """TLS keys; ``tls_require_client_cert`` exists only for the receiver (server side).
 
     Settings that cannot work are refused here, so that ``check`` refuses them: a
     receiver needs its own certificate and key (``tls_ca`` alone verifies clients, it
     cannot serve TLS), files must load as what they claim to be, and a certificate
     must match its key."""
-    def path_value(value: str) -> Path:
-        return _resolve(conf_dir, value)
-
-    cert = section.take("tls_cert", path_value)
-    key = section.take("tls_key", path_value)
-    ca = section.take("tls_ca", path_value)
-    enabled = section.take("tls", boolean, default=None)
-    require = section.take("tls_require_client_cert", boolean, False) if server else False
+    server = section.kind == ROUTER
+    values = section.take_all()
+    cert, key, ca = (None if values[name] is None else _resolve(conf_dir, values[name])
+                     for name in ("cert", "key", "ca"))
+    enabled = values["enabled"]
+    require = values.get("require_client_cert", False)
     if enabled is None:
         enabled = bool(cert or ca)
     for name, value in (("tls_cert", cert), ("tls_key", key), ("tls_ca", ca)):
@@ -427,69 +276,40 @@ def _resolve(conf_dir: Path, value: str) -> Path:
     return path if path.is_absolute() else (conf_dir / path).resolve()
 
 
-def _rules(section: _Section | None) -> RuleSet:
-    if section is None:
-        return RuleSet()
-    rules = RuleSet(
-        sop_whitelist=section.take("sop_whitelist", sop_list, frozenset()),
-        sop_blacklist=section.take("sop_blacklist", sop_list, frozenset()),
-        conditions=section.take("conditions", conditions, ()),
-    )
+def _whole(section: _Section) -> dict[str, Any]:
+    """All of a section's keys; any other key is an error."""
+    values = section.take_all()
     section.finish()
-    return rules
+    return values
+
+
+def _pick(values: dict[str, Any], cls: type) -> dict[str, Any]:
+    """Take out of ``values`` the fields of ``cls`` (one section fills several objects)."""
+    return {f.name: values.pop(f.name) for f in fields(cls) if f.name in values}
 
 
 def load_router(conf_dir: Path) -> RouterConfig:
     path = conf_dir / "router.ini"
     data = _read_ini(path)
-    _known_sections(path, data, ("router", "filter", "tls"))
+    _known_sections(path, data, sections(ROUTER))
     if "router" not in data:
         raise ConfigError(str(path), "router", None, "section is missing")
-    sec = _Section(path, "router", data["router"])
-    floor = sec.take("disk_floor", size_or_percent, (None, None))
-    values = dict(
-        conf_file=path,
-        ae_title=sec.take("ae_title", ae_title, "DICOMFLOW"),
-        bind=sec.take("bind", host, "0.0.0.0"),
-        port=sec.take("port", port, 11112),
-        spool=_resolve(conf_dir, sec.take("spool", str, "/var/spool/dicomflow")),
-        allowed_calling_aets=sec.take("allowed_calling_aets", ae_title_list, ()),
-        allowed_networks=sec.take("allowed_networks", networks, ()),
-        log_level=sec.take("log_level", log_level, "INFO"),
-        log_json=sec.take("log_json", boolean, False),
-        pynetdicom_log_level=sec.take("pynetdicom_log_level", log_level, "WARNING"),
-        max_associations=sec.take("max_associations", positive_int, 10),
-        max_pending_connections=sec.take("max_pending_connections", positive_int, 32),
-        acse_timeout=sec.take("acse_timeout", positive_duration, 30.0),
-        dimse_timeout=sec.take("dimse_timeout", positive_duration, 60.0),
-        network_timeout=sec.take("network_timeout", positive_duration, 60.0),
-        max_pdu=sec.take("max_pdu", pdu_size, MiB),
-        disk_floor_bytes=floor[0],
-        disk_floor_fraction=floor[1],
-    )
-    sec.finish()
-    tls_section = _Section(path, "tls", data.get("tls", {}))
-    values["tls"] = _tls(tls_section, conf_dir, server=True)
+
+    def section(name: str) -> _Section:
+        return _Section(path, ROUTER, name, data.get(name, {}))
+
+    values = _whole(section("router"))
+    values["spool"] = _resolve(conf_dir, values["spool"])
+    values["disk_floor_bytes"], values["disk_floor_fraction"] = (
+        values.pop("disk_floor") or (None, None))
+    tls_section = section("tls")
+    values["tls"] = _tls(tls_section, conf_dir)
     tls_section.finish()
-    filter_section = _Section(path, "filter", data["filter"]) if "filter" in data else None
-    if filter_section is not None:
-        values["settle_time"] = filter_section.take("settle_time", positive_duration, 3.0)
-    values["header_limits"] = _header_limits(filter_section)
-    values["rules"] = _rules(filter_section)
-    return RouterConfig(**values)
-
-
-def _header_limits(section: _Section | None) -> HeaderLimits:
-    """[filter] bounds on reading one file's header (the rest of the section is rules)."""
-    default = HeaderLimits()
-    if section is None:
-        return default
-    return HeaderLimits(
-        max_header_elements=section.take("max_header_elements", positive_int,
-                                         default.max_header_elements),
-        max_header_bytes=section.take("max_header_bytes", positive_size, default.max_header_bytes),
-        max_inflated_size=section.take("max_inflated_size", positive_size, default.max_inflated_size),
-    )
+    filter_values = _whole(section("filter"))
+    values["rules"] = RuleSet(**_pick(filter_values, RuleSet))
+    values["header_limits"] = HeaderLimits(**_pick(filter_values, HeaderLimits))
+    values.update(filter_values)  # settle_time
+    return RouterConfig(conf_file=path, **values)
 
 
 _LEGACY = {
@@ -504,7 +324,7 @@ _LEGACY = {
     ("DEBUG", "loglevel"): ("endpoint", "log_level"),
     ("DEBUG", "logname"): (None, None),  # accepted; supervisord names the program
 }
-ENDPOINT_SECTIONS = ("endpoint", "filter", "schedule", "retry", "tls", "transcode")
+ENDPOINT_SECTIONS = sections(ENDPOINT)
 LEGACY_SECTIONS = ("ENDPOINT", "SCHEDULE", "DEBUG")
 
 
@@ -519,7 +339,7 @@ def _normalise_endpoint(path: Path, data: dict[str, dict[str, str]]):
             if target is None:
                 raise ConfigError(str(path), legacy, key, "unknown key")
             section, new_key = target
-            if section is None:
+            if section is None or new_key is None:
                 continue
             if new_key in merged[section]:
                 raise ConfigError(str(path), legacy, key,
@@ -540,51 +360,22 @@ def load_endpoint(path: Path, router: RouterConfig) -> EndpointConfig:
         raise ConfigError(str(path), "endpoint", None, "section is missing")
 
     def section(name_: str) -> _Section:
-        return _Section(path, name_, merged[name_], origins[name_])
+        return _Section(path, ENDPOINT, name_, merged[name_], origins[name_])
 
-    ep = section("endpoint")
-    values = dict(
-        name=name,
-        conf_file=path,
-        host=ep.take("host", host, required=True),
-        port=ep.take("port", port, required=True),
-        ae_title=ep.take("ae_title", ae_title, required=True),
-        calling_ae_title=ep.take("calling_ae_title", ae_title, router.ae_title),
-        pass_calling_ae_title=ep.take("pass_calling_ae_title", boolean, False),
-        connect_timeout=ep.take("connect_timeout", positive_duration, 10.0),
-        acse_timeout=ep.take("acse_timeout", positive_duration, 30.0),
-        dimse_timeout=ep.take("dimse_timeout", positive_duration, 60.0),
-        min_transfer_rate=ep.take("min_transfer_rate", size, MiB),
-        max_pdu=ep.take("max_pdu", pdu_size, MiB),
-        idle_release=ep.take("idle_release", positive_duration, 10.0),
-        sent_retention=ep.take("sent_retention", duration, 7 * 86400.0),
-        log_level=ep.take("log_level", log_level, None),
-    )
-    ep.finish()
+    values = _whole(section("endpoint"))
+    values["calling_ae_title"] = values["calling_ae_title"] or router.ae_title
     tls_section = section("tls")
-    values["tls"] = _tls(tls_section, conf_dir, server=False)
+    values["tls"] = _tls(tls_section, conf_dir)
     tls_section.finish()
     values["retry"] = _retry(section("retry"))
-    tc = section("transcode")
-    values["transcode"] = tc.take("enabled", boolean, True)
-    values["transcode_max_size"] = tc.take("max_size", size, 512 * MiB)
-    tc.finish()
-    values["rules"] = _rules(section("filter"))
-    sched = section("schedule")
-    values["window"] = sched.take("window", window, ALWAYS)
-    sched.finish()
-    return EndpointConfig(**values)
+    values.update(_whole(section("transcode")))  # transcode, transcode_max_size
+    values["rules"] = RuleSet(**_whole(section("filter")))
+    values.update(_whole(section("schedule")))  # window
+    return EndpointConfig(name=name, conf_file=path, **values)
 
 
 def _retry(sec: _Section) -> RetryPolicy:
-    policy = RetryPolicy(
-        max_attempts=sec.take("max_attempts", positive_int, 10),
-        max_age=sec.take("max_age", positive_duration, 86400.0),
-        backoff=sec.take("backoff", positive_duration, 10.0),
-        backoff_cap=sec.take("backoff_cap", positive_duration, 600.0),
-        probe_backoff=sec.take("probe_backoff", positive_duration, 0.5),
-        probe_backoff_cap=sec.take("probe_backoff_cap", positive_duration, 5.0),
-    )
+    policy = RetryPolicy(**sec.take_all())
     sec.finish()
     if policy.backoff > policy.backoff_cap:
         raise sec.error("backoff", "is larger than backoff_cap")

@@ -43,6 +43,7 @@ from pydicom.dataset import Dataset, FileDataset, FileMetaDataset
 from pydicom.errors import InvalidDicomError
 from pydicom.filereader import _read_file_meta_info, read_dataset
 
+from pipeline.config_keys import ROUTER, default
 from pipeline.errors import QuarantineError
 from pipeline.names import escape, is_valid_uid
 
@@ -76,9 +77,9 @@ class HeaderLimits:
     deflated data set, pixel data included.
     """
 
-    max_header_elements: int = 500_000
-    max_header_bytes: int = 64 * MiB
-    max_inflated_size: int = GiB
+    max_header_elements: int = default(ROUTER, "filter", "max_header_elements")
+    max_header_bytes: int = default(ROUTER, "filter", "max_header_bytes")
+    max_inflated_size: int = default(ROUTER, "filter", "max_inflated_size")
 
 
 DEFAULT_LIMITS = HeaderLimits()

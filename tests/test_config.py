@@ -196,3 +196,48 @@ def test_check_warns_about_no_endpoints(tmp_path: Path) -> None:
     result = run_cli(make_conf(tmp_path, endpoints={}), "check")
     assert result.returncode == 0
     assert "no endpoints" in result.stdout
+
+
+def test_every_default_in_the_table_converts() -> None:
+    """A default is INI text put through its key's converter, like an operator's value."""
+    from pipeline import config_keys
+
+    for opt in config_keys.OPTIONS:
+        assert not (opt.required and opt.default is not None), opt
+        opt.value()  # raises if the text does not convert
+        assert opt.meaning and "|" not in opt.meaning, opt
+
+
+def test_unset_keys_take_the_table_defaults(tmp_path: Path) -> None:
+    from dataclasses import asdict
+
+    from pipeline import config_keys
+    from pipeline.header import HeaderLimits
+
+    loaded = config.load(make_conf(tmp_path))
+    ep = loaded.endpoints["pacs"]
+    objects = {
+        (config_keys.ROUTER, "router"): asdict(loaded.router),
+        (config_keys.ROUTER, "filter"): asdict(loaded.router) | asdict(loaded.router.rules)
+        | asdict(loaded.router.header_limits),
+        (config_keys.ROUTER, "tls"): asdict(loaded.router.tls),
+        (config_keys.ENDPOINT, "endpoint"): asdict(ep),
+        (config_keys.ENDPOINT, "filter"): asdict(ep.rules),
+        (config_keys.ENDPOINT, "schedule"): {"window": ep.window},
+        (config_keys.ENDPOINT, "retry"): asdict(ep.retry),
+        (config_keys.ENDPOINT, "transcode"): asdict(ep),
+        (config_keys.ENDPOINT, "tls"): asdict(ep.tls),
+    }
+    given = {"ae_title", "port", "spool", "host", "calling_ae_title", "enabled", "disk_floor"}
+    for opt in config_keys.OPTIONS:
+        if opt.name not in given:
+            assert objects[opt.kind, opt.section][opt.name] == opt.value(), opt
+    assert HeaderLimits() == loaded.router.header_limits
+
+
+def test_legacy_keys_map_to_keys_of_the_table() -> None:
+    from pipeline import config_keys
+
+    for (legacy, key), (section, new_key) in config._LEGACY.items():
+        if section is not None:
+            assert config_keys.option(config_keys.ENDPOINT, section, new_key), (legacy, key)

@@ -4,56 +4,81 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
+from typing import Any
 
 import pytest
 
-from pipeline import config
+from pipeline import config, config_keys
 from tests.helpers import REPO
 
 
-def documented_keys(heading: str) -> set[tuple[str, str]]:
+def readme_table(kind: str) -> str:
+    """The table under a file kind's heading in the README's Configuration section."""
     text = (REPO / "README.md").read_text()
-    section = text.split(heading, 1)[1].split("\n### ", 1)[0].split("\n## ", 1)[0]
-    rows = re.findall(r"^\| (\w+) \| (\w+) \|", section, re.M)
-    return {(s, k) for s, k in rows if s != "section"}
+    section = text.split(config_keys.HEADINGS[kind] + "\n", 1)[1]
+    section = section.split("\n### ", 1)[0].split("\n## ", 1)[0]
+    return "\n".join(line for line in section.splitlines() if line.startswith("|"))
 
 
-def parsed_keys(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> tuple[set, set]:
-    """Every (section, key) the parser asks for, recorded while loading full files."""
-    seen: list[tuple[str, str]] = []
+@pytest.mark.parametrize("kind", [config_keys.ROUTER, config_keys.ENDPOINT])
+def test_reference_tables_are_the_table_of_options(kind: str) -> None:
+    """Keys, defaults and meanings: regenerate with ``python -m pipeline.config_keys --markdown``."""
+    assert readme_table(kind) == config_keys.markdown(kind)
+
+
+def test_markdown_command_prints_both_tables(capsys: pytest.CaptureFixture[str]) -> None:
+    assert config_keys.main(["--markdown"]) == 0
+    out = capsys.readouterr().out
+    for kind, heading in config_keys.HEADINGS.items():
+        assert f"{heading}\n\n{config_keys.markdown(kind)}\n" in out
+
+
+def test_the_parser_takes_every_key_of_the_table(monkeypatch: pytest.MonkeyPatch,
+                                                 tmp_path: Path) -> None:
+    """Every (section, key) the loaders ask for, recorded while loading full files."""
+    seen: list[tuple[str, str, str]] = []
     original = config._Section.take
 
-    def recording(self, key, *args, **kwargs):
-        seen.append((self.name, key))
-        return original(self, key, *args, **kwargs)
+    def recording(self: config._Section, opt: config_keys.Option) -> Any:
+        seen.append((self.kind, self.name, opt.key))
+        return original(self, opt)
 
     monkeypatch.setattr(config._Section, "take", recording)
     conf = tmp_path / "conf"
     (conf / "endpoints").mkdir(parents=True)
     (conf / "router.ini").write_text("[router]\nspool = s\n[tls]\n[filter]\n")
     router = config.load_router(conf)
-    router_keys = set(seen)
-    seen.clear()
     (conf / "endpoints" / "x.ini").write_text("[endpoint]\nhost = h\nport = 1\nae_title = A\n")
     config.load_endpoint(conf / "endpoints" / "x.ini", router)
-    return router_keys, set(seen)
+    assert sorted(seen) == sorted((o.kind, o.section, o.key) for o in config_keys.OPTIONS)
 
 
-def test_reference_tables_match_the_parser(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    router_keys, endpoint_keys = parsed_keys(monkeypatch, tmp_path)
-    assert documented_keys("### `conf/router.ini`") == router_keys
-    assert documented_keys("### `conf/endpoints/<name>.ini`") == endpoint_keys
+def shipped_values(path: str) -> dict[tuple[str, str], str]:
+    """(section, key) -> value of every key a shipped file sets or shows commented out."""
+    values: dict[tuple[str, str], str] = {}
+    commented: dict[tuple[str, str], str] = {}
+    section = ""
+    for line in (REPO / path).read_text().splitlines():
+        if header := re.fullmatch(r"\[(\w+)\]", line.strip()):
+            section = header.group(1)
+        elif match := re.fullmatch(r"([;#]?)\s*(\w+)\s*=\s*(.*?)\s*", line):
+            into = commented if match.group(1) else values
+            into.setdefault((section, match.group(2)), match.group(3))
+    return commented | values  # a key set for real wins over prose that looks like one
 
 
-@pytest.mark.parametrize("path,heading", [
-    ("conf/router.ini", "### `conf/router.ini`"),
-    ("conf/endpoints/pacs.ini", "### `conf/endpoints/<name>.ini`"),
+@pytest.mark.parametrize("path,kind", [
+    ("conf/router.ini", config_keys.ROUTER),
+    ("conf/endpoints/pacs.ini", config_keys.ENDPOINT),
 ])
-def test_shipped_conf_mentions_every_key(path: str, heading: str) -> None:
-    text = (REPO / path).read_text()
-    missing = [key for _, key in documented_keys(heading)
-               if not re.search(rf"^[;#]?\s*{key}\s*=", text, re.M)]
+def test_shipped_conf_mentions_every_key(path: str, kind: str) -> None:
+    """Each key is in the shipped file, and where it has a default, with that default."""
+    values = shipped_values(path)
+    missing = [o.key for o in config_keys.options(kind) if (o.section, o.key) not in values]
     assert missing == [], f"{path} does not mention {missing}"
+    differing = [(o.key, values[o.section, o.key], o.default) for o in config_keys.options(kind)
+                 if o.default is not None and values[o.section, o.key] != o.default]
+    assert differing == [], f"{path}: (key, shipped, default) {differing}"
 
 
 def test_readme_starts_with_the_two_commands() -> None:

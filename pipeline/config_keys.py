@@ -1,0 +1,265 @@
+"""Every configuration key, declared once: file, section, key, converter, default, meaning.
+
+In the manner of Supervisor's ``Options.add``: pipeline/config.py fills the typed config
+objects from this table and rejects any section or key it does not list, and the
+reference tables in the README's "Configuration" section are this table printed
+(``python -m pipeline.config_keys --markdown``; tests/test_readme.py checks they are
+equal). A default is written as an operator would write it in the INI file (``30s``,
+``1 MiB``) and goes through the key's converter, so the README shows it as written here
+and the typed default cannot drift from it.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from pipeline.config_types import (
+    ae_title,
+    ae_title_list,
+    boolean,
+    conditions,
+    duration,
+    host,
+    log_level,
+    networks,
+    pdu_size,
+    port,
+    positive_duration,
+    positive_int,
+    positive_size,
+    size,
+    size_or_percent,
+    sop_list,
+    window,
+)
+
+ROUTER, ENDPOINT = "router", "endpoint"
+#: the README heading above each file kind's table
+HEADINGS = {ROUTER: "### `conf/router.ini`", ENDPOINT: "### `conf/endpoints/<name>.ini`"}
+
+
+@dataclass(frozen=True)
+class Option:
+    """One key of one file kind (``router``: conf/router.ini; ``endpoint``: an endpoint file)."""
+
+    kind: str
+    section: str
+    key: str
+    converter: Callable[[str], Any]
+    #: the INI text of the default; None: no value (the loader derives one, or it is required)
+    default: str | None
+    meaning: str
+    #: the config object's field, when it is not named like the key
+    field: str = ""
+    #: the README's default column, when the INI text would read badly or there is none
+    shown: str | None = None
+    required: bool = False
+
+    @property
+    def name(self) -> str:
+        return self.field or self.key
+
+    def value(self) -> Any:
+        """The typed default (None when there is none)."""
+        return None if self.default is None else self.converter(self.default)
+
+    def shown_default(self) -> str:
+        if self.shown is not None:
+            return self.shown
+        if self.required:
+            return "*(required)*"
+        return f"`{self.default}`" if self.default else ""
+
+
+def _rules(kind: str, whitelist: str, blacklist: str, conditions_: str) -> list[Option]:
+    """``[filter]`` rules: the same keys at both levels (RuleSet's fields)."""
+    return [
+        Option(kind, "filter", "sop_whitelist", sop_list, "", whitelist, shown="*(empty = all)*"),
+        Option(kind, "filter", "sop_blacklist", sop_list, "", blacklist),
+        Option(kind, "filter", "conditions", conditions, "", conditions_),
+    ]
+
+
+def _tls(kind: str, tls: str, **paths: str) -> list[Option]:
+    """``[tls]``: the same keys for the receiver and each sender (TlsConfig's fields).
+
+    ``tls`` has no default of its own: empty means on when a certificate is given
+    (pipeline/config.py decides); the paths are relative to the conf directory."""
+    return [Option(kind, "tls", "tls", boolean, None, tls, field="enabled", shown="`false`")] + [
+        Option(kind, "tls", key, str, None, meaning, field=key.removeprefix("tls_"))
+        for key, meaning in paths.items()
+    ]
+
+
+_ROUTER = [
+    Option(ROUTER, "router", "ae_title", ae_title, "DICOMFLOW",
+           "our AE title; the called AE title senders must use (others are rejected)"),
+    Option(ROUTER, "router", "bind", host, "0.0.0.0", "address to listen on"),
+    Option(ROUTER, "router", "port", port, "11112",
+           "DICOM port (104 needs CAP_NET_BIND_SERVICE, see Security)"),
+    Option(ROUTER, "router", "spool", str, "/var/spool/dicomflow",
+           "the spool; relative paths are relative to the conf directory; local filesystem only"),
+    Option(ROUTER, "router", "allowed_calling_aets", ae_title_list, "",
+           "comma-separated calling AE titles allowed to send", shown="*(empty = any)*"),
+    Option(ROUTER, "router", "allowed_networks", networks, "",
+           "comma-separated source networks allowed to connect, e.g. `10.1.0.0/16`",
+           shown="*(empty = any)*"),
+    Option(ROUTER, "router", "log_level", log_level, "INFO",
+           "`TRACE`, `DEBUG`, `INFO`, `WARNING`, `ERROR`, `CRITICAL`"),
+    Option(ROUTER, "router", "log_json", boolean, "false", "JSON lines instead of text on stderr"),
+    Option(ROUTER, "router", "pynetdicom_log_level", log_level, "WARNING",
+           "pynetdicom's own messages (its DEBUG dumps patient data)"),
+    Option(ROUTER, "router", "max_associations", positive_int, "10",
+           "concurrent associations accepted; more are rejected (busy)"),
+    Option(ROUTER, "router", "max_pending_connections", positive_int, "32",
+           "connections accepted but not yet associated; more are closed at once"),
+    Option(ROUTER, "router", "acse_timeout", positive_duration, "30s",
+           "association negotiation timeout: from connect to a complete A-ASSOCIATE-RQ "
+           "(TLS handshake included)"),
+    Option(ROUTER, "router", "dimse_timeout", positive_duration, "60s", "DIMSE message timeout"),
+    Option(ROUTER, "router", "network_timeout", positive_duration, "60s",
+           "idle connection timeout (frees the slot of a silent client); also the time allowed "
+           "for each PDU to arrive whole"),
+    Option(ROUTER, "router", "max_pdu", pdu_size, "1 MiB",
+           "largest PDU accepted (4 KiB – 64 MiB); bounds memory"),
+    # one key, two fields (disk_floor_bytes, disk_floor_fraction); RouterConfig.disk_floor
+    # applies the default
+    Option(ROUTER, "router", "disk_floor", size_or_percent, None,
+           "free space to keep: `sent/` is pruned oldest-first, then C-STOREs get 0xA700; "
+           "a size or a percentage", shown="*(min(1 GiB, 5 %))*"),
+    *_rules(ROUTER, "SOP Class UIDs or keywords (`CTImageStorage`), comma-separated",
+            "SOP classes refused (a deny-list wins over an allow-list)",
+            "one per line, all must hold: `Keyword=regex` or `Keyword!=regex`"),
+    Option(ROUTER, "filter", "settle_time", positive_duration, "3s",
+           "a file copied into `incoming/` without a close-write event is taken once unchanged "
+           "this long; never while a process has it open for writing (held 20 × this long: "
+           "one WARNING)"),
+    # HeaderLimits' fields (pipeline/header.py takes its defaults from here)
+    Option(ROUTER, "filter", "max_header_elements", positive_int, "500000",
+           "a file with more elements before its pixel data is quarantined (bounds the "
+           "filter's memory)"),
+    Option(ROUTER, "filter", "max_header_bytes", positive_size, "64 MiB",
+           "likewise for the bytes of the values read before the pixel data (top-level values "
+           "over 64 KiB are skipped, not counted)"),
+    Option(ROUTER, "filter", "max_inflated_size", positive_size, "1 GiB",
+           "a deflated data set inflating to more is quarantined (inflated in chunks, never "
+           "whole)"),
+    *_tls(ROUTER, "TLS for the receiver (on by default when `tls_cert` is set)",
+          tls_cert="server certificate (PEM)",
+          tls_key="its private key (PEM)",
+          tls_ca="CA certificate(s) that verify every client certificate presented (one from "
+                 "another CA is refused)"),
+    Option(ROUTER, "tls", "tls_require_client_cert", boolean, "false",
+           "also refuse clients that present no certificate (needs `tls_ca`)",
+           field="require_client_cert"),
+]
+
+_ENDPOINT = [
+    Option(ENDPOINT, "endpoint", "host", host, None, "destination host name or address",
+           required=True),
+    Option(ENDPOINT, "endpoint", "port", port, None, "destination DICOM port", required=True),
+    Option(ENDPOINT, "endpoint", "ae_title", ae_title, None,
+           "the destination's (called) AE title", required=True),
+    Option(ENDPOINT, "endpoint", "calling_ae_title", ae_title, None,
+           "the calling AE title we present", shown="*(router ae_title)*"),
+    Option(ENDPOINT, "endpoint", "pass_calling_ae_title", boolean, "false",
+           "present the original sender's AE title (from the file meta) instead"),
+    Option(ENDPOINT, "endpoint", "connect_timeout", positive_duration, "10s",
+           "TCP connect timeout"),
+    Option(ENDPOINT, "endpoint", "acse_timeout", positive_duration, "30s",
+           "association negotiation timeout"),
+    Option(ENDPOINT, "endpoint", "dimse_timeout", positive_duration, "60s",
+           "C-STORE response timeout, plus the file's size / `min_transfer_rate` (which also "
+           "bounds the whole transfer); a destination that takes no byte for this long is cut "
+           "off and marked down"),
+    Option(ENDPOINT, "endpoint", "min_transfer_rate", size, "1 MiB",
+           "slowest rate a transfer may take before it counts as stalled (per second)"),
+    Option(ENDPOINT, "endpoint", "max_pdu", pdu_size, "1 MiB",
+           "largest PDU we accept from the destination"),
+    Option(ENDPOINT, "endpoint", "idle_release", positive_duration, "10s",
+           "release an idle association after this long"),
+    Option(ENDPOINT, "endpoint", "sent_retention", duration, "7d",
+           "delete delivered copies in `sent/<name>/` after this long"),
+    Option(ENDPOINT, "endpoint", "log_level", log_level, None, "this sender's log level",
+           shown="*(router log_level)*"),
+    *_rules(ENDPOINT, "as in router.ini, for this endpoint only",
+            "as in router.ini, for this endpoint only", "as in router.ini, for this endpoint only"),
+    Option(ENDPOINT, "schedule", "window", window, "",
+           "delivery window, one entry per line (see below)", shown="*(empty = always)*"),
+    Option(ENDPOINT, "retry", "max_attempts", positive_int, "10",
+           "attempts charged to a file refused with 0xA7xx (out of resources) or left without a "
+           "response; a 0xA7xx is charged only if other files were stored since that file's "
+           "last 0xA7xx — a destination refusing everything is *busy* and charges no file"),
+    Option(ENDPOINT, "retry", "max_age", positive_duration, "1d",
+           "…or this long since its first charged attempt, then `failed/`"),
+    Option(ENDPOINT, "retry", "backoff", positive_duration, "10s",
+           "first wait before retrying a file charged an attempt (doubles each time)"),
+    Option(ENDPOINT, "retry", "backoff_cap", positive_duration, "10m",
+           "longest wait between retries of a file"),
+    Option(ENDPOINT, "retry", "probe_backoff", positive_duration, "0.5s",
+           "first wait before probing a destination that is down, or busy (0xA7xx: the next "
+           "file is tried)"),
+    Option(ENDPOINT, "retry", "probe_backoff_cap", positive_duration, "5s",
+           "longest wait between probes: a returning or no longer busy destination is noticed "
+           "within this"),
+    *_tls(ENDPOINT, "TLS to the destination (on by default when `tls_ca` or `tls_cert` is set)",
+          tls_ca="CA certificate(s) to verify the destination",
+          tls_cert="client certificate (PEM), if the destination requires one",
+          tls_key="its private key"),
+    Option(ENDPOINT, "transcode", "enabled", boolean, "true",
+           "decompress when the destination accepts the SOP class but not the compression",
+           field="transcode"),
+    Option(ENDPOINT, "transcode", "max_size", size, "512 MiB",
+           "larger objects are not transcoded (decoding holds every frame in memory)",
+           field="transcode_max_size"),
+]
+
+OPTIONS: tuple[Option, ...] = (*_ROUTER, *_ENDPOINT)
+
+
+def options(kind: str, section: str | None = None) -> tuple[Option, ...]:
+    """The options of one file kind (of one section), in the table's order."""
+    return tuple(o for o in OPTIONS if o.kind == kind and section in (None, o.section))
+
+
+def sections(kind: str) -> tuple[str, ...]:
+    """The sections a file kind may have, in the table's order."""
+    return tuple(dict.fromkeys(o.section for o in options(kind)))
+
+
+def option(kind: str, section: str, key: str) -> Option:
+    for o in options(kind, section):
+        if o.key == key:
+            return o
+    raise KeyError((kind, section, key))
+
+
+def default(kind: str, section: str, key: str) -> Any:
+    """The typed default of one key (for dataclasses that keep a default, e.g. HeaderLimits)."""
+    return option(kind, section, key).value()
+
+
+def markdown(kind: str) -> str:
+    """The README's reference table of one file kind."""
+    def line(cells: tuple[str, ...]) -> str:
+        return "|" + "|".join(f" {cell} " if cell else " " for cell in cells) + "|"
+
+    rows = [(o.section, o.key, o.shown_default(), o.meaning) for o in options(kind)]
+    return "\n".join([line(("section", "key", "default", "meaning")), "|---" * 4 + "|",
+                      *map(line, rows)])
+
+
+def main(argv: list[str]) -> int:
+    if argv != ["--markdown"]:
+        print("usage: python -m pipeline.config_keys --markdown", file=sys.stderr)
+        return 2
+    for kind, heading in HEADINGS.items():
+        print(f"{heading}\n\n{markdown(kind)}\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
