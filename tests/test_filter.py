@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import errno
 import os
-import re
 import stat
 import threading
 import time
@@ -15,7 +14,8 @@ import pytest
 from pipeline.config import load
 from pipeline.errors import AlreadyRunning
 from pipeline.lock import DaemonLock
-from pipeline.spool import Spool, make_name
+from pipeline.spool import Spool
+from pipeline.spool_names import SpoolName
 from services.filter import FilterDaemon
 from tests import corpus
 from tests.helpers import dicom_files, make_dataset, wait_for, write_conf, write_dataset
@@ -28,7 +28,6 @@ ENDPOINTS = {
     "mr_research": {"endpoint": {"host": "127.0.0.1", "port": 1106, "ae_title": "RESEARCH"},
                     "filter": {"sop_whitelist": MR}},
 }
-STANDARD = re.compile(r"\d{8}T\d{6}\.\d{6}-\d{6}-[0-9.]+\.dcm")
 
 
 @pytest.fixture
@@ -82,7 +81,8 @@ def test_hand_dropped_file_gets_standard_name_and_mode(conf):
     os.chmod(path, 0o644)
     daemon.run(once=True)
     [routed] = dicom_files(spool.outbox("pacs"))
-    assert STANDARD.fullmatch(routed.name) and routed.name.endswith(f"-{ds.SOPInstanceUID}.dcm")
+    parsed = SpoolName.parse(routed.name)
+    assert parsed is not None and parsed.uid == ds.SOPInstanceUID
     assert stat.S_IMODE(routed.stat().st_mode) == 0o600
 
 
@@ -90,7 +90,7 @@ def test_receiver_names_are_kept(conf):
     daemon = daemon_for(conf)
     spool = daemon.spool.create(daemon.config.endpoints)
     ds = make_dataset()
-    name = make_name(ds.SOPInstanceUID)
+    name = str(SpoolName.new(ds.SOPInstanceUID))
     drop(spool, ds, name)
     daemon.run(once=True)
     assert [p.name for p in dicom_files(spool.outbox("ct_only"))] == [name]
@@ -147,7 +147,7 @@ def test_accepted_is_fanned_out_again_after_a_crash(conf):
     daemon = daemon_for(conf)
     spool = daemon.spool.create(daemon.config.endpoints)
     ds = make_dataset(modality="CT")
-    name = make_name(ds.SOPInstanceUID)
+    name = str(SpoolName.new(ds.SOPInstanceUID))
     path = write_dataset(ds, spool.accepted / name)
     os.link(path, spool.outbox("pacs") / name)
     daemon.run(once=True)
@@ -280,7 +280,7 @@ def test_recovery_does_not_resend_a_copy_already_delivered(conf):
     daemon = daemon_for(conf)
     spool = daemon.spool.create(daemon.config.endpoints)
     ds = make_dataset(modality="CT")
-    path = spool.accepted / make_name(ds.SOPInstanceUID)
+    path = spool.accepted / str(SpoolName.new(ds.SOPInstanceUID))
     write_dataset(ds, path)
     spool.link(path, spool.outbox("pacs"))
     spool.move_final(spool.outbox("pacs") / path.name, spool.sent("pacs"))  # delivered
