@@ -144,6 +144,11 @@ class Spool:
             raise SpoolError(f"{stage!r} is not a per-endpoint stage")
         return self.root / stage / _checked_endpoint(endpoint)
 
+    @staticmethod
+    def tmp_dir(directory: Path) -> Path:
+        """Where files for ``directory`` are written before they are published there."""
+        return directory / TMP
+
     def outbox(self, endpoint: str) -> Path:
         return self.endpoint_stage("outbox", endpoint)
 
@@ -160,7 +165,7 @@ class Spool:
             for stage in STAGES:
                 _mkdir(self.stage(stage))
             for stage in SHARED_STAGES:
-                _mkdir(self.stage(stage) / TMP)
+                _mkdir(self.tmp_dir(self.stage(stage)))
             _mkdir(self.run_dir)
             _mkdir(self.log_dir)
             self._check_version()
@@ -178,7 +183,7 @@ class Spool:
         stages = [self.stage(stage) for stage in STAGES]
         for endpoint in endpoints:
             stages += [self.endpoint_stage(stage, endpoint) for stage in PER_ENDPOINT_STAGES]
-        stages += [d / TMP for d in stages if (d / TMP).is_dir()]  # published by rename too
+        stages += [self.tmp_dir(d) for d in stages if self.tmp_dir(d).is_dir()]  # renamed from too
         root_dev = os.stat(self.root).st_dev
         mounts = _mount_points_under(self.root)
         for directory in stages:
@@ -194,7 +199,7 @@ class Spool:
         for stage in PER_ENDPOINT_STAGES:
             directory = self.endpoint_stage(stage, endpoint)
             _mkdir(directory)
-            _mkdir(directory / TMP)
+            _mkdir(self.tmp_dir(directory))
 
     def endpoints(self, stage: str = "outbox") -> list[str]:
         """Endpoints that have a folder in ``stage`` (configured now or in the past), sorted.
@@ -228,7 +233,7 @@ class Spool:
     @contextmanager
     def temp_file(self, directory: Path) -> Iterator[TempFile]:
         """Open a new hidden temp file for ``directory``; removed again if the block fails."""
-        tmp_dir = directory / TMP
+        tmp_dir = self.tmp_dir(directory)
         _mkdir(tmp_dir)
         path = tmp_dir / f"{os.getpid()}.{next(_tmp_counter)}.{os.urandom(4).hex()}"
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, FILE_MODE)
@@ -391,7 +396,7 @@ class Spool:
         removed = 0
         cutoff = time.time() - older_than
         try:
-            entries = list(os.scandir(directory / TMP))
+            entries = list(os.scandir(self.tmp_dir(directory)))
         except FileNotFoundError:
             return 0
         for entry in entries:
@@ -410,7 +415,7 @@ class Spool:
         """
         removed = 0
         try:
-            entries = list(os.scandir(directory / TMP))
+            entries = list(os.scandir(self.tmp_dir(directory)))
         except FileNotFoundError:
             return 0
         for entry in entries:

@@ -17,6 +17,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from pipeline.config import Config
+from pipeline.lock import DaemonLock
 from pipeline.names import escape
 from pipeline.spool import Spool, is_hidden, is_sidecar
 from pipeline.spool_names import SpoolName
@@ -74,7 +75,7 @@ def _age_from_name(path: Path, now: float) -> float | None:
 def _process(run_dir: Path, lock_name: str) -> dict:
     """Is the daemon holding ``<lock_name>.lock`` alive? (pid recorded in the lock file)."""
     try:
-        pid = int((run_dir / f"{lock_name}.lock").read_text().split()[0])
+        pid = int(DaemonLock(run_dir, lock_name).path.read_text().split()[0])
     except (FileNotFoundError, ValueError, IndexError):
         return {"running": False, "pid": None}
     try:

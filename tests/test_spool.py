@@ -48,6 +48,18 @@ def test_create_tightens_nothing_it_did_not_create_but_is_idempotent(spool: Spoo
     assert spool.endpoints() == ["archive", "pacs"]
 
 
+def test_one_endpoint_lister_for_every_per_endpoint_stage(spool: Spool) -> None:
+    (spool.stage("sent") / "not an endpoint!").mkdir()
+    (spool.stage("outbox") / "stray.dcm").write_bytes(b"x")
+    assert spool.endpoints("sent") == spool.endpoints("failed") == ["archive", "pacs"]
+    assert spool.endpoints() == ["archive", "pacs"]
+    with pytest.raises(SpoolError):
+        spool.endpoints("incoming")
+    with pytest.raises(SpoolError):
+        spool.stage("elsewhere")
+    assert Spool(spool.root / "missing").endpoints() == []
+
+
 def test_other_format_version_is_refused(spool: Spool) -> None:
     (spool.run_dir / "VERSION").write_text("99\n")
     with pytest.raises(SpoolError, match="format version"):
