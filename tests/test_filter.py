@@ -51,8 +51,10 @@ def drop(spool: Spool, ds, name: str | None = None) -> Path:
     return target
 
 
-def uids_in(directory: Path) -> list[str]:
-    return sorted(p.name.rsplit("-", 1)[1][:-4] for p in dicom_files(directory))
+def uids_in(directory: Path) -> list[str | None]:
+    names = [SpoolName.parse(p.name) for p in dicom_files(directory)]
+    assert None not in names, "every file in a stage has a standard name"
+    return sorted(name.uid for name in names if name is not None)  # type: ignore[type-var]
 
 
 def test_files_fan_out_by_rules(conf):
@@ -229,6 +231,23 @@ def test_close_write_event_routes_at_once(conf):
         write_dataset(ds, spool.incoming / "copied.dcm")  # open, write, close: like cp
         wait_for(lambda: daemon.scan_incoming() == 0, message="close-write to route the copy")
     assert uids_in(spool.outbox("pacs")) == [ds.SOPInstanceUID]
+
+
+def test_a_step_is_idle_when_nothing_settles_and_close_releases_the_lock(conf):
+    daemon = daemon_for(conf, settle=3600)
+    spool = daemon.spool.create(daemon.config.endpoints)
+    daemon.start()
+    try:
+        assert daemon.step().idle
+        with open(spool.incoming / "copying.dcm", "wb") as writer:  # a writer at work
+            writer.write(b"\0" * 128)
+            writer.flush()
+            step = daemon.step()
+        assert not step.idle and step.wait is not None and step.wait <= daemon.rescan_interval
+    finally:
+        daemon.close()
+    with DaemonLock(spool.run_dir, "filter"):
+        pass
 
 
 def test_stop_request_ends_the_loop(conf):
