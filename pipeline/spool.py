@@ -213,7 +213,7 @@ class Spool:
             with os.scandir(self.stage(stage)) as entries:
                 return sorted(e.name for e in entries
                               if e.is_dir(follow_symlinks=False) and is_valid_endpoint_name(e.name))
-        except FileNotFoundError:
+        except (FileNotFoundError, NotADirectoryError):
             return []
 
     def _check_version(self) -> None:
