@@ -1,6 +1,6 @@
-"""Exception types shared by the daemons.
+"""Exception types of DicomFlow, all in this one module.
 
-Retryable and permanent failures are separate types so that every caller decides
+Each failure a caller must tell apart is its own type, so that every caller decides
 by ``except`` clause, never by parsing a message.
 """
 
@@ -36,12 +36,9 @@ class QuarantineError(DicomFlowError):
     """A file is unreadable, not DICOM or unsafe; the message is the quarantine reason."""
 
 
-class RetryableError(DicomFlowError):
-    """Something failed that may succeed later (out of resources, timeout)."""
-
-
-class EndpointDown(RetryableError):
-    """The destination cannot be reached at all: no file is charged an attempt."""
+class DiskTrouble(DicomFlowError):
+    """A retryable OS error (disk full, read-only, I/O error) while moving a file: the
+    filter leaves everything where it is and tries that file again later."""
 
 
 class PermanentError(DicomFlowError):

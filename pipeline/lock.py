@@ -1,7 +1,8 @@
 """One daemon of a kind per spool: an advisory ``flock`` under ``<spool>/run/``.
 
 The kernel drops the lock when the process dies (even by kill -9), so a crashed
-daemon never blocks its restart.
+daemon never blocks its restart. The lock file records the holder's pid;
+:func:`pid_alive` is how the rest of DicomFlow asks whether such a pid still runs.
 """
 
 from __future__ import annotations
@@ -37,6 +38,10 @@ class DaemonLock:
         self._fd = fd
         return self
 
+    @property
+    def held(self) -> bool:
+        return self._fd is not None
+
     def release(self) -> None:
         if self._fd is not None:
             os.close(self._fd)
@@ -47,3 +52,14 @@ class DaemonLock:
 
     def __exit__(self, *exc: object) -> None:
         self.release()
+
+
+def pid_alive(pid: int) -> bool:
+    """Does process ``pid`` exist (ours or another user's)?"""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True

@@ -9,18 +9,16 @@ must pass through :func:`pipeline.names.escape` before they are logged.
 from __future__ import annotations
 
 import logging
-import re
 import sys
 import traceback
 
 from loguru import logger
 
 from pipeline.names import escape
+from pipeline.spool_names import is_standard
 
 __all__ = ["logger", "setup", "escape", "shown_name"]
 
-#: the names DicomFlow gives files (arrival time, counter, SOP Instance UID): no patient data
-_STANDARD_NAME = re.compile(r"\d{8}T\d{6}\.\d{6}-\d{6}-(?:[0-9.]+|nouid)\.dcm")
 HAND_DROPPED = "(hand-dropped)"
 
 _FORMAT = (
@@ -51,7 +49,7 @@ def shown_name(name: str) -> str:
     Export tools put patient names in file names (``DOE^JOHN_12345.dcm``); such a name is
     logged at DEBUG only, and INFO lines name the file by the standard name it gets.
     """
-    return escape(name) if _STANDARD_NAME.fullmatch(name) else HAND_DROPPED
+    return escape(name) if is_standard(name) else HAND_DROPPED
 
 
 def _context(record: dict) -> None:

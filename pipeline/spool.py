@@ -14,6 +14,7 @@ import errno
 import itertools
 import os
 import re
+import stat
 import time
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager, suppress
@@ -22,18 +23,20 @@ from pathlib import Path
 from typing import BinaryIO
 
 from pipeline.errors import SpoolError
-from pipeline.names import is_valid_endpoint_name, is_valid_uid
+from pipeline.lock import pid_alive
+from pipeline.names import is_valid_endpoint_name
+from pipeline.spool_names import SUFFIX, SpoolName
 
 FORMAT_VERSION = "1"
 DIR_MODE = 0o700
 FILE_MODE = 0o600
 TMP = ".tmp"
 SIDECAR_SUFFIXES = (".error", ".reason")
-DICOM_SUFFIX = ".dcm"
+DICOM_SUFFIX = SUFFIX  #: what a DICOM file in a stage ends with (the sender lists by it)
 STAGES = ("incoming", "accepted", "outbox", "sent", "failed", "rejected", "quarantine")
 PER_ENDPOINT_STAGES = ("outbox", "sent", "failed")
+SHARED_STAGES = tuple(s for s in STAGES if s not in PER_ENDPOINT_STAGES)
 
-_counter = itertools.count(int.from_bytes(os.urandom(2), "big"))
 _tmp_counter = itertools.count()
 
 _AT_FDCWD = -100
@@ -83,18 +86,15 @@ def rename_noreplace(src: Path, dst: Path) -> None:
 
 
 def make_name(sop_instance_uid: str | None, now: float | None = None) -> str:
-    """A spool file name: UTC arrival time, a counter, the SOP Instance UID.
+    """``str(SpoolName.new(...))``, for the tests of the sender that still call it."""
+    return str(SpoolName.new(sop_instance_uid, now))
 
-    ``20261128T060102.123456-000042-1.2.3.dcm`` sorts in arrival order with ``ls``.
-    A UID that is not digits-and-dots (≤ 64 characters) is replaced by ``nouid``, so
-    nothing from the network ever reaches a path unchecked.
-    """
-    now = time.time() if now is None else now
-    seconds = int(now)
-    micros = int((now - seconds) * 1_000_000)
-    stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime(seconds))
-    uid = sop_instance_uid if sop_instance_uid and is_valid_uid(sop_instance_uid) else "nouid"
-    return f"{stamp}.{micros:06d}-{next(_counter) % 1_000_000:06d}-{uid}{DICOM_SUFFIX}"
+
+def fresh_name_like(name: str) -> str:
+    """A fresh standard name keeping the UID of ``name`` (when it is a standard one):
+    for a file whose name is already taken where it goes."""
+    parsed = SpoolName.parse(name)
+    return str(SpoolName.new(parsed.uid if parsed else None))
 
 
 def is_hidden(name: str) -> bool:
@@ -123,32 +123,49 @@ class Spool:
 
     def __init__(self, root: Path) -> None:
         self.root = Path(root)
-        self.incoming = self.root / "incoming"
-        self.accepted = self.root / "accepted"
-        self.rejected = self.root / "rejected"
-        self.quarantine = self.root / "quarantine"
+        self.incoming = self.stage("incoming")
+        self.accepted = self.stage("accepted")
+        self.rejected = self.stage("rejected")
+        self.quarantine = self.stage("quarantine")
         self.run_dir = self.root / "run"
         self.log_dir = self.root / "log"
 
     # -- layout -----------------------------------------------------------------
 
+    def stage(self, stage: str) -> Path:
+        """A stage's folder (for ``outbox``/``sent``/``failed``: the one above the endpoints')."""
+        if stage not in STAGES:
+            raise SpoolError(f"no stage {stage!r} in a spool")
+        return self.root / stage
+
+    def endpoint_stage(self, stage: str, endpoint: str) -> Path:
+        """``<stage>/<endpoint>/`` of a per-endpoint stage; the endpoint name is checked."""
+        if stage not in PER_ENDPOINT_STAGES:
+            raise SpoolError(f"{stage!r} is not a per-endpoint stage")
+        return self.root / stage / _checked_endpoint(endpoint)
+
+    @staticmethod
+    def tmp_dir(directory: Path) -> Path:
+        """Where files for ``directory`` are written before they are published there."""
+        return directory / TMP
+
     def outbox(self, endpoint: str) -> Path:
-        return self.root / "outbox" / _checked_endpoint(endpoint)
+        return self.endpoint_stage("outbox", endpoint)
 
     def sent(self, endpoint: str) -> Path:
-        return self.root / "sent" / _checked_endpoint(endpoint)
+        return self.endpoint_stage("sent", endpoint)
 
     def failed(self, endpoint: str) -> Path:
-        return self.root / "failed" / _checked_endpoint(endpoint)
+        return self.endpoint_stage("failed", endpoint)
 
     def create(self, endpoints: Iterable[str] = ()) -> Spool:
         """Create (or check) the stage tree; idempotent, safe to call from every daemon."""
         try:
             _mkdir(self.root)
             for stage in STAGES:
-                _mkdir(self.root / stage)
-            for stage in ("incoming", "accepted", "rejected", "quarantine"):
-                _mkdir(self.root / stage / TMP)
+                _mkdir(self.stage(stage))
+            for stage in SHARED_STAGES:
+                _mkdir(self.tmp_dir(self.stage(stage)))
             _mkdir(self.run_dir)
             _mkdir(self.log_dir)
             self._check_version()
@@ -163,10 +180,10 @@ class Spool:
         """Refuse a spool whose stages are not all on one mount: files change stage by
         rename, which fails (EXDEV) across filesystems — a delivered file could then
         never reach ``sent/``. A configuration error, said at start-up, not a crash later."""
-        stages = [self.root / stage for stage in STAGES]
+        stages = [self.stage(stage) for stage in STAGES]
         for endpoint in endpoints:
-            stages += [self.outbox(endpoint), self.sent(endpoint), self.failed(endpoint)]
-        stages += [d / TMP for d in stages if (d / TMP).is_dir()]  # published by rename too
+            stages += [self.endpoint_stage(stage, endpoint) for stage in PER_ENDPOINT_STAGES]
+        stages += [self.tmp_dir(d) for d in stages if self.tmp_dir(d).is_dir()]  # renamed from too
         root_dev = os.stat(self.root).st_dev
         mounts = _mount_points_under(self.root)
         for directory in stages:
@@ -179,20 +196,25 @@ class Spool:
                     f"stages by rename")
 
     def create_endpoint(self, endpoint: str) -> None:
-        for directory in (self.outbox(endpoint), self.sent(endpoint), self.failed(endpoint)):
+        for stage in PER_ENDPOINT_STAGES:
+            directory = self.endpoint_stage(stage, endpoint)
             _mkdir(directory)
-            _mkdir(directory / TMP)
+            _mkdir(self.tmp_dir(directory))
 
-    def endpoints_on_disk(self) -> list[str]:
-        """Endpoints that have an outbox folder (configured now or in the past)."""
-        base = self.root / "outbox"
-        if not base.is_dir():
+    def endpoints(self, stage: str = "outbox") -> list[str]:
+        """Endpoints that have a folder in ``stage`` (configured now or in the past), sorted.
+
+        The outbox is made with the endpoint, so the default lists every endpoint the
+        spool has known; names that are not valid endpoint names are not endpoints.
+        """
+        if stage not in PER_ENDPOINT_STAGES:
+            raise SpoolError(f"{stage!r} is not a per-endpoint stage")
+        try:
+            with os.scandir(self.stage(stage)) as entries:
+                return sorted(e.name for e in entries
+                              if e.is_dir(follow_symlinks=False) and is_valid_endpoint_name(e.name))
+        except (FileNotFoundError, NotADirectoryError):
             return []
-        return sorted(
-            e.name
-            for e in os.scandir(base)
-            if e.is_dir(follow_symlinks=False) and is_valid_endpoint_name(e.name)
-        )
 
     def _check_version(self) -> None:
         version_file = self.run_dir / "VERSION"
@@ -211,7 +233,7 @@ class Spool:
     @contextmanager
     def temp_file(self, directory: Path) -> Iterator[TempFile]:
         """Open a new hidden temp file for ``directory``; removed again if the block fails."""
-        tmp_dir = directory / TMP
+        tmp_dir = self.tmp_dir(directory)
         _mkdir(tmp_dir)
         path = tmp_dir / f"{os.getpid()}.{next(_tmp_counter)}.{os.urandom(4).hex()}"
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, FILE_MODE)
@@ -238,7 +260,7 @@ class Spool:
         """Publish under a fresh standard name, picking another on the (rare) clash."""
         fsync_path(tmp_path)
         for _ in range(100):
-            target = directory / make_name(sop_instance_uid)
+            target = directory / str(SpoolName.new(sop_instance_uid))
             try:
                 rename_noreplace(tmp_path, target)
             except FileExistsError:
@@ -299,7 +321,7 @@ class Spool:
             if _same_inode(src, target):
                 self.unlink(src)
                 return target
-            return self.move(src, directory, make_name(uid_in_name(src.name)))
+            return self.move(src, directory, fresh_name_like(src.name))
 
     def move_with_reason(
         self, src: Path, directory: Path, suffix: str, reason: str, name: str | None = None
@@ -316,7 +338,7 @@ class Spool:
                 self.write_sidecar(existing, suffix, reason)
                 self.unlink(src)
                 return existing
-            name = make_name(uid_in_name(name))
+            name = fresh_name_like(name)
         sidecar = self.write_sidecar(directory / name, suffix, reason)
         try:
             return self.move(src, directory, name)
@@ -374,7 +396,7 @@ class Spool:
         removed = 0
         cutoff = time.time() - older_than
         try:
-            entries = list(os.scandir(directory / TMP))
+            entries = list(os.scandir(self.tmp_dir(directory)))
         except FileNotFoundError:
             return 0
         for entry in entries:
@@ -393,7 +415,7 @@ class Spool:
         """
         removed = 0
         try:
-            entries = list(os.scandir(directory / TMP))
+            entries = list(os.scandir(self.tmp_dir(directory)))
         except FileNotFoundError:
             return 0
         for entry in entries:
@@ -413,51 +435,56 @@ class Spool:
         stats = os.statvfs(self.root)
         return stats.f_blocks * stats.f_frsize
 
-    def sent_oldest_first(self) -> list[Path]:
-        """Every delivered file over all endpoints, oldest name first (for pruning)."""
-        base = self.root / "sent"
+    def sent_oldest_first(self, endpoint: str | None = None) -> list[Path]:
+        """Delivered files of ``endpoint`` (default: every endpoint), oldest name first."""
+        endpoints = self.endpoints("sent") if endpoint is None else [endpoint]
         files: list[Path] = []
-        for endpoint in self.endpoints_in(base):
-            files.extend(self.list_stage(base / endpoint))
+        for name in endpoints:
+            files.extend(self.list_stage(self.sent(name)))
         files.sort(key=lambda p: p.name)
         return files
 
-    def endpoints_in(self, base: Path) -> list[str]:
-        try:
-            return sorted(
-                e.name
-                for e in os.scandir(base)
-                if e.is_dir(follow_symlinks=False) and is_valid_endpoint_name(e.name)
-            )
-        except FileNotFoundError:
-            return []
+    def prune_sent(self, *, older_than: float | None = None, until_free: int | None = None,
+                   endpoint: str | None = None, now: float | None = None) -> int:
+        """Delete delivered copies in ``sent/``: the sender's retention and the receiver's
+        disk floor (README, The spool). Returns the number deleted.
 
-    def prune_sent(self, *, older_than: float | None = None, until_free: int | None = None) -> int:
-        """Delete delivered copies: all older than ``older_than`` seconds (by mtime), or
-        oldest-first until ``until_free`` bytes are free. Returns the number deleted."""
+        ``older_than``: only files that reached ``sent/`` more than that many seconds
+        before ``now`` (see :func:`arrived_at`). ``until_free``: oldest name first, stop
+        as soon as that many bytes are free. ``endpoint``: that endpoint's ``sent/`` only
+        (default: all). Only regular files are deleted: nothing else frees space, and a
+        folder someone made there must not stop a daemon.
+        """
+        cutoff = None
+        if older_than is not None:
+            cutoff = (time.time() if now is None else now) - older_than
         deleted = 0
-        cutoff = None if older_than is None else time.time() - older_than
-        for path in self.sent_oldest_first():
+        for path in self.sent_oldest_first(endpoint):
             if until_free is not None and self.free_bytes() >= until_free:
                 break
-            if cutoff is not None:
-                try:
-                    if path.stat(follow_symlinks=False).st_mtime > cutoff:
-                        continue
-                except FileNotFoundError:
+            try:
+                st = os.lstat(path)
+                if not stat.S_ISREG(st.st_mode):
                     continue
-            with suppress(FileNotFoundError):
+                if cutoff is not None and arrived_at(st) >= cutoff:
+                    continue
                 path.unlink()
-                deleted += 1
+            except FileNotFoundError:
+                continue
+            deleted += 1
         return deleted
 
 
-def uid_in_name(name: str) -> str | None:
-    """The SOP Instance UID part of a standard name (None if it has none)."""
-    if not name.endswith(DICOM_SUFFIX) or "-" not in name:
-        return None
-    uid = name[: -len(DICOM_SUFFIX)].rsplit("-", 1)[1]
-    return uid if is_valid_uid(uid) else None
+def arrived_at(st: os.stat_result) -> float:
+    """When a file reached its stage, from its ``lstat``: ``max(ctime, mtime)``.
+
+    Files change stage by rename, which updates the inode's ctime and nothing else, so
+    ctime is the time of the last hand-off; mtime is still the time the file was written
+    (the receiver's, or an export tool's, possibly long ago). The max also covers a
+    file whose mtime is in the future (a clock set back), which is then kept longer,
+    never deleted early.
+    """
+    return max(st.st_ctime, st.st_mtime)
 
 
 def _mount_points_under(root: Path) -> list[Path]:
@@ -486,17 +513,6 @@ def _same_inode(a: Path, b: Path) -> bool:
     except FileNotFoundError:
         return False
     return (sa.st_dev, sa.st_ino) == (sb.st_dev, sb.st_ino)
-
-
-def pid_alive(pid: int) -> bool:
-    """Does process ``pid`` exist (ours or another user's)?"""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def _checked_endpoint(endpoint: str) -> str:

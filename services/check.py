@@ -19,7 +19,7 @@ def check(config: Config) -> int:
             print(f"  endpoint {name} TLS: {ep.tls.describe(server=False)}")
     warnings = list(config.warnings)
     spool = Spool(router.spool)
-    for orphan in sorted(set(spool.endpoints_on_disk()) - set(config.endpoints)):
+    for orphan in sorted(set(spool.endpoints()) - set(config.endpoints)):
         warnings.append(
             f"endpoint {orphan} has an outbox in the spool but no conf/endpoints/{orphan}.ini "
             "(orphaned: its files will not be sent)"

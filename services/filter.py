@@ -10,8 +10,10 @@ any instant may at worst repeat a link, never lose or double a copy.
 A file that nobody wants goes to ``rejected/``; a file that is unsafe or unreadable goes
 to ``quarantine/``; both with a ``.reason`` sidecar. The daemon never dies on a file.
 
-The loop is rq-worker shaped: ``run(once=False)``; inotify (``DirectoryWatcher``) only
-wakes it up and the directory is always rescanned; signal handlers only set flags.
+The daemon is driven by the one skeleton (``pipeline.daemon``): ``start``, ``step`` until
+stopped, ``close``; ``run(once=True)`` returns at the first idle step, i.e. when nothing
+in ``incoming/`` is still settling. inotify (``DirectoryWatcher``) only wakes the loop and
+the directory is always rescanned; signals reach it through ``pipeline.daemon.Signals``.
 """
 
 from __future__ import annotations
@@ -19,28 +21,27 @@ from __future__ import annotations
 import dataclasses
 import errno
 import os
-import re
-import signal
 import stat
-import threading
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 from loguru import logger
 from pydicom.uid import UID
 
 from pipeline import config as config_module
+from pipeline import daemon as daemon_module
 from pipeline import header as header_module
 from pipeline.config import Config
+from pipeline.daemon import Signals, Step
 from pipeline.dicom import patches
-from pipeline.errors import ConfigError, QuarantineError
+from pipeline.errors import ConfigError, DiskTrouble, QuarantineError
 from pipeline.header import Header
 from pipeline.lock import DaemonLock
 from pipeline.log import setup, shown_name
 from pipeline.names import escape
 from pipeline.rules import Decision, decide
-from pipeline.spool import FILE_MODE, Spool, make_name
+from pipeline.spool import FILE_MODE, Spool
+from pipeline.spool_names import SpoolName, is_standard
 from pipeline.watch import DirectoryWatcher, open_for_writing, writer_pids
 
 #: OS errors that say "the disk (or the system) is in trouble, try again later",
@@ -49,7 +50,6 @@ RETRYABLE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EIO, errno.EM
                     errno.ENFILE, errno.ENOMEM}
 #: a file held open for writing this many settle times is reported (one WARNING)
 HELD_WARNING_FACTOR = 20
-_STANDARD_NAME = re.compile(r"\d{8}T\d{6}\.\d{6}-\d{6}-(?P<uid>[0-9.]+|nouid)\.dcm")
 
 
 @dataclasses.dataclass
@@ -63,16 +63,12 @@ class _Arrival:
     warned: bool = False
 
 
-class DiskTrouble(Exception):
-    """A retryable OS error while moving a file: leave everything where it is."""
-
-
 def standard_name(name: str, sop_instance_uid: str | None) -> str:
     """Keep a name the receiver (or we) gave; give anything else a fresh standard name."""
-    match = _STANDARD_NAME.fullmatch(name)
-    if match and match.group("uid") == (sop_instance_uid or "nouid"):
+    parsed = SpoolName.parse(name)
+    if parsed is not None and parsed.uid == (sop_instance_uid or None):
         return name
-    return make_name(sop_instance_uid)
+    return str(SpoolName.new(sop_instance_uid))
 
 
 class FilterDaemon:
@@ -93,60 +89,67 @@ class FilterDaemon:
         self.watcher = DirectoryWatcher(self.spool.incoming)
         self.stopping = False
         self.reload_requested = False
+        self._lock = DaemonLock(self.spool.run_dir, "filter")
         self._seen: dict[str, _Arrival] = {}
         self._retry_at: dict[Path, float] = {}
 
-    # -- control (safe from signal handlers: flags and a wake-up only) ---------------
+    # -- control (from any thread; ``Signals`` calls them outside the handler) ---------
 
     def request_stop(self) -> None:
         self.stopping = True
-        self._wake()
+        self.watcher.wake()
 
     def request_reload(self) -> None:
+        """Reload at the next step, on the loop's thread (never beside a file in flight)."""
         self.reload_requested = True
-        self._wake()
+        self.watcher.wake()
 
-    def _wake(self) -> None:
-        # Event.set() takes a lock the interrupted main thread may hold: wake from a thread.
-        threading.Thread(target=self.watcher.wake, daemon=True).start()
-
-    # -- the loop --------------------------------------------------------------------
+    # -- the loop (driven by ``pipeline.daemon.run``) ----------------------------------
 
     def run(self, once: bool = False) -> int:
-        """Process ``incoming/`` until stopped; with ``once``, until nothing is waiting."""
+        """Process ``incoming/`` until stopped; with ``once``, until a step is idle."""
+        return daemon_module.run(self, once)
+
+    def start(self) -> None:
+        """Take the lock, clean up after a previous run, watch ``incoming/``."""
         self.spool.create(self.config.endpoints)
-        with DaemonLock(self.spool.run_dir, "filter"):
+        self._lock.acquire()
+        try:
             # Not incoming/.tmp: that is the receiver's, and it may be receiving right now.
             for stage in (self.spool.accepted, self.spool.rejected, self.spool.quarantine):
                 self.spool.clean_tmp(stage)
             self.spool.clean_dead_tmp(self.spool.run_dir)
             self.watcher.start()
-            try:
-                self._announce()
-                self._loop(once)
-            finally:
-                self.watcher.stop()
-        self.log.info("filter stopped")
-        return 0
-
-    def _announce(self) -> None:
+        except BaseException:
+            self.close()
+            raise
         endpoints = ", ".join(sorted(self.config.endpoints)) or "none"
         self.log.info(f"filter ready: watching {self.spool.incoming}, endpoints: {endpoints}")
 
-    def _loop(self, once: bool) -> None:
-        while not self.stopping:
-            if self.reload_requested:
-                self.reload()
-            try:
-                self.recover_accepted()
-                settling = self.scan_incoming()
-            except DiskTrouble:
-                if once:
-                    return
-                settling = 0
-            if once and settling == 0:
-                return
-            self.watcher.wait(self._timeout(settling))
+    def step(self) -> Step:
+        """Fan out ``accepted/``, route every ready file; idle when nothing is settling.
+
+        Files waiting for a retry after a disk error are timed, not settling: they do
+        not keep a ``once`` run going (nor does a disk in trouble).
+        """
+        if self.reload_requested:
+            self.reload()
+        try:
+            self.recover_accepted()
+            settling = self.scan_incoming()
+        except DiskTrouble:
+            settling = 0
+        return Step(self._timeout(settling), idle=settling == 0)
+
+    def wait(self, seconds: float) -> None:
+        self.watcher.wait(seconds)
+
+    def close(self) -> None:
+        """Stop watching and release the lock (also after a failed start)."""
+        self.watcher.stop()
+        if self._lock.held:
+            self._lock.release()
+            self.log.info("filter stopped")
 
     def _timeout(self, settling: int) -> float:
         """Sleep until an event, or sooner when files are settling or due for a retry."""
@@ -357,7 +360,7 @@ class FilterDaemon:
         try:
             return self.spool.move(path, self.spool.accepted, name)
         except FileExistsError:  # a different file already has this name: give it another
-            return self.spool.move(path, self.spool.accepted, make_name(head.sop_instance_uid))
+            return self.spool.move(path, self.spool.accepted, str(SpoolName.new(head.sop_instance_uid)))
 
     def _fan_out(self, accepted: Path, endpoints: tuple[str, ...], uid: str) -> None:
         for endpoint in endpoints:
@@ -369,7 +372,7 @@ class FilterDaemon:
             try:
                 self.spool.link(accepted, outbox)
             except FileExistsError:  # another file owns this name there: never overwrite it
-                self.spool.link(accepted, outbox, make_name(uid))
+                self.spool.link(accepted, outbox, str(SpoolName.new(uid)))
         self.spool.unlink(accepted)
 
     def _already_delivered(self, accepted: Path, endpoint: str) -> bool:
@@ -383,7 +386,7 @@ class FilterDaemon:
         return False
 
     def _quarantine(self, path: Path, reason: str) -> str:
-        name = path.name if _STANDARD_NAME.fullmatch(path.name) else make_name(None)
+        name = path.name if is_standard(path.name) else str(SpoolName.new(None))
         name = _free_name(self.spool.quarantine, name, None)
         self.spool.move_with_reason(path, self.spool.quarantine, ".reason",
                                     self._reason(reason, path), name=name)
@@ -421,7 +424,7 @@ def _free_name(directory: Path, name: str, uid: str | None) -> str:
     """
     if not os.path.lexists(directory / name):
         return name
-    return make_name(uid)
+    return str(SpoolName.new(uid))
 
 
 def error_text(exc: BaseException, path: Path) -> str:
@@ -453,29 +456,15 @@ def _describe(head: Header) -> str:
     return f"{label}{sender}"
 
 
-def install_signals(daemon: FilterDaemon) -> Callable[[], None]:
-    """SIGTERM/SIGINT: finish the current file and exit 0; SIGHUP: reload endpoints."""
-    previous = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)}
-    signal.signal(signal.SIGTERM, lambda *_: daemon.request_stop())
-    signal.signal(signal.SIGINT, lambda *_: daemon.request_stop())
-    signal.signal(signal.SIGHUP, lambda *_: daemon.request_reload())
-
-    def restore() -> None:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
-
-    return restore
-
-
 def main(config: Config) -> int:
-    """Entry point of ``dicomflow filter`` (the configuration is already validated)."""
+    """Entry point of ``dicomflow filter`` (the configuration is already validated).
+
+    SIGTERM/SIGINT: finish the current file and exit 0; SIGHUP: reload the endpoints.
+    """
     router = config.router
     setup("filter", router.log_level, json=router.log_json, pynetdicom_level=router.pynetdicom_log_level)
     header_module.quiet_pydicom()
     patches.install("filter")
     daemon = FilterDaemon(config)
-    restore = install_signals(daemon)
-    try:
+    with Signals(daemon.request_stop, daemon.request_reload, name="filter-signals"):
         return daemon.run()
-    finally:
-        restore()

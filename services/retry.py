@@ -12,7 +12,7 @@ from pathlib import Path
 
 from pipeline.config import Config
 from pipeline.names import escape, is_valid_endpoint_name
-from pipeline.spool import Spool
+from pipeline.spool import Spool, is_hidden, is_sidecar
 
 
 def main(config: Config, endpoint: str, files: list[str], retry_all: bool = False) -> int:
@@ -20,7 +20,7 @@ def main(config: Config, endpoint: str, files: list[str], retry_all: bool = Fals
         print(f"dicomflow: invalid endpoint name {endpoint!r}", file=sys.stderr)
         return 1
     spool = Spool(config.spool)
-    failed = spool.root / "failed" / endpoint
+    failed = spool.failed(endpoint)
     if not failed.is_dir():
         print(f"dicomflow: no failed/ folder for endpoint {endpoint} in {spool.root}", file=sys.stderr)
         return 1
@@ -62,7 +62,7 @@ def _named(failed: Path, files: list[str]) -> list[Path] | None:
         if Path(item).parent not in (Path("."), failed) and Path(item).resolve().parent != failed.resolve():
             print(f"dicomflow: {item} is not in {failed}", file=sys.stderr)
             return None
-        if name.startswith(".") or name.endswith((".error", ".reason")) or not path.is_file():
+        if is_hidden(name) or is_sidecar(name) or not path.is_file():
             print(f"dicomflow: no such failed file: {name}", file=sys.stderr)
             return None
         selected.append(path)

@@ -17,8 +17,10 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from pipeline.config import Config
+from pipeline.lock import DaemonLock
 from pipeline.names import escape
 from pipeline.spool import Spool, is_hidden, is_sidecar
+from pipeline.spool_names import SpoolName
 
 SENDER_STATES = {
     "delivering": "delivering",
@@ -60,20 +62,20 @@ def count_stage(directory: Path, now: float) -> StageCount:
 
 
 def _age_from_name(path: Path, now: float) -> float | None:
+    """A standard name starts with the arrival time; any other name costs one ``lstat``."""
+    name = SpoolName.parse(path.name)
+    if name is not None:
+        return max(0.0, round(now - name.timestamp, 1))
     try:
-        stamp = datetime.strptime(path.name[:22], "%Y%m%dT%H%M%S.%f").replace(tzinfo=UTC)
-        return max(0.0, round(now - stamp.timestamp(), 1))
-    except ValueError:
-        try:
-            return max(0.0, round(now - path.lstat().st_mtime, 1))
-        except FileNotFoundError:
-            return None
+        return max(0.0, round(now - path.lstat().st_mtime, 1))
+    except FileNotFoundError:
+        return None
 
 
 def _process(run_dir: Path, lock_name: str) -> dict:
     """Is the daemon holding ``<lock_name>.lock`` alive? (pid recorded in the lock file)."""
     try:
-        pid = int((run_dir / f"{lock_name}.lock").read_text().split()[0])
+        pid = int(DaemonLock(run_dir, lock_name).path.read_text().split()[0])
     except (FileNotFoundError, ValueError, IndexError):
         return {"running": False, "pid": None}
     try:
@@ -113,9 +115,9 @@ def collect(config: Config, now: float | None = None) -> dict:
     """Everything ``status`` shows, as the documented JSON structure."""
     now = time.time() if now is None else now
     spool = Spool(config.spool)
-    stages = {stage: count_stage(spool.root / stage, now).as_dict()
+    stages = {stage: count_stage(spool.stage(stage), now).as_dict()
               for stage in ("incoming", "accepted", "rejected", "quarantine")}
-    names = sorted(set(config.endpoints) | set(spool.endpoints_on_disk()))
+    names = sorted(set(config.endpoints) | set(spool.endpoints()))
     endpoints = {name: _endpoint(config, spool, name, now) for name in names}
     return {
         "spool": str(spool.root),
@@ -147,11 +149,11 @@ def _endpoint(config: Config, spool: Spool, name: str, now: float) -> dict:
         "since": state.get("since"),
         "down_since": state.get("down_since"),
         "next_open": state.get("next_open"),
-        "last_error": _escaped(state.get("last_error")) or _last_failure(spool.root / "failed" / name),
+        "last_error": _escaped(state.get("last_error")) or _last_failure(spool.failed(name)),
         "last_error_at": state.get("last_error_at"),
-        "outbox": count_stage(spool.root / "outbox" / name, now).as_dict(),
-        "sent": {"count": count_stage(spool.root / "sent" / name, now).count},
-        "failed": count_stage(spool.root / "failed" / name, now).as_dict(),
+        "outbox": count_stage(spool.outbox(name), now).as_dict(),
+        "sent": {"count": count_stage(spool.sent(name), now).count},
+        "failed": count_stage(spool.failed(name), now).as_dict(),
     }
 
 

@@ -26,7 +26,8 @@ from supervisor.xmlrpc import SupervisorTransport
 
 from pipeline import owner
 from pipeline.config import Config
-from pipeline.spool import Spool, pid_alive
+from pipeline.lock import pid_alive
+from pipeline.spool import Spool
 
 REPO = Path(__file__).resolve().parent.parent
 TEMPLATE = REPO / "supervisord.conf"

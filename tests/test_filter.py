@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import errno
 import os
-import re
 import stat
 import threading
 import time
@@ -15,7 +14,8 @@ import pytest
 from pipeline.config import load
 from pipeline.errors import AlreadyRunning
 from pipeline.lock import DaemonLock
-from pipeline.spool import Spool, make_name
+from pipeline.spool import Spool
+from pipeline.spool_names import SpoolName
 from services.filter import FilterDaemon
 from tests import corpus
 from tests.helpers import dicom_files, make_dataset, wait_for, write_conf, write_dataset
@@ -28,7 +28,6 @@ ENDPOINTS = {
     "mr_research": {"endpoint": {"host": "127.0.0.1", "port": 1106, "ae_title": "RESEARCH"},
                     "filter": {"sop_whitelist": MR}},
 }
-STANDARD = re.compile(r"\d{8}T\d{6}\.\d{6}-\d{6}-[0-9.]+\.dcm")
 
 
 @pytest.fixture
@@ -52,8 +51,10 @@ def drop(spool: Spool, ds, name: str | None = None) -> Path:
     return target
 
 
-def uids_in(directory: Path) -> list[str]:
-    return sorted(p.name.rsplit("-", 1)[1][:-4] for p in dicom_files(directory))
+def uids_in(directory: Path) -> list[str | None]:
+    names = [SpoolName.parse(p.name) for p in dicom_files(directory)]
+    assert None not in names, "every file in a stage has a standard name"
+    return sorted(name.uid for name in names if name is not None)  # type: ignore[type-var]
 
 
 def test_files_fan_out_by_rules(conf):
@@ -82,7 +83,8 @@ def test_hand_dropped_file_gets_standard_name_and_mode(conf):
     os.chmod(path, 0o644)
     daemon.run(once=True)
     [routed] = dicom_files(spool.outbox("pacs"))
-    assert STANDARD.fullmatch(routed.name) and routed.name.endswith(f"-{ds.SOPInstanceUID}.dcm")
+    parsed = SpoolName.parse(routed.name)
+    assert parsed is not None and parsed.uid == ds.SOPInstanceUID
     assert stat.S_IMODE(routed.stat().st_mode) == 0o600
 
 
@@ -90,7 +92,7 @@ def test_receiver_names_are_kept(conf):
     daemon = daemon_for(conf)
     spool = daemon.spool.create(daemon.config.endpoints)
     ds = make_dataset()
-    name = make_name(ds.SOPInstanceUID)
+    name = str(SpoolName.new(ds.SOPInstanceUID))
     drop(spool, ds, name)
     daemon.run(once=True)
     assert [p.name for p in dicom_files(spool.outbox("ct_only"))] == [name]
@@ -147,7 +149,7 @@ def test_accepted_is_fanned_out_again_after_a_crash(conf):
     daemon = daemon_for(conf)
     spool = daemon.spool.create(daemon.config.endpoints)
     ds = make_dataset(modality="CT")
-    name = make_name(ds.SOPInstanceUID)
+    name = str(SpoolName.new(ds.SOPInstanceUID))
     path = write_dataset(ds, spool.accepted / name)
     os.link(path, spool.outbox("pacs") / name)
     daemon.run(once=True)
@@ -231,6 +233,23 @@ def test_close_write_event_routes_at_once(conf):
     assert uids_in(spool.outbox("pacs")) == [ds.SOPInstanceUID]
 
 
+def test_a_step_is_idle_when_nothing_settles_and_close_releases_the_lock(conf):
+    daemon = daemon_for(conf, settle=3600)
+    spool = daemon.spool.create(daemon.config.endpoints)
+    daemon.start()
+    try:
+        assert daemon.step().idle
+        with open(spool.incoming / "copying.dcm", "wb") as writer:  # a writer at work
+            writer.write(b"\0" * 128)
+            writer.flush()
+            step = daemon.step()
+        assert not step.idle and step.wait is not None and step.wait <= daemon.rescan_interval
+    finally:
+        daemon.close()
+    with DaemonLock(spool.run_dir, "filter"):
+        pass
+
+
 def test_stop_request_ends_the_loop(conf):
     daemon = daemon_for(conf, rescan_interval=30)
     spool = daemon.spool.create(daemon.config.endpoints)
@@ -280,7 +299,7 @@ def test_recovery_does_not_resend_a_copy_already_delivered(conf):
     daemon = daemon_for(conf)
     spool = daemon.spool.create(daemon.config.endpoints)
     ds = make_dataset(modality="CT")
-    path = spool.accepted / make_name(ds.SOPInstanceUID)
+    path = spool.accepted / str(SpoolName.new(ds.SOPInstanceUID))
     write_dataset(ds, path)
     spool.link(path, spool.outbox("pacs"))
     spool.move_final(spool.outbox("pacs") / path.name, spool.sent("pacs"))  # delivered

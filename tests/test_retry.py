@@ -5,7 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from pipeline import config as config_module
-from pipeline.spool import Spool, make_name
+from pipeline.spool import Spool
+from pipeline.spool_names import SpoolName
 from tests.helpers import run_cli, write_conf
 from tests.reliability import tmpfs
 
@@ -17,7 +18,7 @@ def failed_files(tmp_path: Path, count: int):
     spool = Spool(config_module.load(conf).spool).create(["pacs"])
     paths = []
     for index in range(count):
-        path = spool.write_bytes(spool.failed("pacs"), make_name(f"1.2.{index}"), b"x")
+        path = spool.write_bytes(spool.failed("pacs"), str(SpoolName.new(f"1.2.{index}")), b"x")
         spool.write_sidecar(path, ".error", "status 0xA900")
         paths.append(path)
     return conf, spool, paths

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import stat
+import time
 from pathlib import Path
 
 import pytest
@@ -13,10 +14,15 @@ from pipeline.spool import (
     DIR_MODE,
     FILE_MODE,
     Spool,
-    make_name,
+    arrived_at,
     rename_noreplace,
     sidecar_path,
 )
+from pipeline.spool_names import SpoolName, is_standard
+
+
+def make_name(uid: str | None, now: float | None = None) -> str:
+    return str(SpoolName.new(uid, now))
 
 
 @pytest.fixture
@@ -39,7 +45,19 @@ def test_create_makes_every_stage_0700(spool: Spool) -> None:
 
 def test_create_tightens_nothing_it_did_not_create_but_is_idempotent(spool: Spool) -> None:
     Spool(spool.root).create(["pacs"])
-    assert spool.endpoints_on_disk() == ["archive", "pacs"]
+    assert spool.endpoints() == ["archive", "pacs"]
+
+
+def test_one_endpoint_lister_for_every_per_endpoint_stage(spool: Spool) -> None:
+    (spool.stage("sent") / "not an endpoint!").mkdir()
+    (spool.stage("outbox") / "stray.dcm").write_bytes(b"x")
+    assert spool.endpoints("sent") == spool.endpoints("failed") == ["archive", "pacs"]
+    assert spool.endpoints() == ["archive", "pacs"]
+    with pytest.raises(SpoolError):
+        spool.endpoints("incoming")
+    with pytest.raises(SpoolError):
+        spool.stage("elsewhere")
+    assert Spool(spool.root / "missing").endpoints() == []
 
 
 def test_other_format_version_is_refused(spool: Spool) -> None:
@@ -53,6 +71,27 @@ def test_names_sort_in_arrival_order_and_carry_the_uid() -> None:
     assert names == sorted(names)
     assert names[0].endswith("-1.2.3.dcm")
     assert len(set(names)) == 50
+
+
+def test_a_name_parses_back_to_what_formatted_it() -> None:
+    name = SpoolName.new("1.2.840.3", now=1_800_000_000.25)
+    text = str(name)
+    assert text.startswith("20270115T080000.250000-") and text.endswith("-1.2.840.3.dcm")
+    parsed = SpoolName.parse(text)
+    assert parsed == name and str(parsed) == text
+    assert parsed.timestamp == 1_800_000_000.25 and parsed.uid == "1.2.840.3"
+    assert text == f"{parsed.prefix}-1.2.840.3.dcm" and len(parsed.prefix) == 29
+    assert SpoolName.parse(str(SpoolName.new(None))).uid is None
+
+
+@pytest.mark.parametrize("name", ["DOE^JOHN.dcm", "20261128T060102.123456-000042-1.2.3",
+                                  "20261128T060102.123456-42-1.2.3.dcm",
+                                  "20261328T060102.123456-000042-1.2.3.dcm",
+                                  "20261128T060102.123456-000042-1..2.dcm",
+                                  "20261128T060102.123456-000042-DOE.dcm",
+                                  "x20261128T060102.123456-000042-1.2.3.dcm"])
+def test_other_names_are_not_standard(name: str) -> None:
+    assert SpoolName.parse(name) is None and not is_standard(name)
 
 
 @pytest.mark.parametrize("uid", ["../../etc/passwd", "1.2/3", "1.2.\n3", "1" * 65, "", None,
@@ -142,14 +181,40 @@ def test_clean_tmp_removes_stale_files(spool: Spool) -> None:
     assert not list((spool.incoming / ".tmp").iterdir())
 
 
-def test_prune_sent_oldest_first(spool: Spool) -> None:
-    old = spool.write_bytes(spool.sent("pacs"), "20200101T000000.000000-000001-1.dcm", b"x")
-    new = spool.write_bytes(spool.sent("archive"), "20300101T000000.000000-000002-2.dcm", b"x")
-    os.utime(old, (0, 0))
-    assert spool.prune_sent(older_than=3600) == 1
+def test_prune_until_free_goes_oldest_name_first_over_all_endpoints(spool: Spool) -> None:
+    new = spool.write_bytes(spool.sent("pacs"), "20300101T000000.000000-000002-2.dcm", b"x")
+    old = spool.write_bytes(spool.sent("archive"), "20200101T000000.000000-000001-1.dcm", b"x")
+    assert spool.prune_sent(until_free=0) == 0  # enough free already: nothing goes
+    free = spool.free_bytes()
+    calls = iter([free - 1, free])  # short of space once: one file goes, then it is enough
+    spool.free_bytes = lambda: next(calls)  # type: ignore[method-assign]
+    assert spool.prune_sent(until_free=free) == 1
     assert not old.exists() and new.exists()
-    assert spool.prune_sent(until_free=spool.free_bytes() * 10) == 1
-    assert not new.exists()
+
+
+def test_prune_age_is_the_time_a_file_reached_sent(spool: Spool) -> None:
+    """A file written long ago (old mtime) that was just delivered is not old: a rename
+    into sent/ updates the ctime, and the age rule is max(ctime, mtime)."""
+    path = spool.write_bytes(spool.outbox("pacs"), make_name("1.2.3"), b"x")
+    os.utime(path, (0, 0))  # an export tool's file from 1970
+    delivered = spool.move_final(path, spool.sent("pacs"))
+    arrived = arrived_at(os.lstat(delivered))
+    assert arrived > 3600
+    assert spool.prune_sent(older_than=3600) == 0
+    assert spool.prune_sent(older_than=3600, now=arrived + 3600) == 0  # not *more* than
+    assert spool.prune_sent(older_than=3600, now=arrived + 3601) == 1
+    assert not delivered.exists()
+
+
+def test_prune_older_than_keeps_to_its_endpoint_and_to_regular_files(spool: Spool) -> None:
+    mine = spool.write_bytes(spool.sent("pacs"), make_name("1.2.3"), b"x")
+    theirs = spool.write_bytes(spool.sent("archive"), make_name("1.2.4"), b"x")
+    (spool.sent("pacs") / make_name("1.2.5")).mkdir()  # someone's folder: never a reason to stop
+    later = time.time() + 7200
+    assert spool.prune_sent(older_than=3600, endpoint="pacs", now=later) == 1
+    assert not mine.exists() and theirs.exists()
+    assert spool.prune_sent(older_than=3600, now=later) == 1
+    assert not theirs.exists()
 
 
 def test_invalid_endpoint_name_is_refused(spool: Spool) -> None:

@@ -8,7 +8,8 @@ import time
 from pathlib import Path
 
 from pipeline import config as config_module
-from pipeline.spool import Spool, make_name
+from pipeline.spool import Spool
+from pipeline.spool_names import SpoolName
 from services.status import collect, count_stage, format_age, render
 from tests.helpers import run_cli, write_conf
 
@@ -26,8 +27,8 @@ def test_counts_and_oldest_age_from_names(tmp_path: Path) -> None:
     _, loaded, spool = make(tmp_path)
     now = time.time()
     for age in (30, 600, 5):
-        spool.write_bytes(spool.outbox("pacs"), make_name("1.2.3", now=now - age), b"x")
-    spool.write_bytes(spool.failed("pacs"), make_name("1.2.4", now=now - 100), b"x")
+        spool.write_bytes(spool.outbox("pacs"), str(SpoolName.new("1.2.3", now=now - age)), b"x")
+    spool.write_bytes(spool.failed("pacs"), str(SpoolName.new("1.2.4", now=now - 100)), b"x")
     spool.write_sidecar(spool.failed("pacs") / "whatever.dcm", ".error", "0xC000 cannot understand")
     report = collect(loaded, now=now)
     pacs = report["endpoints"]["pacs"]
@@ -52,7 +53,7 @@ def test_hand_dropped_names_use_mtime(tmp_path: Path) -> None:
 def test_sender_state_file_and_orphans(tmp_path: Path) -> None:
     _, loaded, spool = make(tmp_path)
     spool.create_endpoint("old")
-    spool.write_bytes(spool.outbox("old"), make_name("1.2.5"), b"x")
+    spool.write_bytes(spool.outbox("old"), str(SpoolName.new("1.2.5")), b"x")
     state = {"endpoint": "pacs", "pid": os.getpid(), "state": "down", "since": "2026-11-28T06:00:00+00:00",
              "down_since": "2026-11-28T06:00:00+00:00", "last_error": "connection refused",
              "last_error_at": "2026-11-28T06:00:00+00:00", "next_open": None, "sent": 0, "failed": 0}
@@ -86,7 +87,7 @@ def test_status_on_100000_queued_files(tmp_path: Path) -> None:
     outbox = spool.outbox("pacs")
     base = time.time() - 50
     for index in range(100_000):
-        (outbox / make_name("1.2.3", now=base + index * 0.0001)).touch()
+        (outbox / str(SpoolName.new("1.2.3", now=base + index * 0.0001))).touch()
     report = collect(loaded)
     assert report["endpoints"]["pacs"]["outbox"]["count"] == 100_000
     assert report["endpoints"]["pacs"]["outbox"]["oldest_age_s"] >= 49
