@@ -22,8 +22,8 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from pydicom.dataset import Dataset
+from pydicom.uid import UID
 from pynetdicom import AE, _config, evt
-from pynetdicom.sop_class import Verification
 
 from pipeline.config import RouterConfig
 from pipeline.dicom import pdu_guard
@@ -32,6 +32,7 @@ from pipeline.intake import Refusal
 from pipeline.log import escape, logger
 
 STATUS_SUCCESS = 0x0000
+VERIFICATION = UID("1.2.840.10008.1.1")
 SHUTDOWN_POLL = 0.05  # seconds between looks at the associations still in flight
 
 
@@ -46,7 +47,11 @@ class Peer:
 
 @dataclass(frozen=True)
 class AssociationInfo:
-    """An association as the daemon logs it: who called (and from where), whom it called."""
+    """An association as the daemon logs it: who called (and from where), and us.
+
+    ``called_ae`` is the acceptor's AE title, i.e. ours: for an established association
+    that is the title the peer called (the called-AE check passed); for a rejected one
+    it is still ours, not what the peer asked for."""
 
     calling: Peer
     called_ae: str
@@ -114,7 +119,7 @@ class Listener:
             ae.require_calling_aet = list(router.allowed_calling_aets)
         # Storage contexts: every SOP class (private ones too) with whatever transfer
         # syntax is proposed — see configure (UNRESTRICTED_STORAGE_SERVICE).
-        ae.add_supported_context(Verification)
+        ae.add_supported_context(VERIFICATION)
         return ae
 
     def handlers(self) -> list:
@@ -139,6 +144,7 @@ class Listener:
             max_pending=self.router.max_pending_connections,
             negotiation_timeout=self.router.acse_timeout,
         )
+        assert isinstance(server, DicomFlowServer)
         ae._servers.append(server)  # what start_server does; shutdown() removes it
         thread = threading.Thread(target=server.serve_forever, name="AcceptorServer", daemon=True)
         thread.start()
@@ -192,7 +198,7 @@ def association_info(assoc: Any) -> AssociationInfo:
 
 
 def store_request(event: evt.Event) -> StoreRequest:
-    request = event.request
+    request: Any = event.request  # a C_STORE primitive
     try:
         path: Path | None = Path(event.dataset_path)
     except (AttributeError, ValueError):
@@ -220,7 +226,8 @@ def _on_echo(event: evt.Event) -> int:
 
 def _on_conn_open(event: evt.Event) -> None:
     """Nagle off (small files: ~17 → ~60/s, README: Design notes), keepalive on."""
-    sock = event.assoc.dul.socket.socket
+    dul_socket = event.assoc.dul.socket
+    sock = dul_socket.socket if dul_socket is not None else None
     if sock is not None:
         try:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)

@@ -38,7 +38,8 @@ class DicomFlowRequestHandler(RequestHandler):
 
     def _create_association(self) -> Any:
         assoc = super()._create_association()
-        pdu_guard.negotiation_deadline(assoc, getattr(self.server.negotiating, "deadline", None))
+        negotiating = getattr(self.server, "negotiating", None)  # DicomFlowServer's
+        pdu_guard.negotiation_deadline(assoc, getattr(negotiating, "deadline", None))
         return assoc
 
 
