@@ -173,3 +173,35 @@ def test_close_aborts_what_is_still_established_after_the_grace(configured: Path
 def test_failure_status_is_a_dimse_status_dataset() -> None:
     status = scp.failure_status(Refusal(0xC000, "short"))
     assert status.Status == 0xC000 and status.ErrorComment == "short"
+
+
+def _receiver(tmp_path: Path):
+    from pipeline.config import load
+    from pipeline.spool import Spool
+    from services.receive import Receiver
+    from tests.helpers import write_conf
+
+    config = load(write_conf(tmp_path, router={"bind": "127.0.0.1"}))
+    return Receiver(config, Spool(config.router.spool).create(config.endpoints))
+
+
+def test_the_receiver_runs_on_the_daemon_skeleton(tmp_path: Path, configured: Path) -> None:
+    """``run(once=True)`` listens, finds itself idle and closes; ``request_stop`` (what
+    the signal thread calls) ends a running receiver without waiting for its next sweep."""
+    from pipeline.daemon import run
+
+    receiver = _receiver(tmp_path)
+    assert run(receiver, once=True) == 0
+    assert receiver.listener.server is None  # closed
+    result: list[int] = []
+    thread = threading.Thread(target=lambda: result.append(run(receiver)))
+    thread.start()
+    try:
+        wait_for(lambda: receiver.listener.server is not None, message="listening")
+        assoc = associate(receiver.listener)
+        assert assoc.is_established and assoc.send_c_echo().Status == 0x0000
+        assoc.release()
+    finally:
+        receiver.request_stop()
+        thread.join(timeout=60)
+    assert result == [0] and receiver.listener.server is None
