@@ -41,7 +41,7 @@ class Receiver:
 
     Its work happens in the listener's association threads; its own loop
     (:func:`pipeline.daemon.run`) only sweeps abandoned temp files, so every step is
-    idle and ``run(once=True)`` starts, sweeps if due, and closes.
+    idle and ``run(once=True)`` starts listening and closes again.
     """
 
     def __init__(self, config: Config, spool: Spool) -> None:
