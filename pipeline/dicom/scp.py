@@ -152,10 +152,7 @@ class Listener:
 
     def in_flight(self) -> int:
         """Established associations (the ones that may carry a store)."""
-        return len(self._established())
-
-    def _established(self) -> list:
-        return [a for a in self.server.active_associations if a.is_established] if self.server else []
+        return len(_established(self.server)) if self.server is not None else 0
 
     def close(self, grace: float) -> None:
         """Stop accepting, let established associations finish (within ``grace``
@@ -169,8 +166,7 @@ class Listener:
             return
         server.shutdown()
         deadline = time.monotonic() + grace
-        while any(a.is_established for a in server.active_associations) \
-                and time.monotonic() < deadline:
+        while _established(server) and time.monotonic() < deadline:
             time.sleep(SHUTDOWN_POLL)
         for assoc in server.active_associations:
             if assoc.is_established:
@@ -189,6 +185,10 @@ class Listener:
 
     def _on_rejected(self, event: evt.Event) -> None:
         self.app.on_rejected(association_info(event.assoc))
+
+
+def _established(server: DicomFlowServer) -> list:
+    return [a for a in server.active_associations if a.is_established]
 
 
 def association_info(assoc: Any) -> AssociationInfo:
