@@ -30,7 +30,7 @@ def test_pynetdicom_is_pinned_exactly() -> None:
 
 
 #: pynetdicom 3.0.4 code that pipeline/dicom/fastpath.py, pdu_guard.py, scu.py,
-#: filemeta.py and services/receive.py replace, wrap or rely on: "module:qualname" ->
+#: filemeta.py and scp_server.py replace, wrap or rely on: "module:qualname" ->
 #: sha256 of its source. A new pynetdicom must be reviewed before the pin moves.
 UPSTREAM_SHA256 = {
     "pynetdicom.dul:DULServiceProvider.__init__":
@@ -123,7 +123,7 @@ def test_the_internals_we_rely_on_exist() -> None:
         assert hasattr(_config, knob), knob
     assert callable(dimse_messages.create_file_meta)  # replaced by pipeline.dicom.filemeta
     assert callable(Association._serve_request)  # wrapped by pipeline.dicom.scu
-    assert callable(ThreadedAssociationServer.process_request_thread)  # services.receive
+    assert callable(ThreadedAssociationServer.process_request_thread)  # pipeline.dicom.scp_server
 
 
 def test_runtime_dependencies_are_the_agreed_ones() -> None:
