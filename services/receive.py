@@ -188,7 +188,7 @@ def main(config: Config) -> int:
         spool.clean_dead_tmp(spool.run_dir)
         if removed:
             logger.info("removed {} stale temp file(s) from incoming/.tmp", removed)
-        scp.configure(spool.incoming / ".tmp")
+        scp.configure(spool.tmp_dir(spool.incoming))
         receiver = Receiver(config, spool)
         try:
             with Signals(receiver.request_stop):

@@ -17,11 +17,11 @@ from pydicom.uid import ExplicitVRLittleEndian
 from pynetdicom import AE, _config
 from pynetdicom.sop_class import CTImageStorage, Verification
 
-from pipeline.config import RouterConfig
+from pipeline.config import load_router
 from pipeline.dicom import scp
 from pipeline.dicom.scp import AssociationInfo, Listener, StoreRequest
 from pipeline.intake import Refusal
-from tests.helpers import free_port, make_dataset, wait_for
+from tests.helpers import make_dataset, wait_for, write_conf
 
 
 class Recorder:
@@ -64,9 +64,10 @@ def configured(tmp_path: Path):
      tempfile.tempdir, warnings.showwarning) = saved
 
 
-def listening(app: Recorder, **router: object) -> Listener:
-    config = RouterConfig(conf_file=Path("test.ini"), bind="127.0.0.1", port=free_port(),
-                          **router)  # type: ignore[arg-type]
+def listening(app: Recorder) -> Listener:
+    """A started listener on the defaults of a minimal router.ini (bound to loopback)."""
+    with tempfile.TemporaryDirectory() as base:
+        config = load_router(write_conf(Path(base)))
     listener = Listener(config, app)
     listener.start()
     return listener
