@@ -11,11 +11,15 @@ from __future__ import annotations
 import logging
 import sys
 import traceback
+from typing import TYPE_CHECKING
 
 from loguru import logger
 
 from pipeline.names import escape
 from pipeline.spool_names import is_standard
+
+if TYPE_CHECKING:
+    from pipeline.config import RouterConfig
 
 __all__ = ["logger", "setup", "escape", "shown_name"]
 
@@ -57,6 +61,13 @@ def _context(record: dict) -> None:
     extra.setdefault("daemon", "dicomflow")
     parts = [f" {k}={v}" for k, v in extra.items() if k in ("endpoint", "file", "peer")]
     extra["ctx"] = "".join(parts)
+
+
+def setup_daemon(daemon: str, router: RouterConfig, level: str | None = None) -> None:
+    """:func:`setup` from the router's logging keys (``level`` overrides ``log_level``:
+    an endpoint's own). The daemons call this, so that the wire library's logger level
+    is a concern of this module, not theirs."""
+    setup(daemon, level or router.log_level, router.log_json, router.pynetdicom_log_level)
 
 
 def setup(daemon: str, level: str = "INFO", json: bool = False,

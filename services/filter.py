@@ -37,7 +37,7 @@ from pipeline.dicom import patches
 from pipeline.errors import ConfigError, DiskTrouble, QuarantineError
 from pipeline.header import Header
 from pipeline.lock import DaemonLock
-from pipeline.log import setup, shown_name
+from pipeline.log import setup_daemon, shown_name
 from pipeline.names import escape
 from pipeline.rules import Decision, decide
 from pipeline.spool import FILE_MODE, Spool
@@ -462,7 +462,7 @@ def main(config: Config) -> int:
     SIGTERM/SIGINT: finish the current file and exit 0; SIGHUP: reload the endpoints.
     """
     router = config.router
-    setup("filter", router.log_level, json=router.log_json, pynetdicom_level=router.pynetdicom_log_level)
+    setup_daemon("filter", router)
     header_module.quiet_pydicom()
     patches.install("filter")
     daemon = FilterDaemon(config)

@@ -180,7 +180,7 @@ class Receiver:
 
 def main(config: Config) -> int:
     router = config.router
-    logmod.setup("receive", router.log_level, router.log_json, router.pynetdicom_log_level)
+    logmod.setup_daemon("receive", router)
     patches.install("receive")
     spool = Spool(router.spool).create(config.endpoints)
     with DaemonLock(spool.run_dir, "receive"):
