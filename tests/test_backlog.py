@@ -13,6 +13,9 @@ from pipeline.spool import FILE_MODE, Spool, make_name
 from tests.helpers import make_dataset, wait_for, write_dataset
 from tests.reliability import Pipeline, record, scaled
 
+# End to end: run again with DICOMFLOW_FASTPATH=0 by .ci/run (README, Development).
+pytestmark = pytest.mark.e2e
+
 
 def fill_outbox(spool: Spool, endpoint: str, count: int, workdir: Path) -> set[str]:
     """``count`` small, distinct DICOM files straight into the outbox (standard names),

@@ -28,6 +28,9 @@ from tests.reliability import (
     uid_of,
 )
 
+# End to end: run again with DICOMFLOW_FASTPATH=0 by .ci/run (README, Development).
+pytestmark = pytest.mark.e2e
+
 KILLS_PER_DAEMON = 3
 PROGRAMS = ("receive", "filter", "send-pacs")
 

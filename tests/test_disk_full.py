@@ -28,6 +28,9 @@ from tests.reliability import (
     uid_of,
 )
 
+# End to end: run again with DICOMFLOW_FASTPATH=0 by .ci/run (README, Development).
+pytestmark = pytest.mark.e2e
+
 MiB = 1024 * 1024
 FLOOR = 12 * MiB
 

@@ -10,6 +10,9 @@ import pytest
 
 from tests.helpers import REPO, free_port, require_binary
 
+# End to end: run again with DICOMFLOW_FASTPATH=0 by .ci/run (README, Development).
+pytestmark = pytest.mark.e2e
+
 
 def run_example(script: str, tmp_path: Path, timeout: float, **env: str) -> subprocess.CompletedProcess:
     require_binary("/usr/bin/storescp")

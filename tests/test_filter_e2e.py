@@ -36,6 +36,9 @@ from tests.helpers import (
 from tests.peers import storescu
 from tests.test_filter import ENDPOINTS, uids_in
 
+# End to end: run again with DICOMFLOW_FASTPATH=0 by .ci/run (README, Development).
+pytestmark = pytest.mark.e2e
+
 PDF = "1.2.840.10008.5.1.4.1.1.104.1"
 MR = "1.2.840.10008.5.1.4.1.1.4"
 

@@ -38,6 +38,9 @@ from tests.reliability import (
     wait_closed,
 )
 
+# End to end: run again with DICOMFLOW_FASTPATH=0 by .ci/run (README, Development).
+pytestmark = pytest.mark.e2e
+
 FORGED = "2001-01-01 00:00:00.000 CRITICAL receive | FORGED"
 PRIVATE_SOP_CLASS = "1.2.826.0.1.3680043.9.9999.1"
 REFUSED = {0, 3, 7}  # associate(): closed, A-ASSOCIATE-RJ, A-ABORT

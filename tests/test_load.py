@@ -12,6 +12,9 @@ import pytest
 from tests.helpers import make_files, wait_for
 from tests.reliability import Pipeline, RssSampler, record, scaled, storescu_acked, uid_of
 
+# End to end: run again with DICOMFLOW_FASTPATH=0 by .ci/run (README, Development).
+pytestmark = pytest.mark.e2e
+
 SENDERS = 8
 GROWTH_LIMIT_KIB = 48 * 1024  # generous: a leak of one 8 KiB image per file would exceed it
 

@@ -26,6 +26,9 @@ from tests.helpers import (
 )
 from tests.peers import StoreSCP, storescu
 
+# End to end: run again with DICOMFLOW_FASTPATH=0 by .ci/run (README, Development).
+pytestmark = pytest.mark.e2e
+
 
 def endpoint(scp: StoreSCP) -> dict:
     return {"endpoint": {"host": "127.0.0.1", "port": scp.port, "ae_title": scp.ae_title},

@@ -10,6 +10,9 @@ import pytest
 from tests.helpers import dicom_files, make_files, router_port, run_cli, wait_for, write_conf
 from tests.peers import StoreSCP, storescu
 
+# End to end: run again with DICOMFLOW_FASTPATH=0 by .ci/run (README, Development).
+pytestmark = pytest.mark.e2e
+
 
 def endpoint(scp: StoreSCP) -> dict:
     return {"endpoint": {"host": "127.0.0.1", "port": scp.port, "ae_title": scp.ae_title},
