@@ -19,6 +19,8 @@ from pipeline.names import escape
 from pipeline.spool_names import is_standard
 
 if TYPE_CHECKING:
+    from loguru import Record
+
     from pipeline.config import RouterConfig
 
 __all__ = ["logger", "setup", "escape", "shown_name"]
@@ -56,7 +58,7 @@ def shown_name(name: str) -> str:
     return escape(name) if is_standard(name) else HAND_DROPPED
 
 
-def _context(record: dict) -> None:
+def _context(record: Record) -> None:
     extra = record["extra"]
     extra.setdefault("daemon", "dicomflow")
     parts = [f" {k}={v}" for k, v in extra.items() if k in ("endpoint", "file", "peer")]

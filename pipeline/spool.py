@@ -16,7 +16,7 @@ import os
 import re
 import stat
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,6 +41,7 @@ _tmp_counter = itertools.count()
 
 _AT_FDCWD = -100
 _RENAME_NOREPLACE = 1
+_renameat2: Callable[..., int] | None
 try:
     _renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
 except (OSError, AttributeError):  # pragma: no cover - very old libc

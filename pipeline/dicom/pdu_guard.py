@@ -26,6 +26,7 @@ import socket
 import struct
 import threading
 import time
+from collections.abc import Callable
 from typing import Any, cast
 
 from pynetdicom.acse import ACSE
@@ -48,8 +49,10 @@ ABORT_REASON_INVALID_PARAMETER = 0x06
 _lock = threading.Lock()
 _installed = False
 #: The pynetdicom 3.0.4 functions this module replaces or wraps (a test pins their source).
-UPSTREAM = {"DULServiceProvider._read_pdu_data": DULServiceProvider._read_pdu_data,
-            "ACSE.negotiate_association": ACSE.negotiate_association}
+UPSTREAM: dict[str, Callable[..., Any]] = {
+    "DULServiceProvider._read_pdu_data": DULServiceProvider._read_pdu_data,
+    "ACSE.negotiate_association": ACSE.negotiate_association,
+}
 
 
 class _Late(Exception):
@@ -262,7 +265,7 @@ def _negotiate_association(self: ACSE) -> None:
         busy = sum(1 for other in assoc.ae.active_associations if other is not assoc and _counts(other))
         admitted = busy < limit
         if admitted:
-            assoc._df_admitted = True
+            assoc._df_admitted = True  # type: ignore[attr-defined]
     if not admitted:
         from pynetdicom import evt
 
