@@ -46,3 +46,12 @@ class EndpointDown(RetryableError):
 
 class PermanentError(DicomFlowError):
     """The destination refused this file for good; it goes to ``failed/``."""
+
+
+class EndpointTrouble(RetryableError):
+    """The association broke (abort, timeout, peer gone): the endpoint, not the file."""
+
+
+class StopBatch(DicomFlowError):
+    """The endpoint is busy, or a delivered file could not be moved to ``sent/``: send
+    nothing more for now; every file stays in the outbox."""

@@ -17,8 +17,6 @@ shutdown never waits on a peer.
 
 from __future__ import annotations
 
-import contextlib
-import logging
 import os
 import random
 import signal
@@ -30,7 +28,6 @@ from pathlib import Path
 
 from pydicom.filereader import read_file_meta_info
 from pydicom.uid import UID
-from pynetdicom import Association
 
 from pipeline import log as logsetup
 from pipeline.backoff import Backoff, delay
@@ -39,7 +36,7 @@ from pipeline.config import Config, EndpointConfig
 from pipeline.dicom import fastpath, patches
 from pipeline.dicom import scu as net
 from pipeline.dicom.scu import FileMeta
-from pipeline.errors import PermanentError
+from pipeline.errors import EndpointTrouble, PermanentError, StopBatch
 from pipeline.lock import DaemonLock
 from pipeline.log import escape, logger
 from pipeline.names import is_valid_ae_title, is_valid_uid
@@ -58,15 +55,6 @@ MOVE_RETRY = 1.0             # first wait before retrying a move the disk refuse
 MOVE_RETRY_CAP = 60.0        # longest wait between such retries
 SHUTDOWN_STALL = 2.0         # on SIGTERM, a send blocked this long on the peer is cut
 SHUTDOWN_ANSWER_WAIT = 15.0  # …and an answer is awaited at most this long (or dimse_timeout)
-
-
-class EndpointTrouble(Exception):
-    """The association broke (abort, timeout, peer gone): the endpoint, not the file."""
-
-
-class StopBatch(Exception):
-    """The endpoint is busy, or a delivered file could not be moved to ``sent/``:
-    send nothing more for now; every file stays in the outbox."""
 
 
 @dataclass
@@ -95,13 +83,13 @@ class _Pending:
 class _Current:
     """The association in use and what it was negotiated for."""
 
-    assoc: Association
+    link: net.Link
     calling_ae: str
     pairs: frozenset[tuple[str, str]]
 
     @property
     def alive(self) -> bool:
-        return net.is_usable(self.assoc)
+        return self.link.alive
 
 
 class Sender:
@@ -182,9 +170,9 @@ class Sender:
         while not self.closed:
             current = self.current
             if current is not None and (
-                    net.send_blocked_for(current.assoc) >= SHUTDOWN_STALL
-                    or net.exchange_quiet_for(current.assoc) >= answer_wait):
-                net.cut(current.assoc, "stopping: the destination stopped reading or answering")
+                    current.link.send_blocked_for() >= SHUTDOWN_STALL
+                    or current.link.exchange_quiet_for() >= answer_wait):
+                current.link.cut("stopping: the destination stopped reading or answering")
                 self.log.warning("stopping: the destination stopped reading or answering; "
                                  "transfer cut, the file stays in the outbox")
                 return
@@ -313,8 +301,7 @@ class Sender:
             self.next_probe = self.last_probe + self.ep.retry.probe_backoff
             return False
         self.last_probe = mono
-        with _quiet_pynetdicom(True):
-            result = net.probe(self.ep, self.ep.calling_ae_title, self.verification)
+        result = net.probe(self.ep, self.ep.calling_ae_title, self.verification)
         if self.verification and not result.verification:
             self.log.info("the destination does not accept Verification; probing it with TCP "
                           "connections from now on")
@@ -328,7 +315,7 @@ class Sender:
         if self.stopping:  # a transfer cut by the shutdown: said once, the state is "stopped"
             self.release(abort=True)
             return
-        stalled = net.stall_reason(self.current.assoc) if self.current is not None else None
+        stalled = self.current.link.stall_reason if self.current is not None else None
         if stalled:
             reason = f"{stalled} ({self.ep.host}:{self.ep.port}): {reason}"
         self.release(abort=True)
@@ -354,26 +341,22 @@ class Sender:
             return
         try:
             was_alive = current.alive
-            net.close(current.assoc, abort=abort,
-                      timeout=min(self.ep.acse_timeout, net.RELEASE_WAIT))
+            current.link.close(abort=abort)
             if was_alive and not abort:
                 self.log.debug("association released")
         except Exception as exc:  # noqa: BLE001 - a dying peer must not kill the sender
             self.log.debug("error releasing association: {}", exc)
 
     def _associate(self, calling_ae: str, pairs: frozenset[tuple[str, str]]) -> _Current | None:
-        contexts = net.contexts_for(sorted(pairs), fallback=self.ep.transcode)
-        with _quiet_pynetdicom(True):
-            assoc, elapsed = net.associate_timed(self.ep, calling_ae, contexts)
-        if assoc.is_established:
+        link = net.associate(self.ep, calling_ae, pairs, fallback=self.ep.transcode)
+        if isinstance(link, net.AssociationFailure):
+            self._mark_down(link.reason)
+            return None
+        if link.established:
             self.associations += 1
             self.log.info("association established ({} contexts proposed, {} accepted, calling {})",
-                          len(contexts), len(assoc.accepted_contexts), escape(calling_ae))
-            return _Current(assoc, calling_ae, pairs)
-        if net.all_contexts_rejected(assoc):
-            return _Current(assoc, calling_ae, pairs)  # answered: the files are refused
-        self._mark_down(net.failure_reason(self.ep, assoc, elapsed))
-        return None
+                          link.proposed, link.accepted, escape(calling_ae))
+        return _Current(link, calling_ae, pairs)  # else answered: the files are refused
 
     def _calling_ae(self, meta: FileMeta) -> str:
         if self.ep.pass_calling_ae_title and meta.source_ae and is_valid_ae_title(meta.source_ae):
@@ -446,7 +429,7 @@ class Sender:
         log = self._file_log(path)
         assert self.current is not None
         try:
-            rsp = self._c_store(path, meta)
+            outcome = self._c_store(path, meta)
         except FileNotFoundError:
             log.info("file left the outbox before it was sent (moved by hand?)")
             return
@@ -458,41 +441,39 @@ class Sender:
         except Exception as exc:  # noqa: BLE001 - no single file may ever stop a sender
             self._fail(path, meta, f"cannot send the file: {type(exc).__name__}: {exc}", log)
             return
-        status = rsp.get("Status")
+        status = outcome.status
         if status is None:
             self._no_response(path, meta, log)
             return
         self.suspects.pop(path.name, None)
-        outcome = classify(int(status))
-        text = describe(int(status))
-        comment = rsp.get("ErrorComment")
-        if comment:
-            text += f"; destination says: {escape(comment)}"
-        if outcome is Outcome.DELIVERED:
-            self._delivered(path, text, int(status), log)
-        elif outcome is Outcome.TRANSIENT:
+        kind = classify(status)
+        text = describe(status)
+        if outcome.comment:
+            text += f"; destination says: {escape(outcome.comment)}"
+        if kind is Outcome.DELIVERED:
+            self._delivered(path, text, status, log)
+        elif kind is Outcome.TRANSIENT:
             self._out_of_resources(path, meta, f"status {text}", log)
         else:
             self._fail(path, meta, f"status {text}", log)
 
-    def _c_store(self, path: Path, meta: FileMeta):
+    def _c_store(self, path: Path, meta: FileMeta) -> net.StoreOutcome:
         """Send by streaming the file, or — if the destination took the SOP class but not
         its transfer syntax — a decompressed copy (the spool file is never changed)."""
         current = self.current
         assert current is not None
-        if not current.alive:
-            if net.all_contexts_rejected(current.assoc):
+        link = current.link
+        if not link.alive:
+            if link.refused_all:
                 hint = "" if self.ep.transcode else "; transcoding is disabled, so no uncompressed " \
                     "alternative was proposed"
                 raise PermanentError(
                     f"the destination accepts none of the proposed presentation contexts "
                     f"(SOP class {meta.sop_class.name} with {meta.transfer_syntax.name}){hint}")
             raise EndpointTrouble(f"association with {self.ep.host}:{self.ep.port} was lost")
-        accepted = net.accepted_syntaxes(current.assoc, meta.sop_class)
-        assoc = current.assoc
+        accepted = link.accepted_syntaxes(meta.sop_class)
         if meta.transfer_syntax in accepted:
-            assoc.dimse_timeout = self.ep.dimse_timeout_for(meta.size)
-            return self._guarded(lambda: assoc.send_c_store(path))
+            return link.store(path, self.ep.dimse_timeout_for(meta.size))
         if not accepted:
             raise PermanentError(f"the destination does not accept SOP class {meta.sop_class.name} "
                                  f"({meta.sop_class})")
@@ -505,19 +486,7 @@ class Sender:
         dataset = load_uncompressed(path, target, self.ep.transcode_max_size)
         self._file_log(path).info(
             "transcoding {} to {}", meta.transfer_syntax.name, target.name)
-        assoc.dimse_timeout = self.ep.dimse_timeout_for(max(meta.size, decoded_size(dataset)))
-        return self._guarded(lambda: assoc.send_c_store(dataset))
-
-    def _guarded(self, send):
-        try:
-            return send()
-        except FileNotFoundError:
-            raise
-        except RuntimeError as exc:  # "association … must be established": the peer left
-            raise EndpointTrouble(f"association with {self.ep.host}:{self.ep.port} was lost: "
-                                  f"{exc}") from exc
-        except Exception as exc:  # noqa: BLE001 - a bad file must never block the queue
-            raise PermanentError(f"cannot send the file: {type(exc).__name__}: {exc}") from exc
+        return link.store(dataset, self.ep.dimse_timeout_for(max(meta.size, decoded_size(dataset))))
 
     def _no_response(self, path: Path, meta: FileMeta, log) -> None:
         """An empty response: a timeout or abort (the endpoint) unless the association is
@@ -748,14 +717,13 @@ class Sender:
 
     def _proposable(self, path: Path, meta: FileMeta, pair: tuple[str, str]) -> bool:
         """Can this file's (SOP class, transfer syntax) go into a presentation context?
-        A file pynetdicom refuses would otherwise break the whole association, on every
+        A file the network layer refuses would otherwise break the whole association, on every
         start: it goes to failed/ alone."""
         if pair in self.good_pairs:
             return True
-        try:
-            net.contexts_for([pair], fallback=False)
-        except Exception as exc:  # noqa: BLE001 - whatever pynetdicom objects to, it is the file
-            self._fail(path, meta, f"cannot propose a presentation context for it: {exc}",
+        problem = net.proposal_problem(pair)
+        if problem is not None:
+            self._fail(path, meta, f"cannot propose a presentation context for it: {problem}",
                        self._file_log(path))
             return False
         self.good_pairs.add(pair)
@@ -839,23 +807,6 @@ def prune_sent(spool: Spool, endpoint: str, retention: float, now: float) -> int
         except FileNotFoundError:
             continue
     return removed
-
-
-@contextlib.contextmanager
-def _quiet_pynetdicom(quiet: bool):
-    """pynetdicom logs its own errors for a failed association request, again at every
-    probe; :func:`net.failure_reason` says it better, once (one line when down, one when
-    back up)."""
-    if not quiet:
-        yield
-        return
-    plogger = logging.getLogger("pynetdicom")
-    level = plogger.level
-    plogger.setLevel(logging.CRITICAL)
-    try:
-        yield
-    finally:
-        plogger.setLevel(level)
 
 
 def main(config: Config, endpoint: str) -> int:
