@@ -33,7 +33,7 @@ from pipeline import log as logsetup
 from pipeline.backoff import Backoff, delay
 from pipeline.clock import SystemClock
 from pipeline.config import Config, EndpointConfig
-from pipeline.dicom import fastpath, patches
+from pipeline.dicom import filemeta, patches
 from pipeline.dicom import scu as net
 from pipeline.dicom.scu import FileMeta
 from pipeline.errors import EndpointTrouble, PermanentError, StopBatch
@@ -782,7 +782,7 @@ def _checked(meta: FileMeta) -> FileMeta:
 def _read_meta_fast(path: Path, size: int) -> FileMeta | None:
     """The common case without pydicom (one ``pread``; issue 7): a plain explicit-VR
     file meta with the three UIDs. None sends anything unusual to pydicom's reader."""
-    values = fastpath.read_meta_elements(path)
+    values = filemeta.read_meta_elements(path)
     if values is None:
         return None
     uids = [values.get(tag, b"").rstrip(b"\0 ").decode("ascii", "replace")

@@ -12,7 +12,7 @@ from pydicom.uid import UID
 from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.dsutils import encode as pydicom_encode
 
-from pipeline.dicom import fastpath, filemeta
+from pipeline.dicom import commands, fastpath, filemeta
 
 CT = "1.2.840.10008.5.1.4.1.1.2"
 UIDS = ["1.2.3", CT, "1.2.826.0.1.3680043.8.498.1234567890123456789012345678901"]
@@ -29,6 +29,7 @@ def _stock(primitive: C_STORE, max_pdu: int, monkeypatch) -> list:
 
 def _fast(primitive: C_STORE, max_pdu: int, monkeypatch) -> list:
     monkeypatch.setattr(dimse_messages, "encode", fastpath.encode_command_set)
+    monkeypatch.setattr(commands, "_direct", True)
     sent: list = []
 
     class Dimse:
@@ -37,7 +38,7 @@ def _fast(primitive: C_STORE, max_pdu: int, monkeypatch) -> list:
             lambda p: sent.append(p.presentation_data_value_list))})
         assoc = type("Assoc", (), {"get_handlers": staticmethod(lambda event: [])})
 
-    fastpath._dimse_send_msg(Dimse(), primitive, 1)  # type: ignore[arg-type]
+    commands._dimse_send_msg(Dimse(), primitive, 1)  # type: ignore[arg-type]
     return sent
 
 
@@ -88,3 +89,10 @@ def test_received_file_meta_is_what_pydicom_writes(instance: str) -> None:
     filemeta._pydicom_write_file_meta_info(stock, filemeta._create_file_meta_with_slots(**values))
     filemeta._write_file_meta_info(fast, filemeta._create_slotted_meta(**values))
     assert fast.getvalue() == stock.getvalue()
+
+
+def test_each_speed_up_can_be_switched_off_alone() -> None:
+    assert fastpath.enabled({}) == set(fastpath.SWITCHES)
+    assert fastpath.enabled({"DICOMFLOW_FASTPATH": "0"}) == set()
+    off = fastpath.enabled({"DICOMFLOW_PATCHES_OFF": "reactors, commands,nonsense"})
+    assert off == set(fastpath.SWITCHES) - {"reactors", "commands"}

@@ -140,3 +140,49 @@ def stamp_ae_titles(path: Path, calling: object, called: object) -> None:
             os.pwrite(fd, clean_ae_title(values[slot]), offset + len(tag))
     finally:
         os.close(fd)
+
+
+# -- reading a file meta --------------------------------------------------------------
+
+_META_HEAD = 16 * 1024
+_LONG_VR = {b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"UC", b"UN", b"UR", b"UT", b"UV"}
+
+
+def read_meta_elements(path: Any) -> dict[int, bytes] | None:
+    """The raw values of a Part-10 file's meta group (explicit VR little endian), read
+    with one ``pread`` — or None when the file is anything but plain (no preamble, an
+    odd layout, a meta larger than 16 KiB): the caller then asks pydicom."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError as exc:
+        if isinstance(exc, FileNotFoundError):
+            raise
+        return None
+    try:
+        head = os.pread(fd, _META_HEAD, 0)
+    finally:
+        os.close(fd)
+    if len(head) < 144 or head[128:132] != b"DICM":
+        return None
+    values: dict[int, bytes] = {}
+    offset = 132
+    while offset + 8 <= len(head):
+        group, element = struct.unpack_from("<HH", head, offset)
+        if group != 0x0002:
+            return values
+        vr = head[offset + 4: offset + 6]
+        if vr in _LONG_VR:
+            if offset + 12 > len(head):
+                return None
+            length = struct.unpack_from("<L", head, offset + 8)[0]
+            start = offset + 12
+        elif vr.isalpha() and vr.isupper():
+            length = struct.unpack_from("<H", head, offset + 6)[0]
+            start = offset + 8
+        else:
+            return None
+        if start + length > len(head):
+            return None
+        values[group << 16 | element] = head[start: start + length]
+        offset = start + length
+    return None

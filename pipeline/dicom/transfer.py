@@ -26,7 +26,7 @@ import types
 
 from pynetdicom import Association, evt
 
-from pipeline.dicom import fastpath
+from pipeline.dicom import reactors
 
 ABORT_WAIT = 2.0  # an A-ABORT is sent, not answered: longer means the DUL thread is stuck
 
@@ -206,7 +206,7 @@ def cut(assoc: Association, reason: str) -> None:
             sock.close()
         except OSError:
             pass
-    fastpath.wake_dul(dul)
+    reactors.wake_dul(dul)
     try:
         assoc.dimse.msg_queue.put((None, None))  # a waiting send_c_store returns "no response"
     except Exception:  # noqa: BLE001 - best effort: the DIMSE timeout still bounds the wait
