@@ -374,7 +374,7 @@ def test_defect03_sibling_an_unexpected_error_while_preparing_a_file_fails_it_al
         tmp_path: Path, peer, monkeypatch, log_lines) -> None:
     """The transcoding branch ran outside the per-file guard: any exception there (here a
     MemoryError decoding a JPEG) stopped the sender."""
-    import services.send as send_module
+    import pipeline.sending.delivery as send_module
 
     server = peer()  # takes Explicit and Implicit VR LE: the JPEG file must be transcoded
     spool = tmp_path / "spool"

@@ -13,14 +13,21 @@ from __future__ import annotations
 
 import os
 import struct
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pynetdicom.dimse_messages as dimse_messages
 from pydicom.dataset import FileMetaDataset
+from pydicom.filereader import read_file_meta_info
 from pydicom.filewriter import write_file_meta_info as _pydicom_write_file_meta_info
+from pydicom.uid import UID
 from pynetdicom import PYNETDICOM_IMPLEMENTATION_UID, PYNETDICOM_IMPLEMENTATION_VERSION
 from pynetdicom.dsutils import create_file_meta
+
+from pipeline.errors import PermanentError
+from pipeline.log import escape
+from pipeline.names import is_valid_uid
 
 AE_SLOT = 16
 _BLANK = b" " * AE_SLOT
@@ -186,3 +193,65 @@ def read_meta_elements(path: Any) -> dict[int, bytes] | None:
         values[group << 16 | element] = head[start: start + length]
         offset = start + length
     return None
+
+
+# -- what the sender reads of a file ------------------------------------------------------
+
+@dataclass(frozen=True)
+class FileMeta:
+    """What the sender needs to know of a file before sending it (from its meta only)."""
+
+    sop_class: UID
+    sop_instance: UID
+    transfer_syntax: UID
+    source_ae: str | None
+    size: int
+
+
+def read_file_meta(path: Path, size: int) -> FileMeta:
+    """The sender's view of a spool file's meta; :class:`PermanentError` (with the reason
+    for ``failed/``) when it has none usable. One ``pread`` in the common case, pydicom's
+    reader for anything unusual."""
+    fast = _read_meta_fast(path, size)
+    if fast is not None:
+        return _checked(fast)
+    try:
+        fm = read_file_meta_info(path)
+    except FileNotFoundError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - whatever the parser says, it is the file
+        raise PermanentError(f"cannot read the DICOM file meta information: {exc}") from exc
+    missing = [k for k in ("MediaStorageSOPClassUID", "MediaStorageSOPInstanceUID",
+                           "TransferSyntaxUID") if not fm.get(k)]
+    if missing:
+        raise PermanentError(f"file meta information lacks {', '.join(missing)}")
+    source = fm.get("SourceApplicationEntityTitle")
+    return _checked(FileMeta(UID(str(fm.MediaStorageSOPClassUID)),
+                             UID(str(fm.MediaStorageSOPInstanceUID)),
+                             UID(str(fm.TransferSyntaxUID)), str(source) if source else None, size))
+
+
+def _checked(meta: FileMeta) -> FileMeta:
+    """The UIDs that go into a presentation context must be UIDs (digits and dots, at
+    most 64 characters): pynetdicom refuses anything else for the whole association."""
+    for label, uid in (("Media Storage SOP Class UID", meta.sop_class),
+                       ("Transfer Syntax UID", meta.transfer_syntax)):
+        if not is_valid_uid(str(uid)):
+            raise PermanentError(f"the file meta {label} {escape(str(uid), limit=80)!r} is not a "
+                                 f"valid UID ({len(str(uid))} characters; a UID is digits and "
+                                 f"dots, at most 64)")
+    return meta
+
+
+def _read_meta_fast(path: Path, size: int) -> FileMeta | None:
+    """The common case without pydicom (one ``pread``; issue 7): a plain explicit-VR
+    file meta with the three UIDs. None sends anything unusual to pydicom's reader."""
+    values = read_meta_elements(path)
+    if values is None:
+        return None
+    uids = [values.get(tag, b"").rstrip(b"\0 ").decode("ascii", "replace")
+            for tag in (0x00020002, 0x00020003, 0x00020010)]
+    if not all(uids):
+        return None
+    source = values.get(0x00020016, b"").strip(b"\0 ").decode("ascii", "replace")
+    return FileMeta(UID(uids[0]), UID(uids[1]), UID(uids[2]), source or None, size)

@@ -50,17 +50,6 @@ def configure() -> None:
     _config.STORE_SEND_CHUNKED_DATASET = True
 
 
-@dataclass(frozen=True)
-class FileMeta:
-    """What the sender needs to know of a file before sending it (from its meta only)."""
-
-    sop_class: UID
-    sop_instance: UID
-    transfer_syntax: UID
-    source_ae: str | None
-    size: int
-
-
 def contexts_for(pairs: Iterable[tuple[str, str]], fallback: bool) -> list[PresentationContext]:
     """One context per (SOP class, transfer syntax) pair, plus — when ``fallback`` — an
     Explicit and an Implicit VR Little Endian context per SOP class, to learn whether
