@@ -96,3 +96,22 @@ def test_each_speed_up_can_be_switched_off_alone() -> None:
     assert fastpath.enabled({"DICOMFLOW_FASTPATH": "0"}) == set()
     off = fastpath.enabled({"DICOMFLOW_PATCHES_OFF": "reactors, commands,nonsense"})
     assert off == set(fastpath.SWITCHES) - {"reactors", "commands"}
+
+
+def test_log_handlers_are_left_out_only_when_their_lines_would_be_dropped(monkeypatch) -> None:
+    import logging
+
+    from pynetdicom import _config
+
+    plogger = logging.getLogger("pynetdicom")
+    level = plogger.level
+    monkeypatch.setattr(_config, "LOG_HANDLER_LEVEL", "standard")
+    try:
+        plogger.setLevel(logging.INFO)
+        fastpath._quiet_handlers()
+        assert _config.LOG_HANDLER_LEVEL == "standard"
+        plogger.setLevel(logging.WARNING)
+        fastpath._quiet_handlers()
+        assert _config.LOG_HANDLER_LEVEL == "none"
+    finally:
+        plogger.setLevel(level)

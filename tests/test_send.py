@@ -547,3 +547,57 @@ def test_status_classification(status: int, outcome: str) -> None:
 
     assert classify(status).value == outcome
     assert describe(status).startswith(f"0x{status:04X} (")
+
+
+# -- the SCU boundary's own types (pipeline/dicom/scu.py) --------------------------------
+
+class _FakeAssoc:
+    """Just enough of an association for :meth:`net.Link.store`."""
+
+    def __init__(self, outcome) -> None:
+        self.outcome = outcome
+        self.dimse_timeout = None
+
+    def send_c_store(self, _source):
+        if isinstance(self.outcome, BaseException):
+            raise self.outcome
+        return self.outcome
+
+
+def _link(tmp_path: Path, outcome) -> net.Link:
+    conf = endpoint_conf(tmp_path, {EP: {"port": 11112, "ae_title": "PACS"}})
+    return net.Link(load(conf).endpoints[EP], _FakeAssoc(outcome), 1)  # type: ignore[arg-type]
+
+
+def test_store_maps_the_library_exceptions_to_ours(tmp_path: Path) -> None:
+    from pipeline.errors import EndpointTrouble, PermanentError
+
+    with pytest.raises(EndpointTrouble, match="was lost"):
+        _link(tmp_path, RuntimeError("must be established")).store(tmp_path / "x.dcm", 5.0)
+    with pytest.raises(PermanentError, match="ValueError"):
+        _link(tmp_path, ValueError("no context")).store(tmp_path / "x.dcm", 5.0)
+    with pytest.raises(FileNotFoundError):
+        _link(tmp_path, FileNotFoundError("gone")).store(tmp_path / "x.dcm", 5.0)
+
+
+def test_store_returns_status_and_comment(tmp_path: Path) -> None:
+    from pydicom import Dataset
+
+    rsp = Dataset()
+    rsp.Status = 0xC000
+    rsp.ErrorComment = "no room"
+    link = _link(tmp_path, rsp)
+    assert link.store(tmp_path / "x.dcm", 7.0) == net.StoreOutcome(0xC000, "no room")
+    assert link._assoc.dimse_timeout == 7.0
+    assert _link(tmp_path, Dataset()).store(tmp_path / "x.dcm", 5.0) == net.StoreOutcome(None)
+
+
+def test_associate_to_a_closed_port_is_an_association_failure(tmp_path: Path) -> None:
+    from tests.helpers import free_port
+
+    conf = endpoint_conf(tmp_path, {EP: {"port": free_port(), "ae_title": "PACS"}})
+    ep = load(conf).endpoints[EP]
+    result = net.associate(ep, "DICOMFLOW", [("1.2.840.10008.5.1.4.1.1.2", "1.2.840.10008.1.2.1")], False)
+    assert isinstance(result, net.AssociationFailure) and "refused" in result.reason
+    outcome = net.echo(ep, "DICOMFLOW")
+    assert outcome.failure is not None and "refused" in outcome.failure and outcome.status is None
