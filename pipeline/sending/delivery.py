@@ -3,7 +3,8 @@ from the spool — or, when the destination took the SOP class but not its trans
 syntax, a decompressed copy (the spool file is never changed). An empty answer is the
 endpoint's trouble unless the association is still up (README, How it works).
 
-Mixed into :class:`services.send.Sender`, whose ``__init__`` holds the state.
+Mixed into :class:`services.send.Sender`, whose ``__init__`` sets the state
+(declared in :mod:`pipeline.sending.state`).
 """
 
 from __future__ import annotations
@@ -16,13 +17,14 @@ from pipeline.dicom import scu as net
 from pipeline.dicom.filemeta import FileMeta
 from pipeline.errors import EndpointTrouble, PermanentError, StopBatch
 from pipeline.log import escape
+from pipeline.sending.state import SenderState
 from pipeline.statuses import Outcome, classify, describe
 from pipeline.transcode import UNCOMPRESSED, decoded_size, load_uncompressed
 
 SUSPECT_LIMIT = 3            # associations lost while sending the same file → charge it
 
 
-class DeliveryMixin:
+class DeliveryMixin(SenderState):
     """One round of delivery over one association."""
 
     def _deliver(self, due: list[Path]) -> None:

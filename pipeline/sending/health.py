@@ -4,16 +4,18 @@ answers, by association and C-ECHO (a bare TCP connection kills fragile destinat
 by TCP only for one that does not accept Verification. A destination out of resources
 (0xA7xx) is *busy*, the same way.
 
-Mixed into :class:`services.send.Sender`, whose ``__init__`` holds the state.
+Mixed into :class:`services.send.Sender`, whose ``__init__`` sets the state
+(declared in :mod:`pipeline.sending.state`).
 """
 
 from __future__ import annotations
 
 from pipeline.dicom import scu as net
 from pipeline.log import escape
+from pipeline.sending.state import SenderState
 
 
-class HealthMixin:
+class HealthMixin(SenderState):
     """Down / up / busy for the sender of one endpoint."""
 
     def _probe(self) -> bool:

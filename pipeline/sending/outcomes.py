@@ -3,7 +3,8 @@
 never stops it — a delivered file whose move to ``sent/`` fails is never sent again
 (:class:`Pending`).
 
-Mixed into :class:`services.send.Sender`, whose ``__init__`` holds the state.
+Mixed into :class:`services.send.Sender`, whose ``__init__`` sets the state
+(declared in :mod:`pipeline.sending.state`).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from pipeline.dicom.filemeta import FileMeta
 from pipeline.errors import StopBatch
 from pipeline.log import escape
 from pipeline.sender_state import iso_utc
+from pipeline.sending.state import SenderState
 
 MOVE_RETRY = 1.0             # first wait before retrying a move the disk refused
 MOVE_RETRY_CAP = 60.0        # longest wait between such retries
@@ -44,7 +46,7 @@ class Pending:
         return "sent" if self.reason is None else "failed"
 
 
-class OutcomesMixin:
+class OutcomesMixin(SenderState):
     """Delivered, transient, out of resources, failed — and postponed moves."""
 
     def _delivered(self, path: Path, text: str, status: int, log) -> None:

@@ -3,7 +3,8 @@ and one calling AE title; the association in use is kept while it covers the nex
 files (README, How it works). A file that cannot be read or proposed goes to
 ``failed/`` alone, so it never blocks the queue.
 
-Mixed into :class:`services.send.Sender`, whose ``__init__`` holds the state.
+Mixed into :class:`services.send.Sender`, whose ``__init__`` sets the state
+(declared in :mod:`pipeline.sending.state`).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from pipeline.dicom.filemeta import FileMeta, read_file_meta
 from pipeline.errors import PermanentError
 from pipeline.log import escape
 from pipeline.names import is_valid_ae_title
+from pipeline.sending.state import SenderState
 
 BATCH_LIMIT = 1000           # files planned per association round (bounds each rescan)
 
@@ -36,7 +38,7 @@ class Current:
         return self.link.alive
 
 
-class PlanningMixin:
+class PlanningMixin(SenderState):
     """Association planning, and each file's meta (cached) that planning needs."""
 
     def release(self, abort: bool = False) -> None:
