@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import os
+import struct
 from pathlib import Path
 
 import pynetdicom.dimse_messages as dimse_messages
@@ -115,3 +116,43 @@ def test_log_handlers_are_left_out_only_when_their_lines_would_be_dropped(monkey
         assert _config.LOG_HANDLER_LEVEL == "none"
     finally:
         plogger.setLevel(level)
+
+
+def _group_of(data: bytes) -> filemeta.MetaGroup:
+    return filemeta.read_meta_group(lambda offset, count: data[offset: offset + count], len(data))
+
+
+def test_the_one_meta_reader_agrees_with_pydicom(tmp_path: Path) -> None:
+    from pydicom.filereader import _read_file_meta_info, read_file_meta_info
+
+    from tests.helpers import make_files
+
+    [path] = make_files(tmp_path, 1)
+    data = path.read_bytes()
+    group = filemeta.read_meta_file(path)
+    with path.open("rb") as fp:
+        fp.seek(132)
+        _read_file_meta_info(fp)
+        assert group.end == fp.tell()
+    meta = read_file_meta_info(path)
+    assert group.text(0x00020003) == meta.MediaStorageSOPInstanceUID
+    assert group.text(0x00020010) == meta.TransferSyntaxUID
+    assert _group_of(data) == group
+    with pytest.raises(filemeta.MetaCutShort):
+        _group_of(data[:group.end - 3])
+    with pytest.raises(filemeta.MetaError):
+        _group_of(b"\0" * 200)
+
+
+def test_the_meta_reader_reads_past_its_first_read_and_bounds_each_element() -> None:
+    def element(tag: int, vr: bytes, value: bytes) -> bytes:
+        header = struct.pack("<HH", tag >> 16, tag & 0xFFFF) + vr + b"\0\0"
+        return header + struct.pack("<L", len(value)) + value
+
+    head = b"\0" * 128 + b"DICM"
+    big = element(0x00020100, b"OB", b"x" * 20_000)
+    data = head + big + element(0x00080016, b"UN", b"")
+    group = _group_of(data)
+    assert group.values[0x00020100] == b"x" * 20_000 and group.end == len(head) + len(big)
+    with pytest.raises(filemeta.MetaError, match="bytes at byte"):
+        _group_of(head + element(0x00020100, b"OB", b"x" * (filemeta.MAX_META_ELEMENT + 2)))
