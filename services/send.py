@@ -8,7 +8,7 @@ its reason) or stays for a later retry. Endpoint health is separate from file
 failure: an unreachable destination charges no file an attempt, it is probed with a
 capped backoff until it answers; a destination out of resources (0xA7xx) is *busy*,
 the same way. The sender's own bookkeeping never stops it: a delivered file whose
-move to ``sent/`` fails is never sent again (see :class:`_Pending`). Outside its
+move to ``sent/`` fails is never sent again (see :class:`pipeline.sending.outcomes.Pending`). Outside its
 delivery window the sender sleeps until the next opening. A signal only sets a flag:
 the file in flight finishes, the association is released, the process exits 0 — but a
 transfer blocked on a destination that stopped reading (or answering) is cut, so a
