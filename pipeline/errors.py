@@ -43,3 +43,12 @@ class DiskTrouble(DicomFlowError):
 
 class PermanentError(DicomFlowError):
     """The destination refused this file for good; it goes to ``failed/``."""
+
+
+class EndpointTrouble(DicomFlowError):
+    """The association broke (abort, timeout, peer gone): the endpoint, not the file."""
+
+
+class StopBatch(DicomFlowError):
+    """The endpoint is busy, or a delivered file could not be moved to ``sent/``: send
+    nothing more for now; every file stays in the outbox."""

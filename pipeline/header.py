@@ -34,7 +34,7 @@ import warnings
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO, Protocol
+from typing import BinaryIO, Protocol, cast
 
 from pydicom import dcmread
 from pydicom._uid_dict import UID_dictionary
@@ -44,11 +44,11 @@ from pydicom.errors import InvalidDicomError
 from pydicom.filereader import _read_file_meta_info, read_dataset
 
 from pipeline.config_keys import ROUTER, default
+from pipeline.dicom.filemeta import MetaError, MetaGroup, MetaOverLimit, read_meta_group
 from pipeline.errors import QuarantineError
 from pipeline.names import escape, is_valid_uid
 
 DEFER_SIZE = 64 * 1024          # larger non-pixel values are not read (nor needed by rules)
-MAX_META_ELEMENT = 64 * 1024    # a file meta element larger than this is hostile
 MAX_DEPTH = 16                  # nested sequences deeper than this are hostile
 PREAMBLE = 132                  # 128-byte preamble + b"DICM"
 
@@ -183,22 +183,39 @@ def read_header_fd(fd: int, size: int, limits: HeaderLimits = DEFAULT_LIMITS) ->
 
 
 def _read_meta(fp: BinaryIO, size: int, limits: HeaderLimits) -> FileMetaDataset:
-    """The file meta group, after a seek-only walk has bounded it."""
+    """The file meta group as pydicom's ``FileMetaDataset``, once the one reader
+    (:func:`read_meta`) has bounded it."""
     fp.seek(0)
     if fp.read(PREAMBLE)[128:] != b"DICM":
         raise QuarantineError("not a DICOM Part-10 file (no 'DICM' prefix or file meta)")
-    walker = _Walker(_FileSource(fp, size), limits)
-    try:
-        walker.meta()
-    except _Truncated as exc:
-        raise QuarantineError(f"truncated or corrupt: {exc}") from None
-    except _OverLimit as exc:
-        raise QuarantineError(str(exc)) from None
+    read_meta(fp, size, limits)
     fp.seek(PREAMBLE)
     try:
         return _read_file_meta_info(fp)
     except Exception as exc:  # pydicom raises many types on garbage
         raise QuarantineError(f"unreadable DICOM header: {_describe(exc)}") from None
+
+
+def read_meta(fp: BinaryIO, size: int, limits: HeaderLimits = DEFAULT_LIMITS) -> MetaGroup:
+    """The file meta group through :func:`pipeline.dicom.filemeta.read_meta_group` (the
+    one reader of it), within ``limits``; a :class:`QuarantineError` says why not."""
+    def read_at(offset: int, count: int) -> bytes:
+        fp.seek(offset)
+        return fp.read(count)
+    try:
+        return read_meta_group(read_at, size, limits.max_header_elements, limits.max_header_bytes)
+    except MetaOverLimit as exc:
+        raise QuarantineError(_over_limit(exc.what, limits)) from None
+    except MetaError as exc:
+        raise QuarantineError(f"truncated or corrupt: {exc}") from None
+
+
+def _over_limit(what: str, limits: HeaderLimits) -> str:
+    if what == "elements":
+        return (f"header has more than {limits.max_header_elements} elements before the pixel "
+                f"data (limit: [filter] max_header_elements)")
+    return (f"header holds more than {_size_text(limits.max_header_bytes)} before the pixel data "
+            f"(limit: [filter] max_header_bytes)")
 
 
 def _check_meta(meta: FileMetaDataset) -> tuple[str, str]:
@@ -235,7 +252,9 @@ def _read_dataset(fp: BinaryIO, meta: FileMetaDataset, syntax: str,
     _read_file_meta_info(fp)  # to the start of the deflated data set
     reader = InflatingReader(fp, limits.max_inflated_size)
     try:
-        ds = read_dataset(reader, False, True, stop_when=_at_pixel_data, defer_size=DEFER_SIZE)
+        # read_dataset wants a BinaryIO; it uses only read/seek/tell, which the reader has
+        ds = read_dataset(cast(BinaryIO, reader), False, True, stop_when=_at_pixel_data,
+                          defer_size=DEFER_SIZE)
     except InflateError as exc:
         raise QuarantineError(str(exc)) from None
     result = FileDataset("", ds, preamble=b"\0" * 128, file_meta=meta, is_implicit_VR=False,
@@ -411,10 +430,11 @@ def check_complete(fp: BinaryIO, size: int, transfer_syntax: str, sop_class_uid:
     everything else is only seeked over, so this is cheap enough to run before a
     C-STORE is acknowledged.
     """
+    meta = read_meta(fp, size, limits)
     walker = _Walker(_FileSource(fp, size), limits)
+    walker.elements, walker.header_bytes = meta.count, meta.held  # counted by the reader
     try:
-        fp.seek(PREAMBLE)
-        walker.meta()
+        fp.seek(meta.end)
         if transfer_syntax in DEFLATED:
             walker.src = _InflatedSource(InflatingReader(fp, limits.max_inflated_size))
         walker.little = transfer_syntax != EXPLICIT_BE
@@ -558,11 +578,9 @@ class _Walker:
         self.elements += 1
         self.header_bytes += header + value
         if self.elements > self.limits.max_header_elements:
-            raise _OverLimit(f"header has more than {self.limits.max_header_elements} elements "
-                             f"before the pixel data (limit: [filter] max_header_elements)")
+            raise _OverLimit(_over_limit("elements", self.limits))
         if self.header_bytes > self.limits.max_header_bytes:
-            raise _OverLimit(f"header holds more than {_size_text(self.limits.max_header_bytes)} "
-                             f"before the pixel data (limit: [filter] max_header_bytes)")
+            raise _OverLimit(_over_limit("bytes", self.limits))
 
     def _read(self, count: int) -> bytes:
         offset = self.src.tell()
@@ -590,19 +608,6 @@ class _Walker:
         if not vr.isalpha() or not vr.isupper():
             raise _Truncated(f"invalid VR {vr!r} for tag {tag:08X} at byte {self.src.tell() - 6}")
         return vr, struct.unpack(end + "H", self._read(2))[0], 8
-
-    def meta(self) -> None:
-        """The file meta group: explicit VR little endian, small elements only."""
-        while not self.src.at_end():
-            position = self.src.tell()
-            if self._tag() >> 16 != 0x0002:
-                self.src.rewind(position)
-                return
-            _, length, header = self._element(0x00020000)
-            if length > MAX_META_ELEMENT:
-                raise _Truncated(f"file meta element of {length} bytes at byte {position}")
-            self._count(header, length)
-            self._skip(length, "file meta element")
 
     def _padding_only(self) -> bool:
         """At the top level: only a few zero bytes left (tolerated trailing padding)?"""

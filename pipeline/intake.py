@@ -33,12 +33,12 @@ from typing import BinaryIO
 
 from pydicom.uid import UID
 
+from pipeline.dicom.filemeta import MetaError, read_meta_group
 from pipeline.errors import QuarantineError
 from pipeline.header import (
     DEFAULT_LIMITS,
     DEFLATED,
     EXPLICIT_BE,
-    PREAMBLE,
     HeaderLimits,
     InflateError,
     InflatingReader,
@@ -108,21 +108,15 @@ def pad_deflated(path: os.PathLike | str, transfer_syntax: str) -> bool:
 
 
 def _dataset_offset(fp: BinaryIO, size: int) -> int:
-    """Where the data set starts: after the preamble and the file meta group."""
-    fp.seek(PREAMBLE)
-    while True:
-        position = fp.tell()
-        head = fp.read(8)
-        if len(head) < 8 or struct.unpack_from("<H", head)[0] != 0x0002:
-            return position
-        if head[4:6] in _LONG_VRS:
-            extra = fp.read(4)
-            length = struct.unpack("<L", extra)[0] if len(extra) == 4 else size
-        else:
-            length = struct.unpack_from("<H", head, 6)[0]
-        if fp.tell() + length > size:
-            raise Refusal(STATUS_CANNOT_UNDERSTAND, "file meta is cut short")
-        fp.seek(fp.tell() + length)
+    """Where the data set starts: after the file meta group (the one reader of it,
+    :func:`pipeline.dicom.filemeta.read_meta_group`)."""
+    def read_at(offset: int, count: int) -> bytes:
+        fp.seek(offset)
+        return fp.read(count)
+    try:
+        return read_meta_group(read_at, size).end
+    except MetaError as exc:
+        raise Refusal(STATUS_CANNOT_UNDERSTAND, str(exc)) from None
 
 
 def _check_structure(fp: BinaryIO, size: int, command: Command, limits: HeaderLimits) -> None:

@@ -86,11 +86,6 @@ def rename_noreplace(src: Path, dst: Path) -> None:
     os.rename(src, dst)
 
 
-def make_name(sop_instance_uid: str | None, now: float | None = None) -> str:
-    """``str(SpoolName.new(...))``, for the tests of the sender that still call it."""
-    return str(SpoolName.new(sop_instance_uid, now))
-
-
 def fresh_name_like(name: str) -> str:
     """A fresh standard name keeping the UID of ``name`` (when it is a standard one):
     for a file whose name is already taken where it goes."""

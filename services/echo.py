@@ -10,10 +10,7 @@ bounded by the endpoint's timeouts, the release included.
 
 from __future__ import annotations
 
-import logging
 import sys
-
-from pynetdicom.presentation import build_context
 
 from pipeline.config import Config
 from pipeline.dicom import patches
@@ -25,21 +22,15 @@ def echo(config: Config, endpoint: str) -> tuple[bool, str]:
     """(ok, message) for one C-ECHO to ``endpoint``."""
     ep = config.endpoints[endpoint]
     where = f"{ep.ae_title}@{ep.host}:{ep.port}"
-    logging.getLogger("pynetdicom").setLevel(logging.CRITICAL)  # we explain failures ourselves
-    assoc, elapsed = net.associate_timed(ep, ep.calling_ae_title, [build_context(net.VERIFICATION)])
-    if not assoc.is_established:
-        if net.all_contexts_rejected(assoc):
-            return False, f"{where} accepted the association but not the Verification SOP class"
-        return False, net.failure_reason(ep, assoc, elapsed)
-    try:
-        status = assoc.send_c_echo()
-    finally:
-        net.close(assoc, timeout=min(ep.acse_timeout, net.RELEASE_WAIT))
-    code = status.get("Status")
-    if code is None:
+    outcome = net.echo(ep, ep.calling_ae_title)
+    if outcome.verification_refused:
+        return False, f"{where} accepted the association but not the Verification SOP class"
+    if outcome.failure is not None:
+        return False, outcome.failure
+    if outcome.status is None:
         return False, f"no C-ECHO response from {where} (timeout or abort)"
-    if code != 0:
-        return False, f"C-ECHO to {where} answered {describe(int(code))}"
+    if outcome.status != 0:
+        return False, f"C-ECHO to {where} answered {describe(outcome.status)}"
     return True, f"C-ECHO to {where} succeeded (calling AE {ep.calling_ae_title})"
 
 

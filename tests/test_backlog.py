@@ -9,7 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.spool import FILE_MODE, Spool, make_name
+from pipeline.spool import FILE_MODE, Spool
+from pipeline.spool_names import SpoolName
 from tests.helpers import make_dataset, wait_for, write_dataset
 from tests.reliability import Pipeline, record, scaled
 
@@ -33,7 +34,7 @@ def fill_outbox(spool: Spool, endpoint: str, count: int, workdir: Path) -> set[s
         if uid in uids:
             continue
         uids.add(uid)
-        fd = os.open(outbox / make_name(uid), os.O_WRONLY | os.O_CREAT | os.O_EXCL, FILE_MODE)
+        fd = os.open(outbox / str(SpoolName.new(uid)), os.O_WRONLY | os.O_CREAT | os.O_EXCL, FILE_MODE)
         with os.fdopen(fd, "wb") as out:
             out.write(data.replace(template_uid.encode(), uid.encode()))
     return uids

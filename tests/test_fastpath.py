@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import os
+import struct
 from pathlib import Path
 
 import pynetdicom.dimse_messages as dimse_messages
@@ -12,7 +13,7 @@ from pydicom.uid import UID
 from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.dsutils import encode as pydicom_encode
 
-from pipeline.dicom import fastpath, filemeta
+from pipeline.dicom import commands, fastpath, filemeta
 
 CT = "1.2.840.10008.5.1.4.1.1.2"
 UIDS = ["1.2.3", CT, "1.2.826.0.1.3680043.8.498.1234567890123456789012345678901"]
@@ -29,6 +30,7 @@ def _stock(primitive: C_STORE, max_pdu: int, monkeypatch) -> list:
 
 def _fast(primitive: C_STORE, max_pdu: int, monkeypatch) -> list:
     monkeypatch.setattr(dimse_messages, "encode", fastpath.encode_command_set)
+    monkeypatch.setattr(commands, "_direct", True)
     sent: list = []
 
     class Dimse:
@@ -37,7 +39,7 @@ def _fast(primitive: C_STORE, max_pdu: int, monkeypatch) -> list:
             lambda p: sent.append(p.presentation_data_value_list))})
         assoc = type("Assoc", (), {"get_handlers": staticmethod(lambda event: [])})
 
-    fastpath._dimse_send_msg(Dimse(), primitive, 1)  # type: ignore[arg-type]
+    commands._dimse_send_msg(Dimse(), primitive, 1)  # type: ignore[arg-type]
     return sent
 
 
@@ -88,3 +90,69 @@ def test_received_file_meta_is_what_pydicom_writes(instance: str) -> None:
     filemeta._pydicom_write_file_meta_info(stock, filemeta._create_file_meta_with_slots(**values))
     filemeta._write_file_meta_info(fast, filemeta._create_slotted_meta(**values))
     assert fast.getvalue() == stock.getvalue()
+
+
+def test_each_speed_up_can_be_switched_off_alone() -> None:
+    assert fastpath.enabled({}) == set(fastpath.SWITCHES)
+    assert fastpath.enabled({"DICOMFLOW_FASTPATH": "0"}) == set()
+    off = fastpath.enabled({"DICOMFLOW_PATCHES_OFF": "reactors, commands,nonsense"})
+    assert off == set(fastpath.SWITCHES) - {"reactors", "commands"}
+
+
+def test_log_handlers_are_left_out_only_when_their_lines_would_be_dropped(monkeypatch) -> None:
+    import logging
+
+    from pynetdicom import _config
+
+    plogger = logging.getLogger("pynetdicom")
+    level = plogger.level
+    monkeypatch.setattr(_config, "LOG_HANDLER_LEVEL", "standard")
+    try:
+        plogger.setLevel(logging.INFO)
+        fastpath._quiet_handlers()
+        assert _config.LOG_HANDLER_LEVEL == "standard"
+        plogger.setLevel(logging.WARNING)
+        fastpath._quiet_handlers()
+        assert _config.LOG_HANDLER_LEVEL == "none"
+    finally:
+        plogger.setLevel(level)
+
+
+def _group_of(data: bytes) -> filemeta.MetaGroup:
+    return filemeta.read_meta_group(lambda offset, count: data[offset: offset + count], len(data))
+
+
+def test_the_one_meta_reader_agrees_with_pydicom(tmp_path: Path) -> None:
+    from pydicom.filereader import _read_file_meta_info, read_file_meta_info
+
+    from tests.helpers import make_files
+
+    [path] = make_files(tmp_path, 1)
+    data = path.read_bytes()
+    group = filemeta.read_meta_file(path)
+    with path.open("rb") as fp:
+        fp.seek(132)
+        _read_file_meta_info(fp)
+        assert group.end == fp.tell()
+    meta = read_file_meta_info(path)
+    assert group.text(0x00020003) == meta.MediaStorageSOPInstanceUID
+    assert group.text(0x00020010) == meta.TransferSyntaxUID
+    assert _group_of(data) == group
+    with pytest.raises(filemeta.MetaCutShort):
+        _group_of(data[:group.end - 3])
+    with pytest.raises(filemeta.MetaError):
+        _group_of(b"\0" * 200)
+
+
+def test_the_meta_reader_reads_past_its_first_read_and_bounds_each_element() -> None:
+    def element(tag: int, vr: bytes, value: bytes) -> bytes:
+        header = struct.pack("<HH", tag >> 16, tag & 0xFFFF) + vr + b"\0\0"
+        return header + struct.pack("<L", len(value)) + value
+
+    head = b"\0" * 128 + b"DICM"
+    big = element(0x00020100, b"OB", b"x" * 20_000)
+    data = head + big + element(0x00080016, b"UN", b"")
+    group = _group_of(data)
+    assert group.values[0x00020100] == b"x" * 20_000 and group.end == len(head) + len(big)
+    with pytest.raises(filemeta.MetaError, match="bytes at byte"):
+        _group_of(head + element(0x00020100, b"OB", b"x" * (filemeta.MAX_META_ELEMENT + 2)))

@@ -29,8 +29,10 @@ def test_pynetdicom_is_pinned_exactly() -> None:
     assert pynetdicom.__version__ == "3.0.4", pynetdicom.__version__
 
 
-#: pynetdicom 3.0.4 code that pipeline/dicom/fastpath.py, pdu_guard.py, scu.py,
-#: filemeta.py and scp_server.py replace, wrap or rely on: "module:qualname" ->
+#: pynetdicom 3.0.4 code that pipeline/dicom/ (reactors.py, socket_reads.py, commands.py,
+#: fastpath.py, pdu_guard.py, scu.py, transfer.py, filemeta.py) and scp_server.py
+#: replace, wrap or rely on (``_bind_defaults``: it reads ``_config.LOG_HANDLER_LEVEL``,
+#: set by fastpath.py instead of replacing it): "module:qualname" ->
 #: sha256 of its source. A new pynetdicom must be reviewed before the pin moves.
 UPSTREAM_SHA256 = {
     "pynetdicom.dul:DULServiceProvider.__init__":
@@ -119,10 +121,11 @@ def test_upstream_code_we_patch_or_rely_on_is_unchanged() -> None:
 
 
 def test_the_internals_we_rely_on_exist() -> None:
-    for knob in ("STORE_RECV_CHUNKED_DATASET", "STORE_SEND_CHUNKED_DATASET", "UNRESTRICTED_STORAGE_SERVICE"):
+    for knob in ("STORE_RECV_CHUNKED_DATASET", "STORE_SEND_CHUNKED_DATASET", "UNRESTRICTED_STORAGE_SERVICE",
+                 "LOG_HANDLER_LEVEL"):
         assert hasattr(_config, knob), knob
     assert callable(dimse_messages.create_file_meta)  # replaced by pipeline.dicom.filemeta
-    assert callable(Association._serve_request)  # wrapped by pipeline.dicom.scu
+    assert callable(Association._serve_request)  # wrapped by pipeline.dicom.transfer
     assert callable(ThreadedAssociationServer.process_request_thread)  # pipeline.dicom.scp_server
 
 

@@ -19,7 +19,7 @@ from pipeline.config import load
 from pipeline.dicom import scu as net
 from pipeline.errors import AlreadyRunning
 from pipeline.spool import Spool
-from services.send import Sender, main, prune_sent
+from services.send import Sender, main
 from tests.helpers import dicom_files, make_dataset, make_files, write_dataset
 from tests.peers import StoreSCP
 from tests.sendkit import (
@@ -475,17 +475,6 @@ def test_many_sends_over_one_association_never_lose_a_response(tmp_path: Path, s
 
 # -- retention and state --------------------------------------------------------------------------
 
-def test_prune_sent_only_touches_this_endpoint(tmp_path: Path) -> None:
-    spool = Spool(tmp_path / "spool").create(["a", "b"])
-    for endpoint in ("a", "b"):
-        spool.write_bytes(spool.sent(endpoint), "x.dcm", b"x")
-    import time
-
-    assert prune_sent(spool, "a", 3600, time.time()) == 0
-    assert prune_sent(spool, "a", 3600, time.time() + 7200) == 1
-    assert not (spool.sent("a") / "x.dcm").exists() and (spool.sent("b") / "x.dcm").exists()
-
-
 def test_state_file_schema(tmp_path: Path, scp) -> None:
     server = scp()
     put_in_outbox(spool_of(tmp_path), EP, make_files(tmp_path / "src", 1))
@@ -547,3 +536,57 @@ def test_status_classification(status: int, outcome: str) -> None:
 
     assert classify(status).value == outcome
     assert describe(status).startswith(f"0x{status:04X} (")
+
+
+# -- the SCU boundary's own types (pipeline/dicom/scu.py) --------------------------------
+
+class _FakeAssoc:
+    """Just enough of an association for :meth:`net.Link.store`."""
+
+    def __init__(self, outcome) -> None:
+        self.outcome = outcome
+        self.dimse_timeout = None
+
+    def send_c_store(self, _source):
+        if isinstance(self.outcome, BaseException):
+            raise self.outcome
+        return self.outcome
+
+
+def _link(tmp_path: Path, outcome) -> net.Link:
+    conf = endpoint_conf(tmp_path, {EP: {"port": 11112, "ae_title": "PACS"}})
+    return net.Link(load(conf).endpoints[EP], _FakeAssoc(outcome), 1)  # type: ignore[arg-type]
+
+
+def test_store_maps_the_library_exceptions_to_ours(tmp_path: Path) -> None:
+    from pipeline.errors import EndpointTrouble, PermanentError
+
+    with pytest.raises(EndpointTrouble, match="was lost"):
+        _link(tmp_path, RuntimeError("must be established")).store(tmp_path / "x.dcm", 5.0)
+    with pytest.raises(PermanentError, match="ValueError"):
+        _link(tmp_path, ValueError("no context")).store(tmp_path / "x.dcm", 5.0)
+    with pytest.raises(FileNotFoundError):
+        _link(tmp_path, FileNotFoundError("gone")).store(tmp_path / "x.dcm", 5.0)
+
+
+def test_store_returns_status_and_comment(tmp_path: Path) -> None:
+    from pydicom import Dataset
+
+    rsp = Dataset()
+    rsp.Status = 0xC000
+    rsp.ErrorComment = "no room"
+    link = _link(tmp_path, rsp)
+    assert link.store(tmp_path / "x.dcm", 7.0) == net.StoreOutcome(0xC000, "no room")
+    assert link._assoc.dimse_timeout == 7.0
+    assert _link(tmp_path, Dataset()).store(tmp_path / "x.dcm", 5.0) == net.StoreOutcome(None)
+
+
+def test_associate_to_a_closed_port_is_an_association_failure(tmp_path: Path) -> None:
+    from tests.helpers import free_port
+
+    conf = endpoint_conf(tmp_path, {EP: {"port": free_port(), "ae_title": "PACS"}})
+    ep = load(conf).endpoints[EP]
+    result = net.associate(ep, "DICOMFLOW", [("1.2.840.10008.5.1.4.1.1.2", "1.2.840.10008.1.2.1")], False)
+    assert isinstance(result, net.AssociationFailure) and "refused" in result.reason
+    outcome = net.echo(ep, "DICOMFLOW")
+    assert outcome.failure is not None and "refused" in outcome.failure and outcome.status is None

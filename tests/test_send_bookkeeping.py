@@ -32,7 +32,8 @@ from pipeline.clock import FakeClock
 from pipeline.config import load
 from pipeline.errors import SpoolError
 from pipeline.log import logger
-from pipeline.spool import Spool, make_name
+from pipeline.spool import Spool
+from pipeline.spool_names import SpoolName
 from pipeline.statuses import Outcome, classify
 from services.send import Sender
 from tests.helpers import IN_CI, Daemon, dicom_files, make_dataset, make_files, run_cli, wait_for
@@ -272,7 +273,7 @@ def test_defect02_full_disk_retry_count_and_error_sidecar_never_crash_and_max_at
             def arrive() -> None:  # one new image whenever the queue runs dry (the poison aside)
                 waiting = [p for p in stage(spool, "outbox") if p.name != bad.name]
                 if not waiting and arrivals:
-                    os.rename(arrivals.pop(0), spool / "outbox" / EP / make_name(None))
+                    os.rename(arrivals.pop(0), spool / "outbox" / EP / str(SpoolName.new(None)))
 
             drive(sender, lambda: bad.name in sender.pending, steps=400, between=arrive)
             sent_so_far = server.count(poison)
@@ -374,7 +375,7 @@ def test_defect03_sibling_an_unexpected_error_while_preparing_a_file_fails_it_al
         tmp_path: Path, peer, monkeypatch, log_lines) -> None:
     """The transcoding branch ran outside the per-file guard: any exception there (here a
     MemoryError decoding a JPEG) stopped the sender."""
-    import services.send as send_module
+    import pipeline.sending.delivery as send_module
 
     server = peer()  # takes Explicit and Implicit VR LE: the JPEG file must be transcoded
     spool = tmp_path / "spool"

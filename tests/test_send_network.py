@@ -139,13 +139,11 @@ from pipeline.dicom import scu as net
 from pydicom.uid import ExplicitVRLittleEndian
 conf, pid, path = Path(sys.argv[1]), int(sys.argv[2]), Path(sys.argv[3])
 ep = pc.load(conf).endpoints["pacs"]
-contexts = net.contexts_for([("1.2.840.10008.5.1.4.1.1.2", ExplicitVRLittleEndian)], False)
-assoc = net.associate(ep, "DICOMFLOW", contexts)
-assert assoc.is_established
+link = net.associate(ep, "DICOMFLOW", [("1.2.840.10008.5.1.4.1.1.2", ExplicitVRLittleEndian)], False)
+assert link.established
 os.kill(pid, signal.SIGSTOP)
-assoc.dimse_timeout = 3  # what Sender sets: dimse_timeout + size / min_transfer_rate
-rsp = assoc.send_c_store(path)
-print("RESULT", rsp.get("Status"), net.stall_reason(assoc), flush=True)
+outcome = link.store(path, 3)  # what Sender sets: dimse_timeout + size / min_transfer_rate
+print("RESULT", outcome.status, link.stall_reason, flush=True)
 """
 
 

@@ -13,14 +13,22 @@ from __future__ import annotations
 
 import os
 import struct
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pynetdicom.dimse_messages as dimse_messages
 from pydicom.dataset import FileMetaDataset
+from pydicom.filereader import read_file_meta_info
 from pydicom.filewriter import write_file_meta_info as _pydicom_write_file_meta_info
+from pydicom.uid import UID
 from pynetdicom import PYNETDICOM_IMPLEMENTATION_UID, PYNETDICOM_IMPLEMENTATION_VERSION
 from pynetdicom.dsutils import create_file_meta
+
+from pipeline.errors import PermanentError
+from pipeline.log import escape
+from pipeline.names import is_valid_uid
 
 AE_SLOT = 16
 _BLANK = b" " * AE_SLOT
@@ -140,3 +148,185 @@ def stamp_ae_titles(path: Path, calling: object, called: object) -> None:
             os.pwrite(fd, clean_ae_title(values[slot]), offset + len(tag))
     finally:
         os.close(fd)
+
+
+# -- reading a file meta --------------------------------------------------------------
+
+PREAMBLE = 132                 # 128-byte preamble + b"DICM"
+MAX_META_ELEMENT = 64 * 1024   # a file meta element larger than this is hostile (as header.py)
+_HEAD = 16 * 1024              # read at once: the whole meta of every ordinary file
+_LONG_VRS = {b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"SV", b"UC", b"UN", b"UR", b"UT", b"UV"}
+
+
+class MetaError(Exception):
+    """The file meta group cannot be read as plain explicit VR little endian; the
+    message says why."""
+
+
+class MetaCutShort(MetaError):
+    """The file meta group runs past the end of the file."""
+
+
+class MetaOverLimit(MetaError):
+    """The file meta group alone holds more ``elements`` or ``bytes`` (``what``) than the
+    caller's limit (``limit``)."""
+
+    def __init__(self, what: str, limit: int) -> None:
+        super().__init__(f"file meta holds more than {limit} {what}")
+        self.what, self.limit = what, limit
+
+
+@dataclass(frozen=True)
+class MetaGroup:
+    """A Part-10 file meta group: the raw value of each element, and where the data set
+    starts (the first byte after the group)."""
+
+    values: dict[int, bytes]
+    end: int
+    count: int = 0  # elements read (a repeated tag counts each time)
+
+    @property
+    def held(self) -> int:
+        """Bytes of element headers and values (what a reader keeps of it)."""
+        return self.end - PREAMBLE
+
+    def text(self, tag: int) -> str:
+        """A UI/AE value as text, its padding (NUL or space) removed."""
+        return self.values.get(tag, b"").strip(b"\0 ").decode("ascii", "replace")
+
+
+class _Head:
+    """The file's first ``_HEAD`` bytes from one ``pread``; anything further on is read
+    when asked for."""
+
+    def __init__(self, read_at: Callable[[int, int], bytes]) -> None:
+        self.read_at = read_at
+        self.head = read_at(0, _HEAD)
+
+    def get(self, offset: int, count: int) -> bytes:
+        if offset + count <= len(self.head) or len(self.head) < _HEAD:
+            return self.head[offset: offset + count]
+        return self.read_at(offset, count)
+
+
+def read_meta_group(read_at: Callable[[int, int], bytes], size: int,
+                    max_elements: int | None = None, max_bytes: int | None = None) -> MetaGroup:
+    """The one reader of a Part-10 file meta group (the sender's spool files, the
+    receiver's temp files, the filter's headers): ``read_at(offset, count)`` reads the
+    file of ``size`` bytes. Explicit VR little endian only, every element within the
+    file and at most ``MAX_META_ELEMENT`` bytes, at most ``max_elements`` elements and
+    ``max_bytes`` bytes of headers and values (hostile input: checked before anything
+    is held); anything else raises :class:`MetaError` (a caller that accepts unusual
+    files then asks pydicom)."""
+    buf = _Head(read_at)
+    if size < PREAMBLE or buf.get(128, 4) != b"DICM":
+        raise MetaError("not a DICOM Part-10 file (no 'DICM' prefix)")
+    values: dict[int, bytes] = {}
+    offset, count = PREAMBLE, 0
+    while offset + 8 <= size:
+        header = buf.get(offset, 8)
+        group, element = struct.unpack_from("<HH", header)
+        if group != 0x0002:
+            break
+        vr = header[4:6]
+        if vr in _LONG_VRS:
+            extra = buf.get(offset + 8, 4)
+            if offset + 12 > size or len(extra) < 4:
+                raise MetaCutShort("file meta is cut short")
+            length, start = struct.unpack("<L", extra)[0], offset + 12
+        elif vr.isalpha() and vr.isupper():
+            length, start = struct.unpack_from("<H", header, 6)[0], offset + 8
+        else:
+            raise MetaError(f"file meta element with an unknown VR at byte {offset}")
+        if length > MAX_META_ELEMENT:
+            raise MetaError(f"file meta element of {length} bytes at byte {offset}")
+        count += 1
+        if max_elements is not None and count > max_elements:
+            raise MetaOverLimit("elements", max_elements)
+        if max_bytes is not None and start + length - PREAMBLE > max_bytes:
+            raise MetaOverLimit("bytes", max_bytes)
+        if start + length > size:
+            raise MetaCutShort("file meta is cut short")
+        values[group << 16 | element] = buf.get(start, length)
+        offset = start + length
+    return MetaGroup(values, offset, count)
+
+
+def read_meta_file(path: Any) -> MetaGroup:
+    """:func:`read_meta_group` of a file (one ``pread`` for an ordinary one; symbolic
+    links are not followed). FileNotFoundError passes; another OSError opening it is a
+    :class:`MetaError` (the caller's fallback reports it)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except FileNotFoundError:
+        raise
+    except OSError as exc:
+        raise MetaError(f"cannot open the file: {exc.strerror or exc}") from exc
+    try:
+        return read_meta_group(lambda offset, count: os.pread(fd, count, offset),
+                               os.fstat(fd).st_size)
+    finally:
+        os.close(fd)
+
+
+# -- what the sender reads of a file ------------------------------------------------------
+
+@dataclass(frozen=True)
+class FileMeta:
+    """What the sender needs to know of a file before sending it (from its meta only)."""
+
+    sop_class: UID
+    sop_instance: UID
+    transfer_syntax: UID
+    source_ae: str | None
+    size: int
+
+
+def read_file_meta(path: Path, size: int) -> FileMeta:
+    """The sender's view of a spool file's meta; :class:`PermanentError` (with the reason
+    for ``failed/``) when it has none usable. One ``pread`` in the common case, pydicom's
+    reader for anything unusual."""
+    fast = _read_meta_fast(path, size)
+    if fast is not None:
+        return _checked(fast)
+    try:
+        fm = read_file_meta_info(path)
+    except FileNotFoundError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - whatever the parser says, it is the file
+        raise PermanentError(f"cannot read the DICOM file meta information: {exc}") from exc
+    missing = [k for k in ("MediaStorageSOPClassUID", "MediaStorageSOPInstanceUID",
+                           "TransferSyntaxUID") if not fm.get(k)]
+    if missing:
+        raise PermanentError(f"file meta information lacks {', '.join(missing)}")
+    source = fm.get("SourceApplicationEntityTitle")
+    return _checked(FileMeta(UID(str(fm.MediaStorageSOPClassUID)),
+                             UID(str(fm.MediaStorageSOPInstanceUID)),
+                             UID(str(fm.TransferSyntaxUID)), str(source) if source else None, size))
+
+
+def _checked(meta: FileMeta) -> FileMeta:
+    """The UIDs that go into a presentation context must be UIDs (digits and dots, at
+    most 64 characters): pynetdicom refuses anything else for the whole association."""
+    for label, uid in (("Media Storage SOP Class UID", meta.sop_class),
+                       ("Transfer Syntax UID", meta.transfer_syntax)):
+        if not is_valid_uid(str(uid)):
+            raise PermanentError(f"the file meta {label} {escape(str(uid), limit=80)!r} is not a "
+                                 f"valid UID ({len(str(uid))} characters; a UID is digits and "
+                                 f"dots, at most 64)")
+    return meta
+
+
+def _read_meta_fast(path: Path, size: int) -> FileMeta | None:
+    """The common case without pydicom (one ``pread``; issue 7): a plain explicit-VR
+    file meta with the three UIDs. None sends anything unusual to pydicom's reader."""
+    try:
+        group = read_meta_file(path)
+    except MetaError:
+        return None
+    uids = [group.values.get(tag, b"").rstrip(b"\0 ").decode("ascii", "replace")
+            for tag in (0x00020002, 0x00020003, 0x00020010)]
+    if not all(uids):
+        return None
+    source = group.text(0x00020016)
+    return FileMeta(UID(uids[0]), UID(uids[1]), UID(uids[2]), source or None, size)

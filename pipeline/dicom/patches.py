@@ -16,7 +16,8 @@ def install(daemon: str) -> None:
 
     The limits on what a peer can make us read (:mod:`pdu_guard`) and the quiet
     connection-loss lines (:mod:`peer_reset`) are correctness, always on; the speed-ups
-    (:mod:`fastpath`) are off with ``DICOMFLOW_FASTPATH=0``.
+    (:mod:`fastpath`) are off with ``DICOMFLOW_FASTPATH=0``, one by one with
+    ``DICOMFLOW_PATCHES_OFF`` (README, Performance).
     """
     if daemon == "filter":
         fastpath.tune_pydicom()  # the filter reads headers; it never touches the network

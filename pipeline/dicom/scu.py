@@ -1,62 +1,53 @@
-"""Outgoing associations: AE set-up, presentation contexts, socket options, TLS, and a
-fix for pynetdicom 3.0.4's C-STORE response race (README, Design notes).
+"""The sending side of the network boundary: DicomFlow asks for an association, a
+C-STORE or a C-ECHO and gets DicomFlow's own types back (:class:`Link`,
+:class:`AssociationFailure`, :class:`StoreOutcome`, :class:`EchoOutcome`,
+:class:`ProbeResult`); pynetdicom's exceptions are mapped here to those of
+:mod:`pipeline.errors`, in the manner of httpx over httpcore (README, Design notes).
 
 Facts this module is built on:
 
 * chunked send (``send_c_store(path)``) needs an accepted context with *exactly* the
   file's transfer syntax, so every context carries one transfer syntax;
-* pynetdicom never sets TCP_NODELAY (Nagle costs ~3x on small files), nor keepalive;
-* the requestor's reactor thread can take a C-STORE-RSP off the DIMSE queue before the
-  waiting ``send_c_store`` does, which then hangs until its timeout. ``_serve_request``
-  is where the reactor drops such a message ("Received unexpected … service message"):
-  :func:`install_response_handback` puts responses back for the waiting send;
-* pynetdicom clears the timeout of the outgoing socket once connected: a destination
-  that stops reading blocks its DUL thread in ``socket.send`` for ever, and with it
-  every abort (``Association.kill`` waits for that thread). :func:`_on_conn_open`
-  gives the socket a send timeout and :func:`cut` ends an association without
-  waiting on anything the peer does.
+* pynetdicom logs its own errors for a failed association request, again at every
+  probe; :func:`failure_reason` says it better, once — so requests are made with
+  pynetdicom's logger quiet (:func:`quiet`);
+* what keeps one association bounded (the response race fix, send timeouts, cutting)
+  is in :mod:`pipeline.dicom.transfer`.
 """
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import socket
 import ssl
-import threading
 import time
-import types
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
+from pydicom import Dataset
 from pydicom.uid import UID
-from pynetdicom import AE, Association, _config, evt
+from pynetdicom import AE, Association, _config
 from pynetdicom.presentation import PresentationContext, build_context
 
 from pipeline.config import EndpointConfig, TlsConfig
-from pipeline.dicom import fastpath
+from pipeline.dicom import transfer
+from pipeline.dicom.transfer import HANDLERS, handbacks, stall_reason
+from pipeline.errors import EndpointTrouble, PermanentError
 from pipeline.transcode import UNCOMPRESSED
+
+__all__ = ["HANDLERS", "handbacks", "stall_reason"]  # re-exported for tests and tools
 
 MAX_CONTEXTS = 128
 RELEASE_WAIT = 10.0  # at most this long for a peer's A-RELEASE-RP (or an abort) to complete
-ABORT_WAIT = 2.0     # an A-ABORT is sent, not answered: longer means the DUL thread is stuck
 VERIFICATION = UID("1.2.840.10008.1.1")
-
 
 
 def configure() -> None:
     """Process-wide pynetdicom setting of a sending process: stream each file from disk
     (only its file meta is read into memory). Called by :func:`patches.install`."""
     _config.STORE_SEND_CHUNKED_DATASET = True
-
-
-@dataclass(frozen=True)
-class FileMeta:
-    """What the sender needs to know of a file before sending it (from its meta only)."""
-
-    sop_class: UID
-    sop_instance: UID
-    transfer_syntax: UID
-    source_ae: str | None
-    size: int
 
 
 def contexts_for(pairs: Iterable[tuple[str, str]], fallback: bool) -> list[PresentationContext]:
@@ -94,205 +85,6 @@ def accepted_syntaxes(assoc: Association, sop_class: str) -> list[UID]:
     ]
 
 
-# -- the race fix --------------------------------------------------------------------
-
-def _serve_request_with_handback(self: Association, msg, context_id: int) -> None:
-    """The reactor's ``_serve_request``, except that a *response* reaching it on the
-    requesting side is put back on the DIMSE queue for the ``send_*`` waiting for it.
-
-    Why this is enough: the reactor only gets there when it raced past its pause
-    checkpoint; its next loop iteration blocks on that (cleared) checkpoint, so the
-    waiting send takes the message from the queue.
-    """
-    if self.is_requestor and not msg.is_valid_request and msg.is_valid_response:
-        self._dicomflow_handbacks = getattr(self, "_dicomflow_handbacks", 0) + 1
-        self.dimse.msg_queue.put((context_id, msg))
-        return
-    Association._serve_request(self, msg, context_id)
-
-
-def install_response_handback(assoc: Association) -> None:
-    assoc._serve_request = types.MethodType(_serve_request_with_handback, assoc)  # type: ignore
-
-
-def handbacks(assoc: Association) -> int:
-    """How many responses the fix rescued on this association (tests, debugging)."""
-    return getattr(assoc, "_dicomflow_handbacks", 0)
-
-
-# -- socket options and TLS ----------------------------------------------------------
-
-def tune_socket(sock: socket.socket) -> None:
-    """TCP_NODELAY (small files ~3x faster, README: Design notes) and keepalive (dead peers)."""
-    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
-    for name, value in (("TCP_KEEPIDLE", 60), ("TCP_KEEPINTVL", 10), ("TCP_KEEPCNT", 6)):
-        if hasattr(socket, name):
-            sock.setsockopt(socket.IPPROTO_TCP, getattr(socket, name), value)
-
-
-def _on_conn_open(event: evt.Event) -> None:
-    assoc = event.assoc
-    assoc._dicomflow_connected = True
-    sock = assoc.dul.socket.socket
-    if sock is not None:
-        tune_socket(sock)
-        sock.settimeout(send_timeout(assoc))
-    assoc.dul.socket.send = types.MethodType(_bounded_send, assoc.dul.socket)
-    # pynetdicom re-points ``abort`` at ``_abort_blocking`` around every event handler
-    assoc._abort_blocking = types.MethodType(  # type: ignore[method-assign]
-        _bounded_abort(assoc._abort_blocking), assoc)
-    if "abort" in vars(assoc):
-        assoc.abort = assoc._abort_blocking  # type: ignore[method-assign]
-    if hasattr(assoc.dul.to_provider_queue, "on_overdue"):  # the fast path's bounded queue
-        assoc.dul.to_provider_queue.on_overdue = lambda: cut(
-            assoc, f"the transfer took longer than its DIMSE timeout ({assoc.dimse_timeout:g}s: "
-                   f"dimse_timeout plus the file at min_transfer_rate)")
-    install_response_handback(assoc)
-
-
-# -- bounded sending and cutting an association -----------------------------------------
-
-def send_timeout(assoc: Association) -> float:
-    """How long one ``socket.send`` may make no progress: the endpoint's DIMSE timeout
-    (a destination that takes no byte for that long is not going to answer either)."""
-    return float(getattr(assoc, "_dicomflow_send_timeout", None) or assoc.dimse_timeout or 60.0)
-
-
-def _bounded_send(transport, bytestream: bytes) -> None:
-    """pynetdicom's ``AssociationSocket.send`` on a socket with a timeout: a destination
-    that stops reading ends the association (:func:`cut`) instead of blocking the DUL
-    thread — and every abort waiting for it — for ever. Records when a send started, so
-    a shutdown can tell a blocked transfer from a slow one."""
-    assoc = transport.assoc
-    sock = transport.socket
-    total, length = 0, len(bytestream)
-    transport._dicomflow_sending_since = time.monotonic()
-    try:
-        while total < length:
-            total += sock.send(bytestream[total:])
-            transport._dicomflow_sending_since = transport._dicomflow_last_sent = time.monotonic()
-        evt.trigger(assoc, evt.EVT_DATA_SENT, {"data": bytestream})
-    except TimeoutError:
-        cut(assoc, f"the destination stopped reading: nothing could be sent to it for "
-                   f"{send_timeout(assoc):g}s (dimse_timeout)")
-    except Exception:  # noqa: BLE001 - as pynetdicom: any socket error closes the transport
-        transport.event_queue.put("Evt17")
-    finally:
-        transport._dicomflow_sending_since = None
-
-
-def _bounded_abort(abort):
-    """``Association.abort`` that never waits on a stuck DUL thread: pynetdicom's own
-    abort (also called inside ``send_*`` after a DIMSE timeout) waits for the DUL to
-    send the A-ABORT, which it cannot while blocked on a peer that reads nothing."""
-    def bounded(assoc: Association, block: bool = True) -> None:
-        if not block:
-            abort(block=False)
-            return
-        _run_bounded(assoc, abort, ABORT_WAIT, f"the destination stopped reading (an A-ABORT "
-                                               f"could not be sent to it within {ABORT_WAIT:g}s)")
-    return bounded
-
-
-def _run_bounded(assoc: Association, call, timeout: float, why: str) -> None:
-    """Run ``call()`` in a helper thread for at most ``timeout``, then :func:`cut`."""
-    def run() -> None:
-        try:
-            call()
-        except Exception:  # noqa: BLE001 - a dying peer must not matter here
-            pass
-    worker = threading.Thread(target=run, name="dicomflow-close", daemon=True)
-    worker.start()
-    worker.join(timeout)
-    if worker.is_alive():
-        cut(assoc, why)
-        worker.join(1.0)
-
-
-def send_blocked_for(assoc: Association) -> float:
-    """Seconds the current ``socket.send`` has been waiting without progress (0 when
-    not sending)."""
-    transport = getattr(assoc.dul, "socket", None)
-    since = getattr(transport, "_dicomflow_sending_since", None)
-    return 0.0 if since is None else time.monotonic() - since
-
-
-def exchange_quiet_for(assoc: Association) -> float:
-    """Seconds since a byte last went out while a ``send_*`` exchange is in flight (its
-    reactor is paused then), i.e. how long the peer has kept us waiting; 0 otherwise."""
-    if assoc._reactor_checkpoint.is_set():
-        return 0.0
-    transport = getattr(assoc.dul, "socket", None)
-    last = getattr(transport, "_dicomflow_last_sent", None)
-    return 0.0 if last is None else time.monotonic() - last
-
-
-def is_usable(assoc: Association) -> bool:
-    """Established, and its connection still open. pynetdicom clears ``is_established``
-    only once its reactor has handled a closed connection or an abort — possibly after a
-    ``send_*`` has already returned empty-handed — so the transport and the state
-    machine are asked too: a connection that is gone is the endpoint's trouble, never a
-    file's."""
-    if not assoc.is_established or stall_reason(assoc) is not None:
-        return False
-    transport = getattr(assoc.dul, "socket", None)
-    if getattr(transport, "socket", None) is None:
-        return False
-    return assoc.dul.state_machine.current_state == "Sta6"  # data transfer
-
-
-def stall_reason(assoc: Association | None) -> str | None:
-    """Why :func:`cut` ended ``assoc``, if it did."""
-    return getattr(assoc, "_dicomflow_cut", None) if assoc is not None else None
-
-
-def cut(assoc: Association, reason: str) -> None:
-    """End ``assoc`` at once, whatever the peer does: mark it aborted, stop its DUL
-    thread, shut the socket down (a ``send`` blocked on it returns) and wake a
-    ``send_*`` waiting for a response. Safe from any thread, more than once."""
-    if getattr(assoc, "_dicomflow_cut", None) is None:
-        assoc._dicomflow_cut = reason
-    assoc.is_established = False
-    assoc.is_aborted = True
-    assoc._kill = True  # the reactor's checkpoint is left alone: a paused reactor
-    # would take the wake-up below meant for the waiting send_*; that send sets it
-    dul = assoc.dul
-    dul._kill_thread = True
-    transport = getattr(dul, "socket", None)
-    sock = getattr(transport, "socket", None)
-    if sock is not None:
-        try:
-            sock.shutdown(socket.SHUT_RDWR)
-        except OSError:
-            pass
-        try:
-            sock.close()
-        except OSError:
-            pass
-    fastpath.wake_dul(dul)
-    try:
-        assoc.dimse.msg_queue.put((None, None))  # a waiting send_c_store returns "no response"
-    except Exception:  # noqa: BLE001 - best effort: the DIMSE timeout still bounds the wait
-        pass
-
-
-def close(assoc: Association, abort: bool = False, timeout: float = 10.0) -> None:
-    """Release (or abort) ``assoc`` without ever waiting on the peer for more than
-    ``timeout``: pynetdicom's own release/abort runs in a helper thread; if it is not
-    done in time the association is :func:`cut`."""
-    if not assoc.is_established:
-        if assoc.dul.is_alive():
-            cut(assoc, "closed")
-        return
-    if abort:
-        assoc.abort()  # bounded by _bounded_abort
-    else:
-        _run_bounded(assoc, assoc.release, timeout, "no answer to the release request")
-
-
-HANDLERS = [(evt.EVT_CONN_OPEN, _on_conn_open)]
-
 
 def client_tls_context(tls: TlsConfig) -> ssl.SSLContext:
     """Verify the destination with ``tls_ca`` (else the system CAs); present our
@@ -320,8 +112,9 @@ def make_ae(ep: EndpointConfig, calling_ae: str) -> AE:
     return ae
 
 
-def associate(ep: EndpointConfig, calling_ae: str, contexts: list[PresentationContext]) -> Association:
-    """Request an association (it may come back rejected/aborted: the caller checks)."""
+def request(ep: EndpointConfig, calling_ae: str, contexts: list[PresentationContext]) -> Association:
+    """Request a pynetdicom association with our handlers (it may come back rejected or
+    aborted: the caller checks). Only this package sees what it returns."""
     ae = make_ae(ep, calling_ae)
     return ae.associate(ep.host, ep.port, contexts, ae_title=ep.ae_title, max_pdu=ep.max_pdu,
                         tls_args=tls_args(ep), evt_handlers=HANDLERS)
@@ -370,7 +163,7 @@ def echo_probe(ep: EndpointConfig, calling_ae: str) -> ProbeResult:
     when it answers the association at all: a rejection or a Verification it does not
     accept is left for the real association to report."""
     where = f"{ep.host}:{ep.port}"
-    assoc, elapsed = associate_timed(ep, calling_ae, [build_context(VERIFICATION)])
+    assoc, elapsed = request_timed(ep, calling_ae, [build_context(VERIFICATION)])
     if not assoc.is_established:
         if assoc.is_rejected:
             return ProbeResult(None)
@@ -387,7 +180,7 @@ def echo_probe(ep: EndpointConfig, calling_ae: str) -> ProbeResult:
     else:
         reason = f"no C-ECHO response from {where} within dimse_timeout {ep.dimse_timeout:g}s"
     finally:
-        close(assoc, timeout=min(ep.acse_timeout, RELEASE_WAIT))
+        transfer.close(assoc, timeout=min(ep.acse_timeout, RELEASE_WAIT))
     if rsp is None or rsp.get("Status") is None:
         return ProbeResult(reason)
     return ProbeResult(None)
@@ -397,16 +190,17 @@ def probe(ep: EndpointConfig, calling_ae: str, verification: bool = True) -> Pro
     """:func:`echo_probe`, or :func:`tcp_probe` for a destination known not to accept
     Verification."""
     if verification:
-        return echo_probe(ep, calling_ae)
+        with quiet():
+            return echo_probe(ep, calling_ae)
     return ProbeResult(tcp_probe(ep), verification=False)
 
 
-def associate_timed(ep: EndpointConfig, calling_ae: str,
-                    contexts: list[PresentationContext]) -> tuple[Association, float]:
-    """:func:`associate` and how long it took (pynetdicom reports an ACSE timeout as an
+def request_timed(ep: EndpointConfig, calling_ae: str,
+                  contexts: list[PresentationContext]) -> tuple[Association, float]:
+    """:func:`request` and how long it took (pynetdicom reports an ACSE timeout as an
     abort; the elapsed time tells them apart)."""
     start = time.monotonic()
-    assoc = associate(ep, calling_ae, contexts)
+    assoc = request(ep, calling_ae, contexts)
     return assoc, time.monotonic() - start
 
 
@@ -440,3 +234,156 @@ def all_contexts_rejected(assoc: Association) -> bool:
     acceptor = assoc.acceptor.primitive
     return bool(assoc.rejected_contexts) and not assoc.accepted_contexts and acceptor is not None \
         and acceptor.result == 0x00
+
+
+# -- DicomFlow's view of an association ------------------------------------------------
+
+@contextlib.contextmanager
+def quiet() -> Iterator[None]:
+    """pynetdicom's logger silenced for one request: it logs its own errors for a failed
+    association request, again at every probe; :func:`failure_reason` says it better,
+    once (one line when down, one when back up)."""
+    plogger = logging.getLogger("pynetdicom")
+    level = plogger.level
+    plogger.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        plogger.setLevel(level)
+
+
+@dataclass(frozen=True)
+class AssociationFailure:
+    """No association: ``reason`` says why (rejected, aborted, timeout, transport)."""
+
+    reason: str
+
+
+@dataclass(frozen=True)
+class StoreOutcome:
+    """A C-STORE's answer: ``status`` is None when none came (a timeout or an abort)."""
+
+    status: int | None
+    comment: str | None = None
+
+
+@dataclass(frozen=True)
+class EchoOutcome:
+    """A C-ECHO's result: ``failure`` is why there was no association (None if there was
+    one); ``verification_refused`` when the destination answered but not for
+    Verification; ``status`` the C-ECHO status, None without an answer."""
+
+    failure: str | None = None
+    verification_refused: bool = False
+    status: int | None = None
+
+
+class Link:
+    """An association we requested, as the sender sees it. It may be *answered but
+    useless* (every context rejected: :attr:`refused_all`); every wait it makes is
+    bounded (:mod:`pipeline.dicom.transfer`)."""
+
+    def __init__(self, ep: EndpointConfig, assoc: Association, proposed: int) -> None:
+        self.ep = ep
+        self._assoc = assoc
+        self.proposed = proposed
+
+    @property
+    def established(self) -> bool:
+        return bool(self._assoc.is_established)
+
+    @property
+    def accepted(self) -> int:
+        return len(self._assoc.accepted_contexts)
+
+    @property
+    def alive(self) -> bool:
+        return transfer.is_usable(self._assoc)
+
+    @property
+    def refused_all(self) -> bool:
+        return all_contexts_rejected(self._assoc)
+
+    @property
+    def stall_reason(self) -> str | None:
+        return transfer.stall_reason(self._assoc)
+
+    def accepted_syntaxes(self, sop_class: str) -> list[UID]:
+        return accepted_syntaxes(self._assoc, sop_class)
+
+    def store(self, source: Path | Dataset, dimse_timeout: float) -> StoreOutcome:
+        """C-STORE a file (streamed from disk) or a data set. Raises FileNotFoundError
+        (the file left), :class:`EndpointTrouble` (the peer left: pynetdicom's
+        RuntimeError "association … must be established") or :class:`PermanentError`
+        (anything else pynetdicom objects to is the file's)."""
+        assoc = self._assoc
+        assoc.dimse_timeout = dimse_timeout
+        try:
+            rsp = assoc.send_c_store(source)
+        except FileNotFoundError:
+            raise
+        except RuntimeError as exc:
+            raise EndpointTrouble(f"association with {self.ep.host}:{self.ep.port} was lost: "
+                                  f"{exc}") from exc
+        except Exception as exc:  # noqa: BLE001 - a bad file must never block the queue
+            raise PermanentError(f"cannot send the file: {type(exc).__name__}: {exc}") from exc
+        status = rsp.get("Status")
+        if status is None:
+            return StoreOutcome(None)
+        comment = rsp.get("ErrorComment")
+        return StoreOutcome(int(status), str(comment) if comment else None)
+
+    def send_blocked_for(self) -> float:
+        return transfer.send_blocked_for(self._assoc)
+
+    def exchange_quiet_for(self) -> float:
+        return transfer.exchange_quiet_for(self._assoc)
+
+    def cut(self, reason: str) -> None:
+        transfer.cut(self._assoc, reason)
+
+    def close(self, abort: bool = False) -> None:
+        """Release (or abort), never waiting on the peer beyond ``acse_timeout`` (at most
+        :data:`RELEASE_WAIT`)."""
+        transfer.close(self._assoc, abort=abort, timeout=min(self.ep.acse_timeout, RELEASE_WAIT))
+
+
+def associate(ep: EndpointConfig, calling_ae: str, pairs: Iterable[tuple[str, str]],
+              fallback: bool) -> Link | AssociationFailure:
+    """An association for these (SOP class, transfer syntax) pairs (plus uncompressed
+    ones with ``fallback``, :func:`contexts_for`): a :class:`Link` when the destination
+    answered it (even refusing every context), else why not."""
+    contexts = contexts_for(sorted(pairs), fallback=fallback)
+    with quiet():
+        assoc, elapsed = request_timed(ep, calling_ae, contexts)
+    if assoc.is_established or all_contexts_rejected(assoc):
+        return Link(ep, assoc, len(contexts))
+    return AssociationFailure(failure_reason(ep, assoc, elapsed))
+
+
+def proposal_problem(pair: tuple[str, str]) -> str | None:
+    """Why this (SOP class, transfer syntax) cannot go into a presentation context, or
+    None: pynetdicom would otherwise refuse the whole association for one file."""
+    try:
+        contexts_for([pair], fallback=False)
+    except Exception as exc:  # noqa: BLE001 - whatever pynetdicom objects to, it is the file
+        return str(exc)
+    return None
+
+
+def echo(ep: EndpointConfig, calling_ae: str) -> EchoOutcome:
+    """One C-ECHO with the endpoint's settings, every wait bounded by its timeouts (the
+    release included). No bare TCP connection is opened first (some destinations exit
+    on one). pynetdicom stays quiet: the caller explains failures itself."""
+    with quiet():
+        assoc, elapsed = request_timed(ep, calling_ae, [build_context(VERIFICATION)])
+        if not assoc.is_established:
+            if all_contexts_rejected(assoc):
+                return EchoOutcome(verification_refused=True)
+            return EchoOutcome(failure=failure_reason(ep, assoc, elapsed))
+        try:
+            status = assoc.send_c_echo()
+        finally:
+            transfer.close(assoc, timeout=min(ep.acse_timeout, RELEASE_WAIT))
+    code = status.get("Status")
+    return EchoOutcome(status=None if code is None else int(code))

@@ -1,0 +1,145 @@
+"""Which files go out together: one association covers ≤128 presentation contexts
+and one calling AE title; the association in use is kept while it covers the next
+files (README, How it works). A file that cannot be read or proposed goes to
+``failed/`` alone, so it never blocks the queue.
+
+Mixed into :class:`services.send.Sender`, whose ``__init__`` sets the state
+(declared in :mod:`pipeline.sending.state`).
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+from dataclasses import dataclass
+from pathlib import Path
+
+from pipeline import log as logsetup
+from pipeline.dicom import scu as net
+from pipeline.dicom.filemeta import FileMeta, read_file_meta
+from pipeline.errors import PermanentError
+from pipeline.log import escape
+from pipeline.names import is_valid_ae_title
+from pipeline.sending.state import SenderState
+
+BATCH_LIMIT = 1000           # files planned per association round (bounds each rescan)
+
+
+@dataclass
+class Current:
+    """The association in use and what it was negotiated for."""
+
+    link: net.Link
+    calling_ae: str
+    pairs: frozenset[tuple[str, str]]
+
+    @property
+    def alive(self) -> bool:
+        return self.link.alive
+
+
+class PlanningMixin(SenderState):
+    """Association planning, and each file's meta (cached) that planning needs."""
+
+    def release(self, abort: bool = False) -> None:
+        current, self.current = self.current, None
+        if current is None:
+            return
+        try:
+            was_alive = current.alive
+            current.link.close(abort=abort)
+            if was_alive and not abort:
+                self.log.debug("association released")
+        except Exception as exc:  # noqa: BLE001 - a dying peer must not kill the sender
+            self.log.debug("error releasing association: {}", exc)
+
+    def _associate(self, calling_ae: str, pairs: frozenset[tuple[str, str]]) -> Current | None:
+        link = net.associate(self.ep, calling_ae, pairs, fallback=self.ep.transcode)
+        if isinstance(link, net.AssociationFailure):
+            self._mark_down(link.reason)
+            return None
+        if link.established:
+            self.associations += 1
+            self.log.info("association established ({} contexts proposed, {} accepted, calling {})",
+                          link.proposed, link.accepted, escape(calling_ae))
+        return Current(link, calling_ae, pairs)  # else answered: the files are refused
+
+    def _calling_ae(self, meta: FileMeta) -> str:
+        if self.ep.pass_calling_ae_title and meta.source_ae and is_valid_ae_title(meta.source_ae):
+            return meta.source_ae.strip()
+        return self.ep.calling_ae_title
+
+    def _plan(self, due: list[Path]) -> tuple[str, list[tuple[Path, FileMeta]]]:
+        """The leading files that fit one association: the current one if it covers them,
+        else a new one with ≤128 contexts and one calling AE title."""
+        batch: list[tuple[Path, FileMeta]] = []
+        calling: str | None = None
+        pairs: set[tuple[str, str]] = set()
+        current = self.current if self.current and self.current.alive else None
+        for path in due[:BATCH_LIMIT]:
+            meta = self._meta(path)
+            if meta is None:
+                continue
+            ae = self._calling_ae(meta)
+            pair = (str(meta.sop_class), str(meta.transfer_syntax))
+            if not self._proposable(path, meta, pair):
+                continue
+            if calling is None:
+                calling = ae
+                if current and (ae != current.calling_ae or pair not in current.pairs):
+                    current = None
+            if ae != calling:
+                break
+            if current:
+                if pair not in current.pairs:
+                    break
+            elif pair not in pairs:
+                if net.context_count(pairs | {pair}, self.ep.transcode) > net.MAX_CONTEXTS:
+                    break
+                pairs.add(pair)
+            batch.append((path, meta))
+        if current is None and self.current is not None:
+            self.release()
+        return calling or self.ep.calling_ae_title, batch
+
+    def _meta(self, path: Path) -> FileMeta | None:
+        """The file's meta (cached); an unreadable file goes to failed/ at once so it
+        never blocks the queue. None for files to skip."""
+        cached = self.metas.get(path.name)
+        if cached is not None:
+            return cached
+        try:
+            st = os.lstat(path)
+            if not stat.S_ISREG(st.st_mode):
+                return None
+            meta = read_file_meta(path, st.st_size)
+        except FileNotFoundError:
+            return None
+        except PermanentError as exc:
+            self._fail(path, None, str(exc), self._file_log(path))
+            return None
+        except OSError as exc:  # unreadable (permissions, I/O error): the file, not the sender
+            self._fail(path, None, f"cannot read the file: {exc.strerror or exc}",
+                       self._file_log(path))
+            return None
+        self.metas[path.name] = meta
+        return meta
+
+    def _file_log(self, path: Path):
+        """The logger for one file: a standard name as is, a hand-made one hidden at
+        INFO (export tools put patient names in file names)."""
+        return self.log.bind(file=logsetup.shown_name(path.name))
+
+    def _proposable(self, path: Path, meta: FileMeta, pair: tuple[str, str]) -> bool:
+        """Can this file's (SOP class, transfer syntax) go into a presentation context?
+        A file the network layer refuses would otherwise break the whole association, on every
+        start: it goes to failed/ alone."""
+        if pair in self.good_pairs:
+            return True
+        problem = net.proposal_problem(pair)
+        if problem is not None:
+            self._fail(path, meta, f"cannot propose a presentation context for it: {problem}",
+                       self._file_log(path))
+            return False
+        self.good_pairs.add(pair)
+        return True
