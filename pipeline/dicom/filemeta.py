@@ -1,6 +1,11 @@
-"""Recording who sent a file in its Part-10 file meta, without copying the dataset.
+"""The Part-10 file meta: the one reader of it, and the writer that records who sent a file.
 
-pynetdicom's chunked receive writes the preamble and a file meta at the head of its
+Reading (:func:`read_meta_group`): every component that needs a file's meta — the
+sender's presentation-context planning, the receiver's intake checks, the filter's
+header reader — reads it here, in one bounded ``pread`` with element and byte limits
+checked before anything is held (a hostile file cannot make us allocate by declaring).
+
+Writing: pynetdicom's chunked receive writes the preamble and a file meta at the head of its
 temp file, then appends the dataset bytes as they arrive. We make that file meta our
 own: three AE-title elements — (0002,0016) Source, (0002,0017) Sending and
 (0002,0018) Receiving AE Title — are added with 16 blank characters each, and once
