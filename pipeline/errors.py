@@ -52,3 +52,50 @@ class EndpointTrouble(DicomFlowError):
 class StopBatch(DicomFlowError):
     """The endpoint is busy, or a delivered file could not be moved to ``sent/``: send
     nothing more for now; every file stays in the outbox."""
+
+
+class MetaError(Exception):
+    """The file meta group cannot be read as plain explicit VR little endian; the
+    message says why."""
+
+
+class MetaCutShort(MetaError):
+    """The file meta group runs past the end of the file."""
+
+
+class MetaOverLimit(MetaError):
+    """The file meta group alone holds more ``elements`` or ``bytes`` (``what``) than the
+    caller's limit (``limit``)."""
+
+    def __init__(self, what: str, limit: int) -> None:
+        super().__init__(f"file meta holds more than {limit} {what}")
+        self.what, self.limit = what, limit
+
+
+class InflateError(Exception):
+    """A deflated data set that cannot be inflated (corrupt, cut short) or is too big;
+    the message is the reason."""
+
+
+class InflateLimit(InflateError):
+    """More than the cap came out of a deflated data set."""
+
+
+class Refusal(Exception):
+    """A received data set that must not be acknowledged: status and Error Comment."""
+
+    def __init__(self, status: int, comment: str) -> None:
+        super().__init__(status, comment)
+        self.status = status
+        self.comment = comment
+
+    def __str__(self) -> str:
+        return f"0x{self.status:04X} {self.comment}"
+
+
+class RuleSyntaxError(ValueError):
+    """A rule that cannot be parsed; the message says what was expected."""
+
+
+class WindowSyntaxError(ValueError):
+    """A window entry that is neither a cron expression, a time range nor ``mN < K``."""

@@ -44,8 +44,8 @@ from pydicom.errors import InvalidDicomError
 from pydicom.filereader import _read_file_meta_info, read_dataset
 
 from pipeline.config_keys import ROUTER, default
-from pipeline.dicom.filemeta import MetaError, MetaGroup, MetaOverLimit, read_meta_group
-from pipeline.errors import QuarantineError
+from pipeline.dicom.filemeta import MetaGroup, read_meta_group
+from pipeline.errors import InflateError, InflateLimit, MetaError, MetaOverLimit, QuarantineError
 from pipeline.names import escape, is_valid_uid
 
 DEFER_SIZE = 64 * 1024          # larger non-pixel values are not read (nor needed by rules)
@@ -308,14 +308,6 @@ def _validate(ds: Dataset, size: int) -> Header:
 
 
 # -- inflating -----------------------------------------------------------------------
-
-class InflateError(Exception):
-    """A deflated data set that cannot be inflated (corrupt, cut short) or is too big;
-    the message is the reason."""
-
-
-class InflateLimit(InflateError):
-    """More than the cap came out of a deflated data set."""
 
 
 def _size_text(count: int) -> str:

@@ -33,8 +33,8 @@ from typing import BinaryIO
 
 from pydicom.uid import UID
 
-from pipeline.dicom.filemeta import MetaError, read_meta_group
-from pipeline.errors import QuarantineError
+from pipeline.dicom.filemeta import read_meta_group
+from pipeline.errors import MetaError, QuarantineError, Refusal
 from pipeline.header import (
     DEFAULT_LIMITS,
     DEFLATED,
@@ -52,18 +52,6 @@ SCAN_LIMIT = 64                  # top-level elements read while looking for the
 _SOP_CLASS, _SOP_INSTANCE = 0x00080016, 0x00080018
 _LONG_VRS = {b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"SV", b"UC", b"UN", b"UR", b"UT", b"UV"}
 _UNDEFINED = 0xFFFFFFFF
-
-
-class Refusal(Exception):
-    """A received data set that must not be acknowledged: status and Error Comment."""
-
-    def __init__(self, status: int, comment: str) -> None:
-        super().__init__(status, comment)
-        self.status = status
-        self.comment = comment
-
-    def __str__(self) -> str:
-        return f"0x{self.status:04X} {self.comment}"
 
 
 @dataclass(frozen=True)

@@ -19,6 +19,7 @@ from pydicom.multival import MultiValue
 from pydicom.sequence import Sequence
 from pydicom.tag import Tag
 
+from pipeline.errors import RuleSyntaxError
 from pipeline.names import is_valid_uid
 
 #: Pseudo-keywords read from the file meta the receiver writes (README, How it works).
@@ -28,10 +29,6 @@ META_KEYWORDS = {
 }
 _TAG_RE = re.compile(r"\(\s*([0-9A-Fa-f]{4})\s*,\s*([0-9A-Fa-f]{4})\s*\)")
 _CONDITION_RE = re.compile(r"\s*([^=!\s]+)\s*(!=|=)(.*)", re.S)
-
-
-class RuleSyntaxError(ValueError):
-    """A rule that cannot be parsed; the message says what was expected."""
 
 
 def _sop_keywords() -> dict[str, str]:

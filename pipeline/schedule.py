@@ -21,14 +21,12 @@ from datetime import datetime, timedelta
 
 from croniter import croniter
 
+from pipeline.errors import WindowSyntaxError
+
 _RANGE = r"\s*(\d{1,2}):(\d{2})\s*-\s*(\d{1,2}):(\d{2})\s*"
 _RANGE_RE = re.compile(_RANGE)
 _RANGE_LIST_RE = re.compile(rf"{_RANGE}(,{_RANGE})*")
 _CYCLIC_RE = re.compile(r"\s*m\s*(\d+)\s*<\s*(\d+)\s*")
-
-
-class WindowSyntaxError(ValueError):
-    """A window entry that is neither a cron expression, a time range nor ``mN < K``."""
 
 
 @dataclass(frozen=True)

@@ -34,8 +34,8 @@ from pydicom.uid import (
 )
 from pydicom.valuerep import AMBIGUOUS_VR, EXPLICIT_VR_LENGTH_32
 
-from pipeline.errors import PermanentError
-from pipeline.header import InflateError, InflatingReader
+from pipeline.errors import InflateError, PermanentError
+from pipeline.header import InflatingReader
 
 UNCOMPRESSED = (ExplicitVRLittleEndian, ImplicitVRLittleEndian)
 

@@ -23,7 +23,8 @@ from pipeline.daemon import Signals, Step, run
 from pipeline.dicom import patches, scp
 from pipeline.dicom.filemeta import stamp_ae_titles
 from pipeline.dicom.scp import AssociationInfo, Listener, StoreRequest
-from pipeline.intake import Command, Refusal, check_received, pad_deflated
+from pipeline.errors import Refusal
+from pipeline.intake import Command, check_received, pad_deflated
 from pipeline.lock import DaemonLock
 from pipeline.log import escape, logger
 from pipeline.names import is_valid_uid

@@ -13,6 +13,7 @@ from pydicom.uid import UID
 from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.dsutils import encode as pydicom_encode
 
+from pipeline import errors
 from pipeline.dicom import commands, fastpath, filemeta
 
 CT = "1.2.840.10008.5.1.4.1.1.2"
@@ -138,9 +139,9 @@ def test_the_one_meta_reader_agrees_with_pydicom(tmp_path: Path) -> None:
     assert group.text(0x00020003) == meta.MediaStorageSOPInstanceUID
     assert group.text(0x00020010) == meta.TransferSyntaxUID
     assert _group_of(data) == group
-    with pytest.raises(filemeta.MetaCutShort):
+    with pytest.raises(errors.MetaCutShort):
         _group_of(data[:group.end - 3])
-    with pytest.raises(filemeta.MetaError):
+    with pytest.raises(errors.MetaError):
         _group_of(b"\0" * 200)
 
 
@@ -154,5 +155,5 @@ def test_the_meta_reader_reads_past_its_first_read_and_bounds_each_element() -> 
     data = head + big + element(0x00080016, b"UN", b"")
     group = _group_of(data)
     assert group.values[0x00020100] == b"x" * 20_000 and group.end == len(head) + len(big)
-    with pytest.raises(filemeta.MetaError, match="bytes at byte"):
+    with pytest.raises(errors.MetaError, match="bytes at byte"):
         _group_of(head + element(0x00020100, b"OB", b"x" * (filemeta.MAX_META_ELEMENT + 2)))

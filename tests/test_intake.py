@@ -14,8 +14,9 @@ import pytest
 from pydicom.data import get_testdata_file
 from pydicom.filereader import read_file_meta_info
 
+from pipeline.errors import Refusal
 from pipeline.header import HeaderLimits
-from pipeline.intake import Command, Refusal, check_received
+from pipeline.intake import Command, check_received
 
 
 def command_of(path: Path, syntax: str | None = None) -> Command:

@@ -6,7 +6,8 @@ from datetime import datetime
 
 import pytest
 
-from pipeline.schedule import WindowSyntaxError, parse_window
+from pipeline.errors import WindowSyntaxError
+from pipeline.schedule import parse_window
 
 NOON = datetime(2026, 11, 28, 12, 3, 30)  # a Saturday
 

@@ -20,7 +20,7 @@ from pynetdicom.sop_class import CTImageStorage, Verification
 from pipeline.config import load_router
 from pipeline.dicom import scp
 from pipeline.dicom.scp import AssociationInfo, Listener, StoreRequest
-from pipeline.intake import Refusal
+from pipeline.errors import Refusal
 from tests.helpers import make_dataset, wait_for, write_conf
 
 

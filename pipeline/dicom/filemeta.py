@@ -31,7 +31,7 @@ from pydicom.uid import UID
 from pynetdicom import PYNETDICOM_IMPLEMENTATION_UID, PYNETDICOM_IMPLEMENTATION_VERSION
 from pynetdicom.dsutils import create_file_meta
 
-from pipeline.errors import PermanentError
+from pipeline.errors import MetaCutShort, MetaError, MetaOverLimit, PermanentError
 from pipeline.log import escape
 from pipeline.names import is_valid_uid
 
@@ -161,24 +161,6 @@ PREAMBLE = 132                 # 128-byte preamble + b"DICM"
 MAX_META_ELEMENT = 64 * 1024   # a file meta element larger than this is hostile (as header.py)
 _HEAD = 16 * 1024              # read at once: the whole meta of every ordinary file
 _LONG_VRS = {b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"SV", b"UC", b"UN", b"UR", b"UT", b"UV"}
-
-
-class MetaError(Exception):
-    """The file meta group cannot be read as plain explicit VR little endian; the
-    message says why."""
-
-
-class MetaCutShort(MetaError):
-    """The file meta group runs past the end of the file."""
-
-
-class MetaOverLimit(MetaError):
-    """The file meta group alone holds more ``elements`` or ``bytes`` (``what``) than the
-    caller's limit (``limit``)."""
-
-    def __init__(self, what: str, limit: int) -> None:
-        super().__init__(f"file meta holds more than {limit} {what}")
-        self.what, self.limit = what, limit
 
 
 @dataclass(frozen=True)

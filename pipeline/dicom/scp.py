@@ -5,7 +5,7 @@ timeouts, finite maximum PDU, the established-association limit of :mod:`pdu_gua
 TLS) and serves it with :class:`~pipeline.dicom.scp_server.DicomFlowServer`. pynetdicom's
 events are translated into DicomFlow's own types before the daemon sees them: a C-STORE
 becomes a :class:`StoreRequest`, association events an :class:`AssociationInfo`; the
-daemon answers a store with a status or a :class:`~pipeline.intake.Refusal`, which is
+daemon answers a store with a status or a :class:`~pipeline.errors.Refusal`, which is
 turned back into pynetdicom's status data set here. So ``services/receive.py`` never
 imports pynetdicom (README, Design notes for contributors).
 """
@@ -28,7 +28,7 @@ from pynetdicom import AE, _config, evt
 from pipeline.config import RouterConfig
 from pipeline.dicom import pdu_guard
 from pipeline.dicom.scp_server import DicomFlowRequestHandler, DicomFlowServer, build_ssl_context
-from pipeline.intake import Refusal
+from pipeline.errors import Refusal
 from pipeline.log import escape, logger
 
 STATUS_SUCCESS = 0x0000
