@@ -42,11 +42,13 @@ import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
 
 from pydicom.filereader import read_file_meta_info
 from pydicom.uid import generate_uid
 
+from pipeline.spool_names import SpoolName
 from tests.helpers import REPO, Daemon, free_port, make_dataset, wait_port, write_conf, write_dataset
 from tests.peers import terminate
 
@@ -175,10 +177,11 @@ def fill_small_queue(directory: Path, count: int, template: tuple[bytes, bytes],
     data, uid = template
     directory.mkdir(parents=True, exist_ok=True)
     prefix = uid[: len(uid) - 12]
-    stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime())
+    second = datetime.now(UTC).replace(microsecond=0)
     for index in range(start, start + count):
         new_uid = prefix + b"%012d" % index
-        name = f"{stamp}.{index % 1_000_000:06d}-{index % 1_000_000:06d}-{new_uid.decode()}.dcm"
+        stamp = second.replace(microsecond=index % 1_000_000)
+        name = str(SpoolName(stamp, index % 1_000_000, new_uid.decode()))
         fd = os.open(directory / name, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         try:
             os.write(fd, data.replace(uid, new_uid))
