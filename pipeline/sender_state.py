@@ -156,6 +156,11 @@ class RetryBook:
             self.save()
 
 
+def state_file_name(endpoint: str) -> str:
+    """The sender's state file under ``<spool>/run/`` (read by ``dicomflow status``)."""
+    return f"send-{endpoint}.json"
+
+
 class StateReporter:
     """The operator-facing state file, rewritten when the state changes and at most
     about once a second when only the counters move."""
@@ -224,7 +229,7 @@ class StateReporter:
     def write(self) -> None:
         payload = json.dumps(self.as_dict(), indent=1).encode()
         try:
-            self.spool.write_bytes(self.spool.run_dir, f"send-{self.endpoint}.json", payload,
+            self.spool.write_bytes(self.spool.run_dir, state_file_name(self.endpoint), payload,
                                    replace=True)
         except OSError as exc:  # a full disk must not stop delivery; say so once
             if not self._write_failed:

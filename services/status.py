@@ -19,6 +19,7 @@ from pathlib import Path
 from pipeline.config import Config
 from pipeline.lock import DaemonLock
 from pipeline.names import escape
+from pipeline.sender_state import state_file_name
 from pipeline.spool import Spool, is_hidden, is_sidecar
 from pipeline.spool_names import SpoolName
 
@@ -87,7 +88,7 @@ def _process(run_dir: Path, lock_name: str) -> dict:
 
 def _sender_state(run_dir: Path, endpoint: str) -> dict:
     try:
-        return json.loads((run_dir / f"send-{endpoint}.json").read_text())
+        return json.loads((run_dir / state_file_name(endpoint)).read_text())
     except (FileNotFoundError, ValueError):
         return {}
 
