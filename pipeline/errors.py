@@ -54,7 +54,7 @@ class StopBatch(DicomFlowError):
     nothing more for now; every file stays in the outbox."""
 
 
-class MetaError(Exception):
+class MetaError(DicomFlowError):
     """The file meta group cannot be read as plain explicit VR little endian; the
     message says why."""
 
@@ -72,7 +72,7 @@ class MetaOverLimit(MetaError):
         self.what, self.limit = what, limit
 
 
-class InflateError(Exception):
+class InflateError(DicomFlowError):
     """A deflated data set that cannot be inflated (corrupt, cut short) or is too big;
     the message is the reason."""
 
@@ -81,7 +81,7 @@ class InflateLimit(InflateError):
     """More than the cap came out of a deflated data set."""
 
 
-class Refusal(Exception):
+class Refusal(DicomFlowError):
     """A received data set that must not be acknowledged: status and Error Comment."""
 
     def __init__(self, status: int, comment: str) -> None:
@@ -93,9 +93,9 @@ class Refusal(Exception):
         return f"0x{self.status:04X} {self.comment}"
 
 
-class RuleSyntaxError(ValueError):
+class RuleSyntaxError(DicomFlowError, ValueError):
     """A rule that cannot be parsed; the message says what was expected."""
 
 
-class WindowSyntaxError(ValueError):
+class WindowSyntaxError(DicomFlowError, ValueError):
     """A window entry that is neither a cron expression, a time range nor ``mN < K``."""

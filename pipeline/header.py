@@ -44,13 +44,12 @@ from pydicom.errors import InvalidDicomError
 from pydicom.filereader import _read_file_meta_info, read_dataset
 
 from pipeline.config_keys import ROUTER, default
-from pipeline.dicom.filemeta import MetaGroup, read_meta_group
+from pipeline.dicom.filemeta import LONG_VRS, PREAMBLE, MetaGroup, read_meta_group
 from pipeline.errors import InflateError, InflateLimit, MetaError, MetaOverLimit, QuarantineError
 from pipeline.names import escape, is_valid_uid
 
 DEFER_SIZE = 64 * 1024          # larger non-pixel values are not read (nor needed by rules)
 MAX_DEPTH = 16                  # nested sequences deeper than this are hostile
-PREAMBLE = 132                  # 128-byte preamble + b"DICM"
 
 MAX_TRAILING_PAD = 7            # zero bytes tolerated after the last element (< one header)
 MiB, GiB = 1024**2, 1024**3
@@ -60,7 +59,6 @@ EXPLICIT_BE = "1.2.840.10008.1.2.2"
 #: The data set itself is deflated (PS3.5 A.5). Deflated Image Frame Compression
 #: (1.2.840.10008.1.2.8.1) deflates pixel frames only: its data set is walked as usual.
 DEFLATED = ("1.2.840.10008.1.2.1.99",)
-_LONG_VRS = {b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"SV", b"UC", b"UN", b"UR", b"UT", b"UV"}
 _UNDEFINED = 0xFFFFFFFF
 _ITEM, _ITEM_END, _SEQ_END = 0xFFFEE000, 0xFFFEE00D, 0xFFFEE0DD
 _PIXEL_TAGS = (0x7FE00008, 0x7FE00009, 0x7FE00010)
@@ -594,7 +592,7 @@ class _Walker:
         if tag >> 16 == 0xFFFE or not self.explicit:
             return None, struct.unpack(end + "L", self._read(4))[0], 8
         vr = self._read(2)
-        if vr in _LONG_VRS:
+        if vr in LONG_VRS:
             self._read(2)
             return vr, struct.unpack(end + "L", self._read(4))[0], 12
         if not vr.isalpha() or not vr.isupper():

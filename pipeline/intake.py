@@ -33,14 +33,13 @@ from typing import BinaryIO
 
 from pydicom.uid import UID
 
-from pipeline.dicom.filemeta import read_meta_group
-from pipeline.errors import MetaError, QuarantineError, Refusal
+from pipeline.dicom.filemeta import LONG_VRS, read_meta_group
+from pipeline.errors import InflateError, MetaError, QuarantineError, Refusal
 from pipeline.header import (
     DEFAULT_LIMITS,
     DEFLATED,
     EXPLICIT_BE,
     HeaderLimits,
-    InflateError,
     InflatingReader,
     check_complete,
 )
@@ -50,7 +49,6 @@ STATUS_DOES_NOT_MATCH = 0xA900   # PS3.4 B.2.3: Data Set does not match SOP Clas
 STATUS_CANNOT_UNDERSTAND = 0xC000
 SCAN_LIMIT = 64                  # top-level elements read while looking for the SOP UIDs
 _SOP_CLASS, _SOP_INSTANCE = 0x00080016, 0x00080018
-_LONG_VRS = {b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"SV", b"UC", b"UN", b"UR", b"UT", b"UV"}
 _UNDEFINED = 0xFFFFFFFF
 
 
@@ -163,7 +161,7 @@ def _scan_sop_uids(fp: BinaryIO, start: int, little: bool) -> tuple[str, str] | 
             break
         if not explicit:
             length = struct.unpack(end + "L", raw[4:])[0]
-        elif raw[4:6] in _LONG_VRS:
+        elif raw[4:6] in LONG_VRS:
             extra = fp.read(4)
             if len(extra) < 4:
                 return None

@@ -156,9 +156,14 @@ class RetryBook:
             self.save()
 
 
+def sender_name(endpoint: str) -> str:
+    """``send-<endpoint>``: the sender's supervisord program, lock and log name."""
+    return f"send-{endpoint}"
+
+
 def state_file_name(endpoint: str) -> str:
     """The sender's state file under ``<spool>/run/`` (read by ``dicomflow status``)."""
-    return f"send-{endpoint}.json"
+    return f"{sender_name(endpoint)}.json"
 
 
 class StateReporter:

@@ -87,10 +87,15 @@ def rename_noreplace(src: Path, dst: Path) -> None:
 
 
 def fresh_name_like(name: str) -> str:
-    """A fresh standard name keeping the UID of ``name`` (when it is a standard one):
+    """A fresh standard name keeping the UID of ``name`` — a standard name's, or the
+    last ``-``-separated part of a hand-made ``…-<UID>.dcm`` if that is a valid UID —
     for a file whose name is already taken where it goes."""
     parsed = SpoolName.parse(name)
-    return str(SpoolName.new(parsed.uid if parsed else None))
+    if parsed is not None:
+        return str(SpoolName.new(parsed.uid))
+    stem = name.removesuffix(DICOM_SUFFIX)
+    last = stem.rsplit("-", 1)[-1] if stem != name and "-" in stem else None
+    return str(SpoolName.new(last))  # SpoolName.new takes only a valid UID
 
 
 def is_hidden(name: str) -> bool:

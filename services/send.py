@@ -38,7 +38,7 @@ from pipeline.dicom import patches
 from pipeline.dicom.filemeta import FileMeta
 from pipeline.lock import DaemonLock
 from pipeline.log import escape, logger
-from pipeline.sender_state import RetryBook, StateReporter
+from pipeline.sender_state import RetryBook, StateReporter, sender_name
 from pipeline.sending.delivery import DeliveryMixin
 from pipeline.sending.health import HealthMixin
 from pipeline.sending.outcomes import OutcomesMixin, Pending
@@ -72,7 +72,7 @@ class Sender(HealthMixin, PlanningMixin, DeliveryMixin, OutcomesMixin):
         self.state = StateReporter(self.spool, endpoint, self.clock)
         self.probes = Backoff(self.ep.retry.probe_backoff, self.ep.retry.probe_backoff_cap, self.rng)
         self.watcher = DirectoryWatcher(self.outbox)
-        self.lock = DaemonLock(self.spool.run_dir, f"send-{endpoint}")
+        self.lock = DaemonLock(self.spool.run_dir, sender_name(endpoint))
         self.stopping = False
         self.closed = False
         self.current: Current | None = None
@@ -263,6 +263,6 @@ def main(config: Config, endpoint: str) -> int:
               f"add {config.conf_dir / 'endpoints' / (endpoint + '.ini')})", file=sys.stderr)
         return 1
     ep = config.endpoints[endpoint]
-    logsetup.setup_daemon(f"send-{endpoint}", config.router, ep.log_level)
+    logsetup.setup_daemon(sender_name(endpoint), config.router, ep.log_level)
     patches.install("send")
     return Sender(config, endpoint).run()

@@ -19,7 +19,7 @@ from pathlib import Path
 from pipeline.config import Config
 from pipeline.lock import DaemonLock
 from pipeline.names import escape
-from pipeline.sender_state import state_file_name
+from pipeline.sender_state import sender_name, state_file_name
 from pipeline.spool import Spool, is_hidden, is_sidecar
 from pipeline.spool_names import SpoolName
 
@@ -133,7 +133,7 @@ def collect(config: Config, now: float | None = None) -> dict:
 
 def _endpoint(config: Config, spool: Spool, name: str, now: float) -> dict:
     state = _sender_state(spool.run_dir, name)
-    process = _process(spool.run_dir, f"send-{name}")
+    process = _process(spool.run_dir, sender_name(name))
     configured = name in config.endpoints
     if not configured:
         summary = "orphaned"

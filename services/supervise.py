@@ -27,6 +27,7 @@ from supervisor.xmlrpc import SupervisorTransport
 from pipeline import owner
 from pipeline.config import Config
 from pipeline.lock import pid_alive
+from pipeline.sender_state import sender_name
 from pipeline.spool import Spool
 
 REPO = Path(__file__).resolve().parent.parent
@@ -92,8 +93,9 @@ class Supervisor:
                 log=self.spool.log_dir, endpoint_file=endpoint.conf_file,
                 digest=_digest(endpoint.conf_file, self.config.router.conf_file),
             )
-            wanted.add(f"send-{name}.conf")
-            self.spool.write_bytes(self.programs_dir, f"send-{name}.conf", program.encode(), replace=True)
+            wanted.add(f"{sender_name(name)}.conf")
+            self.spool.write_bytes(self.programs_dir, f"{sender_name(name)}.conf", program.encode(),
+                                   replace=True)
         for stale in self.programs_dir.glob("send-*.conf"):
             if stale.name not in wanted:
                 stale.unlink()

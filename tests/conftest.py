@@ -12,10 +12,12 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="session", autouse=True)
 def send_patches():
-    """What ``dicomflow send``'s ``main`` installs, for tests that drive a ``Sender`` in
-    this process (nothing in ``pipeline.dicom`` patches pynetdicom at import)."""
+    """The test process runs with what ``dicomflow send``'s ``main`` installs, from the
+    first test on (nothing in ``pipeline.dicom`` patches pynetdicom at import): tests
+    that drive a ``Sender`` or an SCU in this process see what the daemon sees, whatever
+    order the tests run in. ``DICOMFLOW_FASTPATH=0`` leaves the speed-ups out here too."""
     from pipeline.dicom import patches
 
     patches.install("send")

@@ -100,7 +100,7 @@ def test_each_speed_up_can_be_switched_off_alone() -> None:
     assert off == set(fastpath.SWITCHES) - {"reactors", "commands"}
 
 
-def test_log_handlers_are_left_out_only_when_their_lines_would_be_dropped(monkeypatch) -> None:
+def test_log_handlers_are_left_out_when_their_lines_would_be_dropped_or_a_requestor_asks(monkeypatch) -> None:
     import logging
 
     from pynetdicom import _config
@@ -110,10 +110,15 @@ def test_log_handlers_are_left_out_only_when_their_lines_would_be_dropped(monkey
     monkeypatch.setattr(_config, "LOG_HANDLER_LEVEL", "standard")
     try:
         plogger.setLevel(logging.INFO)
-        fastpath._quiet_handlers()
+        fastpath._quiet_handlers(requestor=False)
         assert _config.LOG_HANDLER_LEVEL == "standard"
         plogger.setLevel(logging.WARNING)
-        fastpath._quiet_handlers()
+        fastpath._quiet_handlers(requestor=False)
+        assert _config.LOG_HANDLER_LEVEL == "none"
+        # a requestor (send, echo) asks with pynetdicom's logger silenced: never bound
+        _config.LOG_HANDLER_LEVEL = "standard"
+        plogger.setLevel(logging.DEBUG)
+        fastpath._quiet_handlers(requestor=True)
         assert _config.LOG_HANDLER_LEVEL == "none"
     finally:
         plogger.setLevel(level)

@@ -31,8 +31,6 @@ from tests.sendkit import (
     storescp_uids,
 )
 
-pytestmark = pytest.mark.usefixtures("send_patches")
-
 EP = "pacs"
 
 

@@ -40,8 +40,6 @@ from tests.helpers import IN_CI, Daemon, dicom_files, make_dataset, make_files, 
 from tests.reliability import free_bytes, tmpfs
 from tests.sendkit import StatusSCP, endpoint_conf, put_in_outbox, read_retry, read_state
 
-pytestmark = pytest.mark.usefixtures("send_patches")
-
 EP = "pacs"
 A700 = 0xA700
 

@@ -135,8 +135,9 @@ TRANSFER_SCRIPT = r"""
 import os, signal, sys, time
 from pathlib import Path
 import pipeline.config as pc
-from pipeline.dicom import scu as net
+from pipeline.dicom import patches, scu as net
 from pydicom.uid import ExplicitVRLittleEndian
+patches.install("send")  # what the send daemon's main installs (DICOMFLOW_FASTPATH decides)
 conf, pid, path = Path(sys.argv[1]), int(sys.argv[2]), Path(sys.argv[3])
 ep = pc.load(conf).endpoints["pacs"]
 link = net.associate(ep, "DICOMFLOW", [("1.2.840.10008.5.1.4.1.1.2", ExplicitVRLittleEndian)], False)

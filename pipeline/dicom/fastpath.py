@@ -18,8 +18,10 @@ handlers   pynetdicom's "standard" logging handlers — which format every PDU a
            own ``_config.LOG_HANDLER_LEVEL``, read by ``_bind_defaults``
 ========== ================================================================================
 
-``DICOMFLOW_FASTPATH=0`` in the environment turns them all off (pynetdicom and pydicom
-as released: troubleshooting, and the benchmark's ``dicomflow-stock``);
+``DICOMFLOW_FASTPATH=0`` in the environment turns them all off (troubleshooting, and
+the benchmark's ``dicomflow-stock``) — pynetdicom's own reactors, reads and encoders,
+pydicom's validation; what is correctness stays on (:mod:`pdu_guard`, :mod:`peer_reset`,
+the bounded association of :mod:`transfer`, the file-meta writer of :mod:`filemeta`);
 ``DICOMFLOW_PATCHES_OFF=reactors,commands`` turns off the ones named. Only the daemons
 call :func:`install` (through :func:`pipeline.dicom.patches.install`), after logging is
 set up; it is idempotent. pynetdicom is pinned to 3.0.4 because this relies on its
@@ -67,17 +69,20 @@ def tune_pydicom() -> None:
     pydicom.config.settings.writing_validation_mode = pydicom.config.IGNORE
 
 
-def _quiet_handlers() -> None:
+def _quiet_handlers(requestor: bool) -> None:
     """pynetdicom binds its four logging handlers to every association (and server) only
     when ``LOG_HANDLER_LEVEL`` is "standard": leave them out when the ``pynetdicom``
     logger would drop their INFO/DEBUG lines anyway (~10 % of the sender's Python time).
+    A requesting process (send, echo) never binds them: it asks for every association
+    with pynetdicom's logger silenced (``scu.quiet``), so they were never bound there.
     Decided once, so logging must be set up first."""
-    if not logging.getLogger("pynetdicom").isEnabledFor(logging.INFO):
+    if requestor or not logging.getLogger("pynetdicom").isEnabledFor(logging.INFO):
         _config.LOG_HANDLER_LEVEL = "none"
 
 
-def install() -> None:
-    """Install every speed-up that is switched on (process-wide, idempotent)."""
+def install(requestor: bool = False) -> None:
+    """Install every speed-up that is switched on (process-wide, idempotent);
+    ``requestor``: the process only asks for associations (send, echo)."""
     global _installed
     with _lock:
         if _installed:
@@ -87,7 +92,7 @@ def install() -> None:
         if "validation" in on:
             tune_pydicom()
         if "handlers" in on:
-            _quiet_handlers()
+            _quiet_handlers(requestor)
         if "reactors" in on:
             reactors.install()
         if "recv" in on:

@@ -42,7 +42,7 @@ _TAGS = {
     "sending": b"\x02\x00\x17\x00AE\x10\x00",
     "receiving": b"\x02\x00\x18\x00AE\x10\x00",
 }
-_HEAD = 4096  # the file meta we write is ~250 bytes; UIDs are at most 64 characters
+_STAMP_HEAD = 4096  # the file meta we write is ~250 bytes; UIDs are at most 64 characters
 
 
 def _create_file_meta_with_slots(**kwargs: object) -> FileMetaDataset:
@@ -144,7 +144,7 @@ def stamp_ae_titles(path: Path, calling: object, called: object) -> None:
     """Write the calling/called AE titles into the blank slots of a received file."""
     fd = os.open(path, os.O_RDWR | os.O_NOFOLLOW)
     try:
-        head = os.pread(fd, _HEAD, 0)
+        head = os.pread(fd, _STAMP_HEAD, 0)
         values = {"source": calling, "sending": calling, "receiving": called}
         for slot, tag in _TAGS.items():
             offset = head.find(tag + _BLANK, 132)
@@ -160,7 +160,10 @@ def stamp_ae_titles(path: Path, calling: object, called: object) -> None:
 PREAMBLE = 132                 # 128-byte preamble + b"DICM"
 MAX_META_ELEMENT = 64 * 1024   # a file meta element larger than this is hostile (as header.py)
 _HEAD = 16 * 1024              # read at once: the whole meta of every ordinary file
-_LONG_VRS = {b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"SV", b"UC", b"UN", b"UR", b"UT", b"UV"}
+#: explicit VRs with a reserved 2 bytes and a 4-byte length (PS3.5 §7.1.2); header.py and
+#: intake.py walk data sets with it too
+LONG_VRS = frozenset({b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"SV", b"UC", b"UN", b"UR", b"UT",
+                      b"UV"})
 
 
 @dataclass(frozen=True)
@@ -216,7 +219,7 @@ def read_meta_group(read_at: Callable[[int, int], bytes], size: int,
         if group != 0x0002:
             break
         vr = header[4:6]
-        if vr in _LONG_VRS:
+        if vr in LONG_VRS:
             extra = buf.get(offset + 8, 4)
             if offset + 12 > size or len(extra) < 4:
                 raise MetaCutShort("file meta is cut short")

@@ -28,4 +28,4 @@ def install(daemon: str) -> None:
         filemeta.install_ae_slots()
     else:
         scu.configure()
-    fastpath.install()
+    fastpath.install(requestor=daemon != "receive")

@@ -16,8 +16,8 @@ reader that:
 * grows its buffer as bytes arrive, so a declaration costs nothing.
 
 A refused or late PDU ends the connection with an A-ABORT and one log line. It is
-installed by the receive daemon whatever ``DICOMFLOW_FASTPATH`` says: it is a limit,
-not an optimisation. :func:`install` is idempotent.
+installed by the receive and send daemons and ``dicomflow echo`` whatever
+``DICOMFLOW_FASTPATH`` says: it is a limit, not an optimisation. :func:`install` is idempotent.
 """
 
 from __future__ import annotations

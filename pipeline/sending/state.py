@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from pipeline.backoff import Backoff
-    from pipeline.clock import FakeClock, SystemClock
+    from pipeline.clock import Clock
     from pipeline.config import Config, EndpointConfig
     from pipeline.dicom.filemeta import FileMeta
     from pipeline.sender_state import RetryBook, StateReporter
@@ -28,7 +28,7 @@ class SenderState:
     config: Config
     ep: EndpointConfig
     name: str
-    clock: SystemClock | FakeClock
+    clock: Clock
     rng: random.Random
     spool: Spool
     outbox: Path
