@@ -33,7 +33,6 @@ from pipeline import daemon as daemon_module
 from pipeline import header as header_module
 from pipeline.config import Config
 from pipeline.daemon import Signals, Step
-from pipeline.dicom import patches
 from pipeline.errors import ConfigError, DiskTrouble, QuarantineError
 from pipeline.header import Header
 from pipeline.lock import DaemonLock
@@ -464,7 +463,6 @@ def main(config: Config) -> int:
     router = config.router
     setup_daemon("filter", router)
     header_module.quiet_pydicom()
-    patches.install("filter")
     daemon = FilterDaemon(config)
     with Signals(daemon.request_stop, daemon.request_reload, name="filter-signals"):
         return daemon.run()

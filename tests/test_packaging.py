@@ -29,7 +29,7 @@ def test_pynetdicom_is_pinned_exactly() -> None:
     assert pynetdicom.__version__ == "3.0.4", pynetdicom.__version__
 
 
-#: pynetdicom 3.0.4 code that pipeline/dicom/ (reactors.py, socket_reads.py, commands.py,
+#: pynetdicom 3.0.4 code that pipeline/dicom/ (reactors.py, commands.py,
 #: fastpath.py, pdu_guard.py, scu.py, transfer.py, filemeta.py) and scp_server.py
 #: replace, wrap or rely on (``_bind_defaults``: it reads ``_config.LOG_HANDLER_LEVEL``,
 #: set by fastpath.py instead of replacing it): "module:qualname" ->
@@ -77,8 +77,6 @@ UPSTREAM_SHA256 = {
         "4cfda7f49c6955eb3032b77cb65bce0fc247698344d6e932ab24d7ed9ae0b2e6",
     "pynetdicom.association:Association.kill":
         "c3955a9b22eb296952d7ef73129466574e5c6116c75da30b5504002c17394814",
-    "pynetdicom.transport:AssociationSocket.recv":
-        "3da52b77777b4359851e5f59c97ef2c2537e11f89c6efb1eb808562e2dde8cb5",
     "pynetdicom.transport:AssociationSocket.send":
         "30954262b82648fb3991f9ed998dd7b2fa2cb1a744ad5cbf6c81a16b9da420ae",
     "pynetdicom.transport:AssociationServer._bind_defaults":

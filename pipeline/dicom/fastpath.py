@@ -1,17 +1,17 @@
-"""The speed-ups for pynetdicom 3.0.x and pydicom in the daemons, each switchable for
-an A/B (issue 7; README, Performance).
+"""The speed-ups for pynetdicom 3.0.x in the daemons, each switchable for an A/B
+(issue 7; README, Performance, where each one's figure is kept).
 
-Each one lives in its own module; this one only decides which are on:
+Each one lives in its own module; this one only decides which are on. Two earlier ones
+were dropped after an interleaved A/B showed they saved nothing: whole-PDU socket reads
+(they cost ~9 % CPU instead) and pydicom's value validation off (±2 %).
 
 ========== ================================================================================
 switch     what it does
 ========== ================================================================================
 reactors   DUL and association reactors wait for work instead of 1 ms polling, and the
            outgoing P-DATA queue is bounded (:mod:`pipeline.dicom.reactors`)
-recv       whole-PDU ``recv_into`` instead of 4 KiB reads (:mod:`pipeline.dicom.socket_reads`)
 commands   DIMSE command sets, and C-STORE ones straight from the primitive, encoded
            without pydicom's general writer (:mod:`pipeline.dicom.commands`)
-validation pydicom's per-value validation off (the daemons validate what reaches a path)
 handlers   pynetdicom's "standard" logging handlers — which format every PDU and DIMSE
            message into INFO/DEBUG lines before the logger drops them — are not bound
            unless the ``pynetdicom`` logger shows INFO (``pynetdicom_log_level``): its
@@ -19,8 +19,8 @@ handlers   pynetdicom's "standard" logging handlers — which format every PDU a
 ========== ================================================================================
 
 ``DICOMFLOW_FASTPATH=0`` in the environment turns them all off (troubleshooting, and
-the benchmark's ``dicomflow-stock``) — pynetdicom's own reactors, reads and encoders,
-pydicom's validation; what is correctness stays on (:mod:`pdu_guard`, :mod:`peer_reset`,
+the benchmark's ``dicomflow-stock``): pynetdicom's own reactors and encoders; what is
+correctness stays on (:mod:`pdu_guard`, :mod:`peer_reset`,
 the bounded association of :mod:`transfer`, the file-meta writer of :mod:`filemeta`);
 ``DICOMFLOW_PATCHES_OFF=reactors,commands`` turns off the ones named. Only the daemons
 call :func:`install` (through :func:`pipeline.dicom.patches.install`), after logging is
@@ -34,18 +34,17 @@ import logging
 import os
 import threading
 
-import pydicom.config
 from pynetdicom import _config
 
-from pipeline.dicom import commands, reactors, socket_reads
+from pipeline.dicom import commands, reactors
 from pipeline.dicom.commands import _encode_element, encode_c_store_command, encode_command_set
 from pipeline.dicom.reactors import wake_dul
 
-SWITCHES = ("reactors", "recv", "commands", "validation", "handlers")
+SWITCHES = ("reactors", "commands", "handlers")
 
 # re-exported: the encoders are tested against pynetdicom's through this module
 __all__ = ["SWITCHES", "_encode_element", "encode_c_store_command", "encode_command_set",
-           "enabled", "install", "tune_pydicom", "wake_dul"]
+           "enabled", "install", "wake_dul"]
 
 _installed = False
 _lock = threading.Lock()
@@ -59,14 +58,6 @@ def enabled(environ: os._Environ[str] | dict[str, str] | None = None) -> frozens
         return frozenset()
     off = {name.strip() for name in env.get("DICOMFLOW_PATCHES_OFF", "").split(",")}
     return frozenset(name for name in SWITCHES if name not in off)
-
-
-def tune_pydicom() -> None:
-    """No per-value validation in the daemons (they validate what reaches a path)."""
-    if "validation" not in enabled():
-        return
-    pydicom.config.settings.reading_validation_mode = pydicom.config.IGNORE
-    pydicom.config.settings.writing_validation_mode = pydicom.config.IGNORE
 
 
 def _quiet_handlers(requestor: bool) -> None:
@@ -89,13 +80,9 @@ def install(requestor: bool = False) -> None:
             return
         _installed = True
         on = enabled()
-        if "validation" in on:
-            tune_pydicom()
         if "handlers" in on:
             _quiet_handlers(requestor)
         if "reactors" in on:
             reactors.install()
-        if "recv" in on:
-            socket_reads.install()
         if "reactors" in on or "commands" in on:
             commands.install(direct="commands" in on)

@@ -12,16 +12,14 @@ from pipeline.dicom import fastpath, filemeta, pdu_guard, peer_reset, scu
 
 
 def install(daemon: str) -> None:
-    """Install what ``daemon`` (``receive``, ``send``, ``filter`` or ``echo``) needs.
+    """Install what ``daemon`` (``receive``, ``send`` or ``echo``) needs (the filter never
+    touches the network and installs nothing).
 
     The limits on what a peer can make us read (:mod:`pdu_guard`) and the quiet
     connection-loss lines (:mod:`peer_reset`) are correctness, always on; the speed-ups
     (:mod:`fastpath`) are off with ``DICOMFLOW_FASTPATH=0``, one by one with
     ``DICOMFLOW_PATCHES_OFF`` (README, Performance).
     """
-    if daemon == "filter":
-        fastpath.tune_pydicom()  # the filter reads headers; it never touches the network
-        return
     peer_reset.install()
     pdu_guard.install()
     if daemon == "receive":
