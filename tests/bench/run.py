@@ -55,10 +55,13 @@ from tests.peers import terminate
 TCP_ENV = {"TCP_NODELAY": "1"}
 STORESCU = "/usr/bin/storescu"
 STORESCP = "/usr/bin/storescp"
+DCMSEND = "/usr/bin/dcmsend"
 ORTHANC = "/usr/sbin/Orthanc"
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 MB = 1_000_000
 DEST_AET = "STORESCP"
+RELAY_AET = "RELAY"
+MAX_PDU = "131072"              # every storescp: the destination and the DCMTK relays
 
 LUA_AUTOROUTE = """\
 -- Orthanc auto-routing, as in Orthanc's own sample (Samples/Lua/AutoRouting.lua)
@@ -79,6 +82,61 @@ def cpu_seconds(pid: int) -> float:
     with open(f"/proc/{pid}/stat") as fp:
         fields = fp.read().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / CLK_TCK
+
+
+def _stat_fields(pid: int) -> list[str]:
+    with open(f"/proc/{pid}/stat") as fp:
+        return fp.read().rsplit(")", 1)[1].split()
+
+
+def _children() -> dict[int, list[int]]:
+    tree: dict[int, list[int]] = {}
+    for entry in os.scandir("/proc"):
+        if entry.name.isdigit():
+            try:
+                ppid = int(_stat_fields(int(entry.name))[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            tree.setdefault(ppid, []).append(int(entry.name))
+    return tree
+
+
+def descendants(pid: int) -> list[int]:
+    tree, found, todo = _children(), [], [pid]
+    while todo:
+        kids = tree.get(todo.pop(), [])
+        found += kids
+        todo += kids
+    return found
+
+
+def tree_cpu_seconds(pid: int) -> float:
+    """user + system CPU of a process and everything it started, reaped or not.
+
+    A DCMTK relay runs its work in exec'd children (``dcmsend``, ``storescu``) and
+    reaps them: a reaped child's CPU is in the parent's cutime/cstime; a child not yet
+    reaped (running, or a zombie) is still in /proc with its own counters.
+    """
+    total = 0.0
+    for each in (pid, *descendants(pid)):
+        try:
+            fields = _stat_fields(each)
+        except OSError:
+            continue  # gone between the listing and the read (reaped: now in its parent's)
+        total += sum(int(fields[i]) for i in (11, 12, 13, 14)) / CLK_TCK
+    return total
+
+
+def busy_descendants(pid: int) -> list[int]:
+    """Children still running (zombies — state Z — have finished their work)."""
+    busy = []
+    for each in descendants(pid):
+        try:
+            if _stat_fields(each)[0] != "Z":
+                busy.append(each)
+        except OSError:
+            continue
+    return busy
 
 
 def peak_rss_mb(pid: int) -> float:
@@ -142,6 +200,17 @@ def make_ct_series(directory: Path, count: int, size: int) -> DataSet:
     return DataSet(files, per_file * count, sum(p.stat().st_size for p in files))
 
 
+def make_studies(directory: Path, count: int, senders: int, size: int) -> list[DataSet]:
+    """``count`` images as ``senders`` studies of (nearly) equal size, one per sender."""
+    return [make_ct_series(directory / f"study{index}", count // senders + (index < count % senders), size)
+            for index in range(senders)]
+
+
+def combined(sets: list[DataSet]) -> DataSet:
+    return DataSet([f for s in sets for f in s.files], sum(s.dataset_bytes for s in sets),
+                   sum(s.total_bytes for s in sets))
+
+
 def make_big_object(path: Path, mib: int) -> DataSet:
     """A multi-frame CT of ``mib`` MiB of pixel data, written without holding it in memory."""
     frames = max(1, mib * 1024 * 1024 // (512 * 512 * 2))
@@ -192,7 +261,12 @@ def fill_small_queue(directory: Path, count: int, template: tuple[bytes, bytes],
 # -- peers -----------------------------------------------------------------------------
 
 class Destination:
-    """DCMTK storescp, the destination of every route (and the direct DCMTK row)."""
+    """DCMTK storescp, the destination of every route (and the direct DCMTK row).
+
+    ``--fork`` (a child per association) so that the associations of parallel senders,
+    of the per-file relay's ``storescu`` children and of a study relay's ``dcmsend``
+    overlapping the next study are served at once rather than queued behind each other.
+    """
 
     def __init__(self, base: Path, port: int | None = None) -> None:
         self.base = base
@@ -202,8 +276,8 @@ class Destination:
 
     def start(self, wait: bool = True) -> Destination:
         self.directory.mkdir(parents=True, exist_ok=True)
-        cmd = [STORESCP, "-aet", DEST_AET, "-od", str(self.directory), "+uf", "+B", "-dhl",
-               "-pdu", "131072", str(self.port)]
+        cmd = [STORESCP, "--fork", "-aet", DEST_AET, "-od", str(self.directory), "+uf", "+B", "-dhl",
+               "-pdu", MAX_PDU, str(self.port)]
         self._log = open(self.base / f"storescp-{self.port}.log", "ab")  # noqa: SIM115
         self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT,
                                      env={**os.environ, **TCP_ENV})
@@ -236,11 +310,104 @@ class Destination:
 
 
 def storescu(port: int, files: list[Path], called: str, timeout: float = 3600) -> None:
-    cmd = [STORESCU, "-aet", "MODALITY", "-aec", called, "127.0.0.1", str(port), *map(str, files)]
-    result = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout,
-                            env={**os.environ, **TCP_ENV})
-    if result.returncode != 0:
-        raise RuntimeError(f"storescu failed ({result.returncode}): {result.stderr[-2000:]}")
+    storescu_all(port, [files], called, timeout)
+
+
+def storescu_all(port: int, sets: list[list[Path]], called: str, timeout: float = 3600) -> None:
+    """One ``storescu`` per set, all at once (modalities sending in parallel), until all end.
+
+    ``-ta`` (ACSE timeout) is long because a DCMTK relay serves one association at a
+    time: a sender may wait for the one before it to finish before it is accepted.
+    """
+    procs = []
+    for files in sets:
+        cmd = [STORESCU, "-ta", str(int(timeout)), "-aet", "MODALITY", "-aec", called, "127.0.0.1",
+               str(port), *map(str, files)]
+        procs.append(subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                                      text=True, env={**os.environ, **TCP_ENV}))
+    failures = []
+    for proc in procs:
+        _, err = proc.communicate(timeout=timeout)
+        if proc.returncode != 0:
+            failures.append(f"storescu failed ({proc.returncode}): {err[-2000:]}")
+    if failures:
+        raise RuntimeError("\n".join(failures))
+
+
+class DcmtkRelay:
+    """A relay built from DCMTK alone: a ``storescp`` that forwards what it stores.
+
+    ``per_study`` — what mercure is inside: files sorted into a folder per Study
+    Instance UID (``-su``); one second after the study's last association
+    (``--eostudy-timeout 1``) ``dcmsend +sd #p`` sends the study's folder. Otherwise
+    per file: ``--exec-on-reception`` runs ``storescu #p/#f`` for each stored file.
+    Both run their command in a child without waiting for it, and serve one
+    association at a time (``--exec-on-eostudy`` is not allowed with ``--fork``; the
+    per-file relay is kept alike). Its CPU is the storescp's and its children's.
+    """
+
+    def __init__(self, base: Path, dest_port: int, per_study: bool) -> None:
+        self.port = free_port()
+        self.base = base
+        self.directory = base / f"relay-{self.port}-{time.monotonic_ns()}"
+        self.dest_port = dest_port
+        self.per_study = per_study
+        self.proc: subprocess.Popen | None = None
+
+    def command(self) -> list[str]:
+        cmd = [STORESCP, "-aet", RELAY_AET, "-od", str(self.directory), "-pdu", MAX_PDU]
+        to_dest = f"-aet {RELAY_AET} -aec {DEST_AET} 127.0.0.1 {self.dest_port}"
+        if self.per_study:
+            cmd += ["-su", "study", "--eostudy-timeout", "1",
+                    "--exec-on-eostudy", f"{DCMSEND} {to_dest} +sd #p"]
+        else:
+            cmd += ["--exec-on-reception", f"{STORESCU} {to_dest} #p/#f"]
+        return [*cmd, str(self.port)]
+
+    def start(self) -> DcmtkRelay:
+        self.directory.mkdir(parents=True)
+        self._log = open(self.base / f"relay-{self.port}.log", "ab")  # noqa: SIM115
+        self.proc = subprocess.Popen(self.command(), stdout=self._log, stderr=subprocess.STDOUT,
+                                     env={**os.environ, **TCP_ENV})
+        wait_port(self.port)
+        return self
+
+    def cpu(self) -> float:
+        return tree_cpu_seconds(self.proc.pid)
+
+    def settle(self) -> None:
+        """Wait for the children still finishing (releasing their association) to end."""
+        wait_until(lambda: not busy_descendants(self.proc.pid), 120, 0.01, "the relay's children")
+
+    def stop(self) -> None:
+        terminate(self.proc)
+        if self.proc is not None:
+            self._log.close()
+        shutil.rmtree(self.directory, ignore_errors=True)
+
+
+class DelayProxy:
+    """``tests.bench.delay_proxy`` in front of a port: a link with ``delay`` s each way."""
+
+    def __init__(self, base: Path, target_port: int, delay: float) -> None:
+        self.port = free_port()
+        self.base = base
+        self.target_port = target_port
+        self.delay = delay
+        self.proc: subprocess.Popen | None = None
+
+    def start(self) -> DelayProxy:
+        self._log = open(self.base / f"delay-{self.port}.log", "ab")  # noqa: SIM115
+        self.proc = subprocess.Popen([sys.executable, "-m", "tests.bench.delay_proxy", "--delay",
+                                      str(self.delay), "--target", f"127.0.0.1:{self.target_port}",
+                                      str(self.port)], cwd=REPO, stdout=self._log, stderr=subprocess.STDOUT)
+        wait_port(self.port)
+        return self
+
+    def stop(self) -> None:
+        terminate(self.proc)
+        if self.proc is not None:
+            self._log.close()
 
 
 class PynetdicomSCP:
@@ -393,7 +560,7 @@ class Rate:
 
 @dataclass
 class Results:
-    throughput: dict[str, list[Rate]] = field(default_factory=dict)
+    throughput: dict[tuple[int, int], dict[str, list[Rate]]] = field(default_factory=dict)  # (count, senders)
     big: dict[str, list[Rate]] = field(default_factory=dict)
     latency_direct: list[float] = field(default_factory=list)
     latency_routed: list[float] = field(default_factory=list)
@@ -406,73 +573,138 @@ class Results:
     large_queue: int = 0
 
 
-SYSTEMS = ("dcmtk", "pynetdicom", "orthanc", "dicomflow", "dicomflow-stock")
+SYSTEMS = ("dcmtk", "pynetdicom", "orthanc", "dcmtk-study-relay", "dcmtk-file-relay", "dicomflow",
+           "dicomflow-stock", "dcmtk-wan", "dicomflow-wan")
+DEFAULT_SYSTEMS = SYSTEMS[:6]
+WAN_SYSTEMS = ("dcmtk-wan", "dicomflow-wan")   # run when --wan-delay is set
 LABELS = {
     "dcmtk": "DCMTK storescu → DCMTK storescp (direct)",
     "pynetdicom": "DCMTK storescu → pynetdicom SCP (direct)",
     "orthanc": "DCMTK storescu → Orthanc + Lua auto-routing → storescp",
+    "dcmtk-study-relay": "DCMTK storescu → storescp -su + dcmsend per study → storescp",
+    "dcmtk-file-relay": "DCMTK storescu → storescp + storescu per file → storescp",
     "dicomflow": "DCMTK storescu → DicomFlow → storescp",
     "dicomflow-stock": "… DicomFlow with DICOMFLOW_FASTPATH=0 (stock pynetdicom loops)",
+    "dcmtk-wan": "DCMTK storescu → delay relay → storescp",
+    "dicomflow-wan": "DCMTK storescu → DicomFlow → delay relay → storescp",
 }
 
 
+@dataclass
+class Route:
+    """Where a system's senders connect, and how its CPU and its arrivals are read."""
+
+    port: int
+    called: str
+    cpu: Callable[[], float]
+    stops: list[Callable[[], None]]
+    arrived: Callable[[], int] | None = None     # files at the system itself (pynetdicom), if not at dest
+    settle: Callable[[], None] = lambda: None    # let in-between work finish before the CPU is read
+    cpu_each: Callable[[], dict[str, float]] = dict
+
+
+def open_route(system: str, base: Path, dest: Destination, env: dict | None, wan_delay: float,
+               stops: list[Callable[[], None]]) -> Route:
+    """Start what ``system`` puts between the senders and ``dest``; ``stops`` gains its stops."""
+    dest_port = dest.port
+    if system.endswith("-wan"):
+        proxy = DelayProxy(base, dest.port, wan_delay).start()
+        stops.append(proxy.stop)
+        dest_port = proxy.port
+    if system in ("dcmtk", "dcmtk-wan"):
+        return Route(dest_port, DEST_AET, lambda: tree_cpu_seconds(dest.proc.pid), stops)
+    if system == "pynetdicom":
+        scp = PynetdicomSCP(base).start()
+        stops.append(scp.stop)
+        return Route(scp.port, "PYNETDICOM", lambda: cpu_seconds(scp.proc.pid), stops, arrived=scp.count)
+    if system == "orthanc":
+        orthanc = OrthancRouter(base, dest_port).start()
+        stops.append(orthanc.stop)
+        return Route(orthanc.dicom_port, "ORTHANC", lambda: cpu_seconds(orthanc.proc.pid), stops)
+    if system in ("dcmtk-study-relay", "dcmtk-file-relay"):
+        relay = DcmtkRelay(base, dest_port, per_study=system == "dcmtk-study-relay").start()
+        stops.append(relay.stop)
+        return Route(relay.port, RELAY_AET, relay.cpu, stops, settle=relay.settle)
+    if system == "dicomflow-stock":
+        env = {**(env or {}), "DICOMFLOW_FASTPATH": "0"}
+    flow = DicomFlow(base, dest_port, env=env)
+    stops.append(flow.remove)
+    flow.start()
+    return Route(flow.port, "DICOMFLOW", flow.cpu, stops, cpu_each=flow.cpu_each)
+
+
 def run_transfer(system: str, base: Path, data: DataSet, poll: float = 0.005,
-                 warmup: DataSet | None = None, env: dict | None = None) -> Rate:
+                 warmup: DataSet | None = None, env: dict | None = None,
+                 subsets: list[DataSet] | None = None, wan_delay: float = 0.0) -> Rate:
     """One end-to-end transfer of ``data`` through ``system``; destination complete = done.
 
     ``warmup`` goes through first, untimed: long-running daemons have their modules
     imported and their association open; a cold start is not what a site lives with.
     ``env`` is added to the DicomFlow daemons' environment (the patch A/B, ``patches_ab``).
+    ``subsets`` (together ``data``) are sent by one ``storescu`` each, all at once; the
+    rate is then the aggregate. ``wan_delay`` is the delay relay's one-way delay (s) for
+    the ``…-wan`` systems.
     """
     dest = Destination(base).start()
-    middle: PynetdicomSCP | OrthancRouter | DicomFlow | None = None
+    stops: list[Callable[[], None]] = [dest.clear, dest.stop]
     try:
-        if system == "dcmtk":
-            port, called, cpu_of = dest.port, DEST_AET, lambda: cpu_seconds(dest.proc.pid)
-        elif system == "pynetdicom":
-            middle = PynetdicomSCP(base).start()
-            port, called = middle.port, "PYNETDICOM"
-            cpu_of = lambda: cpu_seconds(middle.proc.pid)  # noqa: E731
-        elif system == "orthanc":
-            middle = OrthancRouter(base, dest.port).start()
-            port, called = middle.dicom_port, "ORTHANC"
-            cpu_of = lambda: cpu_seconds(middle.proc.pid)  # noqa: E731
-        else:
-            if system == "dicomflow-stock":
-                env = {**(env or {}), "DICOMFLOW_FASTPATH": "0"}
-            middle = DicomFlow(base, dest.port, env=env).start()
-            port, called, cpu_of = middle.port, "DICOMFLOW", middle.cpu
+        route = open_route(system, base, dest, env, wan_delay, stops)
+
+        def complete(count: int, nbytes: int, base_count: int, base_bytes: int) -> bool:
+            if route.arrived is not None:
+                return route.arrived() >= base_count + count
+            return dest.complete(count, nbytes, base_count, base_bytes)
+
+        def counted() -> tuple[int, int]:
+            return (route.arrived(), 0) if route.arrived is not None else (dest.count(), dest.bytes())
+
         base_count = base_bytes = 0
         if warmup is not None:
-            storescu(port, warmup.files, called)
-            if system == "pynetdicom":
-                wait_until(lambda: middle.count() >= warmup.count, 600, poll, "warm-up")
-            else:
-                wait_until(lambda: dest.complete(warmup.count, warmup.dataset_bytes), 600, poll, "warm-up")
-            base_count, base_bytes = dest.count(), dest.bytes()
+            storescu(route.port, warmup.files, route.called)
+            wait_until(lambda: complete(warmup.count, warmup.dataset_bytes, 0, 0), 600, poll, "warm-up")
+            route.settle()
+            base_count, base_bytes = counted()
         time.sleep(0.2)  # let start-up work settle before the clock starts
-        cpu0 = cpu_of()
-        each0 = middle.cpu_each() if isinstance(middle, DicomFlow) else {}
+        cpu0, each0 = route.cpu(), route.cpu_each()
         start = time.monotonic()
-        storescu(port, data.files, called)
-        if system == "pynetdicom":
-            wait_until(lambda: middle.count() >= data.count + (warmup.count if warmup else 0), 600, poll,
-                       "pynetdicom SCP")
-        else:
-            wait_until(lambda: dest.complete(data.count, data.dataset_bytes, base_count, base_bytes),
-                       3600, poll, "destination")
+        storescu_all(route.port, [s.files for s in subsets or [data]], route.called)
+        wait_until(lambda: complete(data.count, data.dataset_bytes, base_count, base_bytes),
+                   3600, poll, "destination")
         elapsed = time.monotonic() - start
-        cpu = cpu_of() - cpu0
-        each = {k: (v - each0[k]) * 1000 / data.count
-                for k, v in middle.cpu_each().items()} if isinstance(middle, DicomFlow) else {}
+        route.settle()
+        cpu = route.cpu() - cpu0
+        each = {k: (v - each0[k]) * 1000 / data.count for k, v in route.cpu_each().items()}
         return Rate(elapsed, cpu, data.count, data.total_bytes, each)
     finally:
-        if isinstance(middle, DicomFlow):
-            middle.remove()
-        elif middle is not None:
-            middle.stop()
-        dest.stop()
-        dest.clear()
+        for stop in reversed(stops):
+            stop()
+
+
+def measure_throughput(base: Path, ct: DataSet, warm: DataSet, count: int, senders: int,
+                       systems: list[str], args: argparse.Namespace, results: Results) -> None:
+    """Interleaved rounds (every system once per round, in turn) of one study size and
+    one number of parallel senders; the data is made for it (and removed after) unless
+    it is the one-sender series already made."""
+    directory = base / "data" / f"ct-{count}-{senders}"
+    if senders == 1 and count == ct.count:
+        subsets = [ct]
+    else:
+        log(f"generating {count} CT images as {senders} studies")
+        subsets = make_studies(directory, count, senders, args.size)
+    data = combined(subsets)
+    table = results.throughput.setdefault((count, senders), {})
+    try:
+        for round_ in range(args.runs):
+            for system in systems:
+                rate = run_transfer(system, base, data, warmup=warm, subsets=subsets,
+                                    wan_delay=args.wan_delay)
+                table.setdefault(system, []).append(rate)
+                detail = ", ".join(f"{k} {v:.2f}" for k, v in rate.per_process.items())
+                log(f"{count} images, {senders} sender(s), round {round_ + 1}: {system}: "
+                    f"{rate.images_s:.1f} images/s, {rate.cpu_ms:.2f} ms CPU/image"
+                    + (f" ({detail})" if detail else ""))
+    finally:
+        shutil.rmtree(directory, ignore_errors=True)
 
 
 def measure_latency(base: Path, files: list[Path], results: Results) -> None:
@@ -576,27 +808,11 @@ def report(results: Results, args: argparse.Namespace, ct: DataSet) -> str:
     lines = []
     mean_mb = ct.total_bytes / ct.count / MB
     lines.append(f"DicomFlow benchmark — {os.cpu_count()} CPUs, {platform_line()}")
-    lines.append(f"data: {ct.count} CT images {args.size}×{args.size}×16 bit ({mean_mb:.2f} MB each); "
-                 f"medians of {args.runs} round(s); TCP_NODELAY everywhere")
+    lines.append(f"data: CT images {args.size}×{args.size}×16 bit ({mean_mb:.2f} MB each); medians of "
+                 f"{args.runs} interleaved round(s); TCP_NODELAY everywhere; every storescp -pdu {MAX_PDU}")
     lines.append("")
-    base = median([r.images_s for r in results.throughput.get("dcmtk", [])])
-    lines.append("| route | images/s | MB/s | × direct DCMTK | CPU ms/image (in between) | runs (images/s) |")
-    lines.append("|---|---:|---:|---:|---:|---|")
-    for system in SYSTEMS:
-        rates = results.throughput.get(system)
-        if not rates:
-            continue
-        ims = median([r.images_s for r in rates])
-        lines.append(f"| {LABELS[system]} | {fmt(ims)} | {fmt(median([r.mb_s for r in rates]))} | "
-                     f"{fmt(ims / base, 2)} | {fmt(median([r.cpu_ms for r in rates]), 2)} | "
-                     f"{', '.join(fmt(r.images_s, 0) for r in rates)} |")
-    flow = results.throughput.get("dicomflow")
-    orth = results.throughput.get("orthanc")
-    lines.append("")
-    if flow and orth:
-        ratios = [f.images_s / o.images_s for f, o in zip(flow, orth, strict=False)]
-        lines.append(f"DicomFlow / Orthanc auto-routing (same round): median {fmt(median(ratios), 2)}× "
-                     f"({', '.join(fmt(r, 2) for r in ratios)})")
+    for (count, senders), table in results.throughput.items():
+        lines += throughput_table(table, count, senders, args.wan_delay)
     if results.big:
         for system, rates in results.big.items():
             r = median([x.mb_s for x in rates])
@@ -628,6 +844,33 @@ def report(results: Results, args: argparse.Namespace, ct: DataSet) -> str:
     return "\n".join(lines)
 
 
+def throughput_table(table: dict[str, list[Rate]], count: int, senders: int, wan_delay: float) -> list[str]:
+    """One table: every row of one study size and one number of parallel senders."""
+    sending = "1 storescu" if senders == 1 else f"{senders} storescu at once, one study each (aggregate)"
+    lines = [f"{count} images, {sending}"
+             + (f"; delay relay {wan_delay * 1000:.0f} ms each way" if set(table) & set(WAN_SYSTEMS) else ""),
+             "",
+             "| route | images/s | MB/s | × direct DCMTK | CPU ms/image (in between) | runs (images/s) |",
+             "|---|---:|---:|---:|---:|---|"]
+    base = median([r.images_s for r in table.get("dcmtk", [])])
+    for system in SYSTEMS:
+        rates = table.get(system)
+        if not rates:
+            continue
+        ims = median([r.images_s for r in rates])
+        lines.append(f"| {LABELS[system]} | {fmt(ims)} | {fmt(median([r.mb_s for r in rates]))} | "
+                     f"{fmt(ims / base, 2)} | {fmt(median([r.cpu_ms for r in rates]), 2)} | "
+                     f"{', '.join(fmt(r.images_s, 0) for r in rates)} |")
+    flow, orth = table.get("dicomflow"), table.get("orthanc")
+    lines.append("")
+    if flow and orth:
+        ratios = [f.images_s / o.images_s for f, o in zip(flow, orth, strict=False)]
+        lines.append(f"DicomFlow / Orthanc auto-routing (same round): median {fmt(median(ratios), 2)}× "
+                     f"({', '.join(fmt(r, 2) for r in ratios)})")
+        lines.append("")
+    return lines
+
+
 def platform_line() -> str:
     model = "unknown CPU"
     try:
@@ -647,7 +890,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m tests.bench.run", description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="small data, one round")
     parser.add_argument("--runs", type=int, default=3, help="rounds of the throughput table")
-    parser.add_argument("--count", type=int, default=500, help="CT images per transfer")
+    parser.add_argument("--counts", type=int_list, default=[500, 2000],
+                        help="comma-separated study sizes (CT images per transfer)")
+    parser.add_argument("--count", type=int, help="one study size (instead of --counts)")
+    parser.add_argument("--parallel", type=int_list, default=[1, 4, 8],
+                        help="comma-separated numbers of storescu sending at once, one study each")
+    parser.add_argument("--wan-delay", type=seconds, default=0.0,
+                        help="add the rows through a delay relay with this delay each way (20ms, 0.02)")
     parser.add_argument("--size", type=int, default=512, help="rows = columns of the CT images")
     parser.add_argument("--big-mib", type=int, default=1024, help="size of the multi-frame object (MiB)")
     parser.add_argument("--singles", type=int, default=50, help="single images for the latency")
@@ -658,41 +907,49 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--window", type=int, default=2_000, help="files over which a drain rate is taken")
     parser.add_argument("--only", default="throughput,big,latency,comeback,queue",
                         help="comma-separated parts to run")
-    parser.add_argument("--systems", default=",".join(SYSTEMS[:4]),
+    parser.add_argument("--systems", default=",".join(DEFAULT_SYSTEMS),
                         help=f"comma-separated rows to run, of: {', '.join(SYSTEMS)}")
     parser.add_argument("--workdir", type=Path, help="where to put data and spools (default: a temp dir)")
     parser.add_argument("--keep", action="store_true", help="keep the work directory")
     args = parser.parse_args(argv)
     if args.quick:
-        args.runs, args.count, args.big_mib, args.singles = 1, 200, 256, 20
+        args.runs, args.counts, args.parallel, args.big_mib, args.singles = 1, [200], [1, 4], 256, 20
         args.comebacks, args.down_for, args.large_queue = 1, 8.0, 20_000
         args.small_queue = args.window = 1000
+    if args.count is not None:
+        args.counts = [args.count]
     return args
+
+
+def int_list(text: str) -> list[int]:
+    return [int(x) for x in text.split(",") if x]
+
+
+def seconds(text: str) -> float:
+    """``20ms`` or ``0.02`` (seconds)."""
+    return float(text[:-2]) / 1000 if text.endswith("ms") else float(text.removesuffix("s"))
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    for binary in (STORESCU, STORESCP, ORTHANC):
+    for binary in (STORESCU, STORESCP, DCMSEND, ORTHANC):
         if not os.access(binary, os.X_OK):
             print(f"missing {binary}: apt-get install dcmtk orthanc", file=sys.stderr)
             return 1
     base = Path(tempfile.mkdtemp(prefix="dicomflow-bench-", dir=args.workdir))
     parts = set(args.only.split(","))
-    systems = [s for s in SYSTEMS if s in args.systems.split(",")]
+    systems = [s for s in SYSTEMS if s in args.systems.split(",")
+               or (args.wan_delay and s in WAN_SYSTEMS)]
     results = Results()
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(1))
     try:
-        log(f"generating {args.count} CT images in {base}")
-        ct = make_ct_series(base / "data" / "ct", args.count, args.size)
+        log(f"generating {args.counts[0]} CT images in {base}")
+        ct = make_ct_series(base / "data" / "ct", args.counts[0], args.size)
         warm = make_ct_series(base / "data" / "warm", 10, args.size)
         if "throughput" in parts:
-            for round_ in range(args.runs):
-                for system in systems:
-                    rate = run_transfer(system, base, ct, warmup=warm)
-                    results.throughput.setdefault(system, []).append(rate)
-                    detail = ", ".join(f"{k} {v:.2f}" for k, v in rate.per_process.items())
-                    log(f"round {round_ + 1}: {system}: {rate.images_s:.1f} images/s, "
-                        f"{rate.cpu_ms:.2f} ms CPU/image" + (f" ({detail})" if detail else ""))
+            for count in args.counts:
+                for senders in args.parallel:
+                    measure_throughput(base, ct, warm, count, senders, systems, args, results)
         if "latency" in parts:
             log(f"latency: {args.singles} singles")
             measure_latency(base, ct.files[: args.singles], results)
