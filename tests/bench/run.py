@@ -2,20 +2,30 @@
 
 One command (from the repository root)::
 
-    .venv/bin/python -m tests.bench.run            # the full run (~6 min on 2 cores)
-    .venv/bin/python -m tests.bench.run --quick    # smaller data, one round (~1.5 min)
+    .venv/bin/python -m tests.bench.run            # the full run (study sizes 500 and 2,000; 1, 4, 8 senders)
+    .venv/bin/python -m tests.bench.run --quick    # smaller data, one round
+    .venv/bin/python -m tests.bench.run --only throughput --counts 500 --parallel 1,4 --wan-delay 20ms
 
-It generates its own data in a temp folder (500 CT images 512×512×16 bit ≈ 0.5 MB,
-one 1 GiB multi-frame object, 100,000 small ≈ 2 KB objects), then measures, on the same
+It generates its own data in a temp folder (CT images 512×512×16 bit ≈ 0.5 MB, one
+1 GiB multi-frame object, 100,000 small ≈ 2 KB objects), then measures, on the same
 data and in the same run, with ``TCP_NODELAY=1`` in the environment of every DCMTK
-process (Orthanc included) and TCP_NODELAY on every Python socket:
+process (Orthanc and the relays' children included), TCP_NODELAY on every Python
+socket, and ``-pdu 131072`` on every ``storescp`` (the destination and the relays):
 
-* throughput, end to end (``storescu`` start → last file complete at the destination):
-  DCMTK storescu → DCMTK storescp directly; → a minimal stock pynetdicom SCP directly;
-  → Orthanc with a Lua ``OnStoredInstance`` → ``SendToModality`` auto-routing script →
-  storescp; → DicomFlow (receive → filter → send) → storescp. Images/s, MB/s, the ratio
-  to the direct DCMTK hop, and the CPU per image (user + system from /proc) of the
-  processes in between (for the direct rows: of the receiving process);
+* throughput, end to end (first ``storescu`` start → last file complete at the
+  destination), one table per study size (``--counts``) and number of ``storescu``
+  sending at once (``--parallel``; each sends its own study, the rate is the
+  aggregate): DCMTK storescu → DCMTK storescp directly; → a minimal stock pynetdicom
+  SCP directly; → Orthanc with a Lua ``OnStoredInstance`` → ``SendToModality``
+  auto-routing script → storescp; → a DCMTK study relay (``storescp -su``, then
+  ``dcmsend +sd #p`` one second after the study's end: what mercure is inside) →
+  storescp; → a DCMTK per-file relay (``storescp --exec-on-reception "storescu #p/#f"``)
+  → storescp; → DicomFlow (receive → filter → send) → storescp; with ``--wan-delay``
+  also DCMTK direct and DicomFlow with the delay relay (``delay_proxy``) in front of
+  the destination. Images/s, MB/s, the ratio to the direct DCMTK hop, and the CPU
+  per image (user + system from /proc) of the processes in between (for the direct
+  rows: of the receiving storescp and its per-association children; for the DCMTK
+  relays: of the relay storescp and every child it ran, reaped or not);
 * DicomFlow's added latency for a single image (p50/p95 over N singles, minus the
   median of the same single sent directly);
 * the time from a down destination coming back to the first delivery;
@@ -23,7 +33,10 @@ process (Orthanc included) and TCP_NODELAY on every Python socket:
 * ``dicomflow status`` time and the sender's drain rate with 100,000 small files
   queued, against the rate with a small queue.
 
-Rates are medians over ``--runs`` rounds (each round runs every system once, in turn).
+Rates are medians over ``--runs`` interleaved rounds (each round runs every system
+once, in turn). Bandwidth caps are not applied (loopback is shared with everything
+else on the machine); to add one by hand, as root: ``tc qdisc add dev lo root tbf rate
+1gbit burst 1mb latency 50ms`` (and ``tc qdisc del dev lo root`` after).
 Nothing here is a test: it measures and prints; it asserts no speed.
 """
 
@@ -372,12 +385,16 @@ class DcmtkRelay:
         wait_port(self.port)
         return self
 
+    def pid(self) -> int:
+        assert self.proc is not None, "relay not started"
+        return self.proc.pid
+
     def cpu(self) -> float:
-        return tree_cpu_seconds(self.proc.pid)
+        return tree_cpu_seconds(self.pid())
 
     def settle(self) -> None:
         """Wait for the children still finishing (releasing their association) to end."""
-        wait_until(lambda: not busy_descendants(self.proc.pid), 120, 0.01, "the relay's children")
+        wait_until(lambda: not busy_descendants(self.pid()), 120, 0.01, "the relay's children")
 
     def stop(self) -> None:
         terminate(self.proc)
