@@ -36,11 +36,19 @@ def cleanup():
 
 
 def pytest_terminal_summary(terminalreporter, exitstatus, config) -> None:
-    """The reliability suite's figures (issue 6): sent, acknowledged, delivered, lost…"""
+    """The reliability suite's figures (issue 6): sent, acknowledged, delivered, lost…;
+    then the interoperability suite's peer limits and findings (issue 12)."""
+    from tests.interop_corpus import summary_lines as interop_lines
     from tests.reliability import summary_lines
 
     lines = summary_lines()
     if lines:
         terminalreporter.section("DicomFlow reliability figures")
         for line in lines:
+            terminalreporter.write_line(line)
+
+    found = interop_lines()
+    if found:
+        terminalreporter.section("Interoperability: peer limits and findings")
+        for line in found:
             terminalreporter.write_line(line)

@@ -208,3 +208,40 @@ class SimpleStorage:
     def stop(self) -> None:
         terminate(self.proc, self.log, grace=10)
         self.proc = None
+
+
+class PixelMedSCP:
+    """PixelMed's ``StorageSOPClassSCPDispatcher`` (``pixelmed-apps``, Java): a Storage
+    SCP run as ``<port> <AE title> <folder>``; it stores each instance under
+    ``folder`` (named by its SOP Instance UID). Without a fourth argument it logs
+    nothing; its LDAP-discovery timer prints a stack trace at start (harmless)."""
+
+    CLASS = "com.pixelmed.network.StorageSOPClassSCPDispatcher"
+    JAR = "/usr/share/java/pixelmed.jar"  # its manifest names the dependencies' jars
+
+    def __init__(self, directory: Path, ae_title: str = "PIXELMED", port: int | None = None) -> None:
+        self.directory = directory
+        self.ae_title = ae_title
+        self.port = port or free_port()
+        self.proc: subprocess.Popen | None = None
+
+    def start(self) -> PixelMedSCP:
+        self.directory.mkdir(parents=True, exist_ok=True)
+        if not os.path.exists(self.JAR):
+            require_binary(self.JAR)
+        cmd = [require_binary("/usr/bin/java"), "-cp", self.JAR, self.CLASS, str(self.port),
+               self.ae_title, str(self.directory)]
+        self.log = open(self.directory.parent / f"pixelmed-scp-{self.port}.log", "ab")  # noqa: SIM115
+        self.proc = subprocess.Popen(cmd, cwd=self.directory.parent, stdout=self.log,
+                                     stderr=subprocess.STDOUT)
+        wait_port(self.port)
+        return self
+
+    def files(self) -> list[Path]:
+        """Stored instances (PixelMed writes each to a temporary name first: hidden)."""
+        return sorted(p for p in self.directory.rglob("*")
+                      if p.is_file() and not p.name.startswith("."))
+
+    def stop(self) -> None:
+        terminate(self.proc, self.log, grace=10)
+        self.proc = None

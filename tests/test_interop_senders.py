@@ -9,9 +9,9 @@ corpus straight to a ``storescp``, and that is the reference:
 * a file ``storescp`` takes from that sender must be acknowledged by DicomFlow and
   delivered with its data set unchanged (every element outside group 0002) — equal to
   what ``storescp`` got directly (some stacks re-encode what they send);
-* a file ``storescp`` refuses from that sender is that peer's limit: printed, not
-  counted against us — DicomFlow must refuse it too (a failure status or abort), or
-  deliver it unchanged; it must never acknowledge it and then quarantine it;
+* a file ``storescp`` refuses from that sender is that peer's limit: listed in the run's
+  summary (tests/conftest.py), not counted against us — DicomFlow must refuse it too (a
+  failure status or abort), or deliver it unchanged; it must never acknowledge it and then quarantine it;
 * nothing ends in ``quarantine/``, ``failed/`` or ``rejected/``.
 
 ``DICOMFLOW_TEST_SCALE`` (default 1) repeats the corpus that many times per sender.
@@ -41,6 +41,7 @@ from tests.helpers import (
     write_conf,
     write_dataset,
 )
+from tests.interop_corpus import record
 from tests.peers import StoreSCP
 
 SCALE = max(1, int(os.environ.get("DICOMFLOW_TEST_SCALE", "1")))
@@ -148,8 +149,8 @@ def test_foreign_sender_through_dicomflow(name: str, fastpath: str, corpus: list
     limits = {o.path for o in direct if not o.ok}
     for outcome in direct:
         if not outcome.ok:
-            print(f"{name}: peer limit (storescp refuses it too): {outcome.path.name}: "
-                  f"status {outcome.status} {outcome.detail}")
+            record(f"{name} → DicomFlow [{fastpath}]: peer limit (storescp refuses it too): "
+                   f"{outcome.path.name}: status {outcome.status} {outcome.detail}")
 
     destination = StoreSCP(tmp_path / "dest", "DEST", extra=SCP_OPTIONS).start()
     pipeline = Pipeline(tmp_path, destination, fastpath).start()
@@ -230,7 +231,8 @@ def test_defect19_gdcm_odd_length_deflated_data_set_is_delivered(fastpath: str, 
     assert source.stat().st_size % 2 == 1
     sender = Gdcm()
     (direct,), _ = send_direct(sender, [source], tmp_path)
-    print(f"gdcm: peer limit (storescp refuses it too): {source.name}: {direct.detail}")
+    record(f"gdcm → DicomFlow [{fastpath}]: peer limit (storescp refuses it too): {source.name}: "
+           f"{direct.detail}")
     destination = StoreSCP(tmp_path / "dest", "DEST", extra=SCP_OPTIONS).start()
     pipeline = Pipeline(tmp_path, destination, fastpath).start()
     try:
