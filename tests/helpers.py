@@ -15,6 +15,7 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 from pydicom.dataset import Dataset, FileMetaDataset
@@ -164,6 +165,47 @@ class Daemon:
 
     def kill(self) -> None:
         self.stop(signal.SIGKILL)
+
+
+class Pipeline:
+    """``dicomflow receive`` + ``filter`` + ``send dest`` as subprocesses, delivering to
+    ``peer`` (anything with ``port`` and ``ae_title``); ``endpoint`` and ``retry`` add
+    keys to those sections of ``dest.ini``, ``env`` to the daemons' environment."""
+
+    STAGES_IN_FLIGHT = ("incoming", "accepted", "outbox/dest")
+    DEAD_ENDS = ("failed/dest", "quarantine", "rejected")
+
+    def __init__(self, base: Path, peer: Any, endpoint: dict | None = None,
+                 retry: dict | None = None, env: dict | None = None) -> None:
+        sections = {"endpoint": {"host": "127.0.0.1", "port": peer.port, "ae_title": peer.ae_title,
+                                 **(endpoint or {})},
+                    "retry": dict(retry or {})}
+        self.conf = write_conf(base, router={"log_level": "INFO"}, endpoints={"dest": sections})
+        self.port = router_port(self.conf)
+        self.spool = base / "spool"
+        self.daemons = [Daemon(self.conf, "receive", env=env), Daemon(self.conf, "filter", env=env),
+                        Daemon(self.conf, "send", "dest", env=env)]
+
+    def start(self) -> Pipeline:
+        for daemon in self.daemons:
+            daemon.start()
+        self.daemons[0].wait_log("listening as")
+        return self
+
+    def stop(self) -> None:
+        for daemon in self.daemons:
+            daemon.stop()
+
+    def logs(self) -> str:
+        return "\n".join(daemon.log()[-3000:] for daemon in self.daemons)
+
+    def settled(self) -> bool:
+        """Nothing left in incoming/, accepted/ or the outbox."""
+        return all(dicom_files(self.spool / stage) == [] for stage in self.STAGES_IN_FLIGHT)
+
+    def dead_end_paths(self) -> list[Path]:
+        """Files in failed/, quarantine/ or rejected/."""
+        return [path for stage in self.DEAD_ENDS for path in dicom_files(self.spool / stage)]
 
 
 def run_cli(conf: Path, *args: str, timeout: float = HANG_TIMEOUT) -> subprocess.CompletedProcess:

@@ -38,17 +38,14 @@ import pytest
 from pydicom.uid import UID
 from pydicom.uid import DeflatedExplicitVRLittleEndian as DEFLATED
 
-from tests import interop_corpus
+from tests import helpers, interop_corpus
 from tests.foreign import Dcmtk
 from tests.helpers import (
     HANG_TIMEOUT,
-    Daemon,
     dcmtk,
     dicom_files,
     require_binary,
-    router_port,
     wait_for,
-    write_conf,
 )
 from tests.peers import Orthanc, PixelMedSCP, SimpleStorage, StoreSCP
 
@@ -118,35 +115,13 @@ def as_sent(corpus: list[Path], tmp_path_factory: pytest.TempPathFactory) -> dic
         scp.stop()
 
 
-class Pipeline:
-    """``dicomflow receive`` + ``filter`` + ``send dest`` delivering to ``peer``."""
+class Pipeline(helpers.Pipeline):
+    """The pipeline delivering to a foreign receiver, with quick retries, and what it
+    set aside or kept queued, by SOP Instance UID."""
 
     def __init__(self, base: Path, peer) -> None:
-        endpoint = {"endpoint": {"host": "127.0.0.1", "port": peer.port, "ae_title": peer.ae_title,
-                                 "dimse_timeout": "10s"},
-                    "retry": {"probe_backoff_cap": "1s", "backoff": "0.5s", "max_attempts": 2}}
-        self.conf = write_conf(base, router={"log_level": "INFO"}, endpoints={"dest": endpoint})
-        self.port = router_port(self.conf)
-        self.spool = base / "spool"
-        self.daemons = [Daemon(self.conf, "receive"), Daemon(self.conf, "filter"),
-                        Daemon(self.conf, "send", "dest")]
-
-    def start(self) -> Pipeline:
-        for daemon in self.daemons:
-            daemon.start()
-        self.daemons[0].wait_log("listening as")
-        return self
-
-    def stop(self) -> None:
-        for daemon in self.daemons:
-            daemon.stop()
-
-    def logs(self) -> str:
-        return "\n".join(daemon.log()[-3000:] for daemon in self.daemons)
-
-    def settled(self) -> bool:
-        busy = [self.spool / "incoming", self.spool / "accepted", self.spool / "outbox" / "dest"]
-        return all(dicom_files(stage) == [] for stage in busy)
+        super().__init__(base, peer, endpoint={"dimse_timeout": "10s"},
+                         retry={"probe_backoff_cap": "1s", "backoff": "0.5s", "max_attempts": 2})
 
     def held(self) -> dict[str, tuple[Path, str]]:
         """Outbox files the destination refused with 0xA7xx (out of resources): when no
@@ -161,7 +136,7 @@ class Pipeline:
     def dead_ends(self) -> dict[str, tuple[Path, str]]:
         """Files in failed/, quarantine/, rejected/ by SOP Instance UID, with their reason."""
         found = {}
-        for stage in ("failed/dest", "quarantine", "rejected"):
+        for stage in self.DEAD_ENDS:
             for path in dicom_files(self.spool / stage):
                 sidecars = [s for s in (Path(f"{path}.reason"), Path(f"{path}.error")) if s.exists()]
                 reason = sidecars[0].read_text(errors="replace").strip() if sidecars else ""

@@ -32,13 +32,10 @@ from pydicom.data import get_testdata_file
 from tests.foreign import Ctn, Dcmtk, Gdcm, Odil, Outcome, PixelMed
 from tests.helpers import (
     HANG_TIMEOUT,
-    Daemon,
+    Pipeline,
     dcmtk,
-    dicom_files,
     make_dataset,
-    router_port,
     wait_for,
-    write_conf,
     write_dataset,
 )
 from tests.interop_corpus import record
@@ -70,40 +67,9 @@ def corpus(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
     return files + [jpeg]
 
 
-class Pipeline:
-    """``dicomflow receive`` + ``filter`` + ``send dest`` delivering to a storescp."""
-
-    def __init__(self, base: Path, destination: StoreSCP, fastpath: str) -> None:
-        endpoint = {"endpoint": {"host": "127.0.0.1", "port": destination.port,
-                                 "ae_title": destination.ae_title},
-                    "retry": {"probe_backoff_cap": "2s"}}
-        self.conf = write_conf(base, router={"log_level": "INFO"}, endpoints={"dest": endpoint})
-        self.port = router_port(self.conf)
-        self.spool = base / "spool"
-        env = {"DICOMFLOW_FASTPATH": fastpath}
-        self.daemons = [Daemon(self.conf, "receive", env=env), Daemon(self.conf, "filter", env=env),
-                        Daemon(self.conf, "send", "dest", env=env)]
-
-    def start(self) -> Pipeline:
-        for daemon in self.daemons:
-            daemon.start()
-        self.daemons[0].wait_log("listening as")
-        return self
-
-    def stop(self) -> None:
-        for daemon in self.daemons:
-            daemon.stop()
-
-    def logs(self) -> str:
-        return "\n".join(daemon.log()[-3000:] for daemon in self.daemons)
-
-    def settled(self) -> bool:
-        busy = [self.spool / "incoming", self.spool / "accepted", self.spool / "outbox" / "dest"]
-        return all(dicom_files(stage) == [] for stage in busy)
-
-    def dead_ends(self) -> list[Path]:
-        stages = [self.spool / "quarantine", self.spool / "rejected", self.spool / "failed" / "dest"]
-        return [path for stage in stages for path in dicom_files(stage)]
+def pipeline_to(base: Path, destination: StoreSCP, fastpath: str) -> Pipeline:
+    return Pipeline(base, destination, retry={"probe_backoff_cap": "2s"},
+                    env={"DICOMFLOW_FASTPATH": fastpath})
 
 
 def by_instance(paths: list[Path]) -> dict[str, pydicom.Dataset]:
@@ -153,7 +119,7 @@ def test_foreign_sender_through_dicomflow(name: str, fastpath: str, corpus: list
                    f"{outcome.path.name}: status {outcome.status} {outcome.detail}")
 
     destination = StoreSCP(tmp_path / "dest", "DEST", extra=SCP_OPTIONS).start()
-    pipeline = Pipeline(tmp_path, destination, fastpath).start()
+    pipeline = pipeline_to(tmp_path, destination, fastpath).start()
     try:
         outcomes = sender.send(pipeline.port, files, "DICOMFLOW")
         acknowledged = [o.path for o in outcomes if o.ok]
@@ -161,7 +127,7 @@ def test_foreign_sender_through_dicomflow(name: str, fastpath: str, corpus: list
         assert not against_us, f"{name}: refused by DicomFlow, taken by storescp: {against_us}"
         wait_for(lambda: len(destination.files()) >= len(acknowledged) and pipeline.settled(),
                  timeout=HANG_TIMEOUT * 2, message=f"{len(acknowledged)} deliveries")
-        assert pipeline.dead_ends() == [], pipeline.logs()
+        assert pipeline.dead_end_paths() == [], pipeline.logs()
         assert len(destination.files()) == len(acknowledged)
         delivered = by_instance(destination.files())
         for path in set(acknowledged):
@@ -204,13 +170,13 @@ def test_defect18_pixelmed_odd_length_data_set_is_delivered_equal_to_source(
     (direct,), reference = send_direct(sender, [source], tmp_path)
     assert direct.ok, direct
     destination = StoreSCP(tmp_path / "dest", "DEST", extra=SCP_OPTIONS).start()
-    pipeline = Pipeline(tmp_path, destination, fastpath).start()
+    pipeline = pipeline_to(tmp_path, destination, fastpath).start()
     try:
         (outcome,) = sender.send(pipeline.port, [source], "DICOMFLOW")
         assert outcome.ok, pipeline.logs()
         (delivered,) = wait_for(destination.files, message="the odd-length file delivered")
         wait_for(pipeline.settled, message="the pipeline settled")
-        assert pipeline.dead_ends() == [], pipeline.logs()
+        assert pipeline.dead_end_paths() == [], pipeline.logs()
         got = pydicom.dcmread(delivered)
         expected = pydicom.dcmread(source)
         assert data_set_differences(got, expected) == []
@@ -234,13 +200,13 @@ def test_defect19_gdcm_odd_length_deflated_data_set_is_delivered(fastpath: str, 
     record(f"gdcm → DicomFlow [{fastpath}]: peer limit (storescp refuses it too): {source.name}: "
            f"{direct.detail}")
     destination = StoreSCP(tmp_path / "dest", "DEST", extra=SCP_OPTIONS).start()
-    pipeline = Pipeline(tmp_path, destination, fastpath).start()
+    pipeline = pipeline_to(tmp_path, destination, fastpath).start()
     try:
         (outcome,) = sender.send(pipeline.port, [source], "DICOMFLOW")
         assert outcome.ok, outcome
         (delivered,) = wait_for(destination.files, message="the deflated file delivered")
         wait_for(pipeline.settled, message="the pipeline settled")
-        assert pipeline.dead_ends() == [], pipeline.logs()
+        assert pipeline.dead_end_paths() == [], pipeline.logs()
         assert data_set_differences(pydicom.dcmread(delivered), pydicom.dcmread(source)) == []
     finally:
         pipeline.stop()
