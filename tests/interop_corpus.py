@@ -21,16 +21,19 @@ replaced in the file's bytes (no re-encoding: the file stays as pydicom ships it
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
+from functools import cache
 from pathlib import Path
 
 import pydicom
 from pydicom.data import get_testdata_file
 from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.uid import DeflatedExplicitVRLittleEndian as DEFLATED
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
-from tests.helpers import dcmtk
+from tests.helpers import dcmtk, dicom_files, require_binary
 
 SCALE = float(os.environ.get("DICOMFLOW_TEST_SCALE", "1") or 1)
 BIG_SIZE = int(100 * 1024 * 1024 * SCALE)
@@ -44,6 +47,13 @@ INCOMPLETE = frozenset({
 DCMTK_VARIANTS = {"CT_small_dcmcjpeg": ("dcmcjpeg", "+ua"), "CT_small_dcmcjpls": ("dcmcjpls", "+ua"),
                   "CT_small_dcmcrle": ("dcmcrle", "+ua")}
 FRAME = 512
+# storescu proposes only uncompressed syntaxes unless told; one option per compression
+PROPOSE = {
+    "1.2.840.10008.1.2.4.70": "-xs", "1.2.840.10008.1.2.4.50": "-xy", "1.2.840.10008.1.2.4.51": "-xx",
+    "1.2.840.10008.1.2.4.90": "-xv", "1.2.840.10008.1.2.4.91": "-xw", "1.2.840.10008.1.2.4.80": "-xt",
+    "1.2.840.10008.1.2.4.81": "-xu", "1.2.840.10008.1.2.5": "-xr", "1.2.840.10008.1.2.1.99": "-xd",
+    "1.2.840.10008.1.2.2": "-xb",
+}
 
 
 def pydicom_files() -> list[Path]:
@@ -144,6 +154,32 @@ def instance_uid(path: Path) -> str:
     return str(pydicom.dcmread(path, stop_before_pixels=True).SOPInstanceUID)
 
 
+def storescu_option(path: Path) -> tuple[str, ...]:
+    """The ``storescu`` option that makes it propose the file's own transfer syntax."""
+    syntax = str(pydicom.dcmread(path, stop_before_pixels=True).file_meta.TransferSyntaxUID)
+    return (PROPOSE[syntax],) if syntax in PROPOSE else ()
+
+
+def dciodvfy_errors(path: Path) -> set[str]:
+    """dciodvfy's error lines. It does not inflate a deflated data set (it stops at the
+    file meta), so a deflated file is checked on an inflated copy (DCMTK ``dcmconv``)."""
+    if pydicom.dcmread(path, stop_before_pixels=True).file_meta.TransferSyntaxUID == DEFLATED:
+        inflated = path.parent / f".inflated-{path.name}"
+        subprocess.run([dcmtk("dcmconv"), "+te", str(path), str(inflated)], check=True,
+                       capture_output=True, timeout=300)
+        path = inflated
+    result = subprocess.run([require_binary("/usr/bin/dciodvfy"), str(path)], capture_output=True,
+                            text=True, errors="replace", timeout=300)
+    return {line.strip() for line in (result.stdout + result.stderr).splitlines()
+            if re.match(r"\s*Error", line)}
+
+
+@cache
+def source_errors(path: Path) -> frozenset[str]:
+    """:func:`dciodvfy_errors` of a corpus file, once per run (every pair compares to it)."""
+    return frozenset(dciodvfy_errors(path))
+
+
 # -- what the run found: peer limits and findings, printed by tests/conftest.py --------
 
 FOUND: list[str] = []
@@ -156,3 +192,34 @@ def record(line: str) -> None:
 
 def summary_lines() -> list[str]:
     return list(FOUND)
+
+
+def uid_or_name(path: Path) -> str:
+    """A file's SOP Instance UID, or its name when it does not parse (quarantined)."""
+    try:
+        return instance_uid(path)
+    except Exception:  # noqa: BLE001 - a quarantined file may not parse
+        return path.name
+
+
+def set_aside(spool: Path, stages: tuple[str, ...]) -> dict[str, tuple[Path, str]]:
+    """Files in the dead-end ``stages`` of ``spool`` by SOP Instance UID, with the
+    reason from their sidecar ("stage: reason"; empty reason when there is none)."""
+    found = {}
+    for stage in stages:
+        for path in dicom_files(spool / stage):
+            sidecars = [s for s in (Path(f"{path}.reason"), Path(f"{path}.error")) if s.exists()]
+            reason = sidecars[0].read_text(errors="replace").strip() if sidecars else ""
+            found[uid_or_name(path)] = (path, f"{stage}: {reason}")
+    return found
+
+
+_BUILT: list[Path] = []
+
+
+def session_corpus(tmp_path_factory) -> list[Path]:
+    """The corpus built once per test session, whichever interop module asks first
+    (the 100 MB object takes a while to write)."""
+    if not _BUILT:
+        _BUILT.extend(build(tmp_path_factory.mktemp("interop-corpus")))
+    return list(_BUILT)

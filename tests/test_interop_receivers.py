@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import re
 import shutil
-import subprocess
 import urllib.request
 from pathlib import Path
 
@@ -36,29 +35,20 @@ import numpy
 import pydicom
 import pytest
 from pydicom.uid import UID
-from pydicom.uid import DeflatedExplicitVRLittleEndian as DEFLATED
 
 from tests import helpers, interop_corpus
 from tests.foreign import Dcmtk
 from tests.helpers import (
     HANG_TIMEOUT,
-    dcmtk,
     dicom_files,
-    require_binary,
     wait_for,
 )
+from tests.interop_corpus import dciodvfy_errors
 from tests.peers import Orthanc, PixelMedSCP, SimpleStorage, StoreSCP
 
 pytestmark = pytest.mark.e2e
 
 TRAILING_PADDING = 0xFFFCFFFC  # no meaning (PS3.10 §7.2): a parsing receiver drops it
-# storescu proposes only uncompressed syntaxes unless told; one option per compression
-PROPOSE = {
-    "1.2.840.10008.1.2.4.70": "-xs", "1.2.840.10008.1.2.4.50": "-xy", "1.2.840.10008.1.2.4.51": "-xx",
-    "1.2.840.10008.1.2.4.90": "-xv", "1.2.840.10008.1.2.4.91": "-xw", "1.2.840.10008.1.2.4.80": "-xt",
-    "1.2.840.10008.1.2.4.81": "-xu", "1.2.840.10008.1.2.5": "-xr", "1.2.840.10008.1.2.1.99": "-xd",
-    "1.2.840.10008.1.2.2": "-xb",
-}
 
 
 class OrthancFiles(Orthanc):
@@ -129,33 +119,18 @@ class Pipeline(helpers.Pipeline):
         ``[retry]``) and stay queued — Orthanc answers 0xA700 for an instance it cannot
         index (no PatientID…). Not lost; listed."""
         log = self.daemons[2].log()
-        return {_uid_of(path): (path, "outbox/dest: refused with 0xA7xx, kept queued")
+        return {interop_corpus.uid_or_name(path): (path, "outbox/dest: refused with 0xA7xx, kept queued")
                 for path in dicom_files(self.spool / "outbox" / "dest")
                 if re.search(rf"file={re.escape(path.name)} .*0xA7", log)}
 
     def dead_ends(self) -> dict[str, tuple[Path, str]]:
         """Files in failed/, quarantine/, rejected/ by SOP Instance UID, with their reason."""
-        found = {}
-        for stage in self.DEAD_ENDS:
-            for path in dicom_files(self.spool / stage):
-                sidecars = [s for s in (Path(f"{path}.reason"), Path(f"{path}.error")) if s.exists()]
-                reason = sidecars[0].read_text(errors="replace").strip() if sidecars else ""
-                found[_uid_of(path)] = (path, f"{stage}: {reason}")
-        return found
-
-
-def _uid_of(path: Path) -> str:
-    try:
-        return interop_corpus.instance_uid(path)
-    except Exception:  # noqa: BLE001 - a quarantined file may not parse
-        return path.name
+        return interop_corpus.set_aside(self.spool, self.DEAD_ENDS)
 
 
 def send_file(port: int, path: Path, called: str) -> bool:
     """One ``storescu`` call proposing the file's own transfer syntax; stored?"""
-    syntax = str(pydicom.dcmread(path, stop_before_pixels=True).file_meta.TransferSyntaxUID)
-    option = PROPOSE.get(syntax)
-    (outcome,) = Dcmtk((option,) if option else ()).send(port, [path], called)
+    (outcome,) = Dcmtk(interop_corpus.storescu_option(path)).send(port, [path], called)
     return outcome.ok
 
 
@@ -180,20 +155,6 @@ def differences(got_path: Path, source_path: Path) -> list[str]:
             and not (transcoded and (t == 0x7FE00010 or t.element == 0))}
     found += [str(t) for t in sorted(tags) if t not in got or t not in expected or got[t] != expected[t]]
     return found
-
-
-def dciodvfy_errors(path: Path) -> set[str]:
-    """dciodvfy's error lines. It does not inflate a deflated data set (it stops at the
-    file meta), so a deflated file is checked on an inflated copy (DCMTK ``dcmconv``)."""
-    if pydicom.dcmread(path, stop_before_pixels=True).file_meta.TransferSyntaxUID == DEFLATED:
-        inflated = path.parent / f".inflated-{path.name}"
-        subprocess.run([dcmtk("dcmconv"), "+te", str(path), str(inflated)], check=True,
-                       capture_output=True, timeout=300)
-        path = inflated
-    result = subprocess.run([require_binary("/usr/bin/dciodvfy"), str(path)], capture_output=True,
-                            text=True, errors="replace", timeout=300)
-    return {line.strip() for line in (result.stdout + result.stderr).splitlines()
-            if re.match(r"\s*Error", line)}
 
 
 def direct_limits(name: str, files: list[Path], base: Path) -> dict[Path, bool]:
