@@ -31,7 +31,10 @@ Notes per stack, as found with the Debian packages here:
   system Python and prints each response's status.
 * PixelMed's ``StorageSOPClassSCU`` with ``-`` reads file names from stdin and sends
   them all on one association; it reports ``Send <file> succeeded|failed`` at debug
-  level (java.util.logging FINE), switched on with a logging properties file.
+  level (java.util.logging FINE), switched on with a logging properties file. A file
+  it cannot parse (e.g. pydicom's SC_rgb_jpeg.dcm) ends the whole call before it
+  associates ("Cannot get Abstract or Transfer Syntax …"): the wrapper reports that
+  file failed and sends the rest again.
 """
 
 from __future__ import annotations
@@ -234,15 +237,36 @@ class PixelMed:
 
     def send(self, port: int, files: list[Path], called: str, calling: str = "PIXELMED",
              host: str = "127.0.0.1") -> list[Outcome]:
-        names = [str(p) for p in files]
-        result = _run([self.java, f"-Djava.util.logging.config.file={self.properties}",
-                       "-cp", self.jar, PIXELMED_CLASS, host, str(port), called, calling, "-"],
-                      stdin="".join(name + "\n" for name in names))
-        said: dict[str, bool] = {}
-        for found in re.finditer(r"Send (.+?) (succeeded|failed) between", result.stderr):
-            said[found.group(1)] = found.group(2) == "succeeded"
-        return [Outcome(p, said.get(str(p), False), None,
-                        _pixelmed_detail(said.get(str(p)), result)) for p in files]
+        """Every file on one association; a file PixelMed cannot read ends the whole call
+        before it associates, so that file is set aside and the rest sent again."""
+        outcomes: dict[Path, Outcome] = {}
+        left = list(files)
+        while left:
+            result = self._call(port, left, called, calling, host)
+            said = {found.group(1): found.group(2) == "succeeded"
+                    for found in re.finditer(r"Send (.+?) (succeeded|failed) between", result.stderr)}
+            unreadable = re.search(r"Cannot get Abstract or Transfer Syntax to build Presentation "
+                                   r"Context from file (.+)", result.stderr)
+            bad = next((p for p in left if unreadable and str(p) == unreadable.group(1).strip()), None)
+            if said or bad is None:
+                outcomes.update((p, Outcome(p, said.get(str(p), False), None,
+                                            _pixelmed_detail(said.get(str(p)), result))) for p in left)
+                break
+            outcomes[bad] = Outcome(bad, False, None, "PixelMed cannot read it: "
+                                    + (_pixelmed_read_error(result.stderr) or "no presentation context"))
+            left.remove(bad)
+        return [outcomes[p] for p in files]
+
+    def _call(self, port: int, files: list[Path], called: str, calling: str,
+              host: str) -> subprocess.CompletedProcess:
+        return _run([self.java, f"-Djava.util.logging.config.file={self.properties}",
+                     "-cp", self.jar, PIXELMED_CLASS, host, str(port), called, calling, "-"],
+                    stdin="".join(f"{p}\n" for p in files))
+
+
+def _pixelmed_read_error(stderr: str) -> str:
+    found = re.search(r"DicomException: (.+)", stderr)
+    return found.group(1).strip()[:200] if found else ""
 
 
 def _pixelmed_detail(succeeded: bool | None, result: subprocess.CompletedProcess) -> str:
