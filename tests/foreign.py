@@ -28,7 +28,8 @@ Notes per stack, as found with the Debian packages here:
 * odil's ``odil store`` command prints nothing for a failure *status* (only for an
   exception), so the wrapper runs the same steps as that command (the same two
   proposed transfer syntaxes, one association) through odil's library with the
-  system Python and prints each response's status.
+  system Python and prints each response's status. A file odil cannot read is
+  reported failed and left out (odil's own command would stop there).
 * PixelMed's ``StorageSOPClassSCU`` with ``-`` reads file names from stdin and sends
   them all on one association; it reports ``Send <file> succeeded|failed`` at debug
   level (java.util.logging FINE), switched on with a logging properties file. A file
@@ -156,9 +157,13 @@ host, port, calling, called, *files = sys.argv[1:]
 syntaxes = [odil.registry.ExplicitVRLittleEndian, odil.registry.ImplicitVRLittleEndian]
 datasets = []
 for name in files:
-    with odil.open(name) as stream:
-        datasets.append((name, odil.Reader.read_file(stream)[1]))
-classes = sorted({ds.as_string("SOPClassUID")[0] for _, ds in datasets})
+    try:
+        with odil.open(name) as stream:
+            ds = odil.Reader.read_file(stream)[1]
+        datasets.append((name, ds, ds.as_string("SOPClassUID")[0], ds.as_string("SOPInstanceUID")[0]))
+    except Exception as exc:
+        print("FAILED", name, "odil cannot read it:", repr(exc).replace("\n", " "), flush=True)
+classes = sorted({sop_class for _, _, sop_class, _ in datasets})
 role = odil.AssociationParameters.PresentationContext.Role.SCU
 contexts = [odil.AssociationParameters.PresentationContext(2 * i + 1, uid, syntaxes, role)
             for i, uid in enumerate(classes)]
@@ -168,11 +173,10 @@ association.set_peer_port(int(port))
 association.update_parameters().set_calling_ae_title(calling).set_called_ae_title(
     called).set_presentation_contexts(contexts)
 association.associate()
-for name, ds in datasets:
+for name, ds, sop_class, sop_instance in datasets:
     try:
-        sop_class = ds.as_string("SOPClassUID")[0]
         request = odil.messages.CStoreRequest(association.next_message_id(), sop_class,
-                                              ds.as_string("SOPInstanceUID")[0], 0, ds)
+                                              sop_instance, 0, ds)
         association.send_message(request, sop_class)
         response = odil.messages.CStoreResponse(association.receive_message())
         print("STATUS", response.get_status(), name, flush=True)
