@@ -13,7 +13,7 @@ stack      program                                      one association per
 DCMTK      ``/usr/bin/storescu``                        file
 GDCM       ``/usr/bin/gdcmscu --store``                 file (it aborts when it exits)
 CTN        ``/usr/bin/send_image``                      file
-odil       odil's Python library (``/usr/bin/odil``)    call (a new one if it ends)
+odil       odil's Python library (``/usr/bin/odil``)    call (all files)
 PixelMed   ``com.pixelmed.network.StorageSOPClassSCU``  call (all files)
 =========  ===========================================  ===============================
 
@@ -29,8 +29,7 @@ Notes per stack, as found with the Debian packages here:
   exception), so the wrapper runs the same steps as that command (the same two
   proposed transfer syntaxes, one association) through odil's library with the
   system Python and prints each response's status. A file odil cannot read is
-  reported failed and left out (odil's own command would stop there); when the peer
-  ends the association after a file, the next file goes on a new one.
+  reported failed and left out (odil's own command would stop there).
 * PixelMed's ``StorageSOPClassSCU`` with ``-`` reads file names from stdin and sends
   them all on one association; it reports ``Send <file> succeeded|failed`` at debug
   level (java.util.logging FINE), switched on with a logging properties file. A file
@@ -168,19 +167,14 @@ classes = sorted({sop_class for _, _, sop_class, _ in datasets})
 role = odil.AssociationParameters.PresentationContext.Role.SCU
 contexts = [odil.AssociationParameters.PresentationContext(2 * i + 1, uid, syntaxes, role)
             for i, uid in enumerate(classes)]
-def associate():
-    association = odil.Association()
-    association.set_peer_host(host)
-    association.set_peer_port(int(port))
-    association.update_parameters().set_calling_ae_title(calling).set_called_ae_title(
-        called).set_presentation_contexts(contexts)
-    association.associate()
-    return association
-association = associate()
+association = odil.Association()
+association.set_peer_host(host)
+association.set_peer_port(int(port))
+association.update_parameters().set_calling_ae_title(calling).set_called_ae_title(
+    called).set_presentation_contexts(contexts)
+association.associate()
 for name, ds, sop_class, sop_instance in datasets:
     try:
-        if not association.is_associated():  # the peer ended it after a bad file
-            association = associate()
         request = odil.messages.CStoreRequest(association.next_message_id(), sop_class,
                                               sop_instance, 0, ds)
         association.send_message(request, sop_class)
