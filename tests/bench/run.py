@@ -592,7 +592,7 @@ class Results:
 
 SYSTEMS = ("dcmtk", "pynetdicom", "orthanc", "dcmtk-study-relay", "dcmtk-file-relay", "dicomflow",
            "dicomflow-stock", "dcmtk-wan", "dicomflow-wan")
-DEFAULT_SYSTEMS = SYSTEMS[:6]
+DEFAULT_SYSTEMS = SYSTEMS[:7]
 WAN_SYSTEMS = ("dcmtk-wan", "dicomflow-wan")   # run when --wan-delay is set
 LABELS = {
     "dcmtk": "DCMTK storescu → DCMTK storescp (direct)",
