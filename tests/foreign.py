@@ -13,8 +13,8 @@ stack      program                                      one association per
 DCMTK      ``/usr/bin/storescu``                        file
 GDCM       ``/usr/bin/gdcmscu --store``                 file (it aborts when it exits)
 CTN        ``/usr/bin/send_image``                      file
-odil       odil's Python library (``/usr/bin/odil``)    call (all files)
-PixelMed   ``com.pixelmed.network.StorageSOPClassSCU``  call (all files)
+odil       odil's Python library (``/usr/bin/odil``)    call (a new call for the rest)
+PixelMed   ``com.pixelmed.network.StorageSOPClassSCU``  call (a new call for the rest)
 =========  ===========================================  ===============================
 
 Notes per stack, as found with the Debian packages here:
@@ -26,16 +26,29 @@ Notes per stack, as found with the Debian packages here:
 * CTN's ``send_image`` prints each response ("Status: 0000 …"); without ``-r`` it goes
   on after a failure status, and it stops at the first file it cannot negotiate.
 * odil's ``odil store`` command prints nothing for a failure *status* (only for an
-  exception), so the wrapper runs the same steps as that command (the same two
-  proposed transfer syntaxes, one association) through odil's library with the
-  system Python and prints each response's status. A file odil cannot read is
-  reported failed and left out (odil's own command would stop there).
+  exception), so the wrapper runs the same steps as that command (one association)
+  through odil's library with the system Python and prints each response's status.
+  Where ``odil store`` proposes only the two uncompressed transfer syntaxes, the
+  wrapper proposes each SOP class's own first (as ``storescu`` is told to in the
+  interoperability suite), so that compressed files are tested too. A file odil cannot read is
+  reported failed and left out (odil's own command would stop there); the script
+  stops at the first exception (the association is gone).
 * PixelMed's ``StorageSOPClassSCU`` with ``-`` reads file names from stdin and sends
   them all on one association; it reports ``Send <file> succeeded|failed`` at debug
-  level (java.util.logging FINE), switched on with a logging properties file. A file
-  it cannot parse (e.g. pydicom's SC_rgb_jpeg.dcm) ends the whole call before it
-  associates ("Cannot get Abstract or Transfer Syntax …"): the wrapper reports that
-  file failed and sends the rest again.
+  level (java.util.logging FINE), switched on with a logging properties file, but
+  never the status. A file it cannot parse (e.g. pydicom's SC_rgb_jpeg.dcm) ends the
+  whole call before it associates ("Cannot get Abstract or Transfer Syntax …"): the
+  wrapper reports that file failed and sends the rest again.
+
+odil and PixelMed put every file of a call on one association and choose a file's
+presentation context by its SOP class alone: :func:`_batches` makes one call per set of
+files in which each SOP class has one transfer syntax. One bad file can still end the
+association and make every later file look failed, so :func:`_in_calls` sends
+the files that have no outcome yet again, on a new call, until each has its own: a
+file is reported failed without a status only when it was the first file of its
+association (else it is sent again, first); a file with a status (or PixelMed's
+"succeeded") is never sent twice. Each call has a time bound; a call that overruns
+it is killed and what it printed so far counts.
 """
 
 from __future__ import annotations
@@ -45,6 +58,8 @@ import re
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
+
+import pydicom
 
 from tests.helpers import require_binary
 from tests.peers import TCP_ENV
@@ -56,6 +71,8 @@ PIXELMED_JAR = "/usr/share/java/pixelmed.jar"
 # commons-codec from libcommons-codec-java, which the manifest names.
 PIXELMED_CLASS = "com.pixelmed.network.StorageSOPClassSCU"
 TIMEOUT = 300.0
+CALL_TIMEOUT = 60.0          # one call of a one-association sender, plus the time below
+CALL_BYTES_PER_S = 5e6       # … for its bytes (a 100 MB object gets 20 s more)
 
 
 @dataclass(frozen=True)
@@ -76,8 +93,89 @@ def _stored(status: int | None) -> bool:
 
 def _run(cmd: list[str], timeout: float = TIMEOUT, stdin: str | None = None,
          env: dict | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run(cmd, input=stdin, capture_output=True, text=True, errors="replace",
-                          timeout=timeout, env={**os.environ, **TCP_ENV, **(env or {})})
+    """Run a tool; one that overruns ``timeout`` is killed, and what it printed so far
+    is returned with exit status -9 (a hang is reported, not waited out)."""
+    try:
+        return subprocess.run(cmd, input=stdin, capture_output=True, text=True, errors="replace",
+                              timeout=timeout, env={**os.environ, **TCP_ENV, **(env or {})})
+    except subprocess.TimeoutExpired as exc:
+        said = [_text(exc.stdout), _text(exc.stderr) + f"\nerror: killed after {timeout:.0f}s\n"]
+        return subprocess.CompletedProcess(cmd, -9, *said)
+
+
+def _text(output: bytes | str | None) -> str:
+    if isinstance(output, bytes):
+        return output.decode(errors="replace")
+    return output or ""
+
+
+@dataclass
+class Call:
+    """What one call of a one-association sender reported."""
+
+    said: dict[Path, Outcome]          # files the tool reported on
+    unreadable: dict[Path, Outcome]    # files the tool could not read (never sent)
+    detail: str                        # its last error, for the files it did not report
+    associated: bool = True            # False: it ended before associating
+
+
+def _in_calls(files: list[Path], call) -> list[Outcome]:
+    """Send ``files`` with ``call`` (one association per call) until each has its own
+    outcome: see the module's docstring."""
+    outcomes: dict[Path, Outcome] = {}
+    left = list(files)
+    while left:
+        result: Call = call(left)
+        outcomes.update(result.unreadable)
+        sent = [p for p in left if p not in result.unreadable]
+        for path in sent:
+            said = result.said.get(path)
+            if said is not None and (said.ok or said.status is not None):
+                outcomes[path] = said
+        rest = [p for p in sent if p not in outcomes]
+        if rest and rest[0] == sent[0] and result.associated:
+            first = rest.pop(0)  # the first file of a fresh association: its own failure
+            outcomes[first] = result.said.get(first) or Outcome(
+                first, False, None, result.detail or "not sent")
+        left = rest
+    return [outcomes[p] for p in files]
+
+
+def _in_batches(files: list[Path], call) -> list[Outcome]:
+    """:func:`_in_calls` for each of :func:`_batches`, in the files' order."""
+    outcomes = {o.path: o for batch in _batches(files) for o in _in_calls(batch, call)}
+    return [outcomes[p] for p in files]
+
+
+def _batches(files: list[Path]) -> list[list[Path]]:
+    """The files in batches where each SOP class has one transfer syntax.
+
+    odil and PixelMed choose a presentation context by SOP class alone, so two files of
+    one class in two transfer syntaxes on one association would put one of them on the
+    other's context (PixelMed sends it as it is, mislabelled). A file pydicom cannot
+    read goes in the first batch (the tool reports it)."""
+    batches: list[tuple[dict[str, str], list[Path]]] = []
+    for path in files:
+        sop_class, syntax = _sop_class_and_syntax(path)
+        batch = next((b for b in batches if b[0].get(sop_class, syntax) == syntax), None)
+        if batch is None:
+            batch = ({}, [])
+            batches.append(batch)
+        batch[0][sop_class] = syntax
+        batch[1].append(path)
+    return [paths for _, paths in batches]
+
+
+def _sop_class_and_syntax(path: Path) -> tuple[str, str]:
+    try:
+        ds = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=["SOPClassUID"])
+        return str(ds.get("SOPClassUID", "")), str(ds.file_meta.get("TransferSyntaxUID", ""))
+    except Exception:  # noqa: BLE001 - any unreadable file: the tool's verdict is wanted
+        return "", ""
+
+
+def _call_timeout(files: list[Path]) -> float:
+    return CALL_TIMEOUT + sum(p.stat().st_size for p in files) / CALL_BYTES_PER_S
 
 
 class Dcmtk:
@@ -154,19 +252,22 @@ import sys
 import odil
 
 host, port, calling, called, *files = sys.argv[1:]
-syntaxes = [odil.registry.ExplicitVRLittleEndian, odil.registry.ImplicitVRLittleEndian]
+uncompressed = [odil.registry.ExplicitVRLittleEndian, odil.registry.ImplicitVRLittleEndian]
 datasets = []
+own = {}  # SOP class -> the transfer syntax of its files in this call (one: see _batches)
 for name in files:
     try:
         with odil.open(name) as stream:
-            ds = odil.Reader.read_file(stream)[1]
-        datasets.append((name, ds, ds.as_string("SOPClassUID")[0], ds.as_string("SOPInstanceUID")[0]))
+            meta, ds = odil.Reader.read_file(stream)
+        sop_class = ds.as_string("SOPClassUID")[0]
+        own[sop_class] = meta.as_string("TransferSyntaxUID")[0]
+        datasets.append((name, ds, sop_class, ds.as_string("SOPInstanceUID")[0]))
     except Exception as exc:
-        print("FAILED", name, "odil cannot read it:", repr(exc).replace("\n", " "), flush=True)
-classes = sorted({sop_class for _, _, sop_class, _ in datasets})
+        print("UNREADABLE", name, "odil cannot read it:", repr(exc).replace("\n", " "), flush=True)
 role = odil.AssociationParameters.PresentationContext.Role.SCU
-contexts = [odil.AssociationParameters.PresentationContext(2 * i + 1, uid, syntaxes, role)
-            for i, uid in enumerate(classes)]
+contexts = [odil.AssociationParameters.PresentationContext(
+                2 * i + 1, uid, [own[uid]] + [t for t in uncompressed if t != own[uid]], role)
+            for i, uid in enumerate(sorted(own))]
 association = odil.Association()
 association.set_peer_host(host)
 association.set_peer_port(int(port))
@@ -180,17 +281,19 @@ for name, ds, sop_class, sop_instance in datasets:
         association.send_message(request, sop_class)
         response = odil.messages.CStoreResponse(association.receive_message())
         print("STATUS", response.get_status(), name, flush=True)
-    except Exception as exc:
+    except Exception as exc:  # the association is gone: the rest go on a new call
         print("FAILED", name, repr(exc).replace("\n", " "), flush=True)
-try:
-    association.release()
-except Exception:
-    pass
+        break
+else:
+    try:
+        association.release()
+    except Exception:
+        pass
 """
 
 
 class Odil:
-    """odil's store SCU (the steps of ``odil store``), all files on one association."""
+    """odil's store SCU (the steps of ``odil store``), one association per call."""
 
     name = "odil"
 
@@ -200,19 +303,23 @@ class Odil:
 
     def send(self, port: int, files: list[Path], called: str, calling: str = "ODILSCU",
              host: str = "127.0.0.1") -> list[Outcome]:
+        return _in_batches(files, lambda left: self._call(port, left, called, calling, host))
+
+    def _call(self, port: int, files: list[Path], called: str, calling: str, host: str) -> Call:
         result = _run([self.python, "-c", _ODIL_STORE, host, str(port), calling, called,
-                       *map(str, files)], env={"PYTHONPATH": ""})
-        said: dict[str, Outcome] = {}
+                       *map(str, files)], timeout=_call_timeout(files), env={"PYTHONPATH": ""})
+        said: dict[Path, Outcome] = {}
+        unreadable: dict[Path, Outcome] = {}
         for line in result.stdout.splitlines():
             kind, _, rest = line.partition(" ")
             if kind == "STATUS":
                 code, _, name = rest.partition(" ")
-                said[name] = Outcome(Path(name), _stored(int(code)), int(code))
-            elif kind == "FAILED":
+                said[Path(name)] = Outcome(Path(name), _stored(int(code)), int(code))
+            elif kind in ("FAILED", "UNREADABLE"):
                 name, _, why = rest.partition(" ")
-                said[name] = Outcome(Path(name), False, None, why)
-        return [said.get(str(p), Outcome(p, False, None, _last_error(result) or "not sent"))
-                for p in files]
+                (said if kind == "FAILED" else unreadable)[Path(name)] = Outcome(
+                    Path(name), False, None, why)
+        return Call(said, unreadable, _last_error(result))
 
 
 _JUL_PROPERTIES = """\
@@ -241,31 +348,25 @@ class PixelMed:
 
     def send(self, port: int, files: list[Path], called: str, calling: str = "PIXELMED",
              host: str = "127.0.0.1") -> list[Outcome]:
-        """Every file on one association; a file PixelMed cannot read ends the whole call
-        before it associates, so that file is set aside and the rest sent again."""
-        outcomes: dict[Path, Outcome] = {}
-        left = list(files)
-        while left:
-            result = self._call(port, left, called, calling, host)
-            said = {found.group(1): found.group(2) == "succeeded"
-                    for found in re.finditer(r"Send (.+?) (succeeded|failed) between", result.stderr)}
-            unreadable = re.search(r"Cannot get Abstract or Transfer Syntax to build Presentation "
-                                   r"Context from file (.+)", result.stderr)
-            bad = next((p for p in left if unreadable and str(p) == unreadable.group(1).strip()), None)
-            if said or bad is None:
-                outcomes.update((p, Outcome(p, said.get(str(p), False), None,
-                                            _pixelmed_detail(said.get(str(p)), result))) for p in left)
-                break
-            outcomes[bad] = Outcome(bad, False, None, "PixelMed cannot read it: "
-                                    + (_pixelmed_read_error(result.stderr) or "no presentation context"))
-            left.remove(bad)
-        return [outcomes[p] for p in files]
+        return _in_batches(files, lambda left: self._call(port, left, called, calling, host))
 
-    def _call(self, port: int, files: list[Path], called: str, calling: str,
-              host: str) -> subprocess.CompletedProcess:
-        return _run([self.java, f"-Djava.util.logging.config.file={self.properties}",
-                     "-cp", self.jar, PIXELMED_CLASS, host, str(port), called, calling, "-"],
-                    stdin="".join(f"{p}\n" for p in files))
+    def _call(self, port: int, files: list[Path], called: str, calling: str, host: str) -> Call:
+        """Every file on one association; a file PixelMed cannot read ends the whole call
+        before it associates: that file is reported unreadable, the rest are sent again."""
+        result = _run([self.java, f"-Djava.util.logging.config.file={self.properties}",
+                       "-cp", self.jar, PIXELMED_CLASS, host, str(port), called, calling, "-"],
+                      timeout=_call_timeout(files), stdin="".join(f"{p}\n" for p in files))
+        said = {Path(found.group(1)): Outcome(Path(found.group(1)), found.group(2) == "succeeded",
+                                              None, _pixelmed_detail(found.group(2) == "succeeded", result))
+                for found in re.finditer(r"Send (.+?) (succeeded|failed) between", result.stderr)}
+        unreadable = re.search(r"Cannot get Abstract or Transfer Syntax to build Presentation "
+                               r"Context from file (.+)", result.stderr)
+        bad = next((p for p in files if unreadable and str(p) == unreadable.group(1).strip()), None)
+        if said or bad is None:
+            return Call(said, {}, _pixelmed_detail(None, result))
+        why = _pixelmed_read_error(result.stderr) or "no presentation context"
+        return Call({}, {bad: Outcome(bad, False, None, f"PixelMed cannot read it: {why}")}, "",
+                    associated=False)
 
 
 def _pixelmed_read_error(stderr: str) -> str:

@@ -5,7 +5,9 @@ interoperability corpus (tests/interop_corpus.py) into ``dicomflow receive`` + `
 + ``send``, which delivers to a bit-preserving DCMTK ``storescp +xa``. DCMTK, GDCM and
 CTN send one file per invocation (several tools stop a batch at their first bad file;
 ``storescu`` is told to propose each file's own transfer syntax); odil and PixelMed
-send every file on one association. The same sender first sends the same corpus
+send many files per association (in batches where a SOP class has one transfer syntax,
+each file that ends an association confirmed as the first of a new one:
+tests/foreign.py). The same sender first sends the same corpus
 straight to a (parsing) ``storescp``, which judges what the sender can send, and to a
 bit-preserving one, whose copy (what the sender put on the wire: some stacks re-encode
 what they send) is the reference:

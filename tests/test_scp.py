@@ -107,29 +107,27 @@ def test_a_store_arrives_as_a_store_request_with_its_dataset_on_disk(configured:
     assert established == request.association
 
 
-def test_a_refusal_goes_back_as_status_and_a_64_character_ascii_error_comment(
-        configured: Path) -> None:
-    app = Recorder(Refusal(0xA900, "é" + "x" * 100))
-    listener = listening(app)
+def store_status(answer: int | Refusal):
+    """The C-STORE response an SCU gets from a listener whose application answers ``answer``."""
+    listener = listening(Recorder(answer))
     try:
         assoc = associate(listener)
         status = assoc.send_c_store(make_dataset())
         assoc.release()
     finally:
         listener.close(grace=10.0)
+    return status
+
+
+def test_a_refusal_goes_back_as_status_and_a_64_character_ascii_error_comment(
+        configured: Path) -> None:
+    status = store_status(Refusal(0xA900, "é" + "x" * 100))
     assert status.Status == 0xA900
     assert status.ErrorComment == "?" + "x" * 63
 
 
 def test_an_int_answer_is_the_status(configured: Path) -> None:
-    listener = listening(Recorder(0xA700))
-    try:
-        assoc = associate(listener)
-        status = assoc.send_c_store(make_dataset())
-        assoc.release()
-    finally:
-        listener.close(grace=10.0)
-    assert status.Status == 0xA700
+    assert store_status(0xA700).Status == 0xA700
 
 
 def test_echo_is_answered_without_the_application(configured: Path) -> None:
