@@ -194,7 +194,9 @@ _ENDPOINT = [
            "response; a 0xA7xx is charged only if other files were stored since that file's "
            "last 0xA7xx — a destination refusing everything is *busy* and charges no file"),
     Option(ENDPOINT, "retry", "max_age", positive_duration, "1d",
-           "…or this long since its first charged attempt, then `failed/`"),
+           "…or this long since its first charged attempt, then `failed/`; it bounds 0xA7xx "
+           "refusals too, charged or not: a file still refused this long after its first "
+           "0xA7xx goes to `failed/` (the destination may be refusing only that file)"),
     Option(ENDPOINT, "retry", "backoff", positive_duration, "10s",
            "first wait before retrying a file charged an attempt (doubles each time)"),
     Option(ENDPOINT, "retry", "backoff_cap", positive_duration, "10m",

@@ -5,7 +5,9 @@ Two small files, both replaced atomically through the spool:
 * ``retry-<endpoint>.json`` — per-file attempts of transient failures, so that a
   restart neither forgets how often a file was refused nor lets it retry forever; and
   the files the destination acknowledged whose move to ``sent/`` could not be done
-  yet, so that a restart moves them instead of sending them again;
+  yet, so that a restart moves them instead of sending them again; and when each
+  file was first refused with 0xA7xx, so that ``max_age`` ends a refusal that only
+  looks like a busy destination (it persists across restarts);
 * ``send-<endpoint>.json`` — what the operator sees in ``dicomflow status``
   (delivering / idle / busy / down since … / outside window until … / stopped).
 
@@ -50,7 +52,9 @@ class RetryBook:
 
     The wait before the next attempt is kept in memory only (monotonic clock): after a
     restart a waiting file is tried again at once, but its attempt count survives.
-    ``delivered`` names acknowledged files still waiting for their move to ``sent/``.
+    ``delivered`` names acknowledged files still waiting for their move to ``sent/``;
+    ``refused_since`` holds each file's first 0xA7xx refusal (wall clock, like
+    ``first_failure``), uncharged ones included, so that ``max_age`` bounds them too.
     """
 
     def __init__(self, spool: Spool, endpoint: str, clock=None) -> None:
@@ -60,6 +64,7 @@ class RetryBook:
         self.entries: dict[str, RetryEntry] = {}
         self.not_before: dict[str, float] = {}
         self.delivered: dict[str, str] = {}   # name -> when acknowledged (ISO UTC)
+        self.refused_since: dict[str, float] = {}  # name -> first 0xA7xx refusal (epoch)
         self.unsaved = False
 
     def load(self) -> RetryBook:
@@ -68,11 +73,13 @@ class RetryBook:
             raw = json.loads(path.read_text())
             self.entries = {k: RetryEntry(**v) for k, v in raw.get("files", {}).items()}
             self.delivered = {str(k): str(v) for k, v in raw.get("delivered", {}).items()}
+            self.refused_since = {str(k): float(v)
+                                  for k, v in raw.get("refused_since", {}).items()}
         except FileNotFoundError:
-            self.entries, self.delivered = {}, {}
+            self.entries, self.delivered, self.refused_since = {}, {}, {}
         except (ValueError, TypeError, AttributeError) as exc:
             logger.warning("ignoring unreadable retry state {}: {}", path, exc)
-            self.entries, self.delivered = {}, {}
+            self.entries, self.delivered, self.refused_since = {}, {}, {}
         return self
 
     def save(self) -> bool:
@@ -81,6 +88,8 @@ class RetryBook:
         data = {"endpoint": self.endpoint, "files": {k: asdict(v) for k, v in self.entries.items()}}
         if self.delivered:
             data["delivered"] = self.delivered
+        if self.refused_since:
+            data["refused_since"] = self.refused_since
         payload = json.dumps(data, indent=1, sort_keys=True).encode()
         try:
             self.spool.write_bytes(self.spool.run_dir, self.name, payload, replace=True)
@@ -121,6 +130,15 @@ class RetryBook:
         self.save()
         return entry
 
+    def refused_at(self, name: str) -> float:
+        """When ``name`` was first refused with 0xA7xx (recorded now, and saved, if this
+        is its first such refusal): ``max_age`` counts from there."""
+        since = self.refused_since.get(name)
+        if since is None:
+            since = self.refused_since[name] = self.clock.time()
+            self.save()
+        return since
+
     def get(self, name: str) -> RetryEntry | None:
         return self.entries.get(name)
 
@@ -140,7 +158,8 @@ class RetryBook:
 
     def forget(self, name: str) -> None:
         self.not_before.pop(name, None)
-        if self.entries.pop(name, None) is not None:
+        dropped = self.entries.pop(name, None) is not None
+        if self.refused_since.pop(name, None) is not None or dropped:
             self.save()
 
     def keep_only(self, names: set[str]) -> None:
@@ -152,7 +171,10 @@ class RetryBook:
         gone = [k for k in self.delivered if k not in names]
         for key in gone:
             del self.delivered[key]
-        if stale or gone:
+        unrefused = [k for k in self.refused_since if k not in names]
+        for key in unrefused:
+            del self.refused_since[key]
+        if stale or gone or unrefused:
             self.save()
 
 

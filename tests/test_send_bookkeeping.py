@@ -9,6 +9,8 @@ test for a cross-device ``sent/`` and for a full disk).
 * 11 — every warning status (0x0001, 0x0107, 0x0116, any 0xBxxx) means stored.
 * 13 — out of resources (0xA7xx) makes the endpoint *busy*: no file is charged unless
   other files were stored since its last refusal; the queue drains when it clears.
+  ``max_age``, counted from a file's first 0xA7xx (kept across restarts), still sends a
+  file refused for ever to ``failed/`` (Orthanc's 0xA700 for an instance it cannot index).
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ from pipeline.clock import FakeClock
 from pipeline.config import load
 from pipeline.errors import SpoolError
 from pipeline.log import logger
+from pipeline.sender_state import RetryBook, iso_utc
 from pipeline.spool import Spool
 from pipeline.spool_names import SpoolName
 from pipeline.statuses import Outcome, classify
@@ -521,6 +524,158 @@ def test_defect13_busy_for_a_while_then_ok_delivers_everything_status_shows_busy
     assert code == 0, sender.log()
     assert stage(spool, "failed") == []
     assert sorted(server.stored()) == sorted(uids)
+    assert "Traceback" not in sender.log()
+
+
+# -- a 0xA7xx that only looks busy: max_age bounds it (interop: Orthanc's 0xA700) ----------
+
+MAX_AGE = 600.0  # "10m"
+
+
+def refused_since(spool: Path) -> dict:
+    try:
+        return json.loads((spool / "run" / f"retry-{EP}.json").read_text()).get("refused_since", {})
+    except FileNotFoundError:
+        return {}
+
+
+def error_of(path: Path) -> str:
+    return (path.parent / (path.name + ".error")).read_text()
+
+
+def test_busy_sibling_a_file_always_refused_alone_fails_after_max_age_not_before(
+        tmp_path: Path, peer) -> None:
+    server = peer(lambda uid: A700)
+    spool = tmp_path / "spool"
+    [lone] = put_in_outbox(spool, EP, make_files(tmp_path / "src", 1))
+    sender = sender_for(conf_for(tmp_path, server.port, retry={"max_age": "10m"}))
+    sender.start()
+    clock = sender.clock
+    try:
+        drive(sender, lambda: len(server.answers) >= 1)
+        first = clock.time()
+        assert refused_since(spool) == {lone.name: first}  # saved at the first refusal
+        drive(sender, lambda: clock.time() >= first + MAX_AGE - 1, steps=5000)
+        assert len(server.answers) > 100, "the busy endpoint was not probed"
+        assert stage(spool, "failed") == [] and len(stage(spool, "outbox")) == 1
+        assert read_retry(spool, EP) == {}, "a busy refusal was charged"
+        drive(sender, lambda: len(stage(spool, "failed")) == 1, steps=100)
+    finally:
+        sender.close()
+    assert clock.time() >= first + MAX_AGE
+    assert stage(spool, "outbox") == [] and stage(spool, "sent") == []
+    [gone] = stage(spool, "failed")
+    text = error_of(gone)
+    for expected in ("0xA700", "refused with 0xA7xx (out of resources) since "
+                     f"{iso_utc(first)}", "max_age=600s", "refusing only this file",
+                     "endpoint: pacs"):
+        assert expected in text, text
+    assert refused_since(spool) == {}  # dropped with the file
+    assert read_state(spool, EP)["failed"] == 1
+
+
+def test_busy_sibling_the_first_refusal_time_survives_a_restart(tmp_path: Path, peer) -> None:
+    server = peer(lambda uid: A700)
+    spool = tmp_path / "spool"
+    [lone] = put_in_outbox(spool, EP, make_files(tmp_path / "src", 1))
+    conf = conf_for(tmp_path, server.port, retry={"max_age": "10m"})
+    before = sender_for(conf)
+    before.start()
+    try:
+        drive(before, lambda: len(server.answers) >= 1)
+        first = before.clock.time()
+        drive(before, lambda: before.clock.time() >= first + 400, steps=5000)
+    finally:
+        before.close()
+    assert stage(spool, "failed") == [] and refused_since(spool) == {lone.name: first}
+    clock = FakeClock(wall=before.clock.time())
+    after = sender_for(conf, clock=clock)
+    after.start()
+    assert after.retry.refused_since == {lone.name: first}  # loaded from run/
+    restarted = clock.time()
+    try:
+        drive(after, lambda: len(stage(spool, "failed")) == 1, steps=5000)
+    finally:
+        after.close()
+    # failed max_age after the first refusal before the restart, not max_age after it
+    assert first + MAX_AGE <= clock.time() < restarted + MAX_AGE - 100
+    assert f"since {iso_utc(first)}" in error_of(stage(spool, "failed")[0])
+
+
+def test_busy_sibling_a_file_failed_by_max_age_does_not_stop_the_next(tmp_path: Path, peer) -> None:
+    """A destination really full for longer than max_age: the file refused longest ago
+    fails, the next one is tried in the same turn, refused, and makes the endpoint busy
+    again — each file gets its own max_age."""
+    server = peer(lambda uid: A700)
+    spool = tmp_path / "spool"
+    src = make_files(tmp_path / "src", 2)
+    [early] = put_in_outbox(spool, EP, src[:1])
+    sender = sender_for(conf_for(tmp_path, server.port, retry={"max_age": "10m"}))
+    sender.start()
+    clock = sender.clock
+    turns: list[tuple[int, int]] = []   # (files failed, answers) after each turn
+
+    def watch() -> None:
+        turns.append((len(stage(spool, "failed")), len(server.answers)))
+
+    try:
+        drive(sender, lambda: len(server.answers) >= 1)
+        first = clock.time()
+        drive(sender, lambda: clock.time() >= first + 60, steps=1000)
+        [late] = put_in_outbox(spool, EP, src[1:])
+        drive(sender, lambda: late.name in refused_since(spool), steps=100)
+        drive(sender, lambda: len(stage(spool, "failed")) >= 1, steps=5000, between=watch)
+        assert [p.name for p in stage(spool, "failed")] == [early.name]
+        assert turns[-1][1] - turns[-2][1] == 2, "the next file was not tried in the same turn"
+        assert sender.busy_since is not None and stage(spool, "outbox") == [late]
+        failed_at = clock.time()
+        drive(sender, lambda: len(stage(spool, "failed")) == 2, steps=1000)
+        assert clock.time() - failed_at >= 50  # its own max_age, from its own first refusal
+    finally:
+        sender.close()
+    assert read_retry(spool, EP) == {} and refused_since(spool) == {}
+    for path in stage(spool, "failed"):
+        assert "refused with 0xA7xx (out of resources) since" in error_of(path)
+
+
+def test_busy_sibling_the_retry_book_keeps_first_refusals_and_reads_old_files(tmp_path: Path) -> None:
+    spool = Spool(tmp_path / "spool").create([EP])
+    old = {"endpoint": EP, "files": {"a.dcm": {"attempts": 2, "first_failure": 5.0,
+                                               "last_error": "x"}}}
+    (spool.run_dir / f"retry-{EP}.json").write_text(json.dumps(old))  # before refused_since
+    clock = FakeClock()
+    book = RetryBook(spool, EP, clock).load()
+    assert book.attempts("a.dcm") == 2 and book.refused_since == {}
+    first = book.refused_at("b.dcm")
+    clock.advance(30)
+    assert book.refused_at("b.dcm") == first == 1_800_000_000.0  # the first one counts
+    book.refused_at("c.dcm")
+    assert RetryBook(spool, EP).load().refused_since == {"b.dcm": first, "c.dcm": first + 30}
+    book.forget("b.dcm")
+    book.keep_only({"a.dcm"})
+    again = RetryBook(spool, EP).load()
+    assert again.refused_since == {} and again.attempts("a.dcm") == 2
+
+
+@pytest.mark.parametrize("fastpath", ["1", "0"])
+def test_busy_sibling_the_only_queued_file_always_refused_reaches_failed(
+        tmp_path: Path, peer, fastpath: str) -> None:
+    server = peer(lambda uid: A700)
+    spool = tmp_path / "spool"
+    put_in_outbox(spool, EP, make_files(tmp_path / "src", 1))
+    conf = conf_for(tmp_path, server.port, retry={
+        "max_age": "2s", "probe_backoff": "0.1s", "probe_backoff_cap": "0.3s"})
+    sender = Daemon(conf, "send", EP, env={"DICOMFLOW_FASTPATH": fastpath}).start()
+    try:
+        wait_for(lambda: len(stage(spool, "failed")) == 1, message="the refused file in failed/")
+        assert sender.alive(), sender.log()
+    finally:
+        code = sender.stop()
+    assert code == 0, sender.log()
+    assert stage(spool, "outbox") == [] and stage(spool, "sent") == []
+    assert len(server.answers) >= 2 and {status for _, status in server.answers} == {A700}
+    text = error_of(stage(spool, "failed")[0])
+    assert "0xA700" in text and "max_age=2s" in text and "refusing only this file" in text, text
     assert "Traceback" not in sender.log()
 
 

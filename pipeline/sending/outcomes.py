@@ -93,10 +93,23 @@ class OutcomesMixin(SenderState):
         """0xA7xx: the destination is full or busy — the endpoint's condition. The file
         is charged an attempt only if another file was stored since its last such
         refusal (then it is this file the destination cannot take); otherwise the
-        endpoint is *busy* and nothing more is sent until the next probe."""
+        endpoint is *busy* and nothing more is sent until the next probe.
+
+        Either way ``max_age`` bounds it, counted from the file's first 0xA7xx (saved
+        across restarts): a destination that refuses only this file (Orthanc's 0xA700
+        for an instance it cannot index) looks busy whenever nothing else is queued, and
+        the file would otherwise stay in the outbox for ever. Failing it does not stop
+        the batch: if the destination is really full, the next file's refusal says so."""
+        since = self.retry.refused_at(path.name)
         last = self.refused.get(path.name)
         self.refusals += 1
         self.refused[path.name] = (self.stored, self.refusals)
+        if self.clock.time() - since >= self.ep.retry.max_age:
+            self._fail(path, meta, f"{text}; refused with 0xA7xx (out of resources) since "
+                                   f"{iso_utc(since)}, for more than max_age="
+                                   f"{self.ep.retry.max_age:g}s; the destination may be "
+                                   f"refusing only this file", log)
+            return
         if last is not None and self.stored > last[0]:
             self._transient(path, meta, f"{text}; other files were stored meanwhile", log)
             return
