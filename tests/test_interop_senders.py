@@ -161,10 +161,11 @@ def changes(name: str, delivered: Path, expected: Path, source: Path) -> list[st
         record(f"{name} → DicomFlow: peer re-encodes: {source.name} sent as {sent.name} to "
                f"DicomFlow, {accepted.name} to storescp: differs in {', '.join(found[:3])}")
         return []
-    if name in MISLABELS and sent != own:
+    if name in MISLABELS and sent != own and (sent.is_compressed or own.is_compressed):
         # sent as it is on another file's presentation context: the copy is mislabelled
         # (storescp parses the direct one its own way), so neither the comparison nor
-        # dciodvfy's verdict says anything about DicomFlow
+        # dciodvfy's verdict says anything about DicomFlow (between uncompressed
+        # syntaxes the sender re-encodes: compared as usual)
         record(f"{name} → DicomFlow: peer limit (sent on another file's presentation context): "
                f"{source.name} sent as {sent.name}, the file is {own.name}")
         return []
