@@ -32,8 +32,13 @@ bookkeeping is kept, so a shutdown still tells a blocked transfer from a slow on
 Plain TCP writes go through a ``dup`` of the socket's descriptor: :func:`transfer.cut`
 from another thread shuts the connection down (our next write fails) but its ``close``
 cannot free a descriptor number we are still writing to. With TLS the SSL socket is
-written from this thread while the DUL thread may read it; the peer sends nothing
-before our request is complete, so the two do not overlap in practice.
+written from this thread while the DUL thread waits to read it. OpenSSL does not
+promise that one SSL object may be read and written by two threads at once; the DUL
+reads only when bytes arrive, and a peer sends nothing before our request is complete
+unless it is ending the exchange (an early response, an A-ABORT) — a residual risk
+on that path only, not shown to matter. On TLS each write of :data:`TLS_PIECE` bytes
+may also wait the socket's timeout inside OpenSSL, so the DIMSE-timeout bound of the
+whole transfer can be overrun by up to one send timeout there.
 
 :func:`send` returns None, having sent nothing, whenever a precondition does not hold
 (unusual file meta, no exactly matching context, a peer maximum PDU below 8, a socket
