@@ -274,6 +274,25 @@ def test_a_peer_that_dies_mid_send_ends_the_association_at_once(tmp_path: Path, 
         peer.stop()
 
 
+def test_a_failure_inside_the_data_path_ends_the_association_not_the_file(
+        tmp_path: Path, datapath, no_chunked_receive, monkeypatch) -> None:
+    def broken(writer, plan, command, fileobj):
+        writer.send_bytes(store_send.pdu_header(plan.context_id, 0x01, 4) + b"\0\0\0\0", more=False)
+        raise RuntimeError("a bug")
+    monkeypatch.setattr(store_send, "_stream", broken)
+    peer = RecordingSCP()
+    try:
+        link = link_to(endpoint(tmp_path, peer.port))
+        try:
+            assert link.store(file_with_data_set(tmp_path, 500), 60) == net.StoreOutcome(None)
+            assert "data path failed: RuntimeError: a bug" in (link.stall_reason or "")
+            assert not link.alive
+        finally:
+            link.close()
+    finally:
+        peer.stop()
+
+
 # -- the send daemon: the switch ------------------------------------------------------
 
 @pytest.mark.parametrize(("fastpath_env", "off", "longest"), [

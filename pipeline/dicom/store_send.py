@@ -368,7 +368,14 @@ def send(assoc: Association, path: Path, msg_id: int, priority: int = 2,
         try:
             if not _quiet_dul(assoc):
                 return None
-            return _exchange(assoc, plan, command, fileobj, msg_id)
+            try:
+                return _exchange(assoc, plan, command, fileobj, msg_id)
+            except Exception as exc:  # noqa: BLE001 - bytes may be out: the association is spent
+                # never the file's fault by itself (it would go to failed/): the sender
+                # counts a file during which associations keep ending, as for any abort
+                logger.exception("the data path failed while sending {}", escape(plan.sop_instance))
+                transfer.cut(assoc, f"the data path failed: {type(exc).__name__}: {exc}")
+                return Response(None)
         finally:
             assoc._reactor_checkpoint.set()
 
