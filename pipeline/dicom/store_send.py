@@ -163,17 +163,20 @@ def _custom_sent_handlers(assoc: Association) -> bool:
     return False
 
 
-def _plan(assoc: Association, fileobj: BinaryIO) -> _Plan | None:
-    transport = getattr(assoc.dul, "socket", None)
+def _fragment_for(assoc: Association) -> int | None:
+    """The PDV fragment size if the association can take the data path now (established,
+    a socket with a send timeout, nobody watching sent-events), else None."""
+    transport = getattr(getattr(assoc, "dul", None), "socket", None)
     sock = getattr(transport, "socket", None)
-    if sock is None or not assoc.is_established or _custom_sent_handlers(assoc):
+    if sock is None or not getattr(assoc, "is_established", False) or _custom_sent_handlers(assoc):
         return None
     timeout = sock.gettimeout()
     if timeout is None or timeout <= 0:
         return None
-    fragment = fragment_size(assoc.acceptor.maximum_length)
-    if fragment is None:
-        return None
+    return fragment_size(assoc.acceptor.maximum_length)
+
+
+def _plan(assoc: Association, fileobj: BinaryIO, fragment: int) -> _Plan | None:
     size = os.fstat(fileobj.fileno()).st_size
     meta = _meta_uids(fileobj, size)
     if meta is None:
@@ -356,8 +359,11 @@ def send(assoc: Association, path: Path, msg_id: int, priority: int = 2,
     a precondition does not hold (nothing sent: use pynetdicom's ``send_c_store``).
     FileNotFoundError passes; the DIMSE timeout (``assoc.dimse_timeout``) bounds the
     transfer, and then the wait for the response."""
+    fragment = _fragment_for(assoc)
+    if fragment is None:
+        return None
     with open(path, "rb", buffering=0) as fileobj:
-        plan = _plan(assoc, fileobj)
+        plan = _plan(assoc, fileobj, fragment)
         if plan is None:
             return None
         command = command_set(msg_id, plan.sop_class, plan.sop_instance, priority,
