@@ -2,7 +2,7 @@
 against real peers on loopback: DCMTK's storescp (another process) and a pynetdicom
 SCP (a thread here, recording every P-DATA-TF PDU it receives). The data set part of
 each file arrives byte-identical; no PDU exceeds the peer's maximum; a peer that stops
-reading is cut; TLS works; anything the data path does not cover goes to pynetdicom.
+reading is cut; TLS and anything else the data path does not cover goes to pynetdicom.
 
 Every data-path test makes pynetdicom's ``send_c_store`` raise, so a silent fallback
 fails it."""
@@ -205,25 +205,33 @@ def test_status_and_error_comment_come_back(tmp_path: Path, datapath, no_chunked
         peer.stop()
 
 
-def test_tls(tmp_path: Path, datapath, no_chunked_receive) -> None:
+def test_tls_takes_pynetdicoms_path(tmp_path: Path, monkeypatch, no_chunked_receive) -> None:
+    """pynetdicom's DUL thread reads the SSL socket: a second thread may not write it."""
     from tests.tls import make_certificates
 
+    monkeypatch.setattr(store_send, "_enabled", True)
+    stock, used = Association.send_c_store, []
+
+    def counting(self, dataset, *args, **kwargs):
+        used.append(dataset)
+        return stock(self, dataset, *args, **kwargs)
+    monkeypatch.setattr(Association, "send_c_store", counting)
     certs = make_certificates(tmp_path / "certs")
     context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     context.load_cert_chain(str(certs.server_cert), str(certs.server_key))
     peer = RecordingSCP(max_pdu=16384, ssl_context=context)
     try:
         ep = endpoint(tmp_path, peer.port, tls={"tls": "true", "tls_ca": str(certs.ca)})
-        files = [file_with_data_set(tmp_path / "src", n) for n in (0, 16378, 16379, 2_000_001)]
+        files = [file_with_data_set(tmp_path / "src", n) for n in (0, 16379, 2_000_001)]
         link = link_to(ep)
         try:
             for path in files:
                 assert link.store(path, 60) == net.StoreOutcome(0x0000)
         finally:
             link.close()
+        assert used == files
         for path in files:
             assert peer.received[uid_of(path)] == data_set_part(path)
-        assert max(peer.pdu_lengths) == 16384
     finally:
         peer.stop()
 

@@ -6,8 +6,8 @@ P-DATA primitive, queues it for the DUL thread, which encodes and writes it — 
 Python objects, queue hand-overs and thread wake-ups per PDU. Here the sending thread
 writes the PDUs itself: the command set (:func:`commands.encode_c_store_command`) in
 P-DATA-TF PDUs with the command bit, then the data set straight from the spool file
-with ``os.sendfile`` (plain TCP; the 12 bytes of PDU + PDV header go first with
-``MSG_MORE`` so they share a segment with the data) or read + send (TLS), in PDV
+with ``os.sendfile`` (the 12 bytes of PDU + PDV header go first with ``MSG_MORE`` so
+they share a segment with the data; TLS associations stay on pynetdicom's path), in PDV
 fragments of at most the peer's maximum PDU length minus 6 (pynetdicom's rule; 0 =
 unlimited, and anything above, gets our own cap, :data:`PDU_CAP`, so no buffer is
 sized by a peer's declaration), of even length but the last (DCMTK's rule). A data set
@@ -31,17 +31,14 @@ bookkeeping is kept, so a shutdown still tells a blocked transfer from a slow on
 
 Plain TCP writes go through a ``dup`` of the socket's descriptor: :func:`transfer.cut`
 from another thread shuts the connection down (our next write fails) but its ``close``
-cannot free a descriptor number we are still writing to. With TLS the SSL socket is
-written from this thread while the DUL thread waits to read it. OpenSSL does not
-promise that one SSL object may be read and written by two threads at once; the DUL
-reads only when bytes arrive, and a peer sends nothing before our request is complete
-unless it is ending the exchange (an early response, an A-ABORT) — a residual risk
-on that path only, not shown to matter. On TLS each write of :data:`TLS_PIECE` bytes
-may also wait the socket's timeout inside OpenSSL, so the DIMSE-timeout bound of the
-whole transfer can be overrun by up to one send timeout there.
+cannot free a descriptor number we are still writing to. TLS associations take
+pynetdicom's ``send_c_store`` (:func:`send` returns None for them): the DUL thread
+reads the SSL socket while this thread would write it, and OpenSSL does not allow one
+SSL object to be used by two threads at once (the receive side of the data path,
+which moves reading off the DUL thread, is what would let TLS in).
 
 :func:`send` returns None, having sent nothing, whenever a precondition does not hold
-(unusual file meta, no exactly matching context, a peer maximum PDU below 8, a socket
+(TLS, unusual file meta, no exactly matching context, a peer maximum PDU below 8, a socket
 without a timeout, something queued for the DUL, handlers bound to the sent-events):
 the caller then takes pynetdicom's ``send_c_store``.
 """
@@ -74,7 +71,6 @@ MiB = 1024 * 1024
 PDU_CAP = MiB  # our own maximum P-DATA-TF length: for a peer declaring 0, or more
 PDU_HEADER = 6
 PDV_HEADER = 6
-TLS_PIECE = 64 * 1024  # bytes per SSL write (each one bounded by the socket timeout)
 PAUSE_WAIT = 5.0  # the reactor pauses at its next turn (≤ IDLE_TICK); longer means it is stuck
 _COMMAND, _LAST = 0x01, 0x02
 _META_TAGS = (0x00020002, 0x00020003, 0x00020010)
@@ -224,23 +220,16 @@ class _Writer:
         self.assoc = assoc
         transport: Any = assoc.dul.socket  # it carries transfer's bookkeeping attributes
         self.transport = transport
-        self.sock: Any = transport.socket
-        self.tls = isinstance(self.sock, ssl.SSLSocket)
         self.send_timeout = transfer.send_timeout(assoc)
         self.deadline = deadline
-        self.own: socket.socket | None = None
-        if not self.tls:
-            self.own = socket.socket(fileno=os.dup(self.sock.fileno()))
-            self.own.setblocking(False)  # the shared description is already (timeout mode)
+        self.own = socket.socket(fileno=os.dup(transport.socket.fileno()))
+        self.own.setblocking(False)  # the shared description is already (timeout mode)
         self.poller = select.poll()
-        self.poller.register(self.own.fileno() if self.own is not None else self.sock.fileno(),
-                             select.POLLOUT)
-        self.buffer: bytearray | None = None
+        self.poller.register(self.own.fileno(), select.POLLOUT)
 
     def close(self) -> None:
         self.transport._dicomflow_sending_since = None
-        if self.own is not None:
-            self.own.close()
+        self.own.close()
 
     def _progress(self) -> None:
         self.transport._dicomflow_sending_since = self.transport._dicomflow_last_sent = time.monotonic()
@@ -260,10 +249,6 @@ class _Writer:
             raise BrokenPipeError("the association was cut")
 
     def send_bytes(self, data: bytes | memoryview, more: bool) -> None:
-        if self.tls:
-            self._send_tls(memoryview(data))
-            return
-        assert self.own is not None
         view, flags = memoryview(data), socket.MSG_MORE if more else 0
         while view:
             try:
@@ -274,36 +259,10 @@ class _Writer:
             view = view[sent:]
             self._progress()
 
-    def _send_tls(self, view: memoryview) -> None:
-        while view:
-            self._wait()
-            try:
-                sent = self.sock.send(view[:TLS_PIECE])
-            except TimeoutError:  # the SSL write waited the socket's own timeout
-                raise _Stalled from None
-            view = view[sent:]
-            self._progress()
-
     def send_fragment(self, header: bytes, fileobj: BinaryIO, offset: int, count: int) -> None:
         """A PDU header, then ``count`` bytes of the file from ``offset``: the header with
-        ``MSG_MORE`` and the bytes by ``sendfile`` on plain TCP; on TLS both from one
-        buffer in one write (one TLS record stream, not a record for the header)."""
-        if self.tls:
-            size = len(header) + count
-            if self.buffer is None or len(self.buffer) < size:
-                self.buffer = bytearray(size)  # at most PDU_CAP + 6: never a peer's figure
-            view = memoryview(self.buffer)[:size]
-            view[:len(header)] = header
-            got = len(header)
-            while got < size:
-                n = os.preadv(fileobj.fileno(), [view[got:]], offset + got - len(header))
-                if not n:
-                    raise EOFError("the file got shorter while it was sent")
-                got += n
-            self._send_tls(view)
-            return
+        ``MSG_MORE`` and the bytes by ``sendfile``."""
         self.send_bytes(header, more=count > 0)
-        assert self.own is not None
         out, infd = self.own.fileno(), fileobj.fileno()
         while count:
             try:
@@ -348,6 +307,12 @@ def _pause(assoc: Association) -> bool:
     return True
 
 
+def _is_tls(assoc: Association) -> bool:
+    """TLS stays on pynetdicom's path: its DUL thread reads the SSL socket while we
+    would write it, and OpenSSL allows one thread at a time on an SSL object."""
+    return isinstance(getattr(assoc.dul.socket, "socket", None), ssl.SSLSocket)
+
+
 def _quiet_dul(assoc: Association) -> bool:
     """Nothing queued for the DUL to send (it would write to the socket with us)."""
     return assoc.dul.to_provider_queue.empty()
@@ -359,6 +324,8 @@ def send(assoc: Association, path: Path, msg_id: int, priority: int = 2,
     a precondition does not hold (nothing sent: use pynetdicom's ``send_c_store``).
     FileNotFoundError passes; the DIMSE timeout (``assoc.dimse_timeout``) bounds the
     transfer, and then the wait for the response."""
+    if _is_tls(assoc):
+        return None
     fragment = _fragment_for(assoc)
     if fragment is None:
         return None
