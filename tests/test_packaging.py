@@ -91,6 +91,13 @@ UPSTREAM_SHA256 = {
         "298e69cdb8be90e832a793a3216f918ec0bcbe9b1cea748054af35ad9c5aff80",
     "pynetdicom.transport:RequestHandler._create_association":
         "6e1e1aa28e55307c95291117996e46f5ea1ac9b269dcc08a01543af853a0993f",
+    # relied on by store_send: the send it stands in for, and how a response is awaited
+    "pynetdicom.association:Association.send_c_store":
+        "5761547a43760f514150cc9e713a19b21e76a0264c7500252d406a5125129fab",
+    "pynetdicom.association:Association._handle_no_response":
+        "e46d0dbecf756a34f2c95e8af3081ac0b0cd26fac0da5ecbf76ab514c4f55681",
+    "pynetdicom.dimse_messages:DIMSEMessage.primitive_to_message":
+        "c487e174216245c8e4b9eafff71d3ec362b1961bd923d61b93fe0928286a6765",
 }
 
 

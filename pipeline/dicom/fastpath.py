@@ -16,13 +16,18 @@ handlers   pynetdicom's "standard" logging handlers — which format every PDU a
            message into INFO/DEBUG lines before the logger drops them — are not bound
            unless the ``pynetdicom`` logger shows INFO (``pynetdicom_log_level``): its
            own ``_config.LOG_HANDLER_LEVEL``, read by ``_bind_defaults``
+datapath   the sender writes each C-STORE-RQ itself on the negotiated association: the
+           command set, then the data set from the file with ``os.sendfile`` (read +
+           send on TLS) in PDVs of at most the peer's maximum PDU (issue 13;
+           :mod:`pipeline.dicom.store_send`); transcoded data sets and anything unusual
+           still take ``send_c_store``
 ========== ================================================================================
 
 ``DICOMFLOW_FASTPATH=0`` in the environment turns them all off (troubleshooting, and
 the benchmark's ``dicomflow-stock``): pynetdicom's own reactors and encoders; what is
 correctness stays on (:mod:`pdu_guard`, :mod:`peer_reset`,
 the bounded association of :mod:`transfer`, the file-meta writer of :mod:`filemeta`);
-``DICOMFLOW_PATCHES_OFF=reactors,commands`` turns off the ones named. Only the daemons
+``DICOMFLOW_PATCHES_OFF=reactors,commands,datapath`` turns off the ones named. Only the daemons
 call :func:`install` (through :func:`pipeline.dicom.patches.install`), after logging is
 set up; it is idempotent. pynetdicom is pinned to 3.0.4 because this relies on its
 private structure (hashed by ``tests/test_packaging.py``).
@@ -36,11 +41,11 @@ import threading
 
 from pynetdicom import _config
 
-from pipeline.dicom import commands, reactors
+from pipeline.dicom import commands, reactors, store_send
 from pipeline.dicom.commands import _encode_element, encode_c_store_command, encode_command_set
 from pipeline.dicom.reactors import wake_dul
 
-SWITCHES = ("reactors", "commands", "handlers")
+SWITCHES = ("reactors", "commands", "handlers", "datapath")
 
 # re-exported: the encoders are tested against pynetdicom's through this module
 __all__ = ["SWITCHES", "_encode_element", "encode_c_store_command", "encode_command_set",
@@ -86,3 +91,5 @@ def install(requestor: bool = False) -> None:
             reactors.install()
         if "reactors" in on or "commands" in on:
             commands.install(direct="commands" in on)
+        if "datapath" in on:
+            store_send.install()

@@ -32,7 +32,7 @@ from pynetdicom import AE, Association, _config
 from pynetdicom.presentation import PresentationContext, build_context
 
 from pipeline.config import EndpointConfig, TlsConfig
-from pipeline.dicom import transfer
+from pipeline.dicom import store_send, transfer
 from pipeline.dicom.transfer import HANDLERS, handbacks, stall_reason
 from pipeline.errors import EndpointTrouble, PermanentError
 from pipeline.transcode import UNCOMPRESSED
@@ -287,6 +287,7 @@ class Link:
         self.ep = ep
         self._assoc = assoc
         self.proposed = proposed
+        self._message_id = 0
 
     @property
     def established(self) -> bool:
@@ -315,9 +316,23 @@ class Link:
         """C-STORE a file (streamed from disk) or a data set. Raises FileNotFoundError
         (the file left), :class:`EndpointTrouble` (the peer left: pynetdicom's
         RuntimeError "association … must be established") or :class:`PermanentError`
-        (anything else pynetdicom objects to is the file's)."""
+        (anything else pynetdicom objects to is the file's).
+
+        A file goes through DicomFlow's own data path (:mod:`store_send`, switch
+        ``datapath``) when it is on and its preconditions hold; otherwise, and for a
+        data set (transcoded), through pynetdicom's ``send_c_store``."""
         assoc = self._assoc
         assoc.dimse_timeout = dimse_timeout
+        if store_send.enabled() and isinstance(source, Path):
+            self._message_id = self._message_id % 0xFFFF + 1
+            try:
+                own = store_send.send(assoc, source, self._message_id)
+            except FileNotFoundError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - a bad file must never block the queue
+                raise PermanentError(f"cannot send the file: {type(exc).__name__}: {exc}") from exc
+            if own is not None:
+                return StoreOutcome(own.status, own.comment)
         try:
             rsp = assoc.send_c_store(source)
         except FileNotFoundError:

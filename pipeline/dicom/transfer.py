@@ -77,7 +77,9 @@ def _on_conn_open(event: evt.Event) -> None:
     sock = transport.socket
     if sock is not None:
         tune_socket(sock)
-        sock.settimeout(send_timeout(assoc))
+        # fixed now: a C-STORE later sets dimse_timeout sized to its file, not this
+        assoc._dicomflow_send_timeout = send_timeout(assoc)  # type: ignore[attr-defined]
+        sock.settimeout(assoc._dicomflow_send_timeout)  # type: ignore[attr-defined]
     transport.send = types.MethodType(_bounded_send, transport)  # type: ignore[method-assign]
     # pynetdicom re-points ``abort`` at ``_abort_blocking`` around every event handler
     assoc._abort_blocking = types.MethodType(  # type: ignore[method-assign]
@@ -85,9 +87,7 @@ def _on_conn_open(event: evt.Event) -> None:
     if "abort" in vars(assoc):
         assoc.abort = assoc._abort_blocking  # type: ignore[method-assign]
     if hasattr(assoc.dul.to_provider_queue, "on_overdue"):  # the fast path's bounded queue
-        assoc.dul.to_provider_queue.on_overdue = lambda: cut(
-            assoc, f"the transfer took longer than its DIMSE timeout ({assoc.dimse_timeout:g}s: "
-                   f"dimse_timeout plus the file at min_transfer_rate)")
+        assoc.dul.to_provider_queue.on_overdue = lambda: cut(assoc, overdue_reason(assoc))
     install_response_handback(assoc)
 
 
@@ -97,6 +97,19 @@ def send_timeout(assoc: Association) -> float:
     """How long one ``socket.send`` may make no progress: the endpoint's DIMSE timeout
     (a destination that takes no byte for that long is not going to answer either)."""
     return float(getattr(assoc, "_dicomflow_send_timeout", None) or assoc.dimse_timeout or 60.0)
+
+
+def stalled_reason(assoc: Association) -> str:
+    """Why a destination that took no byte for the send timeout was cut (both send
+    paths: pynetdicom's DUL and :mod:`store_send`)."""
+    return (f"the destination stopped reading: nothing could be sent to it for "
+            f"{send_timeout(assoc):g}s (dimse_timeout)")
+
+
+def overdue_reason(assoc: Association) -> str:
+    """Why a transfer longer than its message's DIMSE timeout was cut."""
+    return (f"the transfer took longer than its DIMSE timeout ({assoc.dimse_timeout:g}s: "
+            f"dimse_timeout plus the file at min_transfer_rate)")
 
 
 def _bounded_send(transport, bytestream: bytes) -> None:
@@ -114,8 +127,7 @@ def _bounded_send(transport, bytestream: bytes) -> None:
             transport._dicomflow_sending_since = transport._dicomflow_last_sent = time.monotonic()
         evt.trigger(assoc, evt.EVT_DATA_SENT, {"data": bytestream})
     except TimeoutError:
-        cut(assoc, f"the destination stopped reading: nothing could be sent to it for "
-                   f"{send_timeout(assoc):g}s (dimse_timeout)")
+        cut(assoc, stalled_reason(assoc))
     except Exception:  # noqa: BLE001 - as pynetdicom: any socket error closes the transport
         transport.event_queue.put("Evt17")
     finally:
