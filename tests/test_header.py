@@ -335,3 +335,46 @@ def test_defect05_the_file_meta_counts_too(tmp_path):
     (tmp_path / "meta.dcm").write_bytes(b"\0" * 128 + b"DICM" + meta)
     with pytest.raises(QuarantineError, match="max_header_elements"):
         read_header(tmp_path / "meta.dcm", limits=HeaderLimits(max_header_elements=1000))
+
+
+# -- issue 13: the walk's block loop against the element-by-element one ---------------
+
+BLOCK_WALK_FILES = ["CT_small.dcm", "MR_small_implicit.dcm", "JPEG2000.dcm", "reportsi.dcm",
+                    "SC_rgb_small_odd.dcm", "liver_1frame.dcm"]
+
+
+def _verdicts(path: Path, variants: list[bytes], monkeypatch, off: bool) -> list[str]:
+    """What read_header says of each variant, with the ``scan`` switch on or off."""
+    if off:
+        monkeypatch.setenv("DICOMFLOW_PATCHES_OFF", "scan")
+    else:
+        monkeypatch.delenv("DICOMFLOW_PATCHES_OFF", raising=False)
+        monkeypatch.delenv("DICOMFLOW_FASTPATH", raising=False)
+    verdicts = []
+    for data in variants:
+        path.write_bytes(data)
+        try:
+            verdicts.append(f"read {read_header(path).sop_instance_uid}")
+        except QuarantineError as exc:
+            verdicts.append(str(exc))
+    return verdicts
+
+
+@pytest.mark.parametrize("name", BLOCK_WALK_FILES)
+def test_the_block_walk_gives_the_element_walks_verdicts(tmp_path, monkeypatch, name):
+    """Cut short anywhere in the header (and further on), or with a byte changed in the
+    header: the same verdict and message with the block loop as without it."""
+    from pipeline.dicom.filemeta import read_meta_file
+
+    source = Path(get_testdata_file(name))
+    data = source.read_bytes()
+    start = read_meta_file(source).end
+    head = min(len(data), start + 1500)
+    cuts = [data[:cut] for cut in [*range(start, head, 3), *range(head, len(data), 1999)]]
+    flips = [data[:at] + bytes([data[at] ^ 0xFF]) + data[at + 1:] for at in range(start, head, 7)]
+    padded = [data + b"\0" * n for n in range(1, 10)] + [data + b"\0\0\0\1"]
+    variants = cuts + flips + padded
+    path = tmp_path / "variant.dcm"
+    fast = _verdicts(path, variants, monkeypatch, off=False)
+    assert fast == _verdicts(path, variants, monkeypatch, off=True)
+    assert any(v.startswith("read") for v in fast) and any("truncated" in v for v in fast)
