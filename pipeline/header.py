@@ -51,9 +51,9 @@ from pipeline import header_scan
 from pipeline.config_keys import ROUTER, default
 from pipeline.dicom.filemeta import LONG_VRS, PREAMBLE, MetaGroup, read_meta_group
 from pipeline.errors import InflateError, InflateLimit, MetaError, MetaOverLimit, QuarantineError
+from pipeline.header_scan import DEFER_SIZE
 from pipeline.names import escape, is_valid_uid
 
-DEFER_SIZE = 64 * 1024          # larger non-pixel values are not read (nor needed by rules)
 MAX_DEPTH = 16                  # nested sequences deeper than this are hostile
 
 MAX_TRAILING_PAD = 7            # zero bytes tolerated after the last element (< one header)
@@ -437,9 +437,11 @@ def check_complete(fp: BinaryIO, size: int, transfer_syntax: str, sop_class_uid:
     ``fp`` holds a Part-10 file (preamble and file meta) of ``size`` bytes. A deflated
     data set is inflated in chunks, never more than ``limits.max_inflated_size``;
     everything else is only seeked over, so this is cheap enough to run before a
-    C-STORE is acknowledged (the top level of a plain file is parsed from blocks in
-    memory unless the ``scan`` switch is off). A ``recorder`` is told of every top-level element before
-    the pixel data (``dataset_start``: where pydicom's meta reader stopped).
+    C-STORE is acknowledged. Unless the ``scan`` switch is off, the top level of a plain
+    file is parsed from blocks read where its elements are (up to 64 KiB while they lie
+    close together, 4 KiB after a jump over a large value, which stays unread). A
+    ``recorder`` is told of every top-level element before the pixel data
+    (``dataset_start``: where pydicom's meta reader stopped).
     """
     meta = read_meta(fp, size, limits)
     walker = _Walker(_FileSource(fp, size), limits)
@@ -559,7 +561,8 @@ class _InflatedSource:
         return f"inflated data set ends at byte {self.reader.available_to(self.reader.tell() + 8)}"
 
 
-_BLOCK = 64 * 1024     # bytes _Walker._fast_top reads at a time
+_BLOCK = 64 * 1024       # the most _Walker._fast_top reads at a time (elements close together)
+_SMALL_BLOCK = 4 * 1024  # what it reads at an element after a jump over a large value
 _UNPACK_TAG = struct.Struct("<HH").unpack_from
 _UNPACK_SHORT = struct.Struct("<H").unpack_from
 _UNPACK_LONG = struct.Struct("<L").unpack_from
@@ -584,6 +587,7 @@ class _Walker:
         self.header_bytes = 0
         self.recorder: header_scan.Recorder | None = None
         self._block, self._block_at = b"", 0   # the file bytes _fast_top last read
+        self._block_size = _BLOCK               # how much it reads next (see _next_block)
         #: the block-parsing loop for the top level of a plain file (off with the
         #: ``scan`` switch: see :mod:`pipeline.header_scan`)
         self.fast_top = True
@@ -685,7 +689,8 @@ class _Walker:
         a bad VR, a header that would cross the end of the file, the last few bytes):
         this returns False there, positioned at that element, and True at the end of the
         file. The element-by-element reads of the general loop cost ~8 µs per element;
-        a CT header has a few hundred.
+        a CT header has a few hundred. Blocks are read only where elements are
+        (:meth:`_next_block`): a large value is jumped over, not read.
         """
         src = self.src
         if not isinstance(src, _FileSource):
@@ -703,9 +708,7 @@ class _Walker:
                 if at < 0 or at + 12 > len(block):
                     if pos + 12 > size:
                         return False
-                    src.fp.seek(pos)
-                    block, start, at = src.fp.read(_BLOCK), pos, 0
-                    self._block, self._block_at = block, start
+                    block, start, at = self._next_block(pos, at, len(block)), pos, 0
                     if len(block) < 12:
                         return False
                 group, element = _UNPACK_TAG(block, at)
@@ -738,6 +741,27 @@ class _Walker:
                 pos = value_at + length
         finally:
             src.fp.seek(pos)
+
+    def _next_block(self, pos: int, at: int, had: int) -> bytes:
+        """The file from ``pos`` on, for :meth:`_fast_top` (``at``: ``pos`` relative to
+        the last block of ``had`` bytes).
+
+        Elements that ran to the end of the last block are dense: the block grows (to
+        :data:`_BLOCK`). A value that jumped past it is large: only a small block is read
+        at the next element, so a file of large values is seeked over as by the element
+        walk, not read whole (``tests/test_header.py``, the bytes-read test).
+        """
+        if not had:
+            self._block_size = _BLOCK  # the first block: the header starts dense
+        elif 0 <= at <= had:
+            self._block_size = min(_BLOCK, self._block_size * 2)
+        else:
+            self._block_size = _SMALL_BLOCK
+        src = cast(_FileSource, self.src)
+        src.fp.seek(pos)
+        block = src.fp.read(self._block_size)
+        self._block, self._block_at = block, pos
+        return block
 
     def _items(self, depth: int, implicit_inside: bool, fragments: bool) -> None:
         """An undefined-length sequence or encapsulated pixel data, to its delimiter.

@@ -13,16 +13,18 @@ What is wanted (:func:`wanted_for`) is computed once per configuration: the tags
 condition (global and per endpoint) names, plus what the filter itself reads — SOP
 Instance UID, SOP Class UID (the SOP lists' attribute) and Specific Character Set (text
 values are decoded with it); a private tag brings its private creator (its VR comes from
-the private dictionary through the creator). File-meta attributes (``CallingAETitle``,
+the private dictionary through the creator: as pydicom, the creator of (gggg,eexx) is
+(gggg,00ee) whenever the group is odd and ``ee`` is not 00). File-meta attributes (``CallingAETitle``,
 ``(0002,eeee)``) come from the file meta as before.
 
 pydicom's full read is used instead whenever the short cut could differ from it:
 
 * a big endian, deflated or registered private transfer syntax, or a data set whose
   first element contradicts its transfer syntax (explicit vs implicit VR);
-* an undefined-length element (a sequence, or pixel-data-like bytes) at the top level
-  before a wanted tag — pydicom parses those its own way, so positions after them are
-  pydicom's to find;
+* an undefined-length element (a sequence, or pixel-data-like bytes) anywhere at the top
+  level before the pixel data — pydicom parses those its own way and may find elements
+  inside their bytes that the walk does not (a forged copy of a wanted tag after a fake
+  delimiter: pydicom keeps the last copy), so such a file is pydicom's to read;
 * command-set elements (group 0000) opening the data set, an item tag (FFFE,eeee) at
   the top level, or a file meta whose end pydicom sees elsewhere than our meta reader;
 * a Specific Character Set larger than pydicom's defer size;
@@ -64,7 +66,9 @@ CHARSET, SOP_CLASS, SOP_INSTANCE = 0x00080005, 0x00080016, 0x00080018
 #: what the filter reads itself (``header._validate``, ``rules.sop_class_of``) and the
 #: character set every text value is decoded with
 FILTER_TAGS = frozenset({CHARSET, SOP_CLASS, SOP_INSTANCE})
-DEFER_SIZE = 64 * 1024           # pydicom's defer size in the header read (header.DEFER_SIZE)
+#: pydicom's defer size in the header read (pipeline.header imports it): larger top-level
+#: values are not read (nor needed by rules)
+DEFER_SIZE = 64 * 1024
 SPAN = 256 * 1024                # values this close together are read with one pread
 UNDEFINED = 0xFFFFFFFF
 IMPLICIT_LE, EXPLICIT_BE = "1.2.840.10008.1.2", "1.2.840.10008.1.2.2"
@@ -84,10 +88,6 @@ class Wanted:
     """The top-level data-set tags a configuration's rules and the filter read."""
 
     tags: frozenset[int]
-
-    @property
-    def last(self) -> int:
-        return max(self.tags)
 
 
 def wanted_for(rule_sets: Iterable[RuleSet]) -> Wanted | None:
@@ -114,9 +114,14 @@ def plan(rule_sets: Iterable[RuleSet], environ: Mapping[str, str] | None = None)
 
 
 def _private_creator(tag: int) -> int | None:
-    """The private creator element of a private data element (PS3.5 §7.8.1)."""
+    """The private creator element of a private data element (PS3.5 §7.8.1).
+
+    The rule pydicom applies when it looks a private VR up (``hooks._private_vr_for_tag``):
+    any element of an odd group whose high byte is not 0 — (gggg,0100)-(gggg,0FFF)
+    included, although PS3.5 reserves blocks 10-FF — has its creator at (gggg,00ee).
+    """
     group, element = tag >> 16, tag & 0xFFFF
-    if group % 2 == 0 or element < 0x1000:
+    if group % 2 == 0 or not element & 0xFF00:
         return None
     return group << 16 | element >> 8
 
@@ -125,10 +130,13 @@ def _ambiguous(tag: int) -> bool:
     """Does pydicom choose this tag's VR from other elements (``US or SS`` …)?"""
     group, element = tag >> 16, tag & 0xFFFF
     if group % 2 == 1:
-        if element < 0x1000:
-            return False
-        key = f"{group:04X}xx{element & 0xFF:02X}"
-        return any(" or " in entries.get(key, ("",))[0] for entries in private_dictionaries.values())
+        if not element & 0xFF00:
+            return False  # a private creator (LO) or a reserved element (UN)
+        # the keys datadict.get_private_entry tries, under any creator
+        keys = (f"{group:04X}{element:04X}", f"{group:04X}xx{element & 0xFF:02X}",
+                f"{group >> 8:02X}xxxx{element & 0xFF:02X}")
+        return any(" or " in entries[key][0] for entries in private_dictionaries.values()
+                   for key in keys if key in entries)
     try:
         return " or " in dictionary_VR(tag)
     except KeyError:
@@ -139,14 +147,13 @@ class Recorder:
     """Filled by the completeness walk: where each wanted top-level element's value is,
     and whether the short cut must give way to pydicom (:attr:`blocked` says why)."""
 
-    __slots__ = ("blocked", "found", "_last", "_first", "_undefined_seen", "_wanted")
+    __slots__ = ("blocked", "found", "_first", "_wanted")
 
     def __init__(self, wanted: Wanted) -> None:
-        self._wanted, self._last = wanted.tags, wanted.last
+        self._wanted = wanted.tags
         self.found: dict[int, tuple[bytes | None, int, int]] = {}
         self.blocked: str | None = None
         self._first = True
-        self._undefined_seen = False
 
     def starts_at(self, meta_end: int, dataset_start: int) -> None:
         """Our meta reader and pydicom's must agree where the data set starts."""
@@ -162,15 +169,13 @@ class Recorder:
         if tag >> 16 == 0xFFFE:  # an item tag at the top level: read as implicit by the walk
             self.blocked = "an item or delimiter tag at the top level"
         if length == UNDEFINED:
-            self._undefined_seen = True
-            if tag <= self._last:
-                self.blocked = "an undefined-length element before a wanted tag"
+            # even after the last wanted tag: pydicom may read a forged copy of one
+            # from inside its bytes (tests/test_header_scan.py, the smuggled PatientID)
+            self.blocked = "an undefined-length element before the pixel data"
             return
         if tag not in self._wanted:
             return
-        if self._undefined_seen:
-            self.blocked = "a wanted tag after an undefined-length element"
-        elif length > DEFER_SIZE:
+        if length > DEFER_SIZE:
             if tag == CHARSET:
                 self.blocked = "a Specific Character Set larger than the defer size"
             self.found.pop(tag, None)  # pydicom defers it and the header reader drops it

@@ -11,6 +11,7 @@ case and that each fallback is taken when it must be.
 from __future__ import annotations
 
 import os
+import struct
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -36,6 +37,8 @@ ATTRIBUTES = ["Modality", "StationName", "PatientName", "InstitutionName", "Body
               "CalledAETitle", "(0002,0010)", "AccessionNumber", "OtherPatientIDsSequence",
               "Manufacturer", "ReferringPhysicianName"]
 CONDITIONS = "\n".join(f"{name}!=(?!x)x.*" if i % 2 else f"{name}=.*" for i, name in enumerate(ATTRIBUTES))
+SR_CLASS = "1.2.840.10008.5.1.4.1.1.88.11"  # Basic Text SR: no pixel data needed
+UNDEFINED = 0xFFFFFFFF
 CHARSET_FOLDER = Path(get_testdata_file("CT_small.dcm")).parent.parent / "charset_files"
 
 
@@ -215,6 +218,36 @@ def test_a_private_tag_brings_its_creator():
     assert meta is not None and meta.tags == header_scan.FILTER_TAGS
 
 
+def test_a_private_tag_below_block_10_brings_its_creator_as_in_pydicom(tmp_path):
+    """pydicom looks the creator of (gggg,0100)-(gggg,0FFF) up too: (0019,0510) is an
+    ADAC_IMG element whose VR comes from (0019,0005)."""
+    wanted = header_scan.wanted_for([RuleSet(conditions=parse_conditions("(0019,0510)=A"))])
+    assert wanted is not None and {0x00190510, 0x00190005} <= wanted.tags
+    for tag in (0x00190005, 0x00190000, 0x00080060):  # a creator, a group length, public
+        assert header_scan.wanted_for([RuleSet(conditions=parse_conditions(
+            f"({tag >> 16:04X},{tag & 0xFFFF:04X})=A"))]).tags == header_scan.FILTER_TAGS | {tag}
+    meta = make_dataset(sop_class=SR_CLASS, modality="SR")
+    empty = Dataset()
+    empty.file_meta = meta.file_meta
+    head = write_dataset(empty, tmp_path / "low.dcm").read_bytes()
+
+    def explicit(group: int, element: int, vr: bytes, value: bytes) -> bytes:
+        if vr in (b"OB", b"UN"):
+            return struct.pack("<HH2sHL", group, element, vr, 0, len(value)) + value
+        return struct.pack("<HH2sH", group, element, vr, len(value)) + value
+
+    uid = str(meta.SOPInstanceUID)
+    body = (explicit(0x0008, 0x0016, b"UI", SR_CLASS.encode() + b"\0" * (len(SR_CLASS) % 2))
+            + explicit(0x0008, 0x0018, b"UI", uid.encode() + b"\0" * (len(uid) % 2))
+            + explicit(0x0019, 0x0005, b"LO", b"ADAC_IMG") + explicit(0x0019, 0x0510, b"UN", b"A\\B "))
+    path = tmp_path / "low.dcm"
+    path.write_bytes(head + body)
+    assert assert_same(path, wanted, "(0019,0510)=A")
+    scanned = _read(path, wanted)
+    assert isinstance(scanned, Header)
+    assert attribute_values(scanned.dataset, "(0019,0510)", 0x00190510) == ["A", "B"]
+
+
 def test_a_rule_on_an_ambiguous_vr_means_the_full_read():
     """pydicom settles US-or-SS from PixelRepresentation: such a rule is not scanned."""
     assert header_scan.wanted_for([RuleSet(conditions=parse_conditions("SmallestImagePixelValue=0"))]) is None
@@ -273,7 +306,8 @@ def test_an_undefined_length_element_before_a_wanted_tag_blocks(tmp_path):
     assert recorder is not None and recorder.blocked is None
 
 
-def test_an_undefined_length_sequence_after_the_wanted_tags_is_fine(tmp_path):
+def test_an_undefined_length_sequence_after_the_wanted_tags_takes_pydicom(tmp_path):
+    """Even after the last wanted tag: pydicom parses its items its own way."""
     wanted = header_scan.wanted_for([RuleSet(conditions=parse_conditions("Modality=CT"))])
     assert wanted is not None
     ds = make_dataset(StationName="LATE")
@@ -282,8 +316,56 @@ def test_an_undefined_length_sequence_after_the_wanted_tags_is_fine(tmp_path):
     ds.ProcedureCodeSequence = Sequence([item])  # (0008,1032), after (0008,0060)
     ds["ProcedureCodeSequence"].is_undefined_length = True
     path = write_dataset(ds, tmp_path / "late-sq.dcm")
-    assert assert_same(path, wanted, "Modality=CT")
-    assert not assert_same(path, _wanted())  # wanted private tags come after it
+    assert not assert_same(path, wanted, "Modality=CT")
+    assert not assert_same(path, _wanted())
+    recorder = _recorder_after_walk(path, wanted)
+    assert recorder is not None and recorder.blocked is not None and "undefined-length" in recorder.blocked
+
+
+def _implicit_element(group: int, element: int, value: bytes) -> bytes:
+    return struct.pack("<HHL", group, element, len(value)) + value
+
+
+def _smuggling_file(path: Path, forged: bytes) -> Path:
+    """An implicit VR SR file whose wanted tags all come first, then an undefined-length
+    OB element (0042,0011) whose item holds a fake sequence delimiter and ``forged``
+    elements: pydicom reads them as top-level elements (and keeps the last copy of a
+    tag), the walk sees fragment bytes (the reviewer's smuggle_implicit3.dcm)."""
+    meta = make_dataset(sop_class=SR_CLASS, modality="SR")
+    meta.file_meta.TransferSyntaxUID = ImplicitVRLittleEndian
+    empty = Dataset()
+    empty.file_meta = meta.file_meta
+    head = write_dataset(empty, path).read_bytes()  # preamble and file meta only
+
+    def uid(text: str) -> bytes:
+        return text.encode() + b"\0" * (len(text) % 2)
+
+    body = (_implicit_element(0x0008, 0x0016, uid(SR_CLASS))
+            + _implicit_element(0x0008, 0x0018, uid(str(meta.SOPInstanceUID)))
+            + _implicit_element(0x0008, 0x0060, b"SR") + _implicit_element(0x0010, 0x0020, b"REAL"))
+    fake = struct.pack("<HHL", 0xFFFE, 0xE0DD, 0) + forged
+    body += struct.pack("<HHL", 0x0042, 0x0011, UNDEFINED)
+    body += struct.pack("<HHL", 0xFFFE, 0xE000, UNDEFINED) + _implicit_element(0x0008, 0x0100, fake)
+    body += struct.pack("<HHL", 0xFFFE, 0xE00D, 0) + struct.pack("<HHL", 0xFFFE, 0xE0DD, 0)
+    path.write_bytes(head + body)
+    return path
+
+
+@pytest.mark.parametrize("forged", ["PatientID", "SOPInstanceUID"])
+def test_a_value_smuggled_after_the_wanted_tags_is_read_as_pydicom_reads_it(tmp_path, forged):
+    """The old reader and the new one agree on a forged file (the review's blocker): a
+    forged PatientID changes the decision, a forged SOP Instance UID quarantines it."""
+    element = (_implicit_element(0x0010, 0x0020, b"EVIL") if forged == "PatientID"
+               else _implicit_element(0x0008, 0x0018, b"1.2.3.4\0"))
+    path = _smuggling_file(tmp_path / f"smuggle-{forged}.dcm", element)
+    wanted = header_scan.wanted_for([RuleSet(conditions=parse_conditions("PatientID=REAL"))])
+    assert wanted is not None
+    full = _read(path, None)
+    if forged == "PatientID":
+        assert isinstance(full, Header) and full.dataset.PatientID == "EVIL"  # the forgery works on pydicom
+    else:
+        assert isinstance(full, str) and "does not match" in full
+    assert not assert_same(path, wanted, "PatientID=REAL")
 
 
 def test_a_data_set_contradicting_its_syntax_takes_pydicom(tmp_path):
