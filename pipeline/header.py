@@ -15,6 +15,10 @@ Anything in ``incoming/`` may be hostile or half-broken, so reading follows thre
   :class:`HeaderLimits`): a file of a million empty elements is refused, not parsed.
   A Deflated Explicit VR Little Endian data set is inflated in chunks with a cap
   (:class:`InflatingReader`); pydicom itself would inflate the whole file at once.
+* **Only what the rules read.** With a :class:`~pipeline.header_scan.Wanted` set of
+  tags (the filter's), the walk notes where those elements are and the data set is built
+  from them alone (:mod:`pipeline.header_scan`, identical for every rule); pydicom's
+  full read stays for everything unusual and with ``DICOMFLOW_FASTPATH=0``.
 * **Trailing padding.** Up to :data:`MAX_TRAILING_PAD` zero bytes after the last
   complete element (fewer than an element header) are tolerated, as DCMTK's storescp
   tolerates the single pad byte some SCUs add to an odd-length data set; any other
@@ -43,12 +47,13 @@ from pydicom.dataset import Dataset, FileDataset, FileMetaDataset
 from pydicom.errors import InvalidDicomError
 from pydicom.filereader import _read_file_meta_info, read_dataset
 
+from pipeline import header_scan
 from pipeline.config_keys import ROUTER, default
 from pipeline.dicom.filemeta import LONG_VRS, PREAMBLE, MetaGroup, read_meta_group
 from pipeline.errors import InflateError, InflateLimit, MetaError, MetaOverLimit, QuarantineError
+from pipeline.header_scan import DEFER_SIZE
 from pipeline.names import escape, is_valid_uid
 
-DEFER_SIZE = 64 * 1024          # larger non-pixel values are not read (nor needed by rules)
 MAX_DEPTH = 16                  # nested sequences deeper than this are hostile
 
 MAX_TRAILING_PAD = 7            # zero bytes tolerated after the last element (< one header)
@@ -159,19 +164,30 @@ def read_header(path: Path, limits: HeaderLimits = DEFAULT_LIMITS) -> Header:
         os.close(fd)
 
 
-def read_header_fd(fd: int, size: int, limits: HeaderLimits = DEFAULT_LIMITS) -> Header:
+def read_header_fd(fd: int, size: int, limits: HeaderLimits = DEFAULT_LIMITS,
+                   wanted: header_scan.Wanted | None = None) -> Header:
     """Read and validate the header of an open regular file of ``size`` bytes.
 
     Order matters: the file meta is bounded and its UIDs validated, then the seek-only
-    walk checks completeness *and* the limits, and only then does pydicom parse.
+    walk checks completeness *and* the limits, and only then does pydicom parse. With
+    ``wanted`` (the filter), the data set holds only those elements when the walk could
+    locate them (:mod:`pipeline.header_scan`); else pydicom reads it all.
     """
     with os.fdopen(fd, "rb", closefd=False) as fp, warnings.catch_warnings():
         warnings.simplefilter("ignore")  # pydicom's warnings echo untrusted values unescaped
         meta = _read_meta(fp, size, limits)
+        dataset_start = fp.tell()  # where pydicom's meta reader stopped
         syntax, sop_class = _check_meta(meta)
-        check_complete(fp, size, syntax, sop_class, limits=limits)
+        recorder = header_scan.recorder_for(wanted, syntax)
+        structure = check_complete(fp, size, syntax, sop_class, limits=limits, recorder=recorder,
+                                   dataset_start=dataset_start)
         try:
-            ds = _read_dataset(fp, meta, syntax, limits)
+            ds: Dataset | None = None
+            if recorder is not None:
+                ds = header_scan.build(recorder, lambda offset, count: os.pread(fd, count, offset),
+                                       structure.explicit, syntax, meta)
+            if ds is None:
+                ds = _read_dataset(fp, meta, syntax, limits)
         except QuarantineError:
             raise
         except Exception as exc:  # pydicom raises many types on garbage
@@ -408,20 +424,31 @@ class Structure:
 
     pixel_data_at: int | None
     encapsulated_pixel_data: bool
+    explicit: bool = True  # the data set's VR encoding as the walk found it
 
 
 def check_complete(fp: BinaryIO, size: int, transfer_syntax: str, sop_class_uid: str = "", *,
-                   limits: HeaderLimits = DEFAULT_LIMITS) -> Structure:
+                   limits: HeaderLimits = DEFAULT_LIMITS,
+                   recorder: header_scan.Recorder | None = None,
+                   dataset_start: int | None = None) -> Structure:
     """Walk the element structure by seeking; refuse a file cut short, malformed or
     beyond ``limits``.
 
     ``fp`` holds a Part-10 file (preamble and file meta) of ``size`` bytes. A deflated
     data set is inflated in chunks, never more than ``limits.max_inflated_size``;
     everything else is only seeked over, so this is cheap enough to run before a
-    C-STORE is acknowledged.
+    C-STORE is acknowledged. Unless the ``scan`` switch is off, the top level of a plain
+    file is parsed from blocks read where its elements are (up to 64 KiB while they lie
+    close together, 4 KiB after a jump over a large value, which stays unread). A
+    ``recorder`` is told of every top-level element before the pixel data
+    (``dataset_start``: where pydicom's meta reader stopped).
     """
     meta = read_meta(fp, size, limits)
     walker = _Walker(_FileSource(fp, size), limits)
+    walker.fast_top = header_scan.enabled()
+    if recorder is not None:
+        recorder.starts_at(meta.end, meta.end if dataset_start is None else dataset_start)
+        walker.recorder = recorder
     walker.elements, walker.header_bytes = meta.count, meta.held  # counted by the reader
     try:
         fp.seek(meta.end)
@@ -438,7 +465,7 @@ def check_complete(fp: BinaryIO, size: int, transfer_syntax: str, sop_class_uid:
         raise QuarantineError(str(exc)) from None
     if walker.pixel_data_at is None and _is_image_class(sop_class_uid):
         raise QuarantineError("truncated: an image without pixel data")
-    return Structure(walker.pixel_data_at, walker.encapsulated_pixel_data)
+    return Structure(walker.pixel_data_at, walker.encapsulated_pixel_data, walker.explicit)
 
 
 def _is_image_class(sop_class_uid: str) -> bool:
@@ -534,6 +561,13 @@ class _InflatedSource:
         return f"inflated data set ends at byte {self.reader.available_to(self.reader.tell() + 8)}"
 
 
+_BLOCK = 64 * 1024       # the most _Walker._fast_top reads at a time (elements close together)
+_SMALL_BLOCK = 4 * 1024  # what it reads at an element after a jump over a large value
+_UNPACK_TAG = struct.Struct("<HH").unpack_from
+_UNPACK_SHORT = struct.Struct("<H").unpack_from
+_UNPACK_LONG = struct.Struct("<L").unpack_from
+
+
 class _Walker:
     """A seek-only reader of element headers; holds nothing but offsets and counts.
 
@@ -551,6 +585,12 @@ class _Walker:
         self.encapsulated_pixel_data = False
         self.elements = 0
         self.header_bytes = 0
+        self.recorder: header_scan.Recorder | None = None
+        self._block, self._block_at = b"", 0   # the file bytes _fast_top last read
+        self._block_size = _BLOCK               # how much it reads next (see _next_block)
+        #: the block-parsing loop for the top level of a plain file (off with the
+        #: ``scan`` switch: see :mod:`pipeline.header_scan`)
+        self.fast_top = True
 
     def sniff_explicit(self, expected: bool) -> bool:
         """Like pydicom, trust the first element's bytes over a wrong transfer syntax."""
@@ -608,7 +648,10 @@ class _Walker:
         """Elements to the end of the file, an item delimiter, or offset ``end``."""
         if depth > MAX_DEPTH:
             raise _Truncated(f"sequences nested deeper than {MAX_DEPTH}")
+        fast = depth == 0 and end is None and not until_item_end and self.little and self.fast_top
         while True:
+            if fast and self._fast_top():
+                return
             if end is not None:
                 if self.src.tell() >= end:
                     return
@@ -616,9 +659,12 @@ class _Walker:
                 return
             tag = self._tag()
             vr, length, header = self._element(tag)
-            if depth == 0 and tag in _PIXEL_TAGS and self.pixel_data_at is None:
-                self.pixel_data_at = self.src.tell()
-                self.encapsulated_pixel_data = length == _UNDEFINED
+            if depth == 0 and self.pixel_data_at is None:
+                if tag in _PIXEL_TAGS:
+                    self.pixel_data_at = self.src.tell()
+                    self.encapsulated_pixel_data = length == _UNDEFINED
+                elif self.recorder is not None:
+                    self.recorder.element(tag, vr, length, self.src.tell())
             if tag == _ITEM_END:
                 if until_item_end:
                     return
@@ -634,6 +680,88 @@ class _Walker:
                 self._count(header, 0)
                 fragments = tag in _PIXEL_TAGS or (vr is not None and vr not in (b"SQ", b"UN"))
                 self._items(depth + 1, implicit_inside=vr == b"UN", fragments=fragments)
+
+    def _fast_top(self) -> bool:
+        """Top-level elements of defined length, parsed from a block of the file in memory.
+
+        The same checks, counts and messages as the loop in :meth:`dataset` — which
+        gets the element whenever anything is unusual (an undefined length, an item tag,
+        a bad VR, a header that would cross the end of the file, the last few bytes):
+        this returns False there, positioned at that element, and True at the end of the
+        file. The element-by-element reads of the general loop cost ~8 µs per element;
+        a CT header has a few hundred. Blocks are read only where elements are
+        (:meth:`_next_block`): a large value is jumped over, not read.
+        """
+        src = self.src
+        if not isinstance(src, _FileSource):
+            return False
+        size, explicit, recorder = src.size, self.explicit, self.recorder
+        block, start = self._block, self._block_at
+        pos = src.tell()
+        try:
+            while True:
+                if pos >= size:
+                    return True
+                if size - pos <= MAX_TRAILING_PAD:
+                    return False
+                at = pos - start
+                if at < 0 or at + 12 > len(block):
+                    if pos + 12 > size:
+                        return False
+                    block, start, at = self._next_block(pos, at, len(block)), pos, 0
+                    if len(block) < 12:
+                        return False
+                group, element = _UNPACK_TAG(block, at)
+                if group == 0xFFFE:
+                    return False
+                if explicit:
+                    vr: bytes | None = block[at + 4:at + 6]
+                    if vr in LONG_VRS:
+                        length, header = _UNPACK_LONG(block, at + 8)[0], 12
+                    elif vr.isalpha() and vr.isupper():  # type: ignore[union-attr]
+                        length, header = _UNPACK_SHORT(block, at + 6)[0], 8
+                    else:
+                        return False
+                else:
+                    vr, length, header = None, _UNPACK_LONG(block, at + 4)[0], 8
+                if length == _UNDEFINED:
+                    return False
+                tag = group << 16 | element
+                value_at = pos + header
+                if self.pixel_data_at is None:
+                    if tag in _PIXEL_TAGS:
+                        self.pixel_data_at = value_at
+                        self.encapsulated_pixel_data = False
+                    elif recorder is not None:
+                        recorder.element(tag, vr, length, value_at)
+                self._count(header, 0 if length > DEFER_SIZE else length)
+                if value_at + length > size:
+                    raise _Truncated(f"element ({group:04X},{element:04X}) at byte {value_at} needs "
+                                     f"{length} bytes but the file ends at {size}")
+                pos = value_at + length
+        finally:
+            src.fp.seek(pos)
+
+    def _next_block(self, pos: int, at: int, had: int) -> bytes:
+        """The file from ``pos`` on, for :meth:`_fast_top` (``at``: ``pos`` relative to
+        the last block of ``had`` bytes).
+
+        Elements that ran to the end of the last block are dense: the block grows (to
+        :data:`_BLOCK`). A value that jumped past it is large: only a small block is read
+        at the next element, so a file of large values is seeked over as by the element
+        walk, not read whole (``tests/test_header.py``, the bytes-read test).
+        """
+        if not had:
+            self._block_size = _BLOCK  # the first block: the header starts dense
+        elif 0 <= at <= had:
+            self._block_size = min(_BLOCK, self._block_size * 2)
+        else:
+            self._block_size = _SMALL_BLOCK
+        src = cast(_FileSource, self.src)
+        src.fp.seek(pos)
+        block = src.fp.read(self._block_size)
+        self._block, self._block_at = block, pos
+        return block
 
     def _items(self, depth: int, implicit_inside: bool, fragments: bool) -> None:
         """An undefined-length sequence or encapsulated pixel data, to its delimiter.

@@ -12,7 +12,10 @@ to ``quarantine/``; both with a ``.reason`` sidecar. The daemon never dies on a 
 
 The daemon is driven by the one skeleton (``pipeline.daemon``): ``start``, ``step`` until
 stopped, ``close``; ``run(once=True)`` returns at the first idle step, i.e. when nothing
-in ``incoming/`` is still settling. inotify (``DirectoryWatcher``) only wakes the loop and
+in ``incoming/`` is still settling. The header read locates only the elements some rule
+(or the filter) reads, computed once per configuration (``pipeline.header_scan``;
+``DICOMFLOW_FASTPATH=0`` or ``DICOMFLOW_PATCHES_OFF=scan`` in the environment: pydicom's
+full read). inotify (``DirectoryWatcher``) only wakes the loop and
 the directory is always rescanned; signals reach it through ``pipeline.daemon.Signals``.
 """
 
@@ -31,6 +34,7 @@ from pydicom.uid import UID
 from pipeline import config as config_module
 from pipeline import daemon as daemon_module
 from pipeline import header as header_module
+from pipeline import header_scan
 from pipeline.config import Config
 from pipeline.daemon import Signals, Step
 from pipeline.errors import ConfigError, DiskTrouble, QuarantineError
@@ -91,6 +95,7 @@ class FilterDaemon:
         self._lock = DaemonLock(self.spool.run_dir, "filter")
         self._seen: dict[str, _Arrival] = {}
         self._retry_at: dict[Path, float] = {}
+        self.wanted = _wanted(config)
 
     # -- control (from any thread; ``Signals`` calls them outside the handler) ---------
 
@@ -306,7 +311,8 @@ class FilterDaemon:
             return self._quarantine(path, f"cannot be opened: {exc.strerror}")
         try:
             try:
-                head = header_module.read_header_fd(fd, st.st_size, self.config.router.header_limits)
+                head = header_module.read_header_fd(fd, st.st_size, self.config.router.header_limits,
+                                                    self.wanted)
             except QuarantineError as exc:
                 self._make_durable_and_private(fd, st)  # quarantine/ holds PHI too: 0600
                 return self._quarantine(path, str(exc))
@@ -413,7 +419,14 @@ class FilterDaemon:
         for endpoint in new.endpoints:
             self.spool.create_endpoint(endpoint)
         self.config = new
+        self.wanted = _wanted(new)
         self.log.info(f"configuration reloaded, endpoints: {', '.join(sorted(new.endpoints)) or 'none'}")
+
+
+def _wanted(config: Config) -> header_scan.Wanted | None:
+    """The tags the header read must find for these rules (None: pydicom reads all)."""
+    rule_sets = [config.router.rules, *(ep.rules for ep in config.endpoints.values())]
+    return header_scan.plan(rule_sets)
 
 
 def _free_name(directory: Path, name: str, uid: str | None) -> str:
