@@ -161,11 +161,13 @@ def _custom_sent_handlers(assoc: Association) -> bool:
 
 def _fragment_for(assoc: Association) -> int | None:
     """The PDV fragment size if the association can take the data path now (established,
-    a socket with a send timeout, nobody watching sent-events), else None."""
+    plain TCP, a socket with a send timeout, nobody watching sent-events), else None."""
     transport = getattr(getattr(assoc, "dul", None), "socket", None)
     sock = getattr(transport, "socket", None)
     if sock is None or not getattr(assoc, "is_established", False) or _custom_sent_handlers(assoc):
         return None
+    if isinstance(sock, ssl.SSLSocket):
+        return None  # TLS: see the module's docstring
     timeout = sock.gettimeout()
     if timeout is None or timeout <= 0:
         return None
@@ -307,12 +309,6 @@ def _pause(assoc: Association) -> bool:
     return True
 
 
-def _is_tls(assoc: Association) -> bool:
-    """TLS stays on pynetdicom's path: its DUL thread reads the SSL socket while we
-    would write it, and OpenSSL allows one thread at a time on an SSL object."""
-    return isinstance(getattr(assoc.dul.socket, "socket", None), ssl.SSLSocket)
-
-
 def _quiet_dul(assoc: Association) -> bool:
     """Nothing queued for the DUL to send (it would write to the socket with us)."""
     return assoc.dul.to_provider_queue.empty()
@@ -324,8 +320,6 @@ def send(assoc: Association, path: Path, msg_id: int, priority: int = 2,
     a precondition does not hold (nothing sent: use pynetdicom's ``send_c_store``).
     FileNotFoundError passes; the DIMSE timeout (``assoc.dimse_timeout``) bounds the
     transfer, and then the wait for the response."""
-    if _is_tls(assoc):
-        return None
     fragment = _fragment_for(assoc)
     if fragment is None:
         return None
