@@ -19,6 +19,8 @@ import pytest
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 from pynetdicom import AE, Association, _config, evt
+from pynetdicom.dimse_messages import C_STORE_RSP
+from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.pdu import P_DATA_TF
 from pynetdicom.sop_class import Verification
 
@@ -299,6 +301,90 @@ def test_a_failure_inside_the_data_path_ends_the_association_not_the_file(
             link.close()
     finally:
         peer.stop()
+
+
+def test_a_failure_before_any_byte_hands_the_file_to_pynetdicom(
+        tmp_path: Path, monkeypatch, no_chunked_receive) -> None:
+    """No descriptor left for the dup (EMFILE) must not cost the association, nor stall
+    the queue: nothing went out, so pynetdicom's send_c_store takes the file."""
+    monkeypatch.setattr(store_send, "_enabled", True)
+    stock, used = Association.send_c_store, []
+
+    def counting(self, dataset, *args, **kwargs):
+        used.append(dataset)
+        return stock(self, dataset, *args, **kwargs)
+    monkeypatch.setattr(Association, "send_c_store", counting)
+
+    def no_descriptor(self, assoc, deadline):
+        raise OSError(24, "Too many open files")
+    monkeypatch.setattr(store_send._Writer, "__init__", no_descriptor)
+    peer = RecordingSCP()
+    try:
+        link = link_to(endpoint(tmp_path, peer.port))
+        try:
+            path = file_with_data_set(tmp_path, 5000)
+            assert link.store(path, 60) == net.StoreOutcome(0x0000)
+            assert used == [path] and link.alive
+        finally:
+            link.close()
+        assert peer.received[uid_of(path)] == data_set_part(path)
+    finally:
+        peer.stop()
+
+
+def test_a_reactor_that_does_not_pause_cuts_the_association(
+        tmp_path: Path, datapath, monkeypatch) -> None:
+    """pynetdicom's send_c_store would wait for the pause without a bound."""
+    monkeypatch.setattr(store_send, "_pause", lambda assoc: False)
+    peer = RecordingSCP()
+    try:
+        link = link_to(endpoint(tmp_path, peer.port))
+        try:
+            assert link.store(file_with_data_set(tmp_path, 500), 60) == net.StoreOutcome(None)
+            assert "did not pause" in (link.stall_reason or "") and not link.alive
+        finally:
+            link.close()
+    finally:
+        peer.stop()
+
+
+def test_an_early_refusal_counts_when_the_peer_then_stops_reading(
+        tmp_path: Path, datapath) -> None:
+    """A peer that answers 0xA700 to the command set and reads no more: its answer is
+    the file's outcome (not "no response"), and the association is ended."""
+    release = threading.Event()
+
+    def refuse_then_stall(event: evt.Event) -> None:
+        items = event.pdu.presentation_data_value_items if isinstance(event.pdu, P_DATA_TF) else []
+        if items and items[0].presentation_data_value[0] == 0x03 and not release.is_set():
+            rsp = C_STORE()
+            rsp.MessageIDBeingRespondedTo, rsp.Status = 1, 0xA700
+            rsp.AffectedSOPClassUID, rsp.AffectedSOPInstanceUID = CT, "1.2.3"
+            message = C_STORE_RSP()
+            message.primitive_to_message(rsp)
+            # written here: this DUL thread (which would send a queued answer) now stalls
+            for primitive in message.encode_msg(items[0].presentation_context_id, 16382):
+                answer = P_DATA_TF()
+                answer.from_primitive(primitive)
+                event.assoc.dul.socket.socket.sendall(answer.encode())
+            release.wait(30)  # this peer's DUL thread reads nothing more meanwhile
+    ae = AE("PACS")
+    ae.add_supported_context(CT, [ExplicitVRLittleEndian])
+    port = free_port()
+    server = ae.start_server(("127.0.0.1", port), block=False,
+                             evt_handlers=[(evt.EVT_PDU_RECV, refuse_then_stall)])
+    try:
+        link = link_to(endpoint(tmp_path, port, dimse_timeout="3s"))
+        try:
+            outcome = link.store(file_with_data_set(tmp_path, 64 * 1024 * 1024), 5)
+            assert outcome == net.StoreOutcome(0xA700)
+            assert not link.alive
+        finally:
+            release.set()
+            link.close()
+    finally:
+        release.set()
+        server.shutdown()
 
 
 # -- the send daemon: the switch ------------------------------------------------------

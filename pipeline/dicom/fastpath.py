@@ -17,10 +17,10 @@ handlers   pynetdicom's "standard" logging handlers — which format every PDU a
            unless the ``pynetdicom`` logger shows INFO (``pynetdicom_log_level``): its
            own ``_config.LOG_HANDLER_LEVEL``, read by ``_bind_defaults``
 datapath   the sender writes each C-STORE-RQ itself on the negotiated association: the
-           command set, then the data set from the file with ``os.sendfile`` (read +
-           send on TLS) in PDVs of at most the peer's maximum PDU (issue 13;
-           :mod:`pipeline.dicom.store_send`); transcoded data sets and anything unusual
-           still take ``send_c_store``
+           command set, then the data set from the file with ``os.sendfile`` in PDVs
+           of at most the peer's maximum PDU (issue 13;
+           :mod:`pipeline.dicom.store_send`); transcoded data sets, TLS and anything
+           unusual still take ``send_c_store``
 ========== ================================================================================
 
 ``DICOMFLOW_FASTPATH=0`` in the environment turns them all off (troubleshooting, and

@@ -71,6 +71,7 @@ MiB = 1024 * 1024
 PDU_CAP = MiB  # our own maximum P-DATA-TF length: for a peer declaring 0, or more
 PDU_HEADER = 6
 PDV_HEADER = 6
+MSG_MORE = getattr(socket, "MSG_MORE", 0)  # Linux: a header shares its segment with the data
 PAUSE_WAIT = 5.0  # the reactor pauses at its next turn (≤ IDLE_TICK); longer means it is stuck
 _COMMAND, _LAST = 0x01, 0x02
 _META_TAGS = (0x00020002, 0x00020003, 0x00020010)
@@ -95,6 +96,10 @@ class Response:
 
     status: int | None
     comment: str | None = None
+
+
+class _NothingSent(Exception):
+    """The data path failed before any byte went out: pynetdicom's path can take the file."""
 
 
 class _Stalled(Exception):
@@ -228,12 +233,14 @@ class _Writer:
         self.own.setblocking(False)  # the shared description is already (timeout mode)
         self.poller = select.poll()
         self.poller.register(self.own.fileno(), select.POLLOUT)
+        self.sent = False  # a byte went out: the association can no longer be handed back
 
     def close(self) -> None:
         self.transport._dicomflow_sending_since = None
         self.own.close()
 
     def _progress(self) -> None:
+        self.sent = True
         self.transport._dicomflow_sending_since = self.transport._dicomflow_last_sent = time.monotonic()
 
     def _wait(self) -> None:
@@ -249,9 +256,11 @@ class _Writer:
             raise _Overdue if wait == remaining else _Stalled
         if transfer.stall_reason(self.assoc) is not None:
             raise BrokenPipeError("the association was cut")
+        if self.assoc.is_aborted or not self.assoc.dul.is_alive():
+            raise BrokenPipeError("the association ended")
 
     def send_bytes(self, data: bytes | memoryview, more: bool) -> None:
-        view, flags = memoryview(data), socket.MSG_MORE if more else 0
+        view, flags = memoryview(data), MSG_MORE if more else 0
         while view:
             try:
                 sent = self.own.send(view, flags)
@@ -330,13 +339,19 @@ def send(assoc: Association, path: Path, msg_id: int, priority: int = 2,
         command = command_set(msg_id, plan.sop_class, plan.sop_instance, priority,
                               originator_aet, originator_id)
         if not _pause(assoc):
+            # pynetdicom's send_c_store would wait for the pause without a bound
             assoc._reactor_checkpoint.set()
-            return None
+            transfer.cut(assoc, f"the association's reactor did not pause within {PAUSE_WAIT:g}s")
+            return Response(None)
         try:
             if not _quiet_dul(assoc):
                 return None
             try:
                 return _exchange(assoc, plan, command, fileobj, msg_id)
+            except _NothingSent as exc:  # e.g. no descriptor left for the dup: pynetdicom's path
+                logger.warning("the data path could not start ({}); this file goes through "
+                               "pynetdicom", escape(str(exc.__cause__), limit=200))
+                return None
             except Exception as exc:  # noqa: BLE001 - bytes may be out: the association is spent
                 # never the file's fault by itself (it would go to failed/): the sender
                 # counts a file during which associations keep ending, as for any abort
@@ -350,16 +365,20 @@ def send(assoc: Association, path: Path, msg_id: int, priority: int = 2,
 def _exchange(assoc: Association, plan: _Plan, command: bytes, fileobj: BinaryIO,
               msg_id: int) -> Response:
     timeout = float(assoc.dimse_timeout or 60.0)
-    writer = _Writer(assoc, time.monotonic() + timeout)
+    try:
+        writer = _Writer(assoc, time.monotonic() + timeout)
+    except OSError as exc:
+        raise _NothingSent from exc
     try:
         _stream(writer, plan, command, fileobj)
     except _Stalled:
-        transfer.cut(assoc, transfer.stalled_reason(assoc))
-        return Response(None)
+        return _answered_or_cut(assoc, msg_id, transfer.stalled_reason(assoc))
     except _Overdue:
-        transfer.cut(assoc, transfer.overdue_reason(assoc))
-        return Response(None)
+        return _answered_or_cut(assoc, msg_id, transfer.overdue_reason(assoc))
     except (OSError, EOFError) as exc:
+        early = _early_failure(assoc, msg_id)
+        if early is not None:  # the peer refused the file, then closed: its answer counts
+            return _answered_or_cut(assoc, msg_id, "", early)
         if transfer.stall_reason(assoc) is not None:  # cut meanwhile (a shutdown): said there
             return Response(None)
         # the peer reset or aborted (or the file shrank): end it here rather than queue
@@ -370,9 +389,51 @@ def _exchange(assoc: Association, plan: _Plan, command: bytes, fileobj: BinaryIO
         transfer.cut(assoc, f"{what} ({why})")
         logger.info("{} {}: {}", what, escape(plan.sop_instance), why)
         return Response(None)
+    except Exception as exc:
+        if not writer.sent:
+            raise _NothingSent from exc
+        raise
     finally:
         writer.close()
     return _response(assoc, msg_id)
+
+
+def _answered_or_cut(assoc: Association, msg_id: int, reason: str,
+                     early: Response | None = None) -> Response:
+    """The request could not be completed: the association ends either way, and the
+    peer's early refusal, if it sent one, is the file's outcome."""
+    early = early or _early_failure(assoc, msg_id)
+    transfer.cut(assoc, reason if early is None else
+                 "the destination answered before the request was complete")
+    return early or Response(None)
+
+
+def _stored(status: int) -> bool:
+    """Success or warning (PS3.4: a warning is stored)."""
+    return status == 0 or status >> 12 == 0xB or status in (0x0001, 0x0107, 0x0116)
+
+
+def _early_failure(assoc: Association, msg_id: int) -> Response | None:
+    """A failure response to ``msg_id`` that the peer sent before the request was
+    complete (then stopped reading, or closed): the peer's answer for the file. An early
+    *success* never counts for a request that was not completed."""
+    taken: list[Any] = []
+    found: Response | None = None
+    try:
+        while True:
+            taken.append(assoc.dimse.msg_queue.get_nowait())
+    except queue.Empty:
+        pass
+    for item in taken:
+        rsp = item[1]
+        if found is None and isinstance(rsp, C_STORE) and rsp.is_valid_response \
+                and rsp.MessageIDBeingRespondedTo == msg_id and rsp.Status is not None \
+                and not _stored(int(rsp.Status)):
+            comment = getattr(rsp, "ErrorComment", None)
+            found = Response(int(rsp.Status), str(comment) if comment else None)
+            continue
+        assoc.dimse.msg_queue.put(item)
+    return found
 
 
 def _response(assoc: Association, msg_id: int) -> Response:
