@@ -55,6 +55,20 @@ def datapath(monkeypatch):
     monkeypatch.setattr(Association, "send_c_store", refuse)
 
 
+@pytest.fixture
+def pynetdicom_sends(monkeypatch) -> list:
+    """The data path on; every source pynetdicom's send_c_store is given, in order (the
+    files the data path handed back)."""
+    monkeypatch.setattr(store_send, "_enabled", True)
+    stock, used = Association.send_c_store, []
+
+    def counting(self, dataset, *args, **kwargs):
+        used.append(dataset)
+        return stock(self, dataset, *args, **kwargs)
+    monkeypatch.setattr(Association, "send_c_store", counting)
+    return used
+
+
 def data_set_part(path: Path) -> bytes:
     data = path.read_bytes()
     return data[filemeta.read_meta_file(path).end:]
@@ -143,6 +157,16 @@ def link_to(ep: pc.EndpointConfig) -> net.Link:
     return link
 
 
+def store_all(ep: pc.EndpointConfig, files: list[Path]) -> None:
+    """Each file C-STOREd on one association, every one answered with success."""
+    link = link_to(ep)
+    try:
+        for path in files:
+            assert link.store(path, 60) == net.StoreOutcome(0x0000), path.name
+    finally:
+        link.close()
+
+
 # -- byte-identical, PDUs within the peer's maximum -------------------------------------
 
 @pytest.mark.parametrize("max_pdu", [16384, 4096])
@@ -153,12 +177,7 @@ def test_pynetdicom_scp_gets_every_size_byte_identical_within_its_max_pdu(
     files = [file_with_data_set(tmp_path / "src", n) for n in sizes]
     peer = RecordingSCP(max_pdu=max_pdu)
     try:
-        link = link_to(endpoint(tmp_path, peer.port))
-        try:
-            for path in files:
-                assert link.store(path, 60) == net.StoreOutcome(0x0000)
-        finally:
-            link.close()
+        store_all(endpoint(tmp_path, peer.port), files)
         for path in files:
             assert peer.received[uid_of(path)] == data_set_part(path), path.name
         assert max(peer.pdu_lengths) == max_pdu  # full PDUs, none beyond the maximum
@@ -177,12 +196,7 @@ def test_storescp_gets_files_byte_identical_with_its_small_max_pdu(tmp_path: Pat
     files.append(write_dataset(make_dataset(rows=512, cols=512), tmp_path / "src" / "ct.dcm"))
     peer = StoreSCP(tmp_path / "recv", ae_title="PACS", extra=("-pdu", "4096")).start()
     try:
-        link = link_to(endpoint(tmp_path, peer.port))
-        try:
-            for path in files:
-                assert link.store(path, 60) == net.StoreOutcome(0x0000)
-        finally:
-            link.close()
+        store_all(endpoint(tmp_path, peer.port), files)
         wait_for(lambda: len(peer.files()) == len(files), message="storescp wrote every file")
         got = {uid_of(p): data_set_part(p) for p in peer.files()}
         for path in files:
@@ -207,17 +221,12 @@ def test_status_and_error_comment_come_back(tmp_path: Path, datapath, no_chunked
         peer.stop()
 
 
-def test_tls_takes_pynetdicoms_path(tmp_path: Path, monkeypatch, no_chunked_receive) -> None:
+def test_tls_takes_pynetdicoms_path(tmp_path: Path, pynetdicom_sends: list,
+                                    no_chunked_receive) -> None:
     """pynetdicom's DUL thread reads the SSL socket: a second thread may not write it."""
     from tests.tls import make_certificates
 
-    monkeypatch.setattr(store_send, "_enabled", True)
-    stock, used = Association.send_c_store, []
-
-    def counting(self, dataset, *args, **kwargs):
-        used.append(dataset)
-        return stock(self, dataset, *args, **kwargs)
-    monkeypatch.setattr(Association, "send_c_store", counting)
+    used = pynetdicom_sends
     certs = make_certificates(tmp_path / "certs")
     context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     context.load_cert_chain(str(certs.server_cert), str(certs.server_key))
@@ -225,12 +234,7 @@ def test_tls_takes_pynetdicoms_path(tmp_path: Path, monkeypatch, no_chunked_rece
     try:
         ep = endpoint(tmp_path, peer.port, tls={"tls": "true", "tls_ca": str(certs.ca)})
         files = [file_with_data_set(tmp_path / "src", n) for n in (0, 16379, 2_000_001)]
-        link = link_to(ep)
-        try:
-            for path in files:
-                assert link.store(path, 60) == net.StoreOutcome(0x0000)
-        finally:
-            link.close()
+        store_all(ep, files)
         assert used == files
         for path in files:
             assert peer.received[uid_of(path)] == data_set_part(path)
@@ -304,16 +308,10 @@ def test_a_failure_inside_the_data_path_ends_the_association_not_the_file(
 
 
 def test_a_failure_before_any_byte_hands_the_file_to_pynetdicom(
-        tmp_path: Path, monkeypatch, no_chunked_receive) -> None:
+        tmp_path: Path, monkeypatch, pynetdicom_sends: list, no_chunked_receive) -> None:
     """No descriptor left for the dup (EMFILE) must not cost the association, nor stall
     the queue: nothing went out, so pynetdicom's send_c_store takes the file."""
-    monkeypatch.setattr(store_send, "_enabled", True)
-    stock, used = Association.send_c_store, []
-
-    def counting(self, dataset, *args, **kwargs):
-        used.append(dataset)
-        return stock(self, dataset, *args, **kwargs)
-    monkeypatch.setattr(Association, "send_c_store", counting)
+    used = pynetdicom_sends
 
     def no_descriptor(self, assoc, deadline):
         raise OSError(24, "Too many open files")
@@ -425,17 +423,9 @@ def test_switch_is_on_by_default_and_off_by_name() -> None:
     assert "datapath" not in fastpath.enabled({"DICOMFLOW_FASTPATH": "0"})
 
 
-def test_data_sets_and_unusual_files_take_pynetdicoms_path(tmp_path: Path, monkeypatch,
-                                                           no_chunked_receive) -> None:
-    monkeypatch.setattr(store_send, "_enabled", True)
+def test_data_sets_and_unusual_files_take_pynetdicoms_path(
+        tmp_path: Path, monkeypatch, pynetdicom_sends: list, no_chunked_receive) -> None:
     monkeypatch.setattr(_config, "STORE_SEND_CHUNKED_DATASET", True)
-    stock = Association.send_c_store
-    used: list = []
-
-    def counting(self, dataset, *args, **kwargs):
-        used.append(type(dataset).__name__)
-        return stock(self, dataset, *args, **kwargs)
-    monkeypatch.setattr(Association, "send_c_store", counting)
     peer = RecordingSCP()
     try:
         link = link_to(endpoint(tmp_path, peer.port))
@@ -452,7 +442,8 @@ def test_data_sets_and_unusual_files_take_pynetdicoms_path(tmp_path: Path, monke
             assert link.store(file_with_data_set(tmp_path, 500), 60) == net.StoreOutcome(0)
         finally:
             link.close()
-        assert used == ["Dataset", "PosixPath", "PosixPath"]
+        assert [type(source).__name__ for source in pynetdicom_sends] == [
+            "Dataset", "PosixPath", "PosixPath"]
         assert str(ds.SOPInstanceUID) in peer.received
     finally:
         peer.stop()
