@@ -41,9 +41,11 @@ Notes per stack, as found with the Debian packages here:
   wrapper reports that file failed and sends the rest again.
 
 odil and PixelMed put every file of a call on one association and choose a file's
-presentation context by its SOP class alone: :func:`_batches` makes one call per set of
-files in which each SOP class has one transfer syntax. One bad file can still end the
-association and make every later file look failed, so :func:`_in_calls` sends
+presentation context by its SOP class alone. Driven ``thorough`` (the interoperability
+suite; the default is the tool as it is, which hostile-input tests rely on),
+:func:`_batches` makes one call per set of files in which each SOP class has one
+transfer syntax. One bad file can still end the association and make every later file
+look failed, so :func:`_in_calls` sends
 the files that have no outcome yet again, on a new call, until each has its own: a
 file is reported failed without a status only when it was the first file of its
 association (else it is sent again, first); a file with a status (or PixelMed's
@@ -119,9 +121,10 @@ class Call:
     associated: bool = True            # False: it ended before associating
 
 
-def _in_calls(files: list[Path], call) -> list[Outcome]:
+def _in_calls(files: list[Path], call, confirm: bool = True) -> list[Outcome]:
     """Send ``files`` with ``call`` (one association per call) until each has its own
-    outcome: see the module's docstring."""
+    outcome: see the module's docstring. Without ``confirm`` (the tool as it is), a call
+    is repeated only when it ended before associating (a file it cannot read)."""
     outcomes: dict[Path, Outcome] = {}
     left = list(files)
     while left:
@@ -130,8 +133,10 @@ def _in_calls(files: list[Path], call) -> list[Outcome]:
         sent = [p for p in left if p not in result.unreadable]
         for path in sent:
             said = result.said.get(path)
-            if said is not None and (said.ok or said.status is not None):
+            if said is not None and (said.ok or said.status is not None or not confirm):
                 outcomes[path] = said
+            elif not confirm and result.associated:
+                outcomes[path] = Outcome(path, False, None, result.detail or "not sent")
         rest = [p for p in sent if p not in outcomes]
         if rest and rest[0] == sent[0] and result.associated:
             first = rest.pop(0)  # the first file of a fresh association: its own failure
@@ -141,8 +146,11 @@ def _in_calls(files: list[Path], call) -> list[Outcome]:
     return [outcomes[p] for p in files]
 
 
-def _in_batches(files: list[Path], call) -> list[Outcome]:
-    """:func:`_in_calls` for each of :func:`_batches`, in the files' order."""
+def _in_batches(files: list[Path], call, thorough: bool) -> list[Outcome]:
+    """``thorough``: :func:`_in_calls` for each of :func:`_batches`, in the files'
+    order; else one association for all, as the tool does it."""
+    if not thorough:
+        return _in_calls(files, call, confirm=False)
     outcomes = {o.path: o for batch in _batches(files) for o in _in_calls(batch, call)}
     return [outcomes[p] for p in files]
 
@@ -251,7 +259,7 @@ _ODIL_STORE = r"""
 import sys
 import odil
 
-host, port, calling, called, *files = sys.argv[1:]
+host, port, calling, called, own_first, *files = sys.argv[1:]
 uncompressed = [odil.registry.ExplicitVRLittleEndian, odil.registry.ImplicitVRLittleEndian]
 datasets = []
 own = {}  # SOP class -> the transfer syntax of its files in this call (one: see _batches)
@@ -266,7 +274,8 @@ for name in files:
         print("UNREADABLE", name, "odil cannot read it:", repr(exc).replace("\n", " "), flush=True)
 role = odil.AssociationParameters.PresentationContext.Role.SCU
 contexts = [odil.AssociationParameters.PresentationContext(
-                2 * i + 1, uid, [own[uid]] + [t for t in uncompressed if t != own[uid]], role)
+                2 * i + 1, uid, ([own[uid]] if own_first == "1" else [])
+                + [t for t in uncompressed if own_first != "1" or t != own[uid]], role)
             for i, uid in enumerate(sorted(own))]
 association = odil.Association()
 association.set_peer_host(host)
@@ -293,21 +302,29 @@ else:
 
 
 class Odil:
-    """odil's store SCU (the steps of ``odil store``), one association per call."""
+    """odil's store SCU (the steps of ``odil store``), one association per call.
+
+    As the tool is (the default: what hostile-input tests rely on), every file on one
+    association with the two uncompressed syntaxes proposed; ``thorough`` (the
+    interoperability suite): batches, each SOP class's own syntax first, failures
+    confirmed on a fresh association (the module's docstring)."""
 
     name = "odil"
 
-    def __init__(self) -> None:
+    def __init__(self, thorough: bool = False) -> None:
         require_binary("/usr/bin/odil")
         self.python = require_binary(SYSTEM_PYTHON)
+        self.thorough = thorough
 
     def send(self, port: int, files: list[Path], called: str, calling: str = "ODILSCU",
              host: str = "127.0.0.1") -> list[Outcome]:
-        return _in_batches(files, lambda left: self._call(port, left, called, calling, host))
+        return _in_batches(files, lambda left: self._call(port, left, called, calling, host),
+                           self.thorough)
 
     def _call(self, port: int, files: list[Path], called: str, calling: str, host: str) -> Call:
         result = _run([self.python, "-c", _ODIL_STORE, host, str(port), calling, called,
-                       *map(str, files)], timeout=_call_timeout(files), env={"PYTHONPATH": ""})
+                       "1" if self.thorough else "0", *map(str, files)],
+                      timeout=_call_timeout(files), env={"PYTHONPATH": ""})
         said: dict[Path, Outcome] = {}
         unreadable: dict[Path, Outcome] = {}
         for line in result.stdout.splitlines():
@@ -335,11 +352,14 @@ class PixelMed:
     """PixelMed's ``StorageSOPClassSCU``: every file on one association (names on stdin).
 
     ``workdir`` holds the java.util.logging properties that make it report per file.
+    ``thorough`` as for :class:`Odil` (batches by transfer syntax, failures confirmed);
+    without it, PixelMed as it is, mislabelling included.
     """
 
     name = "pixelmed"
 
-    def __init__(self, workdir: Path) -> None:
+    def __init__(self, workdir: Path, thorough: bool = False) -> None:
+        self.thorough = thorough
         self.java = require_binary("/usr/bin/java")
         self.jar = PIXELMED_JAR if os.path.exists(PIXELMED_JAR) else require_binary(PIXELMED_JAR)
         workdir.mkdir(parents=True, exist_ok=True)
@@ -348,7 +368,8 @@ class PixelMed:
 
     def send(self, port: int, files: list[Path], called: str, calling: str = "PIXELMED",
              host: str = "127.0.0.1") -> list[Outcome]:
-        return _in_batches(files, lambda left: self._call(port, left, called, calling, host))
+        return _in_batches(files, lambda left: self._call(port, left, called, calling, host),
+                           self.thorough)
 
     def _call(self, port: int, files: list[Path], called: str, calling: str, host: str) -> Call:
         """Every file on one association; a file PixelMed cannot read ends the whole call

@@ -54,6 +54,14 @@ def test_a_file_that_ends_the_association_is_failed_and_the_rest_go_on_a_new_one
     assert outcomes[2].detail == "association aborted"
 
 
+def test_the_tool_as_it_is_makes_one_call_and_every_file_after_a_break_fails() -> None:
+    tool = FakeTool(breaks={FILES[2]})
+    outcomes = _in_calls(FILES, tool, confirm=False)
+    assert [o.ok for o in outcomes] == [True, True, False, False, False]
+    assert tool.calls == [FILES]
+    assert [o.detail for o in outcomes[2:]] == ["association aborted", "last error", "last error"]
+
+
 def test_a_failure_status_is_final_and_nothing_is_sent_twice() -> None:
     tool = FakeTool(refused={FILES[1], FILES[3]})
     outcomes = _in_calls(FILES, tool)

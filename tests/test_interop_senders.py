@@ -71,8 +71,8 @@ SENDERS = {
     "dcmtk": lambda workdir: DcmtkOwnSyntax(),
     "gdcm": lambda workdir: Gdcm(),
     "ctn": lambda workdir: Ctn(),
-    "odil": lambda workdir: Odil(),
-    "pixelmed": lambda workdir: PixelMed(workdir),
+    "odil": lambda workdir: Odil(thorough=True),
+    "pixelmed": lambda workdir: PixelMed(workdir, thorough=True),
 }
 # senders whose one-association SCU may put a file on another file's presentation context
 MISLABELS = frozenset({"pixelmed"})
