@@ -13,8 +13,8 @@ stack      program                                      one association per
 DCMTK      ``/usr/bin/storescu``                        file
 GDCM       ``/usr/bin/gdcmscu --store``                 file (it aborts when it exits)
 CTN        ``/usr/bin/send_image``                      file
-odil       odil's Python library (``/usr/bin/odil``)    call (a new call for the rest)
-PixelMed   ``com.pixelmed.network.StorageSOPClassSCU``  call (a new call for the rest)
+odil       odil's Python library (``/usr/bin/odil``)    call (thorough: more, see below)
+PixelMed   ``com.pixelmed.network.StorageSOPClassSCU``  call (thorough: more, see below)
 =========  ===========================================  ===============================
 
 Notes per stack, as found with the Debian packages here:
@@ -28,9 +28,10 @@ Notes per stack, as found with the Debian packages here:
 * odil's ``odil store`` command prints nothing for a failure *status* (only for an
   exception), so the wrapper runs the same steps as that command (one association)
   through odil's library with the system Python and prints each response's status.
-  Where ``odil store`` proposes only the two uncompressed transfer syntaxes, the
-  wrapper proposes each SOP class's own first (as ``storescu`` is told to in the
-  interoperability suite), so that compressed files are tested too. A file odil cannot read is
+  ``odil store`` proposes only the two uncompressed transfer syntaxes; driven
+  ``thorough``, the wrapper proposes each SOP class's own first (as ``storescu`` is told
+  to in the interoperability suite), so that compressed files are tested too. A file
+  odil cannot read is
   reported failed and left out (odil's own command would stop there); the script
   stops at the first exception (the association is gone).
 * PixelMed's ``StorageSOPClassSCU`` with ``-`` reads file names from stdin and sends
