@@ -47,7 +47,6 @@ pynetdicom patch for it).
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 
@@ -59,6 +58,7 @@ from pydicom.dataelem import RawDataElement, convert_raw_data_element, empty_val
 from pydicom.dataset import Dataset, FileDataset, FileMetaDataset
 from pydicom.tag import BaseTag
 
+from pipeline import switches
 from pipeline.rules import RuleSet
 
 SWITCH = "scan"
@@ -77,10 +77,7 @@ DEFLATED = "1.2.840.10008.1.2.1.99"
 
 def enabled(environ: Mapping[str, str] | None = None) -> bool:
     """On unless ``DICOMFLOW_FASTPATH=0`` or ``scan`` is in ``DICOMFLOW_PATCHES_OFF``."""
-    env = os.environ if environ is None else environ
-    if env.get("DICOMFLOW_FASTPATH", "1") == "0":
-        return False
-    return SWITCH not in {name.strip() for name in env.get("DICOMFLOW_PATCHES_OFF", "").split(",")}
+    return switches.is_on(SWITCH, environ)
 
 
 @dataclass(frozen=True)

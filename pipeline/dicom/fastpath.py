@@ -41,6 +41,7 @@ import threading
 
 from pynetdicom import _config
 
+from pipeline import switches
 from pipeline.dicom import commands, reactors, store_send
 from pipeline.dicom.commands import _encode_element, encode_c_store_command, encode_command_set
 from pipeline.dicom.reactors import wake_dul
@@ -58,11 +59,7 @@ _lock = threading.Lock()
 def enabled(environ: os._Environ[str] | dict[str, str] | None = None) -> frozenset[str]:
     """The switches that are on, from ``DICOMFLOW_FASTPATH`` and ``DICOMFLOW_PATCHES_OFF``
     (an unknown name in the latter is ignored: it only ever turns things off)."""
-    env = os.environ if environ is None else environ
-    if env.get("DICOMFLOW_FASTPATH", "1") == "0":
-        return frozenset()
-    off = {name.strip() for name in env.get("DICOMFLOW_PATCHES_OFF", "").split(",")}
-    return frozenset(name for name in SWITCHES if name not in off)
+    return frozenset(name for name in SWITCHES if switches.is_on(name, environ))
 
 
 def _quiet_handlers(requestor: bool) -> None:
