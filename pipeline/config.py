@@ -67,6 +67,8 @@ class RouterConfig:
     log_level: str
     log_json: bool
     pynetdicom_log_level: str
+    #: receive daemons sharing ``port`` with SO_REUSEPORT (1 = one, bound exclusively)
+    receive_processes: int
     max_associations: int
     max_pending_connections: int
     acse_timeout: float

@@ -23,6 +23,7 @@ from pipeline.config_types import (
     conditions,
     duration,
     host,
+    integer,
     log_level,
     networks,
     pdu_size,
@@ -37,6 +38,17 @@ from pipeline.config_types import (
 )
 
 ROUTER, ENDPOINT = "router", "endpoint"
+#: ``[router] receive_processes``: a 2-core machine gains from 2-4; 16 bounds the lock,
+#: log and supervisord program count an operator must follow
+MAX_RECEIVE_PROCESSES = 16
+
+
+def receive_processes(value: str) -> int:
+    """``[router] receive_processes``: 1 to :data:`MAX_RECEIVE_PROCESSES`."""
+    number = integer(value)
+    if not 1 <= number <= MAX_RECEIVE_PROCESSES:
+        raise ValueError(f"{value!r}: receive processes are 1 to {MAX_RECEIVE_PROCESSES}")
+    return number
 #: the README heading above each file kind's table
 HEADINGS = {ROUTER: "### `conf/router.ini`", ENDPOINT: "### `conf/endpoints/<name>.ini`"}
 
@@ -112,8 +124,11 @@ _ROUTER = [
     Option(ROUTER, "router", "log_json", boolean, "false", "JSON lines instead of text on stderr"),
     Option(ROUTER, "router", "pynetdicom_log_level", log_level, "WARNING",
            "pynetdicom's own messages (its DEBUG dumps patient data)"),
+    Option(ROUTER, "router", "receive_processes", receive_processes, "1",
+           "receive processes sharing the port (1–16; more than 1 binds it with "
+           "`SO_REUSEPORT`, the kernel spreads connections over them); see Performance"),
     Option(ROUTER, "router", "max_associations", positive_int, "10",
-           "concurrent associations accepted; more are rejected (busy)"),
+           "concurrent associations accepted (per receive process); more are rejected (busy)"),
     Option(ROUTER, "router", "max_pending_connections", positive_int, "32",
            "connections accepted but not yet associated; more are closed at once"),
     Option(ROUTER, "router", "acse_timeout", positive_duration, "30s",

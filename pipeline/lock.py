@@ -3,6 +3,8 @@
 The kernel drops the lock when the process dies (even by kill -9), so a crashed
 daemon never blocks its restart. The lock file records the holder's pid;
 :func:`pid_alive` is how the rest of DicomFlow asks whether such a pid still runs.
+A program that runs as several processes (``[router] receive_processes``) holds one
+lock per process index (:func:`process_name`): ``receive-1.lock``, ``receive-2.lock``…
 """
 
 from __future__ import annotations
@@ -52,6 +54,19 @@ class DaemonLock:
 
     def __exit__(self, *exc: object) -> None:
         self.release()
+
+
+def process_name(program: str, index: int | None) -> str:
+    """The name of one process of ``program``: its lock, its supervisord process name,
+    its log file and its ``status`` row. ``None``: the program's only process, named
+    like the program (``receive``), as before there could be several."""
+    return program if index is None else f"{program}-{index}"
+
+
+def process_names(program: str, count: int) -> list[str]:
+    """Every process name of a program run as ``count`` processes (indices 1..count)."""
+    return [process_name(program, None)] if count == 1 else \
+        [process_name(program, index) for index in range(1, count + 1)]
 
 
 def pid_alive(pid: int) -> bool:

@@ -392,20 +392,37 @@ class Spool:
         names.sort()
         return [directory / n for n in names]
 
-    def clean_tmp(self, directory: Path, older_than: float = 0.0) -> int:
-        """Remove stale temp files of a stage (at daemon start-up). Returns the count."""
-        removed = 0
+    @classmethod
+    def process_tmp_dir(cls, directory: Path, process: str) -> Path:
+        """``<stage>/.tmp/<process>/``: the temp files of one of several processes of a
+        program writing to one stage (``[router] receive_processes`` > 1), so that one
+        process's start-up clean never removes another's transfer in flight. Created."""
+        path = cls.tmp_dir(directory) / process
+        _mkdir(path)
+        return path
+
+    def clean_tmp(self, directory: Path, older_than: float = 0.0,
+                  process: str | None = None) -> int:
+        """Remove stale temp files of a stage (at daemon start-up). Returns the count.
+
+        ``process``: only those in ``.tmp/<process>/`` (:meth:`process_tmp_dir`). Folders
+        are never removed, nor anything in them (other processes' temp dirs)."""
+        tmp_dir = self.tmp_dir(directory)
+        return _remove_files(tmp_dir if process is None else tmp_dir / process,
+                             time.time() - older_than)
+
+    def sweep_tmp(self, directory: Path, older_than: float) -> int:
+        """Remove temp files older than ``older_than`` seconds in a stage's ``.tmp`` and
+        in every process's folder in it (transfers that died long ago, a process index
+        no longer configured). A transfer in flight writes, so its mtime stays young."""
+        tmp_dir = self.tmp_dir(directory)
         cutoff = time.time() - older_than
+        removed = _remove_files(tmp_dir, cutoff)
         try:
-            entries = list(os.scandir(self.tmp_dir(directory)))
+            folders = [e.path for e in os.scandir(tmp_dir) if e.is_dir(follow_symlinks=False)]
         except FileNotFoundError:
-            return 0
-        for entry in entries:
-            with suppress(FileNotFoundError):
-                if entry.stat(follow_symlinks=False).st_mtime <= cutoff:
-                    os.unlink(entry.path)
-                    removed += 1
-        return removed
+            return removed
+        return removed + sum(_remove_files(Path(folder), cutoff) for folder in folders)
 
     def clean_dead_tmp(self, directory: Path) -> int:
         """Remove temp files left by processes that no longer exist, in a ``.tmp`` that
@@ -486,6 +503,24 @@ def arrived_at(st: os.stat_result) -> float:
     never deleted early.
     """
     return max(st.st_ctime, st.st_mtime)
+
+
+def _remove_files(tmp_dir: Path, cutoff: float) -> int:
+    """Unlink the entries of ``tmp_dir`` (not folders) last modified at or before
+    ``cutoff`` (a wall-clock time); the count."""
+    removed = 0
+    try:
+        entries = list(os.scandir(tmp_dir))
+    except FileNotFoundError:
+        return 0
+    for entry in entries:
+        with suppress(FileNotFoundError):
+            if entry.is_dir(follow_symlinks=False):
+                continue
+            if entry.stat(follow_symlinks=False).st_mtime <= cutoff:
+                os.unlink(entry.path)
+                removed += 1
+    return removed
 
 
 def _mount_points_under(root: Path) -> list[Path]:

@@ -46,7 +46,11 @@ def build_parser() -> argparse.ArgumentParser:
     _conf_argument(parser, None)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
-    _command(sub, "receive", "run the C-STORE receiver daemon", "dicomflow receive --conf /etc/dicomflow")
+    receive = _command(sub, "receive", "run the C-STORE receiver daemon",
+                       "dicomflow receive --conf /etc/dicomflow")
+    receive.add_argument("--process", type=int, metavar="K", default=None,
+                         help="which of the [router] receive_processes = N processes this is "
+                              "(1..N; needed when N > 1, as supervisord starts them)")
     _command(sub, "filter", "run the filter / fan-out daemon", "dicomflow filter --conf /etc/dicomflow")
     send = _command(sub, "send", "run the sender daemon of one endpoint", "dicomflow send pacs")
     send.add_argument("endpoint", help="endpoint name (conf/endpoints/NAME.ini)")
@@ -108,7 +112,7 @@ def _cmd_check(args: argparse.Namespace) -> int:
 def _cmd_receive(args: argparse.Namespace) -> int:
     from services.receive import main
 
-    return main(_load_owned(args))
+    return main(_load_owned(args), args.process)
 
 
 def _cmd_filter(args: argparse.Namespace) -> int:

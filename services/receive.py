@@ -9,6 +9,12 @@ The promise it keeps (README, Design notes: promise 1): a C-STORE success (0x000
 the file is written, fsynced, renamed into ``incoming/`` and the directory fsynced.
 Datasets stream to disk (chunked receive, with the temp directory on the
 spool's filesystem so publishing is a rename) so memory does not grow with object size.
+
+With ``[router] receive_processes = N`` > 1, N of these daemons share the port
+(``SO_REUSEPORT``), each started with ``--process K`` (supervisord's ``numprocs``). Each
+is durable on its own; each holds its own lock (``receive-K``), writes its temp files in
+its own ``incoming/.tmp/receive-K/`` (so its start-up clean never removes a sibling's
+transfer in flight), keeps its own ``max_associations`` and checks the disk floor itself.
 """
 
 from __future__ import annotations
@@ -23,9 +29,9 @@ from pipeline.daemon import Signals, Step, run
 from pipeline.dicom import patches, scp
 from pipeline.dicom.filemeta import stamp_ae_titles
 from pipeline.dicom.scp import AssociationInfo, Listener, StoreRequest
-from pipeline.errors import Refusal
+from pipeline.errors import ConfigError, Refusal
 from pipeline.intake import Command, check_received, pad_deflated
-from pipeline.lock import DaemonLock
+from pipeline.lock import DaemonLock, process_name
 from pipeline.log import escape, logger
 from pipeline.names import is_valid_uid
 from pipeline.spool import Spool
@@ -172,24 +178,54 @@ class Receiver:
         return False
 
     def _sweep_tmp(self) -> None:
-        """Remove temp files of transfers that died (aborted, ENOSPC) long ago."""
+        """Remove temp files of transfers that died (aborted, ENOSPC) long ago — this
+        process's, a sibling's that died, or those of a process index no longer
+        configured: by age only, so a sibling's transfer in flight is never touched."""
         age = max(300.0, 2 * self.router.network_timeout)
-        removed = self.spool.clean_tmp(self.spool.incoming, older_than=age)
+        removed = self.spool.sweep_tmp(self.spool.incoming, older_than=age)
         if removed:
             logger.info("removed {} abandoned temp file(s)", removed)
 
 
-def main(config: Config) -> int:
+def process_index(config: Config, process: int | None) -> int | None:
+    """The index this receive process runs as: None when it is the only one.
+
+    With ``receive_processes`` > 1 every process needs ``--process K`` (1..N): its lock,
+    temp folder and log name come from it, and two processes with one index would
+    share them. A ConfigError naming the key otherwise."""
+    count = config.router.receive_processes
+    if count == 1 and process in (None, 1):
+        return None
+    if process is None or not 1 <= process <= count:
+        given = "no --process" if process is None else f"--process {process}"
+        raise ConfigError(str(config.router.conf_file), "router", "receive_processes",
+                          f"is {count}: each receive process needs --process 1..{count} "
+                          f"({given} given)")
+    return process
+
+
+def main(config: Config, process: int | None = None) -> int:
     router = config.router
-    logmod.setup_daemon("receive", router)
+    index = process_index(config, process)
+    name = process_name("receive", index)
+    logmod.setup_daemon(name, router)
     patches.install("receive")
     spool = Spool(router.spool).create(config.endpoints)
-    with DaemonLock(spool.run_dir, "receive"):
-        removed = spool.clean_tmp(spool.incoming)
+    with DaemonLock(spool.run_dir, name):
+        if index is None:
+            removed = spool.clean_tmp(spool.incoming)
+            tmp_dir = spool.tmp_dir(spool.incoming)
+        else:
+            # Our own folder only: the siblings' transfers are in flight in theirs.
+            tmp_dir = spool.process_tmp_dir(spool.incoming, name)
+            removed = spool.clean_tmp(spool.incoming, process=name)
+            logger.info("receive process {} of {} (port shared with SO_REUSEPORT)",
+                        index, router.receive_processes)
         spool.clean_dead_tmp(spool.run_dir)
         if removed:
-            logger.info("removed {} stale temp file(s) from incoming/.tmp", removed)
-        scp.configure(spool.tmp_dir(spool.incoming))
+            logger.info("removed {} stale temp file(s) from {}", removed,
+                        tmp_dir.relative_to(spool.root))
+        scp.configure(tmp_dir)
         receiver = Receiver(config, spool)
         try:
             with Signals(receiver.request_stop):

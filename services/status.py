@@ -3,7 +3,9 @@
 Fast on a spool with 100,000 files: it counts directory entries (``os.scandir``) and
 reads the oldest file's age from its name (names start with the UTC arrival time) —
 no DICOM parsing, no ``stat`` per file. Endpoint states come from the small state
-file each sender keeps under ``<spool>/run/`` (``send-<endpoint>.json``).
+file each sender keeps under ``<spool>/run/`` (``send-<endpoint>.json``); each daemon's
+from its lock file (``receive.lock``, or ``receive-1.lock`` .. ``receive-N.lock`` with
+``[router] receive_processes = N``).
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from pipeline.config import Config
-from pipeline.lock import DaemonLock
+from pipeline.lock import DaemonLock, process_names
 from pipeline.names import escape
 from pipeline.sender_state import sender_name, state_file_name
 from pipeline.spool import Spool, is_hidden, is_sidecar
@@ -124,7 +126,9 @@ def collect(config: Config, now: float | None = None) -> dict:
         "spool": str(spool.root),
         "conf": str(config.conf_dir),
         "time": datetime.fromtimestamp(now, UTC).isoformat(timespec="seconds"),
-        "processes": {"receive": _process(spool.run_dir, "receive"),
+        # one row per receive process: "receive", or "receive-1" .. "receive-N"
+        "processes": {**{name: _process(spool.run_dir, name)
+                         for name in process_names("receive", config.router.receive_processes)},
                       "filter": _process(spool.run_dir, "filter")},
         "stages": stages,
         "endpoints": endpoints,
@@ -184,7 +188,7 @@ def render(report: dict) -> str:
     lines = [f"DicomFlow  spool {report['spool']}  conf {report['conf']}  {report['time']}"]
     for name, proc in report["processes"].items():
         running = f"running, pid {proc['pid']}" if proc["running"] else "NOT RUNNING"
-        lines.append(f"  {name:<8} {running}")
+        lines.append(f"  {name:<10} {running}")
     lines.append("")
     lines.append(f"  {'stage':<12}{'files':>8}  oldest")
     for stage, info in report["stages"].items():

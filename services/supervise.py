@@ -5,7 +5,9 @@
 then either starts supervisord or — if it already runs — applies the difference
 (``reread``/``update`` semantics over XML-RPC): new senders start, removed ones stop,
 senders whose endpoint file changed restart, the filter gets SIGHUP to reload the
-endpoint set, and nothing else is touched. It returns once every program is RUNNING.
+endpoint set, and nothing else is touched. It returns once every program is RUNNING
+and every receive process listens (``[router] receive_processes`` > 1: supervisord's
+``numprocs``, processes ``receive-1`` .. ``receive-N``; see :func:`receive_values`).
 A spool has one owner conf dir (``pipeline.owner``): ``up``/``down`` with another one
 refuse before touching anything; ``up --force`` stops the owner's router and takes over.
 """
@@ -26,7 +28,7 @@ from supervisor.xmlrpc import SupervisorTransport
 
 from pipeline import owner
 from pipeline.config import Config
-from pipeline.lock import pid_alive
+from pipeline.lock import pid_alive, process_name
 from pipeline.sender_state import sender_name
 from pipeline.spool import Spool
 
@@ -74,6 +76,7 @@ class Supervisor:
             "DICOMFLOW_CONF": str(self.config.conf_dir),
             "DICOMFLOW_PYTHON": sys.executable,
             "DICOMFLOW_ROUTER_DIGEST": _digest(self.config.router.conf_file),
+            **receive_values(self.config.router.receive_processes),
         }
 
     def render(self) -> None:
@@ -147,6 +150,11 @@ class Supervisor:
     def states(self) -> dict[str, str]:
         return {info["name"]: info["statename"] for info in self.api().getAllProcessInfo()}
 
+    def receive_pids(self) -> dict[str, int]:
+        """Each receive process's pid (0 when not running), by process name."""
+        return {info["name"]: info["pid"] for info in self.api().getAllProcessInfo()
+                if info["group"] == "receive"}
+
     def wait_running(self, timeout: float) -> dict[str, str]:
         deadline = time.monotonic() + timeout
         while True:
@@ -168,6 +176,70 @@ class Supervisor:
         while pid and pid_alive(pid) and time.monotonic() < deadline:
             time.sleep(0.2)
         return not (pid and pid_alive(pid))
+
+
+def receive_values(count: int) -> dict[str, str]:
+    """The template's receive values for ``[router] receive_processes = count``.
+
+    One process keeps the name, log file and command it always had (``receive``,
+    ``log/receive.log``, no ``--process``); several are ``receive-K`` with their own
+    ``log/receive-K.log``, started as ``--process K`` (supervisord's ``%(process_num)d``,
+    counted from ``numprocs_start = 1``)."""
+    several = count > 1
+    return {
+        "DICOMFLOW_RECEIVE_PROCESSES": str(count),
+        # supervisord's spelling of pipeline.lock.process_name("receive", K)
+        "DICOMFLOW_RECEIVE_PROCESS_NAME": "receive-%(process_num)d" if several
+        else process_name("receive", None),
+        "DICOMFLOW_RECEIVE_PROCESS_ARG": " --process %(process_num)d" if several else "",
+    }
+
+
+def listening_pids(port: int, pids: list[int]) -> set[int]:
+    """Which of ``pids`` hold a socket listening on TCP ``port`` (any address).
+
+    With ``SO_REUSEPORT`` a test connection reaches one process chosen by the kernel,
+    so "is the port open" cannot say that each of them listens: the kernel's socket
+    tables (``/proc/net/tcp``, ``tcp6``) give the listening sockets' inodes, each
+    process's ``/proc/<pid>/fd`` the sockets it holds."""
+    inodes: set[str] = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            lines = Path(table).read_text().splitlines()[1:]
+        except OSError:
+            continue
+        for line in lines:
+            fields = line.split()
+            # local address "ADDR:PORT" (hex), state 0A = LISTEN, inode in column 10
+            if len(fields) > 9 and fields[3] == "0A" and int(fields[1].rsplit(":", 1)[1], 16) == port:
+                inodes.add(f"socket:[{fields[9]}]")
+    found = set()
+    for pid in pids:
+        try:
+            fds = os.listdir(f"/proc/{pid}/fd")
+        except OSError:
+            continue
+        for fd in fds:
+            try:
+                if os.readlink(f"/proc/{pid}/fd/{fd}") in inodes:
+                    found.add(pid)
+                    break
+            except OSError:
+                continue
+    return found
+
+
+def wait_all_listening(supervisor: Supervisor, port: int, timeout: float) -> list[str]:
+    """Wait until every receive process listens on ``port``; the names of those that
+    do not (empty: all do)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        pids = supervisor.receive_pids()
+        listening = listening_pids(port, [pid for pid in pids.values() if pid])
+        missing = sorted(name for name, pid in pids.items() if pid not in listening)
+        if not missing or time.monotonic() > deadline:
+            return missing
+        time.sleep(0.1)
 
 
 def wait_listening(bind: str, port: int, timeout: float) -> bool:
@@ -240,6 +312,13 @@ def up(config: Config, timeout: float = 60.0, force: bool = False) -> int:
         print(f"dicomflow: the receiver is RUNNING but not listening on {router.bind}:{router.port}; "
               f"see {supervisor.spool.log_dir / 'receive.log'}", file=sys.stderr)
         return 1
+    if router.receive_processes > 1:
+        missing = wait_all_listening(supervisor, router.port, timeout)
+        if missing:
+            print(f"dicomflow: RUNNING but not listening on port {router.port}: "
+                  f"{', '.join(missing)}; see their logs in {supervisor.spool.log_dir}",
+                  file=sys.stderr)
+            return 1
     print(f"dicomflow: up ({len(states)} programs; supervisorctl -c {supervisor.conf_file})")
     return 0
 

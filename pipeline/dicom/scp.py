@@ -143,6 +143,7 @@ class Listener:
             allowed_networks=self.router.allowed_networks,
             max_pending=self.router.max_pending_connections,
             negotiation_timeout=self.router.acse_timeout,
+            reuse_port=self.router.receive_processes > 1,
         )
         assert isinstance(server, DicomFlowServer)
         ae._servers.append(server)  # what start_server does; shutdown() removes it

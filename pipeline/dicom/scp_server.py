@@ -56,11 +56,16 @@ class DicomFlowServer(ThreadedAssociationServer):
     * Each connection has one deadline (``negotiation_timeout`` after accept) for
       everything before its association: speaking at all, the TLS handshake and the
       whole A-ASSOCIATE-RQ.
+    * ``reuse_port`` (``[router] receive_processes`` > 1) binds with ``SO_REUSEPORT``,
+      so several receive processes listen on one port and the kernel spreads new
+      connections over them. Only then: with one process the bind stays exclusive,
+      and a second router started on the same port by mistake fails to listen.
     """
 
     def __init__(self, *args: Any, allowed_networks: tuple = (), max_pending: int = 32,
                  negotiation_timeout: float = 30.0, handshake_timeout: float = 10.0,
-                 **kwargs: Any) -> None:
+                 reuse_port: bool = False, **kwargs: Any) -> None:
+        self.reuse_port = reuse_port
         self.allowed_networks = allowed_networks
         self.max_pending = max_pending
         self.negotiation_timeout = negotiation_timeout
@@ -81,6 +86,10 @@ class DicomFlowServer(ThreadedAssociationServer):
                 self.socket.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
             except OSError:
                 pass
+        if self.reuse_port:
+            # Every process sharing the port sets it before its bind (the kernel then
+            # requires the same user); a process without it cannot join, nor they it.
+            self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         super().server_bind()
 
     def get_request(self) -> tuple[socket.socket, Any]:
