@@ -109,13 +109,13 @@ class Receiver:
         uid = request.sop_instance_uid
         calling = request.calling_ae
         path = request.dataset_path
-        if path is None:
-            logger.error("store from {}: no dataset on disk", escape(calling))
-            return STATUS_CANNOT_UNDERSTAND
         if not is_valid_uid(uid) or not is_valid_uid(request.sop_class_uid):
             self.refused += 1
             logger.warning("refused store from {}: invalid SOP Instance/Class UID {!s}",
                            escape(calling), escape(uid))
+            return STATUS_CANNOT_UNDERSTAND
+        if path is None:
+            logger.error("store from {}: no dataset on disk", escape(calling))
             return STATUS_CANNOT_UNDERSTAND
         if not self._enough_space():
             self.refused += 1
@@ -129,7 +129,8 @@ class Receiver:
         try:
             if pad_deflated(path, request.transfer_syntax):
                 logger.debug("{}: odd-length deflated data set padded to even length", escape(uid))
-            stamp_ae_titles(path, calling, request.called_ae)
+            if not request.ae_titles_written:
+                stamp_ae_titles(path, calling, request.called_ae)
             target = self.spool.publish_new(path, self.spool.incoming, uid)
         except OSError as exc:
             self.refused += 1

@@ -496,7 +496,10 @@ def test_defect21_peer_reset_after_last_response_is_one_line(tmp_path: Path, fas
         _reset(assoc)
         running.daemon.wait_log("closed by the peer after its last PDU")
         assoc = ae.associate("127.0.0.1", running.port, ae_title="DICOMFLOW")
-        _reset(assoc, partial_pdu=b"\x04\x00\x00\x00\x01\x00" + b"\x00" * 16)  # 64 KiB declared
+        # 256 bytes declared: the start of a well-formed command fragment on context 1
+        # (a malformed PDV would be a protocol error where PDVs are parsed as they come)
+        head = b"\x04\x00\x00\x00\x01\x00" + struct.pack(">LBB", 250, 1, 0x01)
+        _reset(assoc, partial_pdu=head + b"\x00" * 10)
         running.daemon.wait_log("closed by the peer in the middle of a PDU")
         assert pynetdicom_store(running.port, [make_dataset()]) == [0]  # still serving
     finally:

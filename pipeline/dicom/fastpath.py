@@ -21,13 +21,18 @@ datapath   the sender writes each C-STORE-RQ itself on the negotiated associatio
            of at most the peer's maximum PDU (issue 13;
            :mod:`pipeline.dicom.store_send`); transcoded data sets, TLS and anything
            unusual still take ``send_c_store``
+recvpath   the receiver reads each association itself once pynetdicom has negotiated
+           it: PDUs into one buffer, the C-STORE-RQ command set, the data set straight
+           into the temp file, the C-STORE-RSP written after the file is durable
+           (issue 13; :mod:`pipeline.dicom.store_receive`; needs ``reactors``, whose
+           DUL thread hands the socket over)
 ========== ================================================================================
 
 ``DICOMFLOW_FASTPATH=0`` in the environment turns them all off (troubleshooting, and
 the benchmark's ``dicomflow-stock``): pynetdicom's own reactors and encoders; what is
 correctness stays on (:mod:`pdu_guard`, :mod:`peer_reset`,
 the bounded association of :mod:`transfer`, the file-meta writer of :mod:`filemeta`);
-``DICOMFLOW_PATCHES_OFF=reactors,commands,datapath`` turns off the ones named. Only the daemons
+``DICOMFLOW_PATCHES_OFF=reactors,commands,datapath,recvpath`` turns off the ones named. Only the daemons
 call :func:`install` (through :func:`pipeline.dicom.patches.install`), after logging is
 set up; it is idempotent. pynetdicom is pinned to 3.0.4 because this relies on its
 private structure (hashed by ``tests/test_packaging.py``).
@@ -42,11 +47,11 @@ import threading
 from pynetdicom import _config
 
 from pipeline import switches
-from pipeline.dicom import commands, reactors, store_send
+from pipeline.dicom import commands, reactors, store_receive, store_send
 from pipeline.dicom.commands import _encode_element, encode_c_store_command, encode_command_set
 from pipeline.dicom.reactors import wake_dul
 
-SWITCHES = ("reactors", "commands", "handlers", "datapath")
+SWITCHES = ("reactors", "commands", "handlers", "datapath", "recvpath")
 
 # re-exported: the encoders are tested against pynetdicom's through this module
 __all__ = ["SWITCHES", "_encode_element", "encode_c_store_command", "encode_command_set",
@@ -90,3 +95,5 @@ def install(requestor: bool = False) -> None:
             commands.install(direct="commands" in on)
         if "datapath" in on:
             store_send.install()
+        if "recvpath" in on and "reactors" in on and not requestor:
+            store_receive.install()

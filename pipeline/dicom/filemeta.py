@@ -16,6 +16,7 @@ never re-encoded and never copied a second time.
 
 from __future__ import annotations
 
+import io
 import os
 import struct
 from collections.abc import Callable
@@ -120,6 +121,27 @@ def _write_file_meta_info(fp: Any, file_meta: Any, enforce_standard: bool = True
             sop_class_uid=sop_class, sop_instance_uid=instance, transfer_syntax=syntax,
             implementation_uid=impl_uid, implementation_version=impl_version)
     _pydicom_write_file_meta_info(fp, file_meta, enforce_standard)
+
+
+def received_file_head(sop_class_uid: str, sop_instance_uid: str, transfer_syntax: str,
+                       calling: object, called: object) -> bytes:
+    """The preamble and file meta of a received file, as pynetdicom's chunked receive
+    writes them with :func:`install_ae_slots` and :func:`stamp_ae_titles` fills them in
+    afterwards — byte for byte — for the receive data path, which knows the titles
+    before the first byte (:mod:`pipeline.dicom.store_receive`)."""
+    meta = _SlottedMeta(sop_class_uid=sop_class_uid, sop_instance_uid=sop_instance_uid,
+                        transfer_syntax=transfer_syntax)
+    out = io.BytesIO()
+    out.write(b"\0" * 128 + b"DICM")
+    _write_file_meta_info(out, meta)
+    head = bytearray(out.getvalue())
+    values = {"source": calling, "sending": calling, "receiving": called}
+    for slot, tag in _TAGS.items():
+        offset = head.find(tag + _BLANK, 132)
+        if offset < 0:
+            raise ValueError(f"no blank {slot} AE title slot in the file meta")
+        head[offset + len(tag): offset + len(tag) + AE_SLOT] = clean_ae_title(values[slot])
+    return bytes(head)
 
 
 def install_ae_slots() -> None:

@@ -153,6 +153,7 @@ _orig_dimse_init = DIMSEServiceProvider.__init__
 def _dul_init(self: DULServiceProvider, assoc: Association) -> None:
     _orig_dul_init(self, assoc)
     self._df_pipe = None  # type: ignore[attr-defined]
+    self._df_handover = None  # type: ignore[attr-defined]
     self._df_assoc_event = threading.Event()  # type: ignore[attr-defined]
     assoc._df_event = self._df_assoc_event  # type: ignore[attr-defined]
     # Primitives to send and state-machine events wake the DUL thread; primitives
@@ -242,11 +243,35 @@ def _dul_run_reactor(self: DULServiceProvider) -> None:
                 continue
             self.state_machine.do_action(event)
             sleep = False
+            if self._df_handover is not None and self.state_machine.current_state == "Sta6":  # type: ignore[attr-defined]
+                self._df_handover.set()  # type: ignore[attr-defined]
+                return  # the A-ASSOCIATE-AC is out and nothing more was read
     finally:
         _assoc_wake(self)
         pipe, self._df_pipe = self._df_pipe, None  # type: ignore[attr-defined]
         if pipe is not None:
             pipe.close()
+
+
+def request_handover(dul: DULServiceProvider) -> bool:
+    """Ask the DUL thread to stop once the association is established (state Sta6,
+    right after it sent the A-ASSOCIATE-AC, before it reads anything more), leaving the
+    socket to the association's thread (:mod:`store_receive`). False when this
+    reactor is not installed (switch ``reactors`` off): no hand-over then."""
+    if not hasattr(dul, "_df_handover"):
+        return False
+    dul._df_handover = threading.Event()  # type: ignore[attr-defined]
+    return True
+
+
+def handed_over(dul: DULServiceProvider, timeout: float) -> bool:
+    """Wait (at most ``timeout``) for the DUL thread to hand the socket over; True once
+    it has and its thread is gone."""
+    event: threading.Event | None = getattr(dul, "_df_handover", None)
+    if event is None or not event.wait(timeout):
+        return False
+    dul.join(timeout)
+    return not dul.is_alive()
 
 
 def _dul_kill(self: DULServiceProvider) -> None:

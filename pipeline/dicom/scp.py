@@ -26,7 +26,7 @@ from pydicom.uid import UID
 from pynetdicom import AE, _config, evt
 
 from pipeline.config import RouterConfig
-from pipeline.dicom import pdu_guard
+from pipeline.dicom import pdu_guard, store_receive
 from pipeline.dicom.scp_server import DicomFlowRequestHandler, DicomFlowServer, build_ssl_context
 from pipeline.errors import Refusal
 from pipeline.log import escape, logger
@@ -34,6 +34,7 @@ from pipeline.log import escape, logger
 STATUS_SUCCESS = 0x0000
 VERIFICATION = UID("1.2.840.10008.1.1")
 SHUTDOWN_POLL = 0.05  # seconds between looks at the associations still in flight
+ABORT_WAIT = 2.0  # seconds for an association on the receive data path to send its A-ABORT
 
 
 @dataclass(frozen=True)
@@ -63,8 +64,9 @@ class AssociationInfo:
 class StoreRequest:
     """A received C-STORE: the data set already on disk, and what the command announced.
 
-    ``dataset_path`` is pynetdicom's chunked-receive temp file (on the spool, see
-    :func:`configure`), ``None`` if there is none. UIDs are as received
+    ``dataset_path`` is the temp file the data set was received into (on the spool, see
+    :func:`configure`: pynetdicom's chunked receive, or :mod:`store_receive`), ``None``
+    if there is none. UIDs are as received
     (``""`` when absent), not validated: that is the daemon's decision.
     """
 
@@ -73,6 +75,9 @@ class StoreRequest:
     sop_instance_uid: str
     transfer_syntax: str
     association: AssociationInfo
+    #: the file meta's AE-title slots already hold the calling/called titles (the
+    #: receive data path writes them with the meta; pynetdicom's path leaves them blank)
+    ae_titles_written: bool = False
 
     @property
     def calling_ae(self) -> str:
@@ -126,7 +131,7 @@ class Listener:
         return [
             (evt.EVT_C_STORE, self._on_store),
             (evt.EVT_C_ECHO, _on_echo),
-            (evt.EVT_CONN_OPEN, _on_conn_open),
+            (evt.EVT_CONN_OPEN, self._on_conn_open),
             (evt.EVT_REJECTED, self._on_rejected),
             (evt.EVT_ESTABLISHED, self._on_established),
         ]
@@ -173,13 +178,28 @@ class Listener:
             if assoc.is_established:
                 logger.warning("aborting association from {} at shutdown (its unacknowledged "
                                "store is not kept)", escape(assoc.requestor.ae_title))
-            assoc.abort()
+            if store_receive.abort(assoc):
+                assoc.join(ABORT_WAIT)  # its thread sends the A-ABORT
+            else:
+                assoc.abort()
 
     # -- pynetdicom events -> DicomFlow's types ------------------------------
 
     def _on_store(self, event: evt.Event) -> int | Dataset:
         answer = self.app.on_store(store_request(event))
         return failure_status(answer) if isinstance(answer, Refusal) else answer
+
+    def _on_conn_open(self, event: evt.Event) -> None:
+        _tune_socket(event.assoc)
+        store_receive.prepare(event.assoc, self._store_handler(event.assoc))
+
+    def _store_handler(self, assoc: Any) -> store_receive.StoreHandler:
+        """What the receive data path calls for each data set of this association."""
+        def on_store(path: Path | None, sop_class: str, instance: str, syntax: str) -> int | Refusal:
+            request = StoreRequest(path, sop_class, instance, syntax, association_info(assoc),
+                                   ae_titles_written=path is not None)
+            return self.app.on_store(request)
+        return on_store
 
     def _on_established(self, event: evt.Event) -> None:
         self.app.on_established(association_info(event.assoc))
@@ -225,9 +245,9 @@ def _on_echo(event: evt.Event) -> int:
     return STATUS_SUCCESS
 
 
-def _on_conn_open(event: evt.Event) -> None:
+def _tune_socket(assoc: Any) -> None:
     """Nagle off (small files: ~17 → ~60/s, README: Design notes), keepalive on."""
-    dul_socket = event.assoc.dul.socket
+    dul_socket = assoc.dul.socket
     sock = dul_socket.socket if dul_socket is not None else None
     if sock is not None:
         try:
