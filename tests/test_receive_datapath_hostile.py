@@ -15,6 +15,11 @@ the P-DATA-TF PDUs (pynetdicom's, or DicomFlow's own ``store_receive``):
 * the receiver keeps serving: DCMTK ``storescu`` then stores a file that appears in
   ``incoming/``.
 
+On DicomFlow's own path (switch ``recvpath``, on by default) more holds, and is checked
+(``OURS``): every refusal is an A-ABORT with our one ``aborted association from …`` line,
+the temp file is gone when the association has ended, a wrong group length and a data set
+on another context than its command are refused.
+
 Marked ``e2e``: ``.ci/run`` runs it again with ``DICOMFLOW_FASTPATH=0``.
 """
 
@@ -31,6 +36,7 @@ from pathlib import Path
 import pytest
 from pydicom import dcmread
 
+from pipeline import switches
 from pipeline.config import load_router
 from tests.helpers import HANG_TIMEOUT, dicom_files, make_dataset, wait_for, write_dataset
 from tests.rawpdu import (
@@ -56,6 +62,9 @@ from tests.test_receive_limits import Receiver
 pytestmark = pytest.mark.e2e
 
 FAST = os.environ.get("DICOMFLOW_FASTPATH", "1")
+#: the receiver reads P-DATA itself (store_receive), as the daemon will decide it
+OURS = FAST != "0" and switches.is_on("recvpath", os.environ) and switches.is_on("reactors", os.environ)
+OUR_LINE = "aborted association from"
 OUR_MAX_PDU = 16384
 ANSWER_WITHIN = 30.0  # seconds: far below the refusal cases' network/DIMSE timeouts
 PATIENT = "HOSTILE^PATIENT"
@@ -160,7 +169,12 @@ def refused_case(tmp_path: Path, send: Callable[[RawAssociation, Accepted, Store
                 answer.startswith("status") and answer != "status 0x0000"), \
                 f"broken C-STORE answered {answer!r}"
             assert visible(receiver) == [], "a broken C-STORE became visible in incoming/"
+            if OURS:
+                assert answer == "abort", answer
+                wait_for(lambda: temp_files(receiver) == [], message="the temp file removed")
         log = logged_complaint(receiver, since)
+        if OURS:
+            assert len([line for line in complaints(log) if OUR_LINE in line]) == len(answers), log
         assert PATIENT not in receiver.daemon.log(), "patient name in the receive log"
         still_serving(receiver, tmp_path)
         assert [p for p in visible(receiver) for s in stores if s.uid in p.name] == []
@@ -267,6 +281,9 @@ def test_command_group_length_wrong(tmp_path: Path, delta: int) -> None:
             conn.send(pdu)
         answer = outcome(conn, ANSWER_WITHIN)
         assert answer != "nothing", "no answer to a C-STORE with a wrong group length"
+        if OURS:  # the command set contradicts itself: refused
+            assert answer == "abort", answer
+            receiver.daemon.wait_log("command set group length")
         if answer == "status 0x0000":
             [path] = visible(receiver)
             complete_and_equal(path, store)
@@ -277,6 +294,27 @@ def test_command_group_length_wrong(tmp_path: Path, delta: int) -> None:
         conn.close()
         print(f"group length {length} (true {len(store.command) - 12}): {answer}")
         assert PATIENT not in receiver.daemon.log()
+        still_serving(receiver, tmp_path)
+
+
+def test_data_set_on_another_context_than_its_command(tmp_path: Path) -> None:
+    """PS3.8: a message's data set travels on its command's presentation context. Our path
+    refuses it; pynetdicom's takes it (then a success must mean the file is whole)."""
+    with Receiver(tmp_path, FAST, **SLOW_TIMEOUTS) as receiver:
+        conn, accepted = negotiate(receiver.port, max_pdu=OUR_MAX_PDU)
+        store = Store()
+        conn.send(p_data_tf(pdv(CT_CONTEXT, store.command, command=True)))
+        for pdu in data_pdus(ECHO_CONTEXT, store.data, accepted.max_pdu):
+            conn.send(pdu)
+        answer = outcome(conn, ANSWER_WITHIN)
+        conn.close()
+        if OURS:
+            assert answer == "abort", answer
+            receiver.daemon.wait_log("data-set fragment on presentation context")
+            assert visible(receiver) == []
+        elif answer == "status 0x0000":
+            [path] = visible(receiver)
+            complete_and_equal(path, store)
         still_serving(receiver, tmp_path)
 
 

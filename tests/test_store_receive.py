@@ -37,7 +37,8 @@ from tests.peers import storescu
 from tests.tls import make_certificates
 
 ON_PATH = "on the receive data path"
-PATH_OFF = {"DICOMFLOW_PATCHES_OFF": "recvpath"}
+PATH_ON = {"DICOMFLOW_FASTPATH": "1", "DICOMFLOW_PATCHES_OFF": ""}  # whatever the caller's
+PATH_OFF = {**PATH_ON, "DICOMFLOW_PATCHES_OFF": "recvpath"}
 
 
 # -- command sets, without a network ---------------------------------------------------
@@ -135,7 +136,7 @@ def test_received_file_head_is_what_the_pynetdicom_path_writes(tmp_path: Path) -
 def _receiver(tmp_path: Path, env: dict | None = None, tls: dict | None = None,
               **router: object) -> tuple[Daemon, int, Path]:
     conf = write_conf(tmp_path, router={"log_level": "DEBUG", **router}, **({"tls": tls} if tls else {}))
-    daemon = Daemon(conf, "receive", env=env).start()
+    daemon = Daemon(conf, "receive", env=env or PATH_ON).start()
     daemon.wait_log("listening as")
     return daemon, router_port(conf), tmp_path / "spool" / "incoming"
 
@@ -151,7 +152,7 @@ def test_files_are_byte_identical_on_both_paths(tmp_path: Path) -> None:
     files = [Path(get_testdata_file(name)) for name in ("CT_small.dcm", "MR_small.dcm")]
     files += make_files(tmp_path / "big", 2, rows=1024, cols=1024)  # 2 MiB data sets
     stored = {}
-    for label, env in (("on", {}), ("off", PATH_OFF)):
+    for label, env in (("on", PATH_ON), ("off", PATH_OFF)):
         daemon, port, incoming = _receiver(tmp_path / label, env)
         try:
             for pdu in ("4096", "131072"):
