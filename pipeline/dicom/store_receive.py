@@ -27,10 +27,11 @@ always answered with A-RELEASE-RP, A-ABORT ends the association; anything else (
 unexpected PDU, a malformed PDV or command set, a DIMSE message other than C-STORE or
 C-ECHO) ends it with an A-ABORT and one log line. Each PDU must arrive whole within the
 network timeout from its first byte, and the connection may be idle at most that long
-(as :mod:`pdu_guard` and pynetdicom's idle timer do on the other path); every write
-is bounded by the same timeout. The temp file of a store that does not complete is
-removed: nothing half-written is ever visible, nothing is acknowledged that is not
-durable.
+(as :mod:`pdu_guard` and pynetdicom's idle timer do on the other path), or the DIMSE
+timeout while the rest of a message is awaited; every write is bounded by the network
+timeout. No ARTIM wait: after an A-RELEASE-RP or an A-ABORT we close at once. The temp
+file of a store that does not complete is removed: nothing half-written is ever
+visible, nothing is acknowledged that is not durable.
 
 The hand-over: :func:`prepare` (at connection open) asks the DUL thread to stop once
 it has sent the A-ASSOCIATE-AC (:func:`pipeline.dicom.reactors.request_handover`); the
@@ -427,6 +428,7 @@ class Session:
         self.serving = True
         self.sock = sock
         self.network_timeout = float(self.assoc.network_timeout or 60.0)
+        self.dimse_timeout = float(self.assoc.dimse_timeout or self.network_timeout)
         ours = int(self.assoc.acceptor.maximum_length or 0)
         self.max_pdu = ours if ours else UNLIMITED_PDATA_LIMIT
         theirs = int(self.assoc.requestor.maximum_length or 0)
@@ -485,7 +487,10 @@ class Session:
         whole within the network timeout of its first byte; idle as long at most)."""
         reader = self.reader
         if reader.available < PDU_HEADER:
-            reader.fill(1, time.monotonic() + self.network_timeout, mid_pdu=False)
+            idle = self.network_timeout
+            if self._message is not None or self._command:  # the rest of a DIMSE message
+                idle = min(idle, self.dimse_timeout)
+            reader.fill(1, time.monotonic() + idle, mid_pdu=False)
         deadline = time.monotonic() + self.network_timeout
         reader.fill(PDU_HEADER, deadline, mid_pdu=True)
         header = reader.take(PDU_HEADER)
