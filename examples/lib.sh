@@ -30,3 +30,33 @@ port = $2
 spool = $3
 INI
 }
+
+# write_orthanc_json FILE NAME DIR HTTP DICOM AET MODALITIES — an Orthanc configuration:
+# storage and index in DIR, REST without authentication but on 127.0.0.1 only, no
+# plugins; MODALITIES is the JSON object of its DicomModalities, e.g.
+#   '{ "router": [ "DICOMFLOW", "127.0.0.1", 11112 ] }'
+write_orthanc_json() {
+  cat >"$1" <<JSON
+{ "Name": "$2", "StorageDirectory": "$3/storage", "IndexDirectory": "$3/index",
+  "HttpPort": $4, "DicomPort": $5, "DicomAet": "$6",
+  "RemoteAccessAllowed": false, "AuthenticationEnabled": false, "Plugins": [],
+  "DicomModalities": $7 }
+JSON
+}
+
+# window_now PYTHON WINDOW — prints "open" or "closed", then the next opening (HH:MM:SS)
+# and the seconds until the window's state next changes (DicomFlow's own parser).
+window_now() {
+  "$1" - "$2" <<'PY'
+import sys
+from datetime import datetime, timedelta
+from pipeline.schedule import parse_window
+w = parse_window(sys.argv[1]); now = datetime.now()
+state = w.is_open(now)
+change = now.replace(second=0, microsecond=0) + timedelta(minutes=1)
+while w.is_open(change) == state and change - now < timedelta(days=8):
+    change += timedelta(minutes=1)
+print("open" if state else "closed", w.next_open(now).strftime("%H:%M:%S"),
+      int((change - now).total_seconds()))
+PY
+}
