@@ -60,6 +60,9 @@ def leftovers(work: Path) -> list[str]:
     links = subprocess.run(["ip", "-o", "link", "show"], capture_output=True, text=True).stdout
     found += [f"link {line.split(': ')[1]}" for line in links.splitlines()
               if line.split(": ")[1].startswith(PREFIX)]
+    host = subprocess.run(["ip", "-o", "addr", "show"], capture_output=True, text=True).stdout + \
+        subprocess.run(["ip", "route", "show", "table", "all"], capture_output=True, text=True).stdout
+    found += [f"host network: {line.strip()}" for line in host.splitlines() if "198.18." in line]
     wg = Path("/var/run/wireguard")
     found += [f"socket {p}" for p in (wg.glob(f"{PREFIX}*") if wg.is_dir() else [])]
     for proc in Path("/proc").iterdir():

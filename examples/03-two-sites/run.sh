@@ -65,8 +65,7 @@ veth "$NS_B" df3-b0 "$IP_B/24" "$NS_GWB" df3-gwb0 "$IP_GWB_LAN/24"
 # forward, the WAN namespace does not (only the relay crosses it).
 ip -n "$NS_A" route add "$NET_B" via "$IP_GWA_LAN"
 ip -n "$NS_B" route add "$NET_A" via "$IP_GWB_LAN"
-in_ns "$NS_GWA" sysctl -qw net.ipv4.ip_forward=1
-in_ns "$NS_GWB" sysctl -qw net.ipv4.ip_forward=1
+for ns in "$NS_GWA" "$NS_GWB"; do in_ns "$ns" sh -c 'echo 1 >/proc/sys/net/ipv4/ip_forward'; done  # per namespace
 
 step "WAN: ${RTT_MS} ms round trip (udp_delay.py in $NS_WAN), ${RATE_MBIT} Mbit/s each way (tc tbf)"
 for dev in df3-wan0 df3-wan1; do
@@ -164,7 +163,12 @@ last = [line for line in lines[start:] if line.endswith("| delivered")][-1]
 print(f"{(stamp(last) - stamp(lines[start])).total_seconds():.2f}")
 PY
   }
-  printf '\n%-14s %8s %7s %10s %12s %s\n' associations images MB "time (s)" "link (s)" "share of the link"
+  step "bench: what the path carries, bulk TCP through the tunnel (tcp_rate.py, 4 streams, 3 s)"
+  in_ns "$NS_B" setsid "$PY" "$HERE/tcp_rate.py" serve "$IP_B" 5001 >"$WORK/tcp_rate.log" 2>&1 </dev/null &
+  for _ in $(seq 1 50); do in_ns "$NS_A" timeout 2 bash -c "exec 3<>/dev/tcp/$IP_B/5001" 2>/dev/null && break; sleep 0.1; done
+  path_mbit=$(in_ns "$NS_A" "$PY" "$HERE/tcp_rate.py" send "$IP_B" 5001 3 4)
+  echo "   ${path_mbit} Mbit/s (the WAN's cap: ${RATE_MBIT} Mbit/s; ${RTT_MS} ms round trip)"
+  printf '\n%-13s %6s %7s %9s %9s %9s %s\n' associations images MB "time (s)" "link (s)" "path (s)" "link/time"
   for n in ${BENCH_ASSOCIATIONS:-1 4}; do
     [ "$n" = 1 ] && write_siteb_ini "" "" "" || write_siteb_ini "$n" "" ""   # 1 is the default
     flow up >/dev/null
@@ -179,12 +183,13 @@ PY
     for _ in $(seq 1 36000); do [ $(($(files_in "$SPOOL/sent/siteb") - before)) -ge "$BENCH_IMAGES" ] && break; sleep 0.1; done
     [ $(($(files_in "$SPOOL/sent/siteb") - before)) -eq "$BENCH_IMAGES" ] || die "siteb did not get the study"
     took=$(sender_took "$SPOOL/log/send-siteb.log")
-    awk -v n="$n" -v i="$BENCH_IMAGES" -v b="$bytes" -v t="$took" -v r="$RATE_MBIT" 'BEGIN {
-      link = b * 8 / (r * 1e6)
-      printf "%-14s %8d %7.1f %10.1f %12.1f %5.0f %%\n", n, i, b / 1e6, t, link, 100 * link / t }'
+    awk -v n="$n" -v i="$BENCH_IMAGES" -v b="$bytes" -v t="$took" -v r="$RATE_MBIT" -v p="$path_mbit" 'BEGIN {
+      link = b * 8 / (r * 1e6); path = b * 8 / (p * 1e6)
+      printf "%-13s %6d %7.1f %9.1f %9.1f %9.1f %8.0f %%\n", n, i, b / 1e6, t, link, path, 100 * link / t }'
   done
   echo
   echo "link (s): the study's bytes at ${RATE_MBIT} Mbit/s — what the WAN allows, before DICOM, TCP and WireGuard overheads;"
+  echo "path (s): the same bytes at the ${path_mbit} Mbit/s bulk TCP measured through the tunnel above;"
   echo "time (s): from the queued sender's start (its log; process start-up left out) to the last file acknowledged by site B, over ${RTT_MS} ms RTT."
   echo "site B's Orthanc holds $(count "$NS_B" "$SITEB_HTTP") instances. Remove everything with: $HERE/stop.sh"
   exit 0
