@@ -37,6 +37,17 @@ from pipeline.config_types import (
 )
 
 ROUTER, ENDPOINT = "router", "endpoint"
+MAX_ASSOCIATIONS = 16  # per endpoint: each is a thread and a socket of the one send process
+
+
+def association_count(value: str) -> int:
+    """``[endpoint] associations``: 1 (one association, strict arrival order) to
+    :data:`MAX_ASSOCIATIONS` — beyond that a destination spends more on associations
+    than a sender gains from them."""
+    number = positive_int(value)
+    if number > MAX_ASSOCIATIONS:
+        raise ValueError(f"{value!r} must be at most {MAX_ASSOCIATIONS}")
+    return number
 #: the README heading above each file kind's table
 HEADINGS = {ROUTER: "### `conf/router.ini`", ENDPOINT: "### `conf/endpoints/<name>.ini`"}
 
@@ -181,6 +192,10 @@ _ENDPOINT = [
            "largest PDU we accept from the destination"),
     Option(ENDPOINT, "endpoint", "idle_release", positive_duration, "10s",
            "release an idle association after this long"),
+    Option(ENDPOINT, "endpoint", "associations", association_count, "1",
+           f"associations kept open to the destination at once (1 to {MAX_ASSOCIATIONS}); files "
+           "are handed out in arrival order, but with more than 1 they may arrive out of order; "
+           "a destination that refuses the extra ones is not down: the sender uses those it has"),
     Option(ENDPOINT, "endpoint", "sent_retention", duration, "7d",
            "delete delivered copies in `sent/<name>/` after this long"),
     Option(ENDPOINT, "endpoint", "log_level", log_level, None, "this sender's log level",
