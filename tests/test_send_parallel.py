@@ -7,8 +7,11 @@ nothing here asserts a speed."""
 from __future__ import annotations
 
 import collections
+import os
 import signal
 import threading
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -21,11 +24,13 @@ from services.send import Sender
 from tests.helpers import (
     Daemon,
     dicom_files,
+    make_dataset,
     make_files,
     router_port,
     tmp_leftovers,
     wait_for,
     write_conf,
+    write_dataset,
 )
 from tests.peers import StoreSCP
 from tests.sendkit import StatusSCP, endpoint_conf, put_in_outbox, read_state, storescp_uids
@@ -41,9 +46,10 @@ def count(directory: Path) -> int:
     return len(dicom_files(directory))
 
 
-def established_to(port: int) -> int:
+def established_to(port: int, unread: bool = False) -> int:
     """TCP connections established to ``port`` on this host, as the kernel lists them
-    (the acceptor's side: its local port is ``port``)."""
+    (the acceptor's side: its local port is ``port``); with ``unread``, only those
+    with data arrived and not read yet (their receive queue)."""
     total = 0
     for table in ("/proc/net/tcp", "/proc/net/tcp6"):
         try:
@@ -52,8 +58,9 @@ def established_to(port: int) -> int:
             continue
         for line in lines:
             fields = line.split()
-            local, state = fields[1], fields[3]
-            if state == "01" and int(local.rsplit(":", 1)[1], 16) == port:
+            local, state, queues = fields[1], fields[3], fields[4]
+            if state == "01" and int(local.rsplit(":", 1)[1], 16) == port and (
+                    not unread or int(queues.split(":")[1], 16)):
                 total += 1
     return total
 
@@ -92,6 +99,7 @@ class CountingSCP(StatusSCP):
         self.up = 0
         self.peak = 0
         self.by_association: collections.Counter[int] = collections.Counter()
+        self.on_store: Callable[[int], None] | None = None  # called with the count so far
 
     def _on_established(self, event: evt.Event) -> None:
         with self.lock:
@@ -106,6 +114,9 @@ class CountingSCP(StatusSCP):
     def _on_store(self, event: evt.Event) -> int:
         with self.lock:
             self.by_association[id(event.assoc)] += 1
+            stored = sum(self.by_association.values())
+        if self.on_store is not None:
+            self.on_store(stored)
         return super()._on_store(event)
 
     def start(self) -> CountingSCP:
@@ -178,6 +189,35 @@ def test_files_are_spread_over_the_associations_in_process(tmp_path: Path, count
     assert count(tmp_path / "spool/sent" / EP) == 80
     assert server.peak == 4 and len(server.by_association) == 4
     assert read_state(tmp_path / "spool", EP)["sent"] == 80
+
+
+def test_every_association_stops_at_the_window_close(tmp_path: Path, counting) -> None:
+    """The window closes (the injected clock jumps) while the 10th file is stored:
+    nothing more is handed out, the files in flight (at most one per association)
+    finish and are moved, the rest wait in the outbox, every association is released."""
+    server = counting()
+    put_in_outbox(tmp_path / "spool", EP, make_files(tmp_path / "src", 40))
+    clock = FakeClock()  # 12:00
+    conf = endpoint_conf(tmp_path, {EP: {"port": server.port, "ae_title": "PACS",
+                                         "associations": "4",
+                                         "schedule": {"window": "12:00 - 12:30"}}})
+    sender = Sender(load(conf), EP, clock=clock, install_signals=False)
+    server.on_store = lambda stored: clock.advance(3600) if stored == 10 else None
+    sender.start()
+    try:
+        sender.step()
+        received = len(server.uids())
+        assert 10 <= received <= 13, received
+        assert count(tmp_path / "spool/sent" / EP) == received
+        assert count(tmp_path / "spool/outbox" / EP) == 40 - received
+        assert server.peak >= 2
+        sender.step()
+        assert read_state(tmp_path / "spool", EP)["state"] == "outside_window"
+        assert all(lane.current is None for lane in sender.lanes)
+        wait_for(lambda: server.up == 0, message="every association released")
+        assert len(server.uids()) == received
+    finally:
+        sender.close()
 
 
 def test_one_association_still_uses_exactly_one_in_arrival_order(tmp_path: Path,
@@ -255,3 +295,71 @@ def test_our_own_receiver_with_one_association_gets_everything(tmp_path: Path, c
     assert read_state(tmp_path / "spool", EP)["down_since"] is None
     assert sender.stop() == 0
     assert receiver.stop() == 0
+
+
+def _children(pid: int) -> list[int]:
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            found.append(int(stat.parent.name))
+    return found
+
+
+class _Resume:
+    """Teardown: never leave stopped peers behind."""
+
+    def __init__(self, pids: list[int]) -> None:
+        self.pids = pids
+
+    def stop(self) -> None:
+        for pid in self.pids:
+            try:
+                os.kill(pid, signal.SIGCONT)
+            except ProcessLookupError:
+                pass
+
+
+def test_sigterm_exits_while_every_association_is_blocked(tmp_path: Path, cleanup) -> None:
+    """Three associations each writing a 32 MiB file to a storescp --fork whose processes
+    are all stopped: the shutdown cuts every blocked transfer (dimse_timeout is far
+    beyond the stop bound) and the files stay queued; a restart delivers them."""
+    peer = StoreSCP(tmp_path / "recv", ae_title="PACS", extra=("--fork",)).start()
+    cleanup.append(peer)
+    conf = endpoint_conf(tmp_path, {EP: {
+        "port": peer.port, "ae_title": "PACS", "associations": "3", "dimse_timeout": "10m",
+        "idle_release": "10m"}})
+    spool = tmp_path / "spool"
+    put_in_outbox(spool, EP, make_files(tmp_path / "small", 6))
+    sender = Daemon(conf, "send", EP).start()
+    cleanup.append(sender)
+    wait_for(lambda: count(spool / "sent" / EP) == 6, message="the small files delivered")
+    wait_for(lambda: established_to(peer.port) == 3, message="three associations up")
+    assert peer.proc is not None
+    stopped = [peer.proc.pid, *_children(peer.proc.pid)]
+    assert len(stopped) == 4  # the listener and one child per association
+    big = [write_dataset(make_dataset(rows=4096, cols=4096), tmp_path / "big" / f"{i}.dcm")
+           for i in range(3)]
+    # the sender is held while the three are published, so that one scan sees them all
+    os.kill(sender.pid, signal.SIGSTOP)
+    cleanup.append(_Resume([sender.pid]))
+    for pid in stopped:
+        os.kill(pid, signal.SIGSTOP)
+    cleanup.append(_Resume(stopped))
+    put_in_outbox(spool, EP, big)
+    os.kill(sender.pid, signal.SIGCONT)
+    wait_for(lambda: established_to(peer.port, unread=True) == 3,
+             message="all three associations sending to the stopped peer")
+    time.sleep(1.0)  # let the socket buffers fill (not what is tested)
+    assert sender.stop(timeout=30) == 0  # supervisord's stopwaitsecs is 60
+    assert count(spool / "outbox" / EP) == 3 and count(spool / "failed" / EP) == 0
+    assert read_state(spool, EP).get("state") == "stopped"
+    assert "transfer cut, the file stays in the outbox" in sender.log()
+    _Resume(stopped).stop()
+    restarted = Daemon(conf, "send", EP, log_name="send-pacs-2").start()
+    cleanup.append(restarted)
+    wait_for(lambda: count(spool / "sent" / EP) == 9, message="the big files delivered")
+    assert restarted.stop() == 0

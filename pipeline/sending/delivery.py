@@ -94,8 +94,9 @@ class DeliveryMixin(SenderState):
                 except EndpointTrouble as exc:
                     if any(other is not lane and other.current is not None and other.current.alive
                            for other in self.lanes):
-                        self.log.warning("one of the associations was lost ({}); going on with "
-                                         "the others", escape(str(exc), limit=300))
+                        if not self.stopping:  # else: cut by the shutdown, said by the cutter
+                            self.log.warning("one of the associations was lost ({}); going on "
+                                             "with the others", escape(str(exc), limit=300))
                         self._close_lane(lane, abort=True)
                     else:
                         halted, trouble = True, (str(exc), current.link)
