@@ -191,6 +191,31 @@ def test_files_are_spread_over_the_associations_in_process(tmp_path: Path, count
     assert read_state(tmp_path / "spool", EP)["sent"] == 80
 
 
+def test_new_contexts_replace_every_association(tmp_path: Path, counting) -> None:
+    """CT files, then MR files the associations were not negotiated for: every lane is
+    renegotiated (none sends an MR file on a CT-only association: it would fail), and
+    each file arrives once."""
+    server = counting()
+    cts = make_files(tmp_path / "ct", 20)
+    mrs = make_files(tmp_path / "mr", 20, sop_class="1.2.840.10008.5.1.4.1.1.4", modality="MR")
+    conf = endpoint_conf(tmp_path, {EP: {"port": server.port, "ae_title": "PACS",
+                                         "associations": "4", "idle_release": "10m"}})
+    sender = Sender(load(conf), EP, clock=FakeClock(), install_signals=False)
+    sender.start()
+    try:
+        put_in_outbox(tmp_path / "spool", EP, cts)
+        sender.step()
+        assert count(tmp_path / "spool/sent" / EP) == 20 and server.peak == 4
+        put_in_outbox(tmp_path / "spool", EP, mrs)
+        sender.step()
+        assert count(tmp_path / "spool/sent" / EP) == 40
+        assert count(tmp_path / "spool/failed" / EP) == 0
+        assert sorted(server.uids()) == sorted(uids_of(cts + mrs))
+        assert server.associations >= 5 and server.peak <= 4
+    finally:
+        sender.close()
+
+
 def test_every_association_stops_at_the_window_close(tmp_path: Path, counting) -> None:
     """The window closes (the injected clock jumps) while the 10th file is stored:
     nothing more is handed out, the files in flight (at most one per association)

@@ -48,17 +48,21 @@ class DeliveryMixin(SenderState):
         self._mark_up()
         self.state.set("busy" if self.busy_since is not None else "delivering")
         self._open_extras(len(batch))
-        self._run(deque(batch))
+        self._run(deque(batch), (self.current.calling_ae, self.current.pairs))
         self.last_activity = self.clock.monotonic()
         if self.current is not None and not self.current.alive:
             self.current = None  # all contexts rejected, or the peer left after its answer
 
-    def _run(self, queue: deque[tuple[Path, FileMeta]]) -> None:
-        """Hand the batch out in order, one file per idle lane, and apply each outcome
-        here, on the loop's thread, as its lane finishes. A signal, the window's close,
-        a busy destination or a disk refusing a move stops the handing out; the files
-        in flight finish first either way. An association lost while others are up is
-        one lane fewer; the endpoint is down when the last one is lost."""
+    def _run(self, queue: deque[tuple[Path, FileMeta]],
+             key: tuple[str, frozenset[tuple[str, str]]]) -> None:
+        """Hand the batch out in order, one file per free lane, and apply each outcome
+        here, on the loop's thread, as its lane finishes. Only lanes negotiated like the
+        first (``key``: calling AE title and contexts, which cover the batch) take
+        files: an extra opened for an earlier batch may come in during this one. A
+        signal, the window's close, a busy destination or a disk refusing a move stops
+        the handing out; the files in flight finish first either way. An association
+        lost while others are up is one lane fewer; the endpoint is down when the last
+        one is lost."""
         halted = False
         trouble: tuple[str, net.Link] | None = None
         while True:
@@ -66,7 +70,9 @@ class DeliveryMixin(SenderState):
                 if self.stopping or not self.ep.window.is_open(self.clock.now()):
                     halted = True
                     break
-                lane = next((one for one in self._usable_lanes() if one.free), None)
+                lane = next((one for one in self._usable_lanes() if one.free and one.current
+                             is not None and (one.current.calling_ae, one.current.pairs) == key),
+                            None)
                 if lane is None:
                     break
                 path, meta = queue.popleft()
