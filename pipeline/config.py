@@ -120,6 +120,7 @@ class EndpointConfig:
     min_transfer_rate: int
     max_pdu: int
     idle_release: float
+    associations: int
     sent_retention: float
     log_level: str | None
     transcode: bool

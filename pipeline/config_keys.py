@@ -41,14 +41,26 @@ ROUTER, ENDPOINT = "router", "endpoint"
 #: ``[router] receive_processes``: a 2-core machine gains from 2-4; 16 bounds the lock,
 #: log and supervisord program count an operator must follow
 MAX_RECEIVE_PROCESSES = 16
+MAX_ASSOCIATIONS = 16  # per endpoint: each is a thread and a socket of the one send process
 
 
-def receive_processes(value: str) -> int:
-    """``[router] receive_processes``: 1 to :data:`MAX_RECEIVE_PROCESSES`."""
-    number = integer(value)
-    if not 1 <= number <= MAX_RECEIVE_PROCESSES:
-        raise ValueError(f"{value!r}: receive processes are 1 to {MAX_RECEIVE_PROCESSES}")
-    return number
+def _one_to(high: int, what: str) -> Callable[[str], int]:
+    """A converter for a count from 1 to ``high`` (the error names ``what``)."""
+    def convert(value: str) -> int:
+        number = integer(value)
+        if not 1 <= number <= high:
+            raise ValueError(f"{value!r}: {what} are 1 to {high}")
+        return number
+    return convert
+
+
+#: ``[router] receive_processes``: 1 to :data:`MAX_RECEIVE_PROCESSES`
+receive_processes = _one_to(MAX_RECEIVE_PROCESSES, "receive processes")
+#: ``[endpoint] associations``: 1 (one association, strict arrival order) to
+#: :data:`MAX_ASSOCIATIONS` — beyond that a destination spends more on associations than
+#: a sender gains from them
+association_count = _one_to(MAX_ASSOCIATIONS, "associations")
+
 #: the README heading above each file kind's table
 HEADINGS = {ROUTER: "### `conf/router.ini`", ENDPOINT: "### `conf/endpoints/<name>.ini`"}
 
@@ -196,6 +208,10 @@ _ENDPOINT = [
            "largest PDU we accept from the destination"),
     Option(ENDPOINT, "endpoint", "idle_release", positive_duration, "10s",
            "release an idle association after this long"),
+    Option(ENDPOINT, "endpoint", "associations", association_count, "1",
+           f"associations kept open to the destination at once (1 to {MAX_ASSOCIATIONS}); files "
+           "are handed out in arrival order, but with more than 1 they may arrive out of order; "
+           "a destination that refuses the extra ones is not down: the sender uses those it has"),
     Option(ENDPOINT, "endpoint", "sent_retention", duration, "7d",
            "delete delivered copies in `sent/<name>/` after this long"),
     Option(ENDPOINT, "endpoint", "log_level", log_level, None, "this sender's log level",

@@ -7,7 +7,8 @@ globals.
 
 The promise it keeps (README, Design notes: promise 1): a C-STORE success (0x0000) is answered only after
 the file is written, fsynced, renamed into ``incoming/`` and the directory fsynced.
-Datasets stream to disk (chunked receive, with the temp directory on the
+Datasets stream to disk (DicomFlow's own receive data path, or pynetdicom's chunked
+receive with ``DICOMFLOW_PATCHES_OFF=recvpath``; the temp directory is on the
 spool's filesystem so publishing is a rename) so memory does not grow with object size.
 
 With ``[router] receive_processes = N`` > 1, N of these daemons share the port

@@ -3,21 +3,23 @@
 One process per endpoint (README, How it works). The loop, in the manner of rq's worker:
 filesystem events only *trigger* a rescan of the outbox (inotify is not a ledger);
 files go out in arrival (name) order over a reused association whose presentation
-contexts come from the files at hand; each file ends in ``sent/`` or ``failed/`` (with
-its reason) or stays for a later retry. Endpoint health is separate from file
-failure: an unreachable destination charges no file an attempt, it is probed with a
+contexts come from the files at hand — or, with ``[endpoint] associations = N``, over up
+to N of them, each driven by its own thread, handed one file each in that order (so
+they may arrive out of order), every outcome applied by this loop; each file ends in
+``sent/`` or ``failed/`` (with its reason) or stays for a later retry. Endpoint health
+is separate from file failure: an unreachable destination charges no file an attempt, it is probed with a
 capped backoff until it answers; a destination out of resources (0xA7xx) is *busy*,
 the same way. The sender's own bookkeeping never stops it: a delivered file whose
 move to ``sent/`` fails is never sent again (see :class:`pipeline.sending.outcomes.Pending`). Outside its
 delivery window the sender sleeps until the next opening. A signal only sets a flag:
-the file in flight finishes, the association is released, the process exits 0 — but a
+the file in flight (on each association) finishes, the association is released, the process exits 0 — but a
 transfer blocked on a destination that stopped reading (or answering) is cut, so a
 shutdown never waits on a peer.
 
 The loop and life cycle are here (:mod:`pipeline.daemon`); the concerns it drives are
-in :mod:`pipeline.sending`: endpoint health (``health``), association planning and each
-file's meta (``planning``), the C-STOREs and transcoding (``delivery``), and what
-becomes of each file (``outcomes``).
+in :mod:`pipeline.sending`: endpoint health (``health``), the associations and their
+threads (``lanes``), association planning and each file's meta (``planning``), the
+C-STOREs and transcoding (``delivery``), and what becomes of each file (``outcomes``).
 """
 
 from __future__ import annotations
@@ -41,6 +43,7 @@ from pipeline.log import escape, logger
 from pipeline.sender_state import RetryBook, StateReporter, sender_name
 from pipeline.sending.delivery import DeliveryMixin
 from pipeline.sending.health import HealthMixin
+from pipeline.sending.lanes import Lane, LanesMixin
 from pipeline.sending.outcomes import OutcomesMixin, Pending
 from pipeline.sending.planning import Current, PlanningMixin
 from pipeline.spool import DICOM_SUFFIX, Spool, is_hidden
@@ -53,7 +56,7 @@ SHUTDOWN_STALL = 2.0         # on SIGTERM, a send blocked this long on the peer 
 SHUTDOWN_ANSWER_WAIT = 15.0  # …and an answer is awaited at most this long (or dimse_timeout)
 
 
-class Sender(HealthMixin, PlanningMixin, DeliveryMixin, OutcomesMixin):
+class Sender(HealthMixin, LanesMixin, PlanningMixin, DeliveryMixin, OutcomesMixin):
     """The delivery daemon of one endpoint; every dependency is injectable for tests."""
 
     def __init__(self, config: Config, endpoint: str, clock=None, rng: random.Random | None = None,
@@ -75,7 +78,12 @@ class Sender(HealthMixin, PlanningMixin, DeliveryMixin, OutcomesMixin):
         self.lock = DaemonLock(self.spool.run_dir, sender_name(endpoint))
         self.stopping = False
         self.closed = False
-        self.current: Current | None = None
+        # [endpoint] associations: lane 0 is the first association, the rest the extras
+        self.lanes = [Lane(i) for i in range(self.ep.associations)]
+        self.extras_next = 0.0
+        self.extras_backoff = Backoff(self.ep.retry.probe_backoff, self.ep.retry.probe_backoff_cap,
+                                      self.rng)
+        self.extras_refused: str | None = None
         self.last_activity = self.clock.monotonic()
         self.down_reason: str | None = None
         self.down_at = 0.0
@@ -117,20 +125,26 @@ class Sender(HealthMixin, PlanningMixin, DeliveryMixin, OutcomesMixin):
         threading.Thread(target=self._cut_stalled_send, name="dicomflow-stop", daemon=True).start()
 
     def _cut_stalled_send(self) -> None:
-        """While stopping: the file in flight may finish — unless its send is blocked on
+        """While stopping: the files in flight may finish — unless a send is blocked on
         a destination that stopped reading, or the destination has kept it waiting for
         its answer longer than ``SHUTDOWN_ANSWER_WAIT`` (or ``dimse_timeout``, if
         shorter); that association is cut, so a shutdown never waits on a peer beyond
-        supervisord's stop timeout (the file stays in the outbox and is sent again)."""
+        supervisord's stop timeout (the file stays in the outbox and is sent again).
+        Each lane's association is watched, until the sender has closed."""
         answer_wait = min(self.ep.dimse_timeout, SHUTDOWN_ANSWER_WAIT)
+        cut: list[Current] = []
         while not self.closed:
-            current = self.current
-            if current is not None and (
-                    current.link.send_blocked_for() >= SHUTDOWN_STALL
-                    or current.link.exchange_quiet_for() >= answer_wait):
-                current.link.cut("stopping: the destination stopped reading or answering")
-                self.log.warning("stopping: the destination stopped reading or answering; "
-                                 "transfer cut, the file stays in the outbox")
+            for lane in self.lanes:
+                current = lane.current
+                if current is None or any(current is done for done in cut):
+                    continue
+                if (current.link.send_blocked_for() >= SHUTDOWN_STALL
+                        or current.link.exchange_quiet_for() >= answer_wait):
+                    current.link.cut("stopping: the destination stopped reading or answering")
+                    self.log.warning("stopping: the destination stopped reading or answering; "
+                                     "transfer cut, the file stays in the outbox")
+                    cut.append(current)
+            if cut and len(self.lanes) == 1:
                 return
             threading.Event().wait(0.1)
 
@@ -142,6 +156,8 @@ class Sender(HealthMixin, PlanningMixin, DeliveryMixin, OutcomesMixin):
     def close(self) -> None:
         self.closed = True
         self.release()
+        for lane in self.lanes:
+            lane.shutdown()
         self.state.set("stopped")
         self.state.flush()
         self.watcher.stop()

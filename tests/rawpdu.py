@@ -12,6 +12,7 @@ same bytes exercise pynetdicom's path and DicomFlow's own receive path alike.
 from __future__ import annotations
 
 import socket
+import ssl
 import struct
 from dataclasses import dataclass, field
 from io import BytesIO
@@ -62,15 +63,19 @@ def parse_ac(body: bytes) -> Accepted:
 
 
 def negotiate(port: int, max_pdu: int = 16384, timeout: float = 30.0,
-              rcvbuf: int | None = None) -> tuple[RawAssociation, Accepted]:
+              rcvbuf: int | None = None, tls: ssl.SSLContext | None = None,
+              ) -> tuple[RawAssociation, Accepted]:
     """A raw association with CT storage and Verification, advertising ``max_pdu``;
-    ``rcvbuf`` sets SO_RCVBUF before connecting (a peer that reads slowly). Fails the
-    test unless the receiver answers A-ASSOCIATE-AC."""
+    ``rcvbuf`` sets SO_RCVBUF before connecting (a peer that reads slowly); ``tls`` wraps
+    the connection in TLS first. Fails the test unless the receiver answers
+    A-ASSOCIATE-AC."""
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     if rcvbuf is not None:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
     sock.settimeout(timeout)
     sock.connect(("127.0.0.1", port))
+    if tls is not None:
+        sock = tls.wrap_socket(sock)
     conn = RawAssociation.__new__(RawAssociation)
     conn.sock = sock
     conn.send(associate_rq(contexts=CONTEXTS, max_pdu=max_pdu))

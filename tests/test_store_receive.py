@@ -2,15 +2,17 @@
 
 The encoders and decoders against pynetdicom's own, without a network; then the real
 ``dicomflow receive`` daemon with the path on and off: files byte-identical, TLS, a
-peer with a tiny maximum PDU, C-ECHO, shutdown with an association open. The hostile
+peer with a tiny maximum PDU, C-ECHO, shutdown with an association open (TCP and TLS). The hostile
 cases are in ``tests/test_receive_datapath_hostile.py``.
 """
 
 from __future__ import annotations
 
 import io
+import ssl
 import struct
 import subprocess
+import threading
 from pathlib import Path
 
 import pydicom
@@ -22,9 +24,10 @@ from pynetdicom.dimse_primitives import C_ECHO, C_STORE
 from pynetdicom.dsutils import encode
 from pynetdicom.sop_class import CTImageStorage, MRImageStorage, Verification
 
-from pipeline.dicom import filemeta
+from pipeline.dicom import filemeta, reactors
 from pipeline.dicom.store_receive import _Protocol, decode_command, encode_response
 from tests.helpers import (
+    HANG_TIMEOUT,
     Daemon,
     dcmtk,
     dicom_files,
@@ -34,6 +37,7 @@ from tests.helpers import (
     write_conf,
 )
 from tests.peers import storescu
+from tests.rawpdu import negotiate, outcome
 from tests.tls import make_certificates
 
 ON_PATH = "on the receive data path"
@@ -220,14 +224,40 @@ def test_echoscu_is_answered(tmp_path: Path) -> None:
     assert ON_PATH in daemon.log()
 
 
-def test_shutdown_aborts_an_open_association_and_exits(tmp_path: Path) -> None:
-    daemon, port, _ = _receiver(tmp_path)
-    ae = AE(ae_title="LINGERER")
-    ae.add_requested_context(CTImageStorage)
-    assoc = ae.associate("127.0.0.1", port, ae_title="DICOMFLOW")
-    assert assoc.is_established
+@pytest.mark.parametrize("secure", [False, True], ids=["tcp", "tls"])
+def test_shutdown_sends_an_a_abort_to_an_open_association(tmp_path: Path, secure: bool) -> None:
+    """SIGTERM with an idle association: the peer gets a DICOM A-ABORT (over TLS too,
+    where closing the socket under the session would leave only a TLS alert)."""
+    tls = client = None
+    if secure:
+        certs = make_certificates(tmp_path / "certs")
+        tls = {"tls": "true", "tls_cert": certs.server_cert, "tls_key": certs.server_key,
+               "tls_ca": certs.ca}
+        client = ssl.create_default_context(cafile=str(certs.ca))
+        client.check_hostname = False
+        client.load_cert_chain(str(certs.client_cert), str(certs.client_key))
+    daemon, port, _ = _receiver(tmp_path, tls=tls)
+    conn, _accepted = negotiate(port, tls=client)
     daemon.wait_log(ON_PATH)
+    answers: list[str] = []
+    reader = threading.Thread(target=lambda: answers.append(outcome(conn, 120)))
+    reader.start()
     assert daemon.stop(timeout=90) == 0
-    wait_for(lambda: assoc.is_aborted or not assoc.is_alive(), message="the peer sees the end")
-    assert assoc.is_aborted
-    assert "aborting association from LINGERER at shutdown" in daemon.log()
+    reader.join(HANG_TIMEOUT)
+    conn.close()
+    assert answers == ["abort"], answers
+    assert "aborting association from" in daemon.log()
+
+
+def test_a_dul_thread_that_died_is_not_waited_for() -> None:
+    """The hand-over wait ends as soon as the DUL thread is gone without handing over
+    (a peer that broke negotiation): its association slot is not held for the wait."""
+    dul = threading.Thread(target=lambda: None)
+    dul.start()
+    dul.join()
+    dul._df_handover = threading.Event()  # type: ignore[attr-defined]
+    results: list[bool] = []
+    waiter = threading.Thread(target=lambda: results.append(reactors.handed_over(dul, 600)))  # type: ignore[arg-type]
+    waiter.start()
+    waiter.join(HANG_TIMEOUT)
+    assert results == [False]

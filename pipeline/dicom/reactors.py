@@ -268,9 +268,13 @@ def handed_over(dul: DULServiceProvider, timeout: float) -> bool:
     """Wait (at most ``timeout``) for the DUL thread to hand the socket over; True once
     it has and its thread is gone."""
     event: threading.Event | None = getattr(dul, "_df_handover", None)
-    if event is None or not event.wait(timeout):
+    if event is None:
         return False
-    dul.join(timeout)
+    deadline = time.monotonic() + timeout
+    while not event.wait(0.01):  # a DUL thread that died otherwise must not hold us
+        if not dul.is_alive() or time.monotonic() >= deadline:
+            return event.is_set()
+    dul.join(max(deadline - time.monotonic(), 0.0))
     return not dul.is_alive()
 
 

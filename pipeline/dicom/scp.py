@@ -174,14 +174,18 @@ class Listener:
         deadline = time.monotonic() + grace
         while _established(server) and time.monotonic() < deadline:
             time.sleep(SHUTDOWN_POLL)
+        ours = []
         for assoc in server.active_associations:
             if assoc.is_established:
                 logger.warning("aborting association from {} at shutdown (its unacknowledged "
                                "store is not kept)", escape(assoc.requestor.ae_title))
             if store_receive.abort(assoc):
-                assoc.join(ABORT_WAIT)  # its thread sends the A-ABORT
+                ours.append(assoc)  # its own thread sends the A-ABORT
             else:
                 assoc.abort()
+        deadline = time.monotonic() + ABORT_WAIT
+        for assoc in ours:
+            assoc.join(max(deadline - time.monotonic(), 0.0))
 
     # -- pynetdicom events -> DicomFlow's types ------------------------------
 

@@ -21,6 +21,7 @@ import contextlib
 import logging
 import socket
 import ssl
+import threading
 import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
@@ -238,18 +239,37 @@ def all_contexts_rejected(assoc: Association) -> bool:
 
 # -- DicomFlow's view of an association ------------------------------------------------
 
-@contextlib.contextmanager
-def quiet() -> Iterator[None]:
-    """pynetdicom's logger silenced for one request: it logs its own errors for a failed
-    association request, again at every probe; :func:`failure_reason` says it better,
-    once (one line when down, one when back up)."""
-    plogger = logging.getLogger("pynetdicom")
-    level = plogger.level
-    plogger.setLevel(logging.CRITICAL)
-    try:
-        yield
-    finally:
-        plogger.setLevel(level)
+class _Quiet:
+    """pynetdicom's logger silenced while at least one request is under way. Counted:
+    a sender's lanes open associations from several threads at once, and a plain
+    save-and-restore per request would restore "silenced" when two overlap."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._depth = 0
+        self._level = logging.NOTSET
+
+    @contextlib.contextmanager
+    def __call__(self) -> Iterator[None]:
+        plogger = logging.getLogger("pynetdicom")
+        with self._lock:
+            if self._depth == 0:
+                self._level = plogger.level
+                plogger.setLevel(logging.CRITICAL)
+            self._depth += 1
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._depth -= 1
+                if self._depth == 0:
+                    plogger.setLevel(self._level)
+
+
+#: pynetdicom's logger silenced for one request: it logs its own errors for a failed
+#: association request, again at every probe; :func:`failure_reason` says it better,
+#: once (one line when down, one when back up). One per process, as the logger is.
+quiet = _Quiet()
 
 
 @dataclass(frozen=True)

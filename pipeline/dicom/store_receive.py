@@ -131,20 +131,20 @@ def abort(assoc: Any) -> bool:
     descriptor it may still read): the session is told instead, and sends the A-ABORT
     itself."""
     session: Session | None = getattr(assoc, "_df_session", None)
-    if session is None or not session.serving:
-        return False
-    session.stop()
-    return True
+    return session is not None and session.stop()
 
 
 def _run_reactor(self: Association) -> None:
     """``Association._run_reactor``: our session once the DUL has handed over."""
     session: Session | None = getattr(self, "_df_session", None)
-    if session is None or not reactors.handed_over(self.dul, HANDOVER_WAIT):
-        assert _prior_run_reactor is not None
-        _prior_run_reactor(self)
+    if session is not None and session.take(reactors.handed_over(self.dul, HANDOVER_WAIT)):
+        session.serve()
         return
-    session.serve()
+    if session is not None and session.stopped:  # asked to stop before it was declined
+        self.abort()
+        return
+    assert _prior_run_reactor is not None
+    _prior_run_reactor(self)
 
 
 # -- what goes wrong ------------------------------------------------------------------
@@ -404,6 +404,8 @@ class Session:
         self.assoc = assoc
         self.on_store = on_store
         self.serving = False
+        self.declined = False
+        self._state = threading.Lock()
         self._stop = threading.Event()
         self._message: _Incoming | None = None
         self._command = bytearray()
@@ -411,13 +413,28 @@ class Session:
 
     # -- life cycle --
 
-    def stop(self) -> None:
-        """From another thread: end the association now (an A-ABORT is sent)."""
-        self._stop.set()
-        sock = self._socket()
-        if sock is not None:
-            with suppress(OSError):  # wakes a blocked read; writing stays possible
-                socket.socket.shutdown(sock, socket.SHUT_RD)
+    def take(self, handed_over: bool) -> bool:
+        """In the association's thread: serve it (True), or leave it to pynetdicom."""
+        with self._state:
+            self.declined = not handed_over
+            return handed_over
+
+    @property
+    def stopped(self) -> bool:
+        return self._stop.is_set()
+
+    def stop(self) -> bool:
+        """From another thread: end the association (its thread sends the A-ABORT within
+        a ``TICK``: a read or a write waits at most that long between looks at the flag).
+        False once it was left to pynetdicom (abort it pynetdicom's way then).
+
+        No ``shutdown`` to wake a read sooner: on a TLS socket it would leave OpenSSL
+        unable to write the A-ABORT."""
+        with self._state:
+            if self.declined:
+                return False
+            self._stop.set()
+            return True
 
     def serve(self) -> None:
         """Answer the association until it is released or aborted (its own thread)."""
@@ -590,11 +607,14 @@ class Session:
     def _complete(self, message: _Incoming) -> None:
         """The whole data set is in: the daemon decides, then we answer."""
         self._message = None
-        message.close()
+        status, comment = STATUS_PROCESSING_FAILURE, None
         try:
+            message.close()
             status, comment = self._decide(message)
         finally:
-            message.discard()  # published: gone already; refused: not kept
+            if status == STATUS_SUCCESS:
+                message.path = None  # published under its new name: the temp name is free
+            message.discard()  # refused: not kept
         self._respond(message.command, message.context_id, status, comment)
 
     def _decide(self, message: _Incoming) -> tuple[int, str | None]:
@@ -623,19 +643,21 @@ class Session:
         self._send(bytes(out))
 
     def _send(self, data: bytes) -> None:
-        """Write within the network timeout (a peer that stops reading is cut)."""
-        if self._stop.is_set():
-            raise _Stopped
-        self.sock.settimeout(self.network_timeout)
-        try:
-            self.sock.sendall(data)
-        except TimeoutError:
-            raise _Stalled from None
-        except OSError as exc:
-            raise _Gone(exc, True) from None
-        finally:
-            with suppress(OSError):
-                self.sock.settimeout(TICK)
+        """Write within the network timeout (a peer that stops reading is cut). A stop
+        does not prevent the write (an answer for a durable file should still go out),
+        but a write that makes no progress for a ``TICK`` after it gives up."""
+        view = memoryview(data)
+        deadline = time.monotonic() + self.network_timeout
+        while view:
+            try:
+                view = view[self.sock.send(view):]
+            except TimeoutError:
+                if self._stop.is_set():
+                    raise _Stopped from None
+                if time.monotonic() >= deadline:
+                    raise _Stalled from None
+            except OSError as exc:
+                raise _Gone(exc, True) from None
 
     # -- the end --
 

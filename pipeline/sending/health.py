@@ -37,11 +37,14 @@ class HealthMixin(SenderState):
             return False
         return True
 
-    def _mark_down(self, reason: str) -> None:
+    def _mark_down(self, reason: str, link: net.Link | None = None) -> None:
+        """``link``: the association that was lost (else the first one), for its stall."""
         if self.stopping:  # a transfer cut by the shutdown: said once, the state is "stopped"
             self.release(abort=True)
             return
-        stalled = self.current.link.stall_reason if self.current is not None else None
+        if link is None and self.current is not None:
+            link = self.current.link
+        stalled = link.stall_reason if link is not None else None
         if stalled:
             reason = f"{stalled} ({self.ep.host}:{self.ep.port}): {reason}"
         self.release(abort=True)

@@ -41,18 +41,6 @@ class Current:
 class PlanningMixin(SenderState):
     """Association planning, and each file's meta (cached) that planning needs."""
 
-    def release(self, abort: bool = False) -> None:
-        current, self.current = self.current, None
-        if current is None:
-            return
-        try:
-            was_alive = current.alive
-            current.link.close(abort=abort)
-            if was_alive and not abort:
-                self.log.debug("association released")
-        except Exception as exc:  # noqa: BLE001 - a dying peer must not kill the sender
-            self.log.debug("error releasing association: {}", exc)
-
     def _associate(self, calling_ae: str, pairs: frozenset[tuple[str, str]]) -> Current | None:
         link = net.associate(self.ep, calling_ae, pairs, fallback=self.ep.transcode)
         if isinstance(link, net.AssociationFailure):

@@ -15,7 +15,9 @@ if TYPE_CHECKING:
     from pipeline.clock import Clock
     from pipeline.config import Config, EndpointConfig
     from pipeline.dicom.filemeta import FileMeta
+    from pipeline.dicom.scu import Link
     from pipeline.sender_state import RetryBook, StateReporter
+    from pipeline.sending.lanes import Lane
     from pipeline.sending.outcomes import Pending
     from pipeline.sending.planning import Current
     from pipeline.spool import Spool
@@ -39,7 +41,10 @@ class SenderState:
     watcher: DirectoryWatcher
     stopping: bool
     closed: bool
-    current: Current | None
+    lanes: list[Lane]             # [0]: the first association; then the extras
+    extras_next: float            # monotonic time before which no extra is asked for
+    extras_backoff: Backoff       # …growing while the destination refuses extras
+    extras_refused: str | None    # why, said once until an extra is accepted again
     last_activity: float
     down_reason: str | None
     down_at: float
@@ -59,13 +64,26 @@ class SenderState:
     busy_probes: Backoff
     associations: int
 
+    @property
+    def current(self) -> Current | None:
+        """The first association (lane 0): its refusal means the endpoint is down."""
+        return self.lanes[0].current
+
+    @current.setter
+    def current(self, value: Current | None) -> None:
+        self.lanes[0].current = value
+
     if TYPE_CHECKING:  # implemented by the concern named in the comment
-        def release(self, abort: bool = False) -> None: ...                        # planning
+        def release(self, abort: bool = False) -> None: ...                        # lanes
+        def _close_lane(self, lane: Lane, abort: bool) -> None: ...                # lanes
+        def _harvest(self) -> None: ...                                             # lanes
+        def _open_extras(self, files: int) -> None: ...                             # lanes
+        def _opened(self, lane: Lane) -> None: ...                                  # lanes
         def _associate(self, calling_ae: str,
                        pairs: frozenset[tuple[str, str]]) -> Current | None: ...    # planning
         def _plan(self, due: list[Path]) -> tuple[str, list[tuple[Path, FileMeta]]]: ...
         def _file_log(self, path: Path) -> Any: ...                                 # planning
-        def _mark_down(self, reason: str) -> None: ...                              # health
+        def _mark_down(self, reason: str, link: Link | None = None) -> None: ...    # health
         def _mark_up(self) -> None: ...                                             # health
         def _mark_busy(self, text: str) -> None: ...                                # health
         def _end_busy(self) -> None: ...                                            # health

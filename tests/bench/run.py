@@ -22,7 +22,9 @@ socket, and ``-pdu 131072`` on every ``storescp`` (the destination and the relay
   storescp; → a DCMTK per-file relay (``storescp --exec-on-reception "storescu #p/#f"``)
   → storescp; → DicomFlow (receive → filter → send) → storescp; with ``--wan-delay``
   also DCMTK direct and DicomFlow with the delay relay (``delay_proxy``) in front of
-  the destination. Images/s, MB/s, the ratio to the direct DCMTK hop, and the CPU
+  the destination, DicomFlow both over one association and with ``[endpoint]
+  associations = 4`` (``dicomflow-wan-a4``; ``dicomflow-a4`` is the same without the
+  delay, on request with ``--systems``). Images/s, MB/s, the ratio to the direct DCMTK hop, and the CPU
   per image (user + system from /proc) of the processes in between (for the direct
   rows: of the receiving storescp and its per-association children; for the DCMTK
   relays: of the relay storescp and every child it ran, reaped or not);
@@ -591,9 +593,10 @@ class Results:
 
 
 SYSTEMS = ("dcmtk", "pynetdicom", "orthanc", "dcmtk-study-relay", "dcmtk-file-relay", "dicomflow",
-           "dicomflow-stock", "dcmtk-wan", "dicomflow-wan")
+           "dicomflow-stock", "dicomflow-a4", "dcmtk-wan", "dicomflow-wan", "dicomflow-wan-a4")
 DEFAULT_SYSTEMS = SYSTEMS[:7]
-WAN_SYSTEMS = ("dcmtk-wan", "dicomflow-wan")   # run when --wan-delay is set
+WAN_SYSTEMS = ("dcmtk-wan", "dicomflow-wan", "dicomflow-wan-a4")   # run when --wan-delay is set
+PARALLEL_SENDS = 4   # [endpoint] associations of the …-a4 rows
 LABELS = {
     "dcmtk": "DCMTK storescu → DCMTK storescp (direct)",
     "pynetdicom": "DCMTK storescu → pynetdicom SCP (direct)",
@@ -604,6 +607,8 @@ LABELS = {
     "dicomflow-stock": "… DicomFlow with DICOMFLOW_FASTPATH=0 (stock pynetdicom loops)",
     "dcmtk-wan": "DCMTK storescu → delay relay → storescp",
     "dicomflow-wan": "DCMTK storescu → DicomFlow → delay relay → storescp",
+    "dicomflow-a4": f"… DicomFlow sending over associations = {PARALLEL_SENDS}",
+    "dicomflow-wan-a4": f"… DicomFlow sending over associations = {PARALLEL_SENDS} → delay relay",
 }
 
 
@@ -624,7 +629,7 @@ def open_route(system: str, base: Path, dest: Destination, env: dict | None, wan
                stops: list[Callable[[], None]]) -> Route:
     """Start what ``system`` puts between the senders and ``dest``; ``stops`` gains its stops."""
     dest_port = dest.port
-    if system.endswith("-wan"):
+    if "-wan" in system:
         proxy = DelayProxy(base, dest.port, wan_delay).start()
         stops.append(proxy.stop)
         dest_port = proxy.port
@@ -644,7 +649,8 @@ def open_route(system: str, base: Path, dest: Destination, env: dict | None, wan
         return Route(relay.port, RELAY_AET, relay.cpu, stops, settle=relay.settle)
     if system == "dicomflow-stock":
         env = {**(env or {}), "DICOMFLOW_FASTPATH": "0"}
-    flow = DicomFlow(base, dest_port, env=env)
+    extra = {"associations": str(PARALLEL_SENDS)} if system.endswith("-a4") else None
+    flow = DicomFlow(base, dest_port, extra_endpoint=extra, env=env)
     stops.append(flow.remove)
     flow.start()
     return Route(flow.port, "DICOMFLOW", flow.cpu, stops, cpu_each=flow.cpu_each)
@@ -880,6 +886,12 @@ def throughput_table(table: dict[str, list[Rate]], count: int, senders: int, wan
                      f"{', '.join(fmt(r.images_s, 0) for r in rates)} |")
     flow, orth = table.get("dicomflow"), table.get("orthanc")
     lines.append("")
+    for one, many in (("dicomflow", "dicomflow-a4"), ("dicomflow-wan", "dicomflow-wan-a4")):
+        if table.get(one) and table.get(many):
+            ratios = [m.images_s / o.images_s for o, m in zip(table[one], table[many], strict=False)]
+            lines.append(f"{LABELS[one]}: associations = {PARALLEL_SENDS} / 1 (same round): median "
+                         f"{fmt(median(ratios), 2)}× ({', '.join(fmt(r, 2) for r in ratios)})")
+            lines.append("")
     if flow and orth:
         ratios = [f.images_s / o.images_s for f, o in zip(flow, orth, strict=False)]
         lines.append(f"DicomFlow / Orthanc auto-routing (same round): median {fmt(median(ratios), 2)}× "
