@@ -12,16 +12,19 @@ minutes twice would only lengthen CI (README, Examples). The window is the short
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 
-from tests.helpers import IN_CI, REPO, require_binary, wait_for
+from tests.helpers import HANG_TIMEOUT, IN_CI, REPO, require_binary, wait_for
 
 pytestmark = pytest.mark.slow
 
@@ -143,3 +146,51 @@ def test_two_sites(work: Path) -> None:
     result = stop(work)
     assert result.returncode == 0, result.stdout + result.stderr
     assert leftovers(work) == []
+
+
+def udp_pair() -> tuple[socket.socket, int]:
+    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    sock.bind(("127.0.0.1", 0))
+    sock.settimeout(HANG_TIMEOUT)
+    return sock, sock.getsockname()[1]
+
+
+def free_udp_port() -> int:
+    sock, port = udp_pair()
+    sock.close()
+    return port
+
+
+@pytest.mark.parametrize("queue", [20000, 3])
+def test_udp_delay_relay(queue: int) -> None:
+    """The WAN's relay (no root needed): each direction held at least the delay, from
+    the far side's socket to the far peer; a full queue drops, never blocks."""
+    peer1, port1 = udp_pair()
+    peer2, port2 = udp_pair()
+    side1, side2 = free_udp_port(), free_udp_port()
+    relay = subprocess.Popen(
+        [sys.executable, str(EXAMPLE / "udp_delay.py"), "--delay", "0.5", "--queue", str(queue),
+         f"127.0.0.1:{side1}=127.0.0.1:{port1}", f"127.0.0.1:{side2}=127.0.0.1:{port2}"],
+        stdout=subprocess.PIPE, text=True)
+    try:
+        assert relay.stdout is not None and "udp_delay:" in relay.stdout.readline()
+        for source, target, listen, far in ((peer1, peer2, side1, side2), (peer2, peer1, side2, side1)):
+            sent = time.monotonic()
+            for index in range(6):
+                source.sendto(b"datagram %d" % index, ("127.0.0.1", listen))
+            payload, origin = target.recvfrom(65535)
+            assert time.monotonic() - sent >= 0.5
+            assert (payload, origin) == (b"datagram 0", ("127.0.0.1", far))
+            received = [payload]
+            target.settimeout(2.0)  # the rest are due at once; then only silence is left
+            with contextlib.suppress(TimeoutError):
+                while True:
+                    received.append(target.recvfrom(65535)[0])
+            target.settimeout(HANG_TIMEOUT)
+            assert received == [b"datagram %d" % i for i in range(min(6, queue))]
+    finally:
+        relay.send_signal(signal.SIGTERM)
+        relay.wait(HANG_TIMEOUT)
+        peer1.close()
+        peer2.close()
+    assert relay.returncode == 0
