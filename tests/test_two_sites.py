@@ -1,6 +1,7 @@
 """Example 03 (two sites over WireGuard in network namespaces) run as a user runs it,
 as root: its own checks, the state files it leaves behind, and that ``stop.sh`` removes
-everything — after a complete run and after an interrupted one.
+everything — after a complete run and after an interrupted one; and the WAN's UDP delay
+relay on its own, over loopback (no root needed).
 
 Marked ``slow`` but deliberately not ``e2e``: the DicomFlow daemons it starts are the
 ones the e2e tests already run both ways (``DICOMFLOW_FASTPATH=0`` included); what this
