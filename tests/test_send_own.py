@@ -299,3 +299,23 @@ def test_the_send_daemon_logs_the_data_path(tmp_path: Path) -> None:
     assert sender is not None
     log = sender.log()
     assert ON_PATH in log and "Traceback" not in log, log[-3000:]
+
+
+@pytest.mark.usefixtures("datapath")
+def test_every_context_refused_after_the_hand_over_still_aborts_and_closes(tmp_path: Path) -> None:
+    """pynetdicom queues its A-ABORT for a DUL thread that has handed over: ours goes out."""
+    from pynetdicom.sop_class import Verification
+
+    aborted = threading.Event()
+    ae = AE("PACS")
+    ae.add_supported_context(Verification)
+    port = free_port()
+    server = ae.start_server(("127.0.0.1", port), block=False,
+                             evt_handlers=[(evt.EVT_ABORTED, lambda event: aborted.set())])
+    try:
+        link = net.associate(endpoint(tmp_path, port), "DICOMFLOW", [(CT, ExplicitVRLittleEndian)], False)
+        assert isinstance(link, net.Link) and link.refused_all and not link.established
+        assert aborted.wait(HANG_TIMEOUT), "the peer saw no A-ABORT"
+        link.close()
+    finally:
+        server.shutdown()

@@ -419,6 +419,8 @@ def associate(ep: EndpointConfig, calling_ae: str, pairs: Iterable[tuple[str, st
     contexts = contexts_for(sorted(pairs), fallback=fallback)
     with quiet():
         assoc, elapsed = request_timed(ep, calling_ae, contexts, STORE_HANDLERS)
+    if not assoc.is_established:
+        send_session.abandon(assoc)
     if assoc.is_established or all_contexts_rejected(assoc):
         return Link(ep, assoc, len(contexts))
     return AssociationFailure(failure_reason(ep, assoc, elapsed))

@@ -150,6 +150,26 @@ def take(assoc: Association) -> SendSession | None:
     return session
 
 
+def abandon(assoc: Association) -> None:
+    """An association pynetdicom did not establish after the hand-over (every context
+    rejected: it queues an A-ABORT for a DUL thread that is gone): send that A-ABORT
+    and close the connection ourselves."""
+    event = getattr(assoc.dul, "_df_handover", None)
+    if getattr(assoc, "_df_requestor_handover", None) is None or event is None or not event.is_set():
+        return
+    transport: Any = assoc.dul.socket
+    sock = getattr(transport, "socket", None)
+    if sock is None or assoc.dul.is_alive():
+        return
+    with suppress(OSError):
+        sock.settimeout(1.0)
+        sock.sendall(struct.pack(">BBLBBBB", A_ABORT, 0, 4, 0, 0, SOURCE_PROVIDER, 0))
+    with suppress(OSError):
+        sock.close()
+    transport.socket = None
+    transport._is_connected = False
+
+
 @contextmanager
 def _encoded(ds: Dataset) -> Iterator[BinaryIO]:
     """The data set as a Part-10 file in an anonymous temp file (never whole in memory
