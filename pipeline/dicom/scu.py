@@ -315,7 +315,7 @@ class Link:
         self.proposed = proposed
         self._message_id = 0
         # the socket is ours alone once pynetdicom's DUL thread handed it over
-        self._own = send_session.take(assoc) if assoc.is_established else None
+        self._own = send_session.take(assoc) if getattr(assoc, "is_established", False) else None
 
     @property
     def on_data_path(self) -> bool:

@@ -62,7 +62,7 @@ from pynetdicom._handlers import (
 from pynetdicom.association import Association
 
 from pipeline.dicom import reactors, store_send, transfer
-from pipeline.dicom.pdu_guard import CONTROL_PDU_LIMIT, PDU_NAMES, UNLIMITED_PDATA_LIMIT
+from pipeline.dicom.pdu_guard import PDU_NAMES, pdu_limit
 from pipeline.dicom.peer_reset import describe_peer
 from pipeline.dicom.store_receive import (
     A_ABORT,
@@ -202,8 +202,6 @@ class SendSession(store_send.Answers):
         self.reader = _Reader(self.io, self._stop)
         self.closed = False
         self.peer = describe_peer(assoc)
-        ours = int(assoc.requestor.maximum_length or 0)
-        self.max_pdu = ours if ours else UNLIMITED_PDATA_LIMIT
         self.fragment = store_send.fragment_size(assoc.acceptor.maximum_length)
         self.network_timeout = float(assoc.network_timeout or 60.0)
         logger.debug("association to {} on the send data path{}", self.peer, " (TLS)" if self.tls else "")
@@ -305,7 +303,7 @@ class SendSession(store_send.Answers):
         except (_Stopped, _PeerEnded):
             return store_send.Response(None)
         except _Protocol as exc:
-            logger.warning("aborting the association to {}: {}", self.peer, exc.reason)
+            logger.warning("dropped connection to {}: {}", self.peer, exc.reason)
             self._send_abort(SOURCE_PROVIDER)
             return store_send.Response(None)
         answer = self._decode(data, msg_id)
@@ -415,10 +413,10 @@ class SendSession(store_send.Answers):
         self.reader.fill(PDU_HEADER, deadline, mid_pdu=False)
         header = self.reader.take(PDU_HEADER)
         pdu_type, length = header[0], struct.unpack_from(">L", header, 2)[0]
-        limit = self.max_pdu if pdu_type == P_DATA_TF else CONTROL_PDU_LIMIT
+        limit = pdu_limit(self.assoc.dul, pdu_type)  # as pynetdicom's path (pdu_guard)
         if length > limit:
             name = PDU_NAMES.get(pdu_type, f"type 0x{pdu_type:02X}")
-            raise _Protocol(f"{name} PDU of {length} bytes, above the limit of {limit}")
+            raise _Protocol(f"{name} PDU declaring {length} bytes (limit {limit})")
         return pdu_type, length
 
     def _control_pdu(self, pdu_type: int, length: int, deadline: float) -> None:
@@ -451,10 +449,10 @@ class SendSession(store_send.Answers):
                 self._ended(aborted=True)
             return
         except _Protocol as exc:
-            logger.warning("aborting the association to {}: {}", self.peer, exc.reason)
+            logger.warning("dropped connection to {}: {}", self.peer, exc.reason)
             self._send_abort(SOURCE_PROVIDER)
             return
-        logger.warning("aborting the association to {}: a DIMSE message while no request was "
+        logger.warning("dropped connection to {}: a DIMSE message while no request was "
                        "outstanding", self.peer)
         self._send_abort(SOURCE_PROVIDER)
 
