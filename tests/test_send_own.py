@@ -24,9 +24,9 @@ from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.pdu import P_DATA_TF
 
 from pipeline.dicom import scu as net
-from tests.helpers import HANG_TIMEOUT, Daemon, dicom_files, free_port, wait_for
+from tests.helpers import HANG_TIMEOUT, free_port, wait_for
 from tests.peers import StoreSCP
-from tests.sendkit import endpoint_conf, put_in_outbox
+from tests.sendkit import endpoint_conf
 from tests.test_store_send import (  # noqa: F401 - fixtures
     CT,
     RecordingSCP,
@@ -36,6 +36,8 @@ from tests.test_store_send import (  # noqa: F401 - fixtures
     file_with_data_set,
     link_to,
     no_chunked_receive,
+    store_all,
+    storescp_got,
     uid_of,
 )
 from tests.tls import make_certificates
@@ -52,6 +54,16 @@ def log_lines():
                              format="{level} {message}")
     yield lines
     loguru_logger.remove(sink)
+
+
+def pdu_seen(name: str) -> tuple[threading.Event, object]:
+    """An event set once a PDU of type ``name`` reaches the peer, and its handler."""
+    seen = threading.Event()
+
+    def handler(event: evt.Event) -> None:  # the peer's DUL thread
+        if type(event.pdu).__name__ == name:
+            seen.set()
+    return seen, handler
 
 
 def raw_socket(event: evt.Event):
@@ -126,17 +138,8 @@ def test_tls_storescp_gets_files_byte_identical_on_the_data_path(
     try:
         ep = endpoint(tmp_path, peer.port, tls={"tls": "true", "tls_ca": str(certs.ca)})
         files = [file_with_data_set(tmp_path / "src", n) for n in (150, 16378, 2_000_002)]
-        link = link_to(ep)
-        try:
-            assert link.on_data_path
-            for path in files:
-                assert link.store(path, 60) == net.StoreOutcome(0x0000), path.name
-        finally:
-            link.close()
-        wait_for(lambda: len(peer.files()) == len(files), message="storescp wrote every file")
-        got = {uid_of(p): data_set_part(p) for p in peer.files()}
-        for path in files:
-            assert got[uid_of(path)] == data_set_part(path), path.name
+        store_all(ep, files, on_data_path=True)
+        storescp_got(peer, files)
     finally:
         peer.stop()
     assert any(ON_PATH in line and "TLS" in line for line in log_lines), log_lines
@@ -193,15 +196,11 @@ def test_a_peer_abort_while_the_response_is_awaited_ends_it_at_once(tmp_path: Pa
 @pytest.mark.usefixtures("datapath")
 def test_a_peer_that_never_answers_is_aborted_after_the_dimse_timeout(tmp_path: Path) -> None:
     peer: ScriptedSCP
-    aborted = threading.Event()
+    aborted, on_pdu = pdu_seen("A_ABORT_RQ")  # the peer's DUL thread still reads
 
     def hang(event: evt.Event) -> int:
         peer.let_go.wait(60)
         return 0x0000
-
-    def on_pdu(event: evt.Event) -> None:  # the peer's DUL thread still reads
-        if type(event.pdu).__name__ == "A_ABORT_RQ":
-            aborted.set()
 
     peer = ScriptedSCP(on_store=hang, on_pdu=on_pdu)
     try:
@@ -220,7 +219,7 @@ def test_a_peer_that_never_answers_is_aborted_after_the_dimse_timeout(tmp_path: 
 
 @pytest.mark.usefixtures("datapath")
 def test_a_peer_release_request_while_idle_is_answered_and_ends_it(tmp_path: Path) -> None:
-    answered = threading.Event()
+    answered, on_pdu = pdu_seen("A_RELEASE_RP")
 
     def release_after(event: evt.Event) -> int:
         sock = raw_socket(event)
@@ -230,10 +229,6 @@ def test_a_peer_release_request_while_idle_is_answered_and_ends_it(tmp_path: Pat
             sock.sendall(A_RELEASE_RQ)
         threading.Thread(target=later, daemon=True).start()
         return 0x0000
-
-    def on_pdu(event: evt.Event) -> None:
-        if type(event.pdu).__name__ == "A_RELEASE_RP":
-            answered.set()
 
     peer = ScriptedSCP(on_store=release_after, on_pdu=on_pdu)
     try:
@@ -276,29 +271,6 @@ def test_the_switch_decides_the_hand_over(tmp_path: Path, off: str, expected: st
         assert peer.received[uid_of(path)] == data_set_part(path)
     finally:
         peer.stop()
-
-
-@pytest.mark.usefixtures("no_chunked_receive")
-def test_the_send_daemon_logs_the_data_path(tmp_path: Path) -> None:
-    from tests.helpers import make_dataset, write_dataset
-
-    peer = RecordingSCP()
-    sender = None
-    try:
-        conf = endpoint_conf(tmp_path, {"pacs": {"port": peer.port, "ae_title": "PACS"}})
-        files = [write_dataset(make_dataset(rows=64, cols=64), tmp_path / "src" / f"{i}.dcm")
-                 for i in range(3)]
-        put_in_outbox(tmp_path / "spool", "pacs", files)
-        sender = Daemon(conf, "send", "pacs", env={"DICOMFLOW_FASTPATH": "1",
-                                                   "DICOMFLOW_PATCHES_OFF": ""}).start()
-        wait_for(lambda: len(dicom_files(tmp_path / "spool/sent/pacs")) == 3, message="all sent")
-    finally:
-        if sender is not None:
-            assert sender.stop() == 0
-        peer.stop()
-    assert sender is not None
-    log = sender.log()
-    assert ON_PATH in log and "Traceback" not in log, log[-3000:]
 
 
 @pytest.mark.usefixtures("datapath")

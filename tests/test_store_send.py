@@ -159,14 +159,35 @@ def link_to(ep: pc.EndpointConfig) -> net.Link:
     return link
 
 
-def store_all(ep: pc.EndpointConfig, files: list[Path]) -> None:
-    """Each file C-STOREd on one association, every one answered with success."""
+def store_all(ep: pc.EndpointConfig, files: list[Path], on_data_path: bool | None = None) -> None:
+    """Each file C-STOREd on one association, every one answered with success (on the
+    handed-over association, or not, when ``on_data_path`` says)."""
     link = link_to(ep)
     try:
+        assert on_data_path in (None, link.on_data_path)
         for path in files:
             assert link.store(path, 60) == net.StoreOutcome(0x0000), path.name
     finally:
         link.close()
+
+
+def storescp_got(peer: StoreSCP, files: list[Path]) -> None:
+    """storescp wrote every file, its data set byte-identical."""
+    wait_for(lambda: len(peer.files()) == len(files), message="storescp wrote every file")
+    got = {uid_of(p): data_set_part(p) for p in peer.files()}
+    for path in files:
+        assert got[uid_of(path)] == data_set_part(path), path.name
+
+
+def tls_peer(tmp_path: Path) -> tuple[RecordingSCP, pc.EndpointConfig]:
+    """A TLS RecordingSCP and the endpoint that trusts it."""
+    from tests.tls import make_certificates
+
+    certs = make_certificates(tmp_path / "certs")
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(str(certs.server_cert), str(certs.server_key))
+    peer = RecordingSCP(max_pdu=16384, ssl_context=context)
+    return peer, endpoint(tmp_path, peer.port, tls={"tls": "true", "tls_ca": str(certs.ca)})
 
 
 # -- byte-identical, PDUs within the peer's maximum -------------------------------------
@@ -199,10 +220,7 @@ def test_storescp_gets_files_byte_identical_with_its_small_max_pdu(tmp_path: Pat
     peer = StoreSCP(tmp_path / "recv", ae_title="PACS", extra=("-pdu", "4096")).start()
     try:
         store_all(endpoint(tmp_path, peer.port), files)
-        wait_for(lambda: len(peer.files()) == len(files), message="storescp wrote every file")
-        got = {uid_of(p): data_set_part(p) for p in peer.files()}
-        for path in files:
-            assert got[uid_of(path)] == data_set_part(path), path.name
+        storescp_got(peer, files)
     finally:
         peer.stop()
 
@@ -226,15 +244,9 @@ def test_status_and_error_comment_come_back(tmp_path: Path, datapath, no_chunked
 def test_tls_takes_pynetdicoms_path_without_the_hand_over(tmp_path: Path, pynetdicom_sends: list,
                                                           no_chunked_receive) -> None:
     """pynetdicom's DUL thread reads the SSL socket: a second thread may not write it."""
-    from tests.tls import make_certificates
-
     used = pynetdicom_sends
-    certs = make_certificates(tmp_path / "certs")
-    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    context.load_cert_chain(str(certs.server_cert), str(certs.server_key))
-    peer = RecordingSCP(max_pdu=16384, ssl_context=context)
+    peer, ep = tls_peer(tmp_path)
     try:
-        ep = endpoint(tmp_path, peer.port, tls={"tls": "true", "tls_ca": str(certs.ca)})
         files = [file_with_data_set(tmp_path / "src", n) for n in (0, 16379, 2_000_001)]
         store_all(ep, files)
         assert used == files
@@ -247,22 +259,10 @@ def test_tls_takes_pynetdicoms_path_without_the_hand_over(tmp_path: Path, pynetd
 def test_tls_takes_the_data_path_once_handed_over(tmp_path: Path, datapath,
                                                   no_chunked_receive) -> None:
     """Only the Link's thread touches the SSL socket: read + send, our own response."""
-    from tests.tls import make_certificates
-
-    certs = make_certificates(tmp_path / "certs")
-    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    context.load_cert_chain(str(certs.server_cert), str(certs.server_key))
-    peer = RecordingSCP(max_pdu=16384, ssl_context=context)
+    peer, ep = tls_peer(tmp_path)
     try:
-        ep = endpoint(tmp_path, peer.port, tls={"tls": "true", "tls_ca": str(certs.ca)})
         files = [file_with_data_set(tmp_path / "src", n) for n in (0, 16377, 2_000_001)]
-        link = link_to(ep)
-        try:
-            assert link.on_data_path
-            for path in files:
-                assert link.store(path, 60) == net.StoreOutcome(0x0000), path.name
-        finally:
-            link.close()
+        store_all(ep, files, on_data_path=True)
         for path in files:
             assert peer.received[uid_of(path)] == data_set_part(path)
         assert max(peer.pdu_lengths) == 16384
@@ -443,6 +443,8 @@ def test_the_send_daemon_uses_the_data_path_unless_switched_off(
         if sender is not None:
             assert sender.stop() == 0
         peer.stop()
+    log = sender.log()  # handed over (send_session) only with the data path on
+    assert ("on the send data path" in log) == (longest == 16382) and "Traceback" not in log, log[-3000:]
 
 
 # -- what still goes to pynetdicom ----------------------------------------------------

@@ -256,8 +256,9 @@ class _Writer:
         self.sent = True
         self.transport._dicomflow_sending_since = self.transport._dicomflow_last_sent = time.monotonic()
 
-    def _wait(self) -> None:
-        """Until the socket takes bytes: at most the send timeout, and the deadline."""
+    def _allowed(self) -> tuple[float, type[Exception]]:
+        """How long the next wait for the socket may take (the send timeout, within the
+        deadline), and what running out of it means."""
         now = time.monotonic()
         if self.transport._dicomflow_sending_since is None:
             self.transport._dicomflow_sending_since = now
@@ -265,8 +266,13 @@ class _Writer:
         if remaining <= 0:
             raise _Overdue
         wait = min(self.send_timeout, remaining)
+        return wait, (_Overdue if wait == remaining else _Stalled)
+
+    def _wait(self) -> None:
+        """Until the socket takes bytes: at most the send timeout, and the deadline."""
+        wait, expired = self._allowed()
         if not self.poller.poll(wait * 1000):
-            raise _Overdue if wait == remaining else _Stalled
+            raise expired
         if transfer.stall_reason(self.assoc) is not None:
             raise BrokenPipeError("the association was cut")
         if self.assoc.is_aborted or not (self.handed_over or self.assoc.dul.is_alive()):
@@ -311,18 +317,12 @@ class _TlsWriter(_Writer):
     def send_bytes(self, data: bytes | memoryview, more: bool) -> None:
         view = memoryview(data)
         while view:
-            now = time.monotonic()
-            if self.transport._dicomflow_sending_since is None:
-                self.transport._dicomflow_sending_since = now
-            remaining = self.deadline - now
-            if remaining <= 0:
-                raise _Overdue
-            wait = min(self.send_timeout, remaining)
+            wait, expired = self._allowed()
             self.own.settimeout(wait)
             try:
                 sent = self.own.send(view)
             except TimeoutError:
-                raise (_Overdue if wait == remaining else _Stalled) from None
+                raise expired from None
             if transfer.stall_reason(self.assoc) is not None:
                 raise BrokenPipeError("the association was cut")
             view = view[sent:]
