@@ -145,7 +145,15 @@ def take(assoc: Association) -> SendSession | None:
     decision = getattr(assoc, "_df_requestor_handover", None)
     if decision is None or not decision():
         return None
-    session = SendSession(assoc)
+    try:
+        session = SendSession(assoc)
+    except OSError as exc:  # no descriptor for the dups: nobody left to serve it
+        logger.warning("cannot take the association to {} over ({}): aborting it",
+                       describe_peer(assoc), escape(str(exc), limit=200))
+        assoc.is_established = False
+        assoc.is_aborted = True
+        _abort_and_close(assoc)
+        return None
     assoc._df_send_session = session  # type: ignore[attr-defined] # transfer.cut finds it
     return session
 
@@ -157,9 +165,15 @@ def abandon(assoc: Association) -> None:
     event = getattr(assoc.dul, "_df_handover", None)
     if getattr(assoc, "_df_requestor_handover", None) is None or event is None or not event.is_set():
         return
+    if not assoc.dul.is_alive():
+        _abort_and_close(assoc)
+
+
+def _abort_and_close(assoc: Association) -> None:
+    """An A-ABORT (best effort, bounded) on a socket nobody else uses, then close it."""
     transport: Any = assoc.dul.socket
     sock = getattr(transport, "socket", None)
-    if sock is None or assoc.dul.is_alive():
+    if sock is None:
         return
     with suppress(OSError):
         sock.settimeout(1.0)
