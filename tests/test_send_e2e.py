@@ -176,6 +176,7 @@ def test_kill_9_during_a_500_file_run_loses_nothing(tmp_path: Path, cleanup) -> 
         kills += 1
     sender = Daemon(conf, "send", "pacs", log_name="send-pacs-final").start()
     cleanup.append(sender)
+    sender.wait_log("sender started")  # its SIGTERM handler is in place (the outbox may be empty)
     wait_for(lambda: count(tmp_path / "spool/outbox/pacs") == 0, 120, message="outbox empty")
     assert sender.stop() == 0
     received = storescp_uids(peer.directory)

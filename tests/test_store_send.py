@@ -25,7 +25,7 @@ from pynetdicom.pdu import P_DATA_TF
 from pynetdicom.sop_class import Verification
 
 from pipeline import config as pc
-from pipeline.dicom import fastpath, filemeta, store_send
+from pipeline.dicom import fastpath, filemeta, send_session, store_send
 from pipeline.dicom import scu as net
 from pipeline.errors import PermanentError
 from tests.helpers import (
@@ -57,9 +57,11 @@ def datapath(monkeypatch):
 
 @pytest.fixture
 def pynetdicom_sends(monkeypatch) -> list:
-    """The data path on; every source pynetdicom's send_c_store is given, in order (the
-    files the data path handed back)."""
+    """The data path on without the hand-over (pynetdicom's DUL thread reads the
+    socket, :mod:`send_session` is not used); every source pynetdicom's send_c_store
+    is given, in order (the files the data path handed back)."""
     monkeypatch.setattr(store_send, "_enabled", True)
+    monkeypatch.setattr(send_session, "_handover", False)
     stock, used = Association.send_c_store, []
 
     def counting(self, dataset, *args, **kwargs):
@@ -157,14 +159,35 @@ def link_to(ep: pc.EndpointConfig) -> net.Link:
     return link
 
 
-def store_all(ep: pc.EndpointConfig, files: list[Path]) -> None:
-    """Each file C-STOREd on one association, every one answered with success."""
+def store_all(ep: pc.EndpointConfig, files: list[Path], on_data_path: bool | None = None) -> None:
+    """Each file C-STOREd on one association, every one answered with success (on the
+    handed-over association, or not, when ``on_data_path`` says)."""
     link = link_to(ep)
     try:
+        assert on_data_path in (None, link.on_data_path)
         for path in files:
             assert link.store(path, 60) == net.StoreOutcome(0x0000), path.name
     finally:
         link.close()
+
+
+def storescp_got(peer: StoreSCP, files: list[Path]) -> None:
+    """storescp wrote every file, its data set byte-identical."""
+    wait_for(lambda: len(peer.files()) == len(files), message="storescp wrote every file")
+    got = {uid_of(p): data_set_part(p) for p in peer.files()}
+    for path in files:
+        assert got[uid_of(path)] == data_set_part(path), path.name
+
+
+def tls_peer(tmp_path: Path) -> tuple[RecordingSCP, pc.EndpointConfig]:
+    """A TLS RecordingSCP and the endpoint that trusts it."""
+    from tests.tls import make_certificates
+
+    certs = make_certificates(tmp_path / "certs")
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(str(certs.server_cert), str(certs.server_key))
+    peer = RecordingSCP(max_pdu=16384, ssl_context=context)
+    return peer, endpoint(tmp_path, peer.port, tls={"tls": "true", "tls_ca": str(certs.ca)})
 
 
 # -- byte-identical, PDUs within the peer's maximum -------------------------------------
@@ -197,10 +220,7 @@ def test_storescp_gets_files_byte_identical_with_its_small_max_pdu(tmp_path: Pat
     peer = StoreSCP(tmp_path / "recv", ae_title="PACS", extra=("-pdu", "4096")).start()
     try:
         store_all(endpoint(tmp_path, peer.port), files)
-        wait_for(lambda: len(peer.files()) == len(files), message="storescp wrote every file")
-        got = {uid_of(p): data_set_part(p) for p in peer.files()}
-        for path in files:
-            assert got[uid_of(path)] == data_set_part(path), path.name
+        storescp_got(peer, files)
     finally:
         peer.stop()
 
@@ -221,23 +241,31 @@ def test_status_and_error_comment_come_back(tmp_path: Path, datapath, no_chunked
         peer.stop()
 
 
-def test_tls_takes_pynetdicoms_path(tmp_path: Path, pynetdicom_sends: list,
-                                    no_chunked_receive) -> None:
+def test_tls_takes_pynetdicoms_path_without_the_hand_over(tmp_path: Path, pynetdicom_sends: list,
+                                                          no_chunked_receive) -> None:
     """pynetdicom's DUL thread reads the SSL socket: a second thread may not write it."""
-    from tests.tls import make_certificates
-
     used = pynetdicom_sends
-    certs = make_certificates(tmp_path / "certs")
-    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    context.load_cert_chain(str(certs.server_cert), str(certs.server_key))
-    peer = RecordingSCP(max_pdu=16384, ssl_context=context)
+    peer, ep = tls_peer(tmp_path)
     try:
-        ep = endpoint(tmp_path, peer.port, tls={"tls": "true", "tls_ca": str(certs.ca)})
         files = [file_with_data_set(tmp_path / "src", n) for n in (0, 16379, 2_000_001)]
         store_all(ep, files)
         assert used == files
         for path in files:
             assert peer.received[uid_of(path)] == data_set_part(path)
+    finally:
+        peer.stop()
+
+
+def test_tls_takes_the_data_path_once_handed_over(tmp_path: Path, datapath,
+                                                  no_chunked_receive) -> None:
+    """Only the Link's thread touches the SSL socket: read + send, our own response."""
+    peer, ep = tls_peer(tmp_path)
+    try:
+        files = [file_with_data_set(tmp_path / "src", n) for n in (0, 16377, 2_000_001)]
+        store_all(ep, files, on_data_path=True)
+        for path in files:
+            assert peer.received[uid_of(path)] == data_set_part(path)
+        assert max(peer.pdu_lengths) == 16384
     finally:
         peer.stop()
 
@@ -332,7 +360,9 @@ def test_a_failure_before_any_byte_hands_the_file_to_pynetdicom(
 
 def test_a_reactor_that_does_not_pause_cuts_the_association(
         tmp_path: Path, datapath, monkeypatch) -> None:
-    """pynetdicom's send_c_store would wait for the pause without a bound."""
+    """pynetdicom's send_c_store would wait for the pause without a bound (without the
+    hand-over: a handed-over association has no reactor)."""
+    monkeypatch.setattr(send_session, "_handover", False)
     monkeypatch.setattr(store_send, "_pause", lambda assoc: False)
     peer = RecordingSCP()
     try:
@@ -413,6 +443,8 @@ def test_the_send_daemon_uses_the_data_path_unless_switched_off(
         if sender is not None:
             assert sender.stop() == 0
         peer.stop()
+    log = sender.log()  # handed over (send_session) only with the data path on
+    assert ("on the send data path" in log) == (longest == 16382) and "Traceback" not in log, log[-3000:]
 
 
 # -- what still goes to pynetdicom ----------------------------------------------------
@@ -444,6 +476,34 @@ def test_data_sets_and_unusual_files_take_pynetdicoms_path(
             link.close()
         assert [type(source).__name__ for source in pynetdicom_sends] == [
             "Dataset", "PosixPath", "PosixPath"]
+        assert str(ds.SOPInstanceUID) in peer.received
+    finally:
+        peer.stop()
+
+
+def test_data_sets_and_unusual_files_on_a_handed_over_association(
+        tmp_path: Path, datapath, no_chunked_receive) -> None:
+    """No DUL to hand a file back to: a data set is encoded into a temp file and sent
+    the same way, a file pydicom can read but our meta reader cannot is re-encoded, and
+    the same files as on pynetdicom's path are refused."""
+    peer = RecordingSCP()
+    try:
+        link = link_to(endpoint(tmp_path, peer.port))
+        try:
+            assert link.on_data_path
+            ds = make_dataset()
+            assert link.store(ds, 60) == net.StoreOutcome(0x0000)  # transcoded: a Dataset
+            no_meta = tmp_path / "no_meta.dcm"
+            no_meta.write_bytes(b"\0" * 200)
+            with pytest.raises(PermanentError):
+                link.store(no_meta, 60)
+            mr = write_dataset(make_dataset(sop_class="1.2.840.10008.5.1.4.1.1.4"), tmp_path / "mr.dcm")
+            with pytest.raises(PermanentError, match="no accepted presentation context"):
+                link.store(mr, 60)
+            assert link.alive
+            assert link.store(file_with_data_set(tmp_path, 500), 60) == net.StoreOutcome(0)
+        finally:
+            link.close()
         assert str(ds.SOPInstanceUID) in peer.received
     finally:
         peer.stop()

@@ -19,8 +19,11 @@ handlers   pynetdicom's "standard" logging handlers — which format every PDU a
 datapath   the sender writes each C-STORE-RQ itself on the negotiated association: the
            command set, then the data set from the file with ``os.sendfile`` in PDVs
            of at most the peer's maximum PDU (issue 13;
-           :mod:`pipeline.dicom.store_send`); transcoded data sets, TLS and anything
-           unusual still take ``send_c_store``
+           :mod:`pipeline.dicom.store_send`); with ``reactors`` the DUL thread hands
+           the socket over once negotiated and the sender reads its own responses,
+           TLS and transcoded data sets included (:mod:`pipeline.dicom.send_session`);
+           without it transcoded data sets, TLS and anything unusual take
+           ``send_c_store``
 recvpath   the receiver reads each association itself once pynetdicom has negotiated
            it: PDUs into one buffer, the C-STORE-RQ command set, the data set straight
            into the temp file, the C-STORE-RSP written after the file is durable

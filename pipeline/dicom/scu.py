@@ -29,11 +29,11 @@ from pathlib import Path
 
 from pydicom import Dataset
 from pydicom.uid import UID
-from pynetdicom import AE, Association, _config
+from pynetdicom import AE, Association, _config, evt
 from pynetdicom.presentation import PresentationContext, build_context
 
 from pipeline.config import EndpointConfig, TlsConfig
-from pipeline.dicom import store_send, transfer
+from pipeline.dicom import send_session, store_send, transfer
 from pipeline.dicom.transfer import HANDLERS, handbacks, stall_reason
 from pipeline.errors import EndpointTrouble, PermanentError
 from pipeline.transcode import UNCOMPRESSED
@@ -113,12 +113,18 @@ def make_ae(ep: EndpointConfig, calling_ae: str) -> AE:
     return ae
 
 
-def request(ep: EndpointConfig, calling_ae: str, contexts: list[PresentationContext]) -> Association:
+#: a Link's association: the bounded one, handed over to the send data path when it
+#: can be (:mod:`send_session`; an echo's never is)
+STORE_HANDLERS = [*HANDLERS, (evt.EVT_CONN_OPEN, send_session.prepare)]
+
+
+def request(ep: EndpointConfig, calling_ae: str, contexts: list[PresentationContext],
+            handlers: list | None = None) -> Association:
     """Request a pynetdicom association with our handlers (it may come back rejected or
     aborted: the caller checks). Only this package sees what it returns."""
     ae = make_ae(ep, calling_ae)
     return ae.associate(ep.host, ep.port, contexts, ae_title=ep.ae_title, max_pdu=ep.max_pdu,
-                        tls_args=tls_args(ep), evt_handlers=HANDLERS)
+                        tls_args=tls_args(ep), evt_handlers=handlers or HANDLERS)
 
 
 # -- diagnosing a failed association -------------------------------------------------
@@ -196,12 +202,12 @@ def probe(ep: EndpointConfig, calling_ae: str, verification: bool = True) -> Pro
     return ProbeResult(tcp_probe(ep), verification=False)
 
 
-def request_timed(ep: EndpointConfig, calling_ae: str,
-                  contexts: list[PresentationContext]) -> tuple[Association, float]:
+def request_timed(ep: EndpointConfig, calling_ae: str, contexts: list[PresentationContext],
+                  handlers: list | None = None) -> tuple[Association, float]:
     """:func:`request` and how long it took (pynetdicom reports an ACSE timeout as an
     abort; the elapsed time tells them apart)."""
     start = time.monotonic()
-    assoc = request(ep, calling_ae, contexts)
+    assoc = request(ep, calling_ae, contexts, handlers)
     return assoc, time.monotonic() - start
 
 
@@ -308,6 +314,13 @@ class Link:
         self._assoc = assoc
         self.proposed = proposed
         self._message_id = 0
+        # the socket is ours alone once pynetdicom's DUL thread handed it over
+        self._own = send_session.take(assoc) if getattr(assoc, "is_established", False) else None
+
+    @property
+    def on_data_path(self) -> bool:
+        """The association was handed over: our own reads and writes only."""
+        return self._own is not None
 
     @property
     def established(self) -> bool:
@@ -319,6 +332,8 @@ class Link:
 
     @property
     def alive(self) -> bool:
+        if self._own is not None:
+            return self._own.usable()
         return transfer.is_usable(self._assoc)
 
     @property
@@ -343,6 +358,15 @@ class Link:
         data set (transcoded), through pynetdicom's ``send_c_store``."""
         assoc = self._assoc
         assoc.dimse_timeout = dimse_timeout
+        if self._own is not None:
+            self._message_id = self._message_id % 0xFFFF + 1
+            try:
+                answer = self._own.store(source, self._message_id)
+            except (FileNotFoundError, EndpointTrouble):
+                raise
+            except Exception as exc:  # noqa: BLE001 - a bad file must never block the queue
+                raise PermanentError(f"cannot send the file: {type(exc).__name__}: {exc}") from exc
+            return StoreOutcome(answer.status, answer.comment)
         if store_send.enabled() and isinstance(source, Path):
             self._message_id = self._message_id % 0xFFFF + 1
             try:
@@ -380,7 +404,11 @@ class Link:
     def close(self, abort: bool = False) -> None:
         """Release (or abort), never waiting on the peer beyond ``acse_timeout`` (at most
         :data:`RELEASE_WAIT`)."""
-        transfer.close(self._assoc, abort=abort, timeout=min(self.ep.acse_timeout, RELEASE_WAIT))
+        timeout = min(self.ep.acse_timeout, RELEASE_WAIT)
+        if self._own is not None:
+            self._own.close(abort, timeout)
+            return
+        transfer.close(self._assoc, abort=abort, timeout=timeout)
 
 
 def associate(ep: EndpointConfig, calling_ae: str, pairs: Iterable[tuple[str, str]],
@@ -390,7 +418,9 @@ def associate(ep: EndpointConfig, calling_ae: str, pairs: Iterable[tuple[str, st
     answered it (even refusing every context), else why not."""
     contexts = contexts_for(sorted(pairs), fallback=fallback)
     with quiet():
-        assoc, elapsed = request_timed(ep, calling_ae, contexts)
+        assoc, elapsed = request_timed(ep, calling_ae, contexts, STORE_HANDLERS)
+    if not assoc.is_established:
+        send_session.abandon(assoc)
     if assoc.is_established or all_contexts_rejected(assoc):
         return Link(ep, assoc, len(contexts))
     return AssociationFailure(failure_reason(ep, assoc, elapsed))

@@ -102,11 +102,19 @@ StoreHandler = Callable[[Path | None, str, str, str], "int | Refusal"]
 def install() -> None:
     """Switch the receive data path on (process-wide, idempotent; :mod:`fastpath`,
     switch ``recvpath``, which needs the ``reactors`` switch for the hand-over)."""
-    global _enabled, _prior_run_reactor
+    global _enabled
     with _lock:
-        if _enabled:
-            return
         _enabled = True
+    install_reactor()
+
+
+def install_reactor() -> None:
+    """Dispatch ``Association._run_reactor`` through :func:`_run_reactor` (idempotent;
+    also the send data path's, :mod:`send_session`, which needs no receive path)."""
+    global _prior_run_reactor
+    with _lock:
+        if _prior_run_reactor is not None:
+            return
         _prior_run_reactor = Association._run_reactor
         Association._run_reactor = _run_reactor  # type: ignore[method-assign]
 
@@ -135,7 +143,13 @@ def abort(assoc: Any) -> bool:
 
 
 def _run_reactor(self: Association) -> None:
-    """``Association._run_reactor``: our session once the DUL has handed over."""
+    """``Association._run_reactor``: our session once the DUL has handed over; on a
+    requested association handed over to the sender's own path (:mod:`send_session`)
+    nothing: the sender's thread has the socket, and pynetdicom's reactor would kill
+    the association on seeing the DUL thread gone."""
+    requestor_handover = getattr(self, "_df_requestor_handover", None)
+    if requestor_handover is not None and requestor_handover():
+        return
     session: Session | None = getattr(self, "_df_session", None)
     if session is not None and session.take(reactors.handed_over(self.dul, HANDOVER_WAIT)):
         session.serve()
@@ -202,6 +216,19 @@ def _uid_text(raw: bytes) -> str:
 def decode_command(data: bytes | bytearray) -> Command:
     """The C-STORE-RQ or C-ECHO-RQ in ``data`` (Implicit VR Little Endian, group 0000);
     :class:`_Protocol` for anything malformed or another command."""
+    values = command_values(data)
+    field_ = us_value(values, 0x0100, "Command Field")
+    if field_ not in (C_STORE_RQ, C_ECHO_RQ):
+        raise _Protocol(f"DIMSE command 0x{field_:04X} on a storage association (only C-STORE and "
+                        "C-ECHO are served)", SOURCE_USER, REASON_UNSPECIFIED)
+    return Command(field_, us_value(values, 0x0110, "Message ID"),
+                   us_value(values, 0x0800, "Command Data Set Type") != NO_DATA_SET,
+                   values.get(0x0002, b""), values.get(0x1000, b""))
+
+
+def command_values(data: bytes | bytearray) -> dict[int, bytes]:
+    """The elements of a command set by element number, its group length checked
+    (shared with the send side's response reader, :mod:`send_session`)."""
     values: dict[int, bytes] = {}
     offset, count, size = 0, 0, len(data)
     while offset < size:
@@ -221,13 +248,7 @@ def decode_command(data: bytes | bytearray) -> Command:
         values[element] = bytes(data[offset + 8: offset + 8 + length])
         offset += 8 + length
     _check_group_length(values, size)
-    field_ = _us(values, 0x0100, "Command Field")
-    if field_ not in (C_STORE_RQ, C_ECHO_RQ):
-        raise _Protocol(f"DIMSE command 0x{field_:04X} on a storage association (only C-STORE and "
-                        "C-ECHO are served)", SOURCE_USER, REASON_UNSPECIFIED)
-    return Command(field_, _us(values, 0x0110, "Message ID"),
-                   _us(values, 0x0800, "Command Data Set Type") != NO_DATA_SET,
-                   values.get(0x0002, b""), values.get(0x1000, b""))
+    return values
 
 
 def _check_group_length(values: dict[int, bytes], size: int) -> None:
@@ -242,7 +263,8 @@ def _check_group_length(values: dict[int, bytes], size: int) -> None:
                         SOURCE_USER, REASON_UNSPECIFIED)
 
 
-def _us(values: dict[int, bytes], element: int, name: str) -> int:
+def us_value(values: dict[int, bytes], element: int, name: str) -> int:
+    """The US value of ``element`` (:class:`_Protocol` when absent or not 2 bytes)."""
     raw = values.get(element)
     if raw is None or len(raw) != 2:
         raise _Protocol(f"command set without a valid {name} (0000,{element:04X})", SOURCE_USER,
@@ -327,6 +349,14 @@ class _Reader:
                     raise _Stopped
                 raise _Gone(None, mid_pdu)
             return got
+
+
+def skip(reader: _Reader, length: int, deadline: float) -> None:
+    """Read and drop the next ``length`` bytes (the rest of a PDU)."""
+    while length:
+        if not reader.available:
+            reader.more(deadline)
+        length -= len(reader.take(min(length, reader.available)))
 
 
 # -- the message being received -------------------------------------------------------
@@ -519,10 +549,7 @@ class Session:
         return pdu_type, length, deadline
 
     def _skip(self, length: int, deadline: float) -> None:
-        while length:
-            if not self.reader.available:
-                self.reader.more(deadline)
-            length -= len(self.reader.take(min(length, self.reader.available)))
+        skip(self.reader, length, deadline)
 
     def _p_data(self, length: int, deadline: float) -> None:
         if length < PDV_HEADER:

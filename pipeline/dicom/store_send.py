@@ -14,8 +14,12 @@ sized by a peer's declaration), of even length but the last (DCMTK's rule). A da
 of odd length (a broken file) ends in an odd fragment, as on pynetdicom's path, and
 DCMTK refuses it.
 
-Everything else stays pynetdicom's: negotiation, TLS, release and abort; its DUL
-thread still reads the socket and decodes the C-STORE-RSP, taken from the DIMSE queue
+On an association handed over after negotiation (:mod:`send_session`, with the
+``reactors`` switch) the same stream is written through the session's own socket
+(TLS: :class:`_TlsWriter`, read + send) and the session reads the response
+(:class:`Answers` is where the two differ). Without the hand-over, everything else
+stays pynetdicom's: negotiation, TLS, release and abort; its DUL thread still reads
+the socket and decodes the C-STORE-RSP, taken from the DIMSE queue
 as ``send_c_store`` does, with the association's reactor paused the same way (so the
 response race fix of :mod:`transfer` keeps applying). One operation is outstanding at
 a time and nothing is queued for the DUL while we write (checked first), so nobody
@@ -31,11 +35,10 @@ bookkeeping is kept, so a shutdown still tells a blocked transfer from a slow on
 
 Plain TCP writes go through a ``dup`` of the socket's descriptor: :func:`transfer.cut`
 from another thread shuts the connection down (our next write fails) but its ``close``
-cannot free a descriptor number we are still writing to. TLS associations take
-pynetdicom's ``send_c_store`` (:func:`send` returns None for them): the DUL thread
-reads the SSL socket while this thread would write it, and OpenSSL does not allow one
-SSL object to be used by two threads at once (the receive side of the data path,
-which moves reading off the DUL thread, is what would let TLS in).
+cannot free a descriptor number we are still writing to. Without the hand-over, TLS
+associations take pynetdicom's ``send_c_store`` (:func:`send` returns None for them):
+the DUL thread reads the SSL socket while this thread would write it, and OpenSSL
+does not allow one SSL object to be used by two threads at once.
 
 :func:`send` returns None, having sent nothing, whenever a precondition does not hold
 (TLS, unusual file meta, no exactly matching context, a peer maximum PDU below 8, a socket
@@ -62,7 +65,7 @@ from pynetdicom._handlers import standard_dimse_sent_handler, standard_pdu_sent_
 from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.dsutils import encode as _pydicom_encode
 
-from pipeline.dicom import transfer
+from pipeline.dicom import store_receive, transfer
 from pipeline.dicom.commands import encode_c_store_command
 from pipeline.dicom.filemeta import MetaError, read_meta_group
 from pipeline.log import escape, logger
@@ -81,9 +84,12 @@ _enabled = False
 
 
 def install() -> None:
-    """Switch the data path on (process-wide; :mod:`fastpath`, switch ``datapath``)."""
+    """Switch the data path on (process-wide; :mod:`fastpath`, switch ``datapath``),
+    with the association reactor that leaves a handed-over association to its Link
+    (:mod:`send_session`)."""
     global _enabled
     _enabled = True
+    store_receive.install_reactor()
 
 
 def enabled() -> bool:
@@ -223,28 +229,36 @@ def pdu_header(context_id: int, control: int, length: int) -> bytes:
 class _Writer:
     """Bounded writes to the association's socket, with :mod:`transfer`'s bookkeeping."""
 
-    def __init__(self, assoc: Association, deadline: float) -> None:
+    def __init__(self, assoc: Association, deadline: float, sock: socket.socket | None = None) -> None:
+        """``sock``: the handed-over association's own socket (:mod:`send_session`),
+        else a ``dup`` of the transport's, closed with the writer."""
         self.assoc = assoc
         transport: Any = assoc.dul.socket  # it carries transfer's bookkeeping attributes
         self.transport = transport
         self.send_timeout = transfer.send_timeout(assoc)
         self.deadline = deadline
-        self.own = socket.socket(fileno=os.dup(transport.socket.fileno()))
+        self.handed_over = sock is not None
+        self.own = sock if sock is not None else socket.socket(fileno=os.dup(transport.socket.fileno()))
+        self._prepare()
+        self.sent = False  # a byte went out: the association can no longer be handed back
+
+    def _prepare(self) -> None:
         self.own.setblocking(False)  # the shared description is already (timeout mode)
         self.poller = select.poll()
         self.poller.register(self.own.fileno(), select.POLLOUT)
-        self.sent = False  # a byte went out: the association can no longer be handed back
 
     def close(self) -> None:
         self.transport._dicomflow_sending_since = None
-        self.own.close()
+        if not self.handed_over:
+            self.own.close()
 
     def _progress(self) -> None:
         self.sent = True
         self.transport._dicomflow_sending_since = self.transport._dicomflow_last_sent = time.monotonic()
 
-    def _wait(self) -> None:
-        """Until the socket takes bytes: at most the send timeout, and the deadline."""
+    def _allowed(self) -> tuple[float, type[Exception]]:
+        """How long the next wait for the socket may take (the send timeout, within the
+        deadline), and what running out of it means."""
         now = time.monotonic()
         if self.transport._dicomflow_sending_since is None:
             self.transport._dicomflow_sending_since = now
@@ -252,11 +266,16 @@ class _Writer:
         if remaining <= 0:
             raise _Overdue
         wait = min(self.send_timeout, remaining)
+        return wait, (_Overdue if wait == remaining else _Stalled)
+
+    def _wait(self) -> None:
+        """Until the socket takes bytes: at most the send timeout, and the deadline."""
+        wait, expired = self._allowed()
         if not self.poller.poll(wait * 1000):
-            raise _Overdue if wait == remaining else _Stalled
+            raise expired
         if transfer.stall_reason(self.assoc) is not None:
             raise BrokenPipeError("the association was cut")
-        if self.assoc.is_aborted or not self.assoc.dul.is_alive():
+        if self.assoc.is_aborted or not (self.handed_over or self.assoc.dul.is_alive()):
             raise BrokenPipeError("the association ended")
 
     def send_bytes(self, data: bytes | memoryview, more: bool) -> None:
@@ -286,6 +305,34 @@ class _Writer:
             offset += sent
             count -= sent
             self._progress()
+
+
+class _TlsWriter(_Writer):
+    """The same bounds on a handed-over TLS association: read + send (no ``sendfile``
+    through OpenSSL), each write waiting at most the send timeout and the deadline."""
+
+    def _prepare(self) -> None:
+        pass
+
+    def send_bytes(self, data: bytes | memoryview, more: bool) -> None:
+        view = memoryview(data)
+        while view:
+            wait, expired = self._allowed()
+            self.own.settimeout(wait)
+            try:
+                sent = self.own.send(view)
+            except TimeoutError:
+                raise expired from None
+            if transfer.stall_reason(self.assoc) is not None:
+                raise BrokenPipeError("the association was cut")
+            view = view[sent:]
+            self._progress()
+
+    def send_fragment(self, header: bytes, fileobj: BinaryIO, offset: int, count: int) -> None:
+        data = os.pread(fileobj.fileno(), count, offset) if count else b""  # ≤ PDU_CAP
+        if len(data) != count:
+            raise EOFError("the file got shorter while it was sent")
+        self.send_bytes(header + data, more=False)
 
 
 def _stream(writer: _Writer, plan: _Plan, command: bytes, fileobj: BinaryIO) -> None:
@@ -347,38 +394,67 @@ def send(assoc: Association, path: Path, msg_id: int, priority: int = 2,
             if not _quiet_dul(assoc):
                 return None
             try:
-                return _exchange(assoc, plan, command, fileobj, msg_id)
+                return guarded_exchange(assoc, plan, command, fileobj, msg_id)
             except _NothingSent as exc:  # e.g. no descriptor left for the dup: pynetdicom's path
                 logger.warning("the data path could not start ({}); this file goes through "
                                "pynetdicom", escape(str(exc.__cause__), limit=200))
                 return None
-            except Exception as exc:  # noqa: BLE001 - bytes may be out: the association is spent
-                # never the file's fault by itself (it would go to failed/): the sender
-                # counts a file during which associations keep ending, as for any abort
-                logger.exception("the data path failed while sending {}", escape(plan.sop_instance))
-                transfer.cut(assoc, f"the data path failed: {type(exc).__name__}: {exc}")
-                return Response(None)
         finally:
             assoc._reactor_checkpoint.set()
 
 
+def guarded_exchange(assoc: Association, plan: _Plan, command: bytes, fileobj: BinaryIO,
+                     msg_id: int, answers: Answers | None = None) -> Response:
+    """:func:`_exchange`; a failure once bytes may be out ends the association, not the
+    file (:class:`_NothingSent` passes: nothing went out)."""
+    try:
+        return _exchange(assoc, plan, command, fileobj, msg_id, answers)
+    except _NothingSent:
+        raise
+    except Exception as exc:  # noqa: BLE001 - bytes may be out: the association is spent
+        # never the file's fault by itself (it would go to failed/): the sender
+        # counts a file during which associations keep ending, as for any abort
+        logger.exception("the data path failed while sending {}", escape(plan.sop_instance))
+        transfer.cut(assoc, f"the data path failed: {type(exc).__name__}: {exc}")
+        return Response(None)
+
+
+class Answers:
+    """Where the C-STORE-RSP comes from: pynetdicom's DUL thread decodes it onto the
+    DIMSE queue (this class), or the handed-over association's own reader
+    (:class:`pipeline.dicom.send_session.SendSession`)."""
+
+    def __init__(self, assoc: Association) -> None:
+        self.assoc = assoc
+
+    def writer(self, deadline: float) -> _Writer:
+        return _Writer(self.assoc, deadline)
+
+    def early_failure(self, msg_id: int) -> Response | None:
+        return _early_failure(self.assoc, msg_id)
+
+    def response(self, msg_id: int) -> Response:
+        return _response(self.assoc, msg_id)
+
+
 def _exchange(assoc: Association, plan: _Plan, command: bytes, fileobj: BinaryIO,
-              msg_id: int) -> Response:
+              msg_id: int, answers: Answers | None = None) -> Response:
+    answers = answers or Answers(assoc)
     timeout = float(assoc.dimse_timeout or 60.0)
     try:
-        writer = _Writer(assoc, time.monotonic() + timeout)
+        writer = answers.writer(time.monotonic() + timeout)
     except OSError as exc:
         raise _NothingSent from exc
     try:
         _stream(writer, plan, command, fileobj)
     except _Stalled:
-        return _answered_or_cut(assoc, msg_id, transfer.stalled_reason(assoc))
+        return _answered_or_cut(answers, msg_id, transfer.stalled_reason(assoc))
     except _Overdue:
-        return _answered_or_cut(assoc, msg_id, transfer.overdue_reason(assoc))
+        return _answered_or_cut(answers, msg_id, transfer.overdue_reason(assoc))
     except (OSError, EOFError) as exc:
-        early = _early_failure(assoc, msg_id)
+        early = answers.early_failure(msg_id)
         if early is not None:  # the peer refused the file, then closed: its answer counts
-            return _answered_or_cut(assoc, msg_id, "", early)
+            return _answered_or_cut(answers, msg_id, "", early)
         if transfer.stall_reason(assoc) is not None:  # cut meanwhile (a shutdown): said there
             return Response(None)
         # the peer reset or aborted (or the file shrank): end it here rather than queue
@@ -395,15 +471,15 @@ def _exchange(assoc: Association, plan: _Plan, command: bytes, fileobj: BinaryIO
         raise
     finally:
         writer.close()
-    return _response(assoc, msg_id)
+    return answers.response(msg_id)
 
 
-def _answered_or_cut(assoc: Association, msg_id: int, reason: str,
+def _answered_or_cut(answers: Answers, msg_id: int, reason: str,
                      early: Response | None = None) -> Response:
     """The request could not be completed: the association ends either way, and the
     peer's early refusal, if it sent one, is the file's outcome."""
-    early = early or _early_failure(assoc, msg_id)
-    transfer.cut(assoc, reason if early is None else
+    early = early or answers.early_failure(msg_id)
+    transfer.cut(answers.assoc, reason if early is None else
                  "the destination answered before the request was complete")
     return early or Response(None)
 

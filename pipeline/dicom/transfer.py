@@ -202,7 +202,13 @@ def stall_reason(assoc: Association | None) -> str | None:
 def cut(assoc: Association, reason: str) -> None:
     """End ``assoc`` at once, whatever the peer does: mark it aborted, stop its DUL
     thread, shut the socket down (a ``send`` blocked on it returns) and wake a
-    ``send_*`` waiting for a response. Safe from any thread, more than once."""
+    ``send_*`` waiting for a response. Safe from any thread, more than once. A
+    handed-over association (:mod:`send_session`) is cut by its session, which shuts
+    the connection down without closing a descriptor its thread may still use."""
+    session = getattr(assoc, "_df_send_session", None)
+    if session is not None:
+        session.cut(reason)
+        return
     if getattr(assoc, "_dicomflow_cut", None) is None:
         assoc._dicomflow_cut = reason  # type: ignore[attr-defined]
     assoc.is_established = False
