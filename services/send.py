@@ -192,6 +192,10 @@ class Sender(HealthMixin, LanesMixin, PlanningMixin, DeliveryMixin, OutcomesMixi
             self.state.flush()
             return Step(self._idle_timeout(stalled), True)
         if self.busy_since is not None and mono < self.busy_until:
+            # each probe on a fresh association: the one that was refused may be served by
+            # a process of the destination that is going away (a restarted storescp's
+            # child, a PACS node being drained) while a new association would be taken
+            self.release()
             self.state.set("busy")
             return Step(self._idle_timeout(self.busy_until), False)
         due, next_due = self._scan()

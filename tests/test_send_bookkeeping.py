@@ -527,6 +527,30 @@ def test_defect13_busy_for_a_while_then_ok_delivers_everything_status_shows_busy
     assert "Traceback" not in sender.log()
 
 
+@pytest.mark.parametrize("fastpath", ["1", "0"])
+def test_busy_probes_go_on_a_fresh_association(tmp_path: Path, peer, fastpath: str) -> None:
+    """A destination refusing 0xA700 on one association while a new one would be served
+    (a restarted storescp's lingering child, a PACS node being drained): the next probe
+    opens a fresh association, so the queue goes out without waiting for the old one to
+    be released as idle (which busy probes every few seconds would never let happen)."""
+    holder: list[RuleSCP] = []
+    server = peer(lambda uid: A700 if holder[0].associations <= 1 else 0x0000)
+    holder.append(server)
+    spool = tmp_path / "spool"
+    uids = [uid_of(p) for p in put_in_outbox(spool, EP, make_files(tmp_path / "src", 5))]
+    conf = conf_for(tmp_path, server.port, idle_release="600s", retry={
+        "probe_backoff": "0.2s", "probe_backoff_cap": "0.5s"})
+    sender = Daemon(conf, "send", EP, env={"DICOMFLOW_FASTPATH": fastpath}).start()
+    try:
+        wait_for(lambda: len(stage(spool, "sent")) == 5, message="all five delivered")
+    finally:
+        code = sender.stop()
+    assert code == 0, sender.log()
+    assert server.associations >= 2
+    assert sorted(server.stored()) == sorted(uids)
+    assert read_retry(spool, EP) == {} and stage(spool, "failed") == []
+
+
 # -- a 0xA7xx that only looks busy: max_age bounds it (interop: Orthanc's 0xA700) ----------
 
 MAX_AGE = 600.0  # "10m"
