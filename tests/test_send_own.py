@@ -245,6 +245,31 @@ def test_a_peer_release_request_while_idle_is_answered_and_ends_it(tmp_path: Pat
         peer.stop()
 
 
+def test_a_release_request_read_with_the_last_response_is_seen_while_idle(tmp_path: Path) -> None:
+    """The peer's response and its A-RELEASE-RQ arrive in one segment: the request sits in
+    our read buffer, not in the socket, and ``alive`` must still see it (the next file
+    would otherwise go out on an association the peer is releasing)."""
+    answered, on_pdu = pdu_seen("A_RELEASE_RP")
+
+    def answer_then_release(event: evt.Event) -> int:
+        raw_socket(event).sendall(rsp_pdus(event.context.context_id, 0x0000) + A_RELEASE_RQ)
+        event.assoc.dimse.send_msg = lambda *args, **kwargs: None  # no second answer
+        return 0x0000
+
+    peer = ScriptedSCP(on_store=answer_then_release, on_pdu=on_pdu)
+    try:
+        link = link_to(endpoint(tmp_path, peer.port))
+        try:
+            assert link.on_data_path
+            assert link.store(file_with_data_set(tmp_path, 1000), 60) == net.StoreOutcome(0)
+            wait_for(lambda: not link.alive, message="the release request in the buffer seen")
+            assert answered.wait(HANG_TIMEOUT), "our A-RELEASE-RP did not reach the peer"
+        finally:
+            link.close()
+    finally:
+        peer.stop()
+
+
 _PROBE = """
 import sys
 from pipeline.dicom import patches, scu

@@ -254,11 +254,14 @@ class SendSession(store_send.Answers):
     def _look_while_idle(self) -> None:
         if self.closed:
             return
-        try:
-            readable = bool(select.select([self.io], [], [], 0)[0]) or \
-                (self.tls and self.io.pending() > 0)  # type: ignore[attr-defined]
-        except (OSError, ValueError):
+        if self.reader.available:  # read with the last response: already ours, not the socket's
             readable = True
+        else:
+            try:
+                readable = bool(select.select([self.io], [], [], 0)[0]) or \
+                    (self.tls and self.io.pending() > 0)  # type: ignore[attr-defined]
+            except (OSError, ValueError):
+                readable = True
         if readable:
             self._read_while_idle()
 

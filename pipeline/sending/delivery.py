@@ -51,7 +51,9 @@ class DeliveryMixin(SenderState):
         self._run(deque(batch), (self.current.calling_ae, self.current.pairs))
         self.last_activity = self.clock.monotonic()
         if self.current is not None and not self.current.alive:
-            self.current = None  # all contexts rejected, or the peer left after its answer
+            # all contexts rejected, or the peer left after its answer: closed, not just
+            # forgotten (on the send data path its descriptors are ours to close)
+            self._close_lane(self.lanes[0], abort=False)
 
     def _run(self, queue: deque[tuple[Path, FileMeta]],
              key: tuple[str, frozenset[tuple[str, str]]]) -> None:

@@ -64,8 +64,10 @@ class HealthMixin(SenderState):
 
     def _mark_busy(self, text: str) -> None:
         mono = self.clock.monotonic()
-        wait = self.busy_probes.next_delay()
-        self.busy_until = mono + wait
+        if self.busy_since is None or mono >= self.busy_until:
+            # once per round: the other associations' refusals of the same round (with
+            # associations = N) must not push the next probe N steps further out
+            self.busy_until = mono + self.busy_probes.next_delay()
         if self.busy_since is None:
             self.busy_since = mono
             self.log.warning("endpoint busy: {}; no file is charged, the queue is kept, sending "
