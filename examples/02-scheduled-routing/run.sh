@@ -19,15 +19,6 @@ LOCAL_PORT="${LOCAL_PORT:-11121}"
 REMOTE_PORT="${REMOTE_PORT:-11122}"
 PY="$BIN/python"
 
-window_now() {  # prints "open" or "closed", then the next opening
-  "$PY" - "$1" <<'PY'
-import sys
-from datetime import datetime
-from pipeline.schedule import parse_window
-w = parse_window(sys.argv[1]); now = datetime.now()
-print("open" if w.is_open(now) else "closed", w.next_open(now).strftime("%H:%M"))
-PY
-}
 if [ -z "${REMOTE_WINDOW:-}" ]; then
   if [ "${EXAMPLE_FAST:-0}" = 1 ]; then
     REMOTE_WINDOW=$("$PY" -c '
@@ -76,10 +67,10 @@ for side in local remote; do
 done
 "$BIN/dicomflow" up --conf "$WORK/conf"
 
-read -r state opens < <(window_now "$REMOTE_WINDOW")
+read -r state opens _ < <(window_now "$PY" "$REMOTE_WINDOW")  # examples/lib.sh
 if [ "$state" = open ]; then
   echo "== the remote window is open right now; waiting for it to close so the wait can be seen"
-  while [ "$(window_now "$REMOTE_WINDOW" | cut -d' ' -f1)" = open ]; do sleep 5; done
+  while [ "$(window_now "$PY" "$REMOTE_WINDOW" | cut -d' ' -f1)" = open ]; do sleep 5; done
 fi
 count() { find "$1" -maxdepth 1 -type f | wc -l; }
 
@@ -95,7 +86,7 @@ sleep 1
 echo "   waiting in outbox/remote (the report is not there: remote takes CT only):"
 ls "$WORK/spool/outbox/remote" | sed 's/^/     /'
 
-read -r state opens < <(window_now "$REMOTE_WINDOW")
+read -r state opens _ < <(window_now "$PY" "$REMOTE_WINDOW")  # examples/lib.sh
 echo "== waiting for the remote window to open at $opens"
 for _ in $(seq 1 ${WAIT_LIMIT:-720}); do [ "$(count "$WORK/remote")" -ge 4 ] && break; sleep 1; done
 echo "   $(date +%H:%M:%S): remote has $(count "$WORK/remote") files"
