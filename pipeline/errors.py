@@ -99,3 +99,10 @@ class RuleSyntaxError(DicomFlowError, ValueError):
 
 class WindowSyntaxError(DicomFlowError, ValueError):
     """A window entry that is neither a cron expression, a time range nor ``mN < K``."""
+
+
+class ShapingError(DicomFlowError):
+    """A file that cannot be shaped (coerced) for an endpoint: a value too long for its
+    VR, not writable in the file's character set, a template over a multi-valued
+    attribute… The message is the reason written beside that endpoint's copy in
+    ``failed/<endpoint>/``; other endpoints are unaffected."""
