@@ -24,6 +24,7 @@ from pipeline.header import HeaderLimits
 from pipeline.names import is_valid_endpoint_name
 from pipeline.rules import RuleSet
 from pipeline.schedule import Window
+from pipeline.shaping.operations import Operations
 
 # -- typed configuration (no defaults here: the loader takes each from config_keys) --
 
@@ -83,6 +84,8 @@ class RouterConfig:
     #: must stay unchanged (and unopened for writing) before the filter takes it
     settle_time: float
     header_limits: HeaderLimits
+    #: [coerce] operations: applied to every file before fan-out (pipeline/shaping)
+    coerce: Operations
 
     def disk_floor(self, total_bytes: int) -> int:
         """Free bytes to keep: the configured value, else min(1 GiB, 5 % of the disk)."""
@@ -129,6 +132,13 @@ class EndpointConfig:
     retry: RetryPolicy
     rules: RuleSet
     window: Window
+    #: [coerce] operations: this endpoint's copy is shaped (its own file, not a link)
+    coerce: Operations
+
+    @property
+    def shapes(self) -> bool:
+        """Does this endpoint get its own shaped file (and send only those)?"""
+        return bool(self.coerce)
 
     def dimse_timeout_for(self, file_size: int) -> float:
         """A C-STORE's timeout includes transmitting the file (P-DATA is queued before the wait)."""
@@ -312,6 +322,7 @@ def load_router(conf_dir: Path) -> RouterConfig:
     values["rules"] = RuleSet(**_pick(filter_values, RuleSet))
     values["header_limits"] = HeaderLimits(**_pick(filter_values, HeaderLimits))
     values.update(filter_values)  # settle_time
+    values.update(_whole(section("coerce")))  # coerce
     return RouterConfig(conf_file=path, **values)
 
 
@@ -374,6 +385,7 @@ def load_endpoint(path: Path, router: RouterConfig) -> EndpointConfig:
     values.update(_whole(section("transcode")))  # transcode, transcode_max_size
     values["rules"] = RuleSet(**_whole(section("filter")))
     values.update(_whole(section("schedule")))  # window
+    values.update(_whole(section("coerce")))  # coerce
     return EndpointConfig(name=name, conf_file=path, **values)
 
 

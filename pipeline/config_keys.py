@@ -26,6 +26,7 @@ from pipeline.config_types import (
     integer,
     log_level,
     networks,
+    operations,
     pdu_size,
     port,
     positive_duration,
@@ -174,6 +175,9 @@ _ROUTER = [
     Option(ROUTER, "filter", "max_inflated_size", positive_size, "1 GiB",
            "a deflated data set inflating to more is quarantined (inflated in chunks, never "
            "whole)"),
+    Option(ROUTER, "coerce", "operations", operations, "",
+           "attribute coercion for every file, before fan-out: one operation per line (see "
+           "Shaping)", field="coerce", shown="*(none)*"),
     *_tls(ROUTER, "TLS for the receiver (on by default when `tls_cert` is set)",
           tls_cert="server certificate (PEM)",
           tls_key="its private key (PEM)",
@@ -218,6 +222,10 @@ _ENDPOINT = [
            shown="*(router log_level)*"),
     *_rules(ENDPOINT, "as in router.ini, for this endpoint only",
             "as in router.ini, for this endpoint only", "as in router.ini, for this endpoint only"),
+    Option(ENDPOINT, "coerce", "operations", operations, "",
+           "attribute coercion for this endpoint's copy only: one operation per line (see "
+           "Shaping); an endpoint with operations gets its own file instead of a hard link",
+           field="coerce", shown="*(none)*"),
     Option(ENDPOINT, "schedule", "window", window, "",
            "delivery window, one entry per line (see below)", shown="*(empty = always)*"),
     Option(ENDPOINT, "retry", "max_attempts", positive_int, "10",

@@ -15,6 +15,7 @@ from pipeline.errors import RuleSyntaxError, WindowSyntaxError
 from pipeline.names import is_valid_ae_title
 from pipeline.rules import parse_conditions, parse_sop_list
 from pipeline.schedule import Window, parse_window
+from pipeline.shaping.operations import Operations, OperationSyntaxError, parse_operations
 
 LOG_LEVELS = ("TRACE", "DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 KiB, MiB, GiB = 1024, 1024**2, 1024**3
@@ -162,10 +163,18 @@ def window(value: str) -> Window:
         raise ValueError(str(exc)) from None
 
 
+def operations(value: str) -> Operations:
+    """``[coerce] operations``: one operation per line (pipeline/shaping/operations.py)."""
+    try:
+        return parse_operations(value)
+    except OperationSyntaxError as exc:
+        raise ValueError(str(exc)) from None
+
+
 def _split_list(value: str) -> list[str]:
     return [v.strip() for v in re.split(r"[,\n]", value) if v.strip()]
 
 
 #: Converters whose empty value is a value (no list entries, "always open"); for every
 #: other converter an empty value means "not given", i.e. the key's default.
-EMPTY_OK: tuple = (sop_list, conditions, window, ae_title_list, networks)
+EMPTY_OK: tuple = (sop_list, conditions, window, ae_title_list, networks, operations)

@@ -196,6 +196,15 @@ def read_header_fd(fd: int, size: int, limits: HeaderLimits = DEFAULT_LIMITS,
         return _validate(ds, size)
 
 
+def read_meta_dataset(fp: BinaryIO, size: int,
+                      limits: HeaderLimits = DEFAULT_LIMITS) -> tuple[FileMetaDataset, str, str]:
+    """The file meta as pydicom's ``FileMetaDataset``, bounded and with its UIDs checked,
+    and its transfer syntax and SOP class (the shaping writer reads files with it)."""
+    meta = _read_meta(fp, size, limits)
+    syntax, sop_class = _check_meta(meta)
+    return meta, syntax, sop_class
+
+
 def _read_meta(fp: BinaryIO, size: int, limits: HeaderLimits) -> FileMetaDataset:
     """The file meta group as pydicom's ``FileMetaDataset``, once the one reader
     (:func:`read_meta`) has bounded it."""
@@ -267,7 +276,7 @@ def _read_dataset(fp: BinaryIO, meta: FileMetaDataset, syntax: str,
     reader = InflatingReader(fp, limits.max_inflated_size)
     try:
         # read_dataset wants a BinaryIO; it uses only read/seek/tell, which the reader has
-        ds = read_dataset(cast(BinaryIO, reader), False, True, stop_when=_at_pixel_data,
+        ds = read_dataset(cast(BinaryIO, reader), False, True, stop_when=at_pixel_data,
                           defer_size=DEFER_SIZE)
     except InflateError as exc:
         raise QuarantineError(str(exc)) from None
@@ -277,7 +286,8 @@ def _read_dataset(fp: BinaryIO, meta: FileMetaDataset, syntax: str,
     return result
 
 
-def _at_pixel_data(tag: int, vr: str | None, length: int) -> bool:
+def at_pixel_data(tag: int, vr: str | None, length: int) -> bool:
+    """pydicom's ``stop_when``: the header ends at the first pixel data element."""
     return tag in _PIXEL_TAGS
 
 
@@ -425,11 +435,14 @@ class Structure:
     pixel_data_at: int | None
     encapsulated_pixel_data: bool
     explicit: bool = True  # the data set's VR encoding as the walk found it
+    #: where the last top-level element ends (trailing padding, if any, follows); in the
+    #: inflated stream for a deflated data set
+    end: int = 0
 
 
 def check_complete(fp: BinaryIO, size: int, transfer_syntax: str, sop_class_uid: str = "", *,
                    limits: HeaderLimits = DEFAULT_LIMITS,
-                   recorder: header_scan.Recorder | None = None,
+                   recorder: header_scan.ElementRecorder | None = None,
                    dataset_start: int | None = None) -> Structure:
     """Walk the element structure by seeking; refuse a file cut short, malformed or
     beyond ``limits``.
@@ -465,7 +478,8 @@ def check_complete(fp: BinaryIO, size: int, transfer_syntax: str, sop_class_uid:
         raise QuarantineError(str(exc)) from None
     if walker.pixel_data_at is None and _is_image_class(sop_class_uid):
         raise QuarantineError("truncated: an image without pixel data")
-    return Structure(walker.pixel_data_at, walker.encapsulated_pixel_data, walker.explicit)
+    return Structure(walker.pixel_data_at, walker.encapsulated_pixel_data, walker.explicit,
+                     walker.src.tell())
 
 
 def _is_image_class(sop_class_uid: str) -> bool:
@@ -585,7 +599,7 @@ class _Walker:
         self.encapsulated_pixel_data = False
         self.elements = 0
         self.header_bytes = 0
-        self.recorder: header_scan.Recorder | None = None
+        self.recorder: header_scan.ElementRecorder | None = None
         self._block, self._block_at = b"", 0   # the file bytes _fast_top last read
         self._block_size = _BLOCK               # how much it reads next (see _next_block)
         #: the block-parsing loop for the top level of a plain file (off with the

@@ -49,6 +49,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
+from typing import Protocol
 
 from pydicom import uid as pydicom_uid
 from pydicom._private_dict import private_dictionaries
@@ -138,6 +139,15 @@ def _ambiguous(tag: int) -> bool:
         return " or " in dictionary_VR(tag)
     except KeyError:
         return False
+
+
+class ElementRecorder(Protocol):
+    """What the completeness walk tells of the top level before the pixel data (the
+    filter's :class:`Recorder`; the shaping writer's layout, :mod:`pipeline.shaping.layout`)."""
+
+    def starts_at(self, meta_end: int, dataset_start: int) -> None: ...
+
+    def element(self, tag: int, vr: bytes | None, length: int, value_at: int) -> None: ...
 
 
 class Recorder:

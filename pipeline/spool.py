@@ -150,6 +150,24 @@ class Spool:
         """Where files for ``directory`` are written before they are published there."""
         return directory / TMP
 
+    def handback(self, endpoint: str) -> Path:
+        """``accepted/<endpoint>/``: files the sender of a shaping endpoint found unshaped
+        in its outbox (a retried or hand-moved original) and handed back to the filter,
+        which shapes them for that endpoint alone (README, Shaping). Created."""
+        path = self.accepted / _checked_endpoint(endpoint)
+        _mkdir(path)
+        _mkdir(self.tmp_dir(path))
+        return path
+
+    def handbacks(self) -> list[str]:
+        """Endpoints with a hand-back folder in ``accepted/``, sorted."""
+        try:
+            with os.scandir(self.accepted) as entries:
+                return sorted(e.name for e in entries
+                              if e.is_dir(follow_symlinks=False) and is_valid_endpoint_name(e.name))
+        except FileNotFoundError:
+            return []
+
     def outbox(self, endpoint: str) -> Path:
         return self.endpoint_stage("outbox", endpoint)
 
@@ -232,9 +250,10 @@ class Spool:
     # -- writing ----------------------------------------------------------------
 
     @contextmanager
-    def temp_file(self, directory: Path) -> Iterator[TempFile]:
-        """Open a new hidden temp file for ``directory``; removed again if the block fails."""
-        tmp_dir = self.tmp_dir(directory)
+    def temp_file(self, directory: Path, tmp_dir: Path | None = None) -> Iterator[TempFile]:
+        """Open a new hidden temp file for ``directory`` (in ``tmp_dir``, by default its
+        ``.tmp/``); removed again if the block fails."""
+        tmp_dir = tmp_dir or self.tmp_dir(directory)
         _mkdir(tmp_dir)
         path = tmp_dir / f"{os.getpid()}.{next(_tmp_counter)}.{os.urandom(4).hex()}"
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, FILE_MODE)
@@ -255,6 +274,17 @@ class Spool:
         target = directory / name
         rename_noreplace(tmp_path, target)
         fsync_dir(directory)
+        return target
+
+    def replace(self, tmp_path: Path, target: Path) -> Path:
+        """fsync ``tmp_path`` and rename it over ``target`` (the one overwrite in the spool).
+
+        Only the global ``[coerce]`` uses it: the coerced version of a file in
+        ``accepted/`` takes the received one's place in one atomic step, so exactly one
+        of the two is ever visible, and the received file is never edited in place."""
+        fsync_path(tmp_path)
+        os.replace(tmp_path, target)
+        fsync_dir(target.parent)
         return target
 
     def publish_new(self, tmp_path: Path, directory: Path, sop_instance_uid: str | None) -> Path:
@@ -345,6 +375,26 @@ class Spool:
             return self.move(src, directory, name)
         except FileExistsError:
             raise
+        except OSError:  # nothing published: no reason without its file
+            with suppress(OSError):
+                sidecar.unlink()
+            raise
+
+    def link_with_reason(self, src: Path, directory: Path, suffix: str, reason: str,
+                         name: str | None = None) -> Path:
+        """Hard-link ``src`` into ``failed/<endpoint>/`` (or another stage) with its
+        sidecar, written first: an endpoint's copy that could not be shaped. A name taken
+        there by another file gets a fresh one; the same file there already is kept."""
+        name = name or src.name
+        existing = directory / name
+        if os.path.lexists(existing):
+            if _same_inode(src, existing):
+                self.write_sidecar(existing, suffix, reason)
+                return existing
+            name = fresh_name_like(name)
+        sidecar = self.write_sidecar(directory / name, suffix, reason)
+        try:
+            return self.link(src, directory, name)
         except OSError:  # nothing published: no reason without its file
             with suppress(OSError):
                 sidecar.unlink()

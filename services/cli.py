@@ -78,6 +78,12 @@ def build_parser() -> argparse.ArgumentParser:
                      note="\n\nexit status: 0 when every file got a decision (a quarantine verdict included),"
                           "\n1 when some file could not be read at all (missing, permission denied).")
     route.add_argument("files", nargs="+", type=Path)
+    route.add_argument("--diff", action="store_true",
+                       help="also show, per endpoint, what shaping would add, change and remove")
+    route.add_argument("--show-values", action="store_true",
+                       help="with --diff: the old and new values too (patient data!)")
+    route.add_argument("--write", type=Path, metavar="DIR",
+                       help="write each endpoint's shaped copy to DIR/<endpoint>/ for inspection")
     return parser
 
 
@@ -130,7 +136,8 @@ def _cmd_send(args: argparse.Namespace) -> int:
 def _cmd_route(args: argparse.Namespace) -> int:
     from services.route import main
 
-    return main(_load(args), args.files)
+    return main(_load(args), args.files, diff=args.diff or args.show_values,
+                show_values=args.show_values, write=args.write)
 
 
 def _cmd_echo(args: argparse.Namespace) -> int:

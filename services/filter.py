@@ -37,12 +37,13 @@ from pipeline import header as header_module
 from pipeline import header_scan
 from pipeline.config import Config
 from pipeline.daemon import Signals, Step
-from pipeline.errors import ConfigError, DiskTrouble, QuarantineError
+from pipeline.errors import ConfigError, DiskTrouble, QuarantineError, ShapingError
 from pipeline.header import Header
 from pipeline.lock import DaemonLock
 from pipeline.log import setup_daemon, shown_name
 from pipeline.names import escape
-from pipeline.rules import Decision, decide
+from pipeline.rules import Decision, RuleSet, decide
+from pipeline.shaping.copies import TMP_OWNER, Shaper, copy_prefix
 from pipeline.spool import FILE_MODE, Spool
 from pipeline.spool_names import SpoolName, is_standard
 from pipeline.watch import DirectoryWatcher, open_for_writing, writer_pids
@@ -96,6 +97,11 @@ class FilterDaemon:
         self._seen: dict[str, _Arrival] = {}
         self._retry_at: dict[Path, float] = {}
         self.wanted = _wanted(config)
+        self.shaper = Shaper(config, self.spool)
+        #: while recovering ``accepted/``: per endpoint, the prefixes of the copies it has
+        #: (outbox, sent, failed), listed once per pass
+        self._copies: dict[str, set[str]] | None = None
+        self._unknown_handbacks: set[str] = set()
 
     # -- control (from any thread; ``Signals`` calls them outside the handler) ---------
 
@@ -122,6 +128,10 @@ class FilterDaemon:
             # Not incoming/.tmp: that is the receiver's, and it may be receiving right now.
             for stage in (self.spool.accepted, self.spool.rejected, self.spool.quarantine):
                 self.spool.clean_tmp(stage)
+            for endpoint in self.config.endpoints:  # shaped copies cut short by a kill -9
+                self.spool.clean_tmp(self.spool.outbox(endpoint), process=TMP_OWNER)
+            for endpoint in self.spool.handbacks():
+                self.spool.clean_tmp(self.spool.handback(endpoint))
             self.spool.clean_dead_tmp(self.spool.run_dir)
             self.watcher.start()
         except BaseException:
@@ -168,12 +178,28 @@ class FilterDaemon:
     # -- scanning --------------------------------------------------------------------
 
     def recover_accepted(self) -> None:
-        """Fan out whatever a previous run (or a disk error) left in ``accepted/``."""
-        for path in self.spool.list_stage(self.spool.accepted):
-            if self.stopping:
-                return
-            if self._due(path):
-                self.process(path)
+        """Fan out whatever a previous run (or a disk error) left in ``accepted/``, then
+        shape what senders handed back (``accepted/<endpoint>/``).
+
+        A copy made before the interruption is recognised by the ``<time>-<counter>``
+        prefix its name shares with the accepted file (a shaped copy is another inode),
+        in the endpoint's outbox, ``sent/`` or ``failed/``: none is made twice.
+        """
+        self._copies = {}
+        try:
+            for path in self.spool.list_stage(self.spool.accepted):
+                if self.stopping:
+                    return
+                if self._due(path) and not path.is_dir():
+                    self.process(path)
+            for endpoint in self.spool.handbacks():
+                for path in self.spool.list_stage(self.spool.handback(endpoint)):
+                    if self.stopping:
+                        return
+                    if self._due(path):
+                        self.process_handback(path, endpoint)
+        finally:
+            self._copies = None
 
     def scan_incoming(self) -> int:
         """Process every ready file in name order; return how many are still settling.
@@ -338,13 +364,27 @@ class FilterDaemon:
             path.name, head.sop_instance_uid)
         what = _describe(head)
         if decision.rejected is not None:
-            name = _free_name(self.spool.rejected, name, head.sop_instance_uid)
-            self.spool.move_with_reason(path, self.spool.rejected, ".reason",
-                                        self._reason(decision.rejected, path), name=name)
-            return f"{what} rejected{self._renamed(path, name)}: {escape(decision.rejected, 500)}"
-        accepted = path if path.parent == self.spool.accepted else self._accept(path, name, head)
-        self._fan_out(accepted, decision.endpoints, head.sop_instance_uid)
-        return f"{what}{self._renamed(path, accepted.name)} → {', '.join(decision.endpoints)}"
+            return self._reject(path, name, decision.rejected, head)
+        recovering = path.parent == self.spool.accepted
+        accepted = path if recovering else self._accept(path, name, head)
+        try:
+            coerced = self.shaper.coerce_global(accepted)
+        except (ShapingError, QuarantineError) as exc:
+            return self._quarantine(accepted, f"global [coerce]: {exc}")
+        if coerced is not None:  # the endpoints decide on the coerced attributes
+            decision = self.decide_endpoints(coerced)
+            if decision.rejected is not None:
+                return self._reject(accepted, accepted.name, decision.rejected, head)
+        notes = self._fan_out(accepted, decision.endpoints, head.sop_instance_uid, recovering)
+        shaped = " (coerced)" if coerced is not None else ""
+        return (f"{what}{self._renamed(path, accepted.name)}{shaped} → "
+                f"{', '.join(decision.endpoints)}{notes}")
+
+    def _reject(self, path: Path, name: str, reason: str, head: Header) -> str:
+        name = _free_name(self.spool.rejected, name, head.sop_instance_uid)
+        self.spool.move_with_reason(path, self.spool.rejected, ".reason",
+                                    self._reason(reason, path), name=name)
+        return f"{_describe(head)} rejected{self._renamed(path, name)}: {escape(reason, 500)}"
 
     def _renamed(self, path: Path, name: str) -> str:
         """`` as NAME`` when a file got a standard name; its original name only at DEBUG.
@@ -361,24 +401,121 @@ class FilterDaemon:
         rules = {name: ep.rules for name, ep in self.config.endpoints.items()}
         return decide(self.config.router.rules, rules, head.dataset)
 
+    def decide_endpoints(self, dataset) -> Decision:
+        """The endpoints' rules alone (the global ones passed before coercion)."""
+        rules = {name: ep.rules for name, ep in self.config.endpoints.items()}
+        return decide(RuleSet(), rules, dataset)
+
     def _accept(self, path: Path, name: str, head: Header) -> Path:
         try:
             return self.spool.move(path, self.spool.accepted, name)
         except FileExistsError:  # a different file already has this name: give it another
             return self.spool.move(path, self.spool.accepted, str(SpoolName.new(head.sop_instance_uid)))
 
-    def _fan_out(self, accepted: Path, endpoints: tuple[str, ...], uid: str) -> None:
+    def _fan_out(self, accepted: Path, endpoints: tuple[str, ...], uid: str,
+                 recovering: bool) -> str:
+        """One copy per endpoint: a hard link, or the endpoint's own shaped file; then
+        ``accepted/`` lets go of the file. Returns what to add to the log line."""
+        failed = []
         for endpoint in endpoints:
             outbox = self.spool.outbox(endpoint)
             if not outbox.is_dir():
                 self.spool.create_endpoint(endpoint)
             if self._already_delivered(accepted, endpoint):
                 continue  # recovered after a crash: this copy already went all the way
+            if recovering and self._has_copy(accepted.name, endpoint):
+                continue  # made before the interruption (a shaped copy is another inode)
+            if self.config.endpoints[endpoint].shapes:
+                if not self._shape_copy(accepted, endpoint):
+                    failed.append(endpoint)
+                continue
             try:
                 self.spool.link(accepted, outbox)
             except FileExistsError:  # another file owns this name there: never overwrite it
                 self.spool.link(accepted, outbox, str(SpoolName.new(uid)))
         self.spool.unlink(accepted)
+        return f" (not shaped for {', '.join(failed)}: see failed/)" if failed else ""
+
+    def _shape_copy(self, source: Path, endpoint: str) -> bool:
+        """The endpoint's shaped copy into its outbox; a file that cannot be shaped goes,
+        for this endpoint only, to ``failed/<endpoint>/`` with the reason (False)."""
+        try:
+            self.shaper.endpoint_copy(source, endpoint)
+            return True
+        except (ShapingError, QuarantineError) as exc:
+            reason = self._failed_reason(str(exc), source, endpoint)
+            self.spool.link_with_reason(source, self.spool.failed(endpoint), ".error", reason)
+            self.log.bind(file=shown_name(source.name), endpoint=endpoint).warning(
+                f"cannot be shaped for {endpoint}, its copy is in failed/{endpoint}/: "
+                f"{escape(str(exc), 300)}")
+            return False
+
+    def _failed_reason(self, text: str, source: Path, endpoint: str) -> str:
+        stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+        return (f"error: cannot be shaped ([coerce] of endpoint {endpoint}): {escape(text, 2000)}\n"
+                f"endpoint: {endpoint}\ntime: {stamp}\nattempts: 0\nfile: {source.name}\n"
+                f"retry: fix the operations, then dicomflow retry {endpoint} <file>   (the "
+                f"original is shaped again)\n")
+
+    def _has_copy(self, name: str, endpoint: str) -> bool:
+        """Has ``endpoint`` a copy of this arrival (same name prefix) in its outbox,
+        ``sent/`` or ``failed/``? Listed once per recovery pass."""
+        prefix = copy_prefix(name)
+        if prefix is None or self._copies is None:
+            return False
+        known = self._copies.get(endpoint)
+        if known is None:
+            known = self._copies[endpoint] = set()
+            for stage in (self.spool.outbox(endpoint), self.spool.sent(endpoint),
+                          self.spool.failed(endpoint)):
+                for path in self.spool.list_stage(stage):
+                    found = copy_prefix(path.name)
+                    if found is not None:
+                        known.add(found)
+        return prefix in known
+
+    # -- hand-backs (accepted/<endpoint>/) --------------------------------------------
+
+    def process_handback(self, path: Path, endpoint: str) -> None:
+        """Shape for ``endpoint`` alone a file its sender handed back; never raise for it."""
+        log = self.log.bind(file=shown_name(path.name), endpoint=endpoint)
+        ep = self.config.endpoints.get(endpoint)
+        if ep is None:
+            if endpoint not in self._unknown_handbacks:
+                self._unknown_handbacks.add(endpoint)
+                log.warning(f"accepted/{endpoint}/ holds files for an endpoint that is not "
+                            f"configured: they stay there")
+            return
+        try:
+            message = self._handback(path, endpoint, ep.shapes)
+        except FileNotFoundError:
+            return
+        except OSError as exc:
+            self._retry_at[path] = time.monotonic() + self.retry_interval
+            log.warning(f"disk error, will retry in {self.retry_interval:g}s: {error_text(exc, path)}")
+            return
+        except Exception as exc:  # the daemon never dies on a file
+            self._retry_at[path] = time.monotonic() + self.retry_interval
+            log.opt(exception=exc).warning(f"error while shaping a handed-back file, will retry: "
+                                           f"{error_text(exc, path)}")
+            return
+        log.info(message)
+
+    def _handback(self, path: Path, endpoint: str, shapes: bool) -> str:
+        outbox = self.spool.outbox(endpoint)
+        if not shapes:
+            self.spool.move(path, outbox)
+            return f"handed back, {endpoint} shapes nothing now: back in its outbox"
+        prefix = copy_prefix(path.name)
+        if prefix is not None and any(copy_prefix(p.name) == prefix
+                                      for p in self.spool.list_stage(outbox)):
+            self.spool.unlink(path)  # shaped before an interruption
+            return "handed back: its shaped copy is already in the outbox"
+        if not self._shape_copy(path, endpoint):
+            self.spool.unlink(path)
+            return f"handed back, cannot be shaped: in failed/{endpoint}/"
+        self.spool.unlink(path)
+        return f"handed back: shaped for {endpoint}, in its outbox"
 
     def _already_delivered(self, accepted: Path, endpoint: str) -> bool:
         """The same inode already in sent/ or failed/: linking again would send it twice."""
@@ -420,6 +557,7 @@ class FilterDaemon:
             self.spool.create_endpoint(endpoint)
         self.config = new
         self.wanted = _wanted(new)
+        self.shaper = Shaper(new, self.spool)
         self.log.info(f"configuration reloaded, endpoints: {', '.join(sorted(new.endpoints)) or 'none'}")
 
 

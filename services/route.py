@@ -1,25 +1,47 @@
 """``dicomflow route FILE…``: the filter's decision for each file, without moving anything.
 
-Uses the very code the filter uses (safe header read, ``pipeline.rules.decide``), so an
-operator can test rules on real files. Exit status: 0 when every file got a decision
-(a quarantine verdict is a decision too); 1 when some file could not be read at all
-(missing, permission denied).
+Uses the very code the filter uses (safe header read, ``pipeline.rules.decide``, the
+shaping writer), so an operator can test rules and coercions on real files. With
+``--diff``, each endpoint's line is followed by what its copy would get: every attribute
+added, changed, removed or skipped by the global and the endpoint's ``[coerce]``
+(names only: values are patient data, shown with ``--show-values``); ``--write DIR``
+writes the shaped copies to ``DIR/<endpoint>/`` for inspection (e.g. with ``dciodvfy``).
+Exit status: 0 when every file got a decision (a quarantine verdict is a decision too);
+1 when some file could not be read at all (missing, permission denied).
 """
 
 from __future__ import annotations
 
+import os
+import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 from pydicom.uid import UID
 
 from pipeline.config import Config
-from pipeline.errors import QuarantineError
+from pipeline.errors import QuarantineError, ShapingError
 from pipeline.header import quiet_pydicom, read_header
 from pipeline.names import escape
-from pipeline.rules import Decision, decide
+from pipeline.rules import Decision, RuleSet, decide
+from pipeline.shaping import provenance
+from pipeline.shaping.rewrite import ShapingSource
 
 
-def explain(config: Config, path: Path) -> list[str]:
+@dataclass(frozen=True)
+class Options:
+    """What to show besides the decision."""
+
+    diff: bool = False
+    show_values: bool = False
+    write: Path | None = None
+
+    @property
+    def shaping(self) -> bool:
+        return self.diff or self.write is not None
+
+
+def explain(config: Config, path: Path, options: Options = Options()) -> list[str]:
     """The lines printed for one file; raises OSError if it cannot be read at all."""
     shown = escape(str(path), 500)
     try:
@@ -28,28 +50,109 @@ def explain(config: Config, path: Path) -> list[str]:
         return [f"{shown}: quarantine: {escape(exc, 2000)}"]
     rules = {name: ep.rules for name, ep in config.endpoints.items()}
     decision = decide(config.router.rules, rules, head.dataset)
+    global_lines: list[str] = []
+    if decision.rejected is None and config.router.coerce:
+        decision, global_lines = _after_global(config, path, decision, rules, options)
     label = UID(head.sop_class_uid).keyword or head.sop_class_uid
-    first = f"{shown}: {_verdict(decision)}"
-    lines = [first, f"  {label} {escape(head.sop_instance_uid, 80)}"]
+    lines = [f"{shown}: {_verdict(decision)}", f"  {label} {escape(head.sop_instance_uid, 80)}"]
+    lines += global_lines
     if decision.rejected is None or decision.refusals:
         for name in sorted(config.endpoints):
             why = decision.refusals.get(name)
             lines.append(f"  {name}: " + ("yes" if why is None else f"no — {why}"))
+            if why is None and name in decision.endpoints and options.shaping:
+                lines += _endpoint_shaping(config, path, name, options)
     return lines
+
+
+def _after_global(config: Config, path: Path, decision: Decision, rules: dict[str, RuleSet],
+                  options: Options) -> tuple[Decision, list[str]]:
+    """The global ``[coerce]``: the endpoints decide on the coerced header, as in the filter."""
+    system = provenance.modifying_system(config.router.ae_title, None)
+    try:
+        with ShapingSource.open(path, config.router.header_limits, _scratch(options)) as source:
+            plan = source.plan(config.router.coerce, system)
+            lines = _records("global [coerce]", plan, options) if options.diff else []
+            if plan.changed:
+                decision = decide(RuleSet(), rules, source.dataset)
+            return decision, lines
+    except (ShapingError, QuarantineError) as exc:
+        return Decision((), f"quarantine: global [coerce]: {exc}", {}), []
+
+
+def _endpoint_shaping(config: Config, path: Path, endpoint: str, options: Options) -> list[str]:
+    """What ``endpoint``'s copy would get (global, then its own operations)."""
+    ep = config.endpoints[endpoint]
+    if not ep.shapes and not config.router.coerce:
+        return ["    a hard link of the received file (no shaping)"] if options.diff else []
+    ae = config.router.ae_title
+    try:
+        with ShapingSource.open(path, config.router.header_limits, _scratch(options)) as source:
+            first = source.plan(config.router.coerce or None,
+                                provenance.modifying_system(ae, None))
+            plan = source.plan(ep.coerce or None, provenance.modifying_system(ae, endpoint))
+            lines = _records("[coerce]", plan, options) if options.diff and ep.shapes else []
+            if options.write is not None:
+                target = _write(source, first.dirty | plan.dirty, options.write, endpoint, path,
+                                endpoint if ep.shapes else None)
+                lines.append(f"    written to {escape(str(target), 500)}")
+            return lines
+    except (ShapingError, QuarantineError) as exc:
+        return [f"    cannot be shaped, its copy would go to failed/{endpoint}/: "
+                f"{escape(str(exc), 500)}"]
+
+
+def _records(title: str, plan, options: Options) -> list[str]:
+    if plan.already_shaped:
+        return [f"    {title}: already applied to this file (not again)"]
+    records = list(plan.changes.records) if plan.changes is not None else []
+    if not records:
+        return [f"    {title}: no change"]
+    lines = [f"    {title}:"]
+    for change in records:
+        text = f"      {change.action} {escape(change.path, 200)}"
+        if options.show_values and change.action in ("added", "changed", "removed"):
+            old = "—" if change.old is None else repr(escape(change.old, 200))
+            new = "—" if change.new is None else repr(escape(change.new, 200))
+            text += f": {old} → {new}"
+        if change.note:
+            text += f" ({escape(change.note, 200)})"
+        lines.append(text)
+    return lines
+
+
+def _write(source: ShapingSource, dirty: set[int], directory: Path, endpoint: str, path: Path,
+           mark_for: str | None) -> Path:
+    folder = directory / endpoint
+    folder.mkdir(parents=True, exist_ok=True)
+    target = folder / path.name
+    fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
+    try:
+        source.write(fd, dirty, mark_for)
+    finally:
+        os.close(fd)
+    return target
+
+
+def _scratch(options: Options) -> Path:
+    return Path(tempfile.gettempdir())
 
 
 def _verdict(decision: Decision) -> str:
     if decision.rejected is not None:
-        return f"rejected: {decision.rejected}"
+        return f"rejected: {decision.rejected}" if not decision.rejected.startswith(
+            "quarantine:") else decision.rejected
     return "route to " + ", ".join(decision.endpoints)
 
 
-def main(config: Config, files: list[Path]) -> int:
+def main(config: Config, files: list[Path], *, diff: bool = False, show_values: bool = False,
+         write: Path | None = None) -> int:
     quiet_pydicom()
+    options = Options(diff, show_values, write)
     status = 0
     for path in files:
         try:
-            lines = explain(config, Path(path))
+            lines = explain(config, Path(path), options)
         except OSError as exc:
             lines = [f"{escape(str(path), 500)}: cannot read: {exc.strerror or exc}"]
             status = 1

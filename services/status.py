@@ -52,8 +52,8 @@ def count_stage(directory: Path, now: float) -> StageCount:
         with os.scandir(directory) as entries:
             for entry in entries:
                 name = entry.name
-                if is_hidden(name) or is_sidecar(name):
-                    continue
+                if is_hidden(name) or is_sidecar(name) or entry.is_dir(follow_symlinks=False):
+                    continue  # folders: accepted/<endpoint>/ (hand-backs) is counted apart
                 count += 1
                 if oldest is None or name < oldest:
                     oldest = name
@@ -159,6 +159,8 @@ def _endpoint(config: Config, spool: Spool, name: str, now: float) -> dict:
         "outbox": count_stage(spool.outbox(name), now).as_dict(),
         "sent": {"count": count_stage(spool.sent(name), now).count},
         "failed": count_stage(spool.failed(name), now).as_dict(),
+        # files its sender handed back to the filter to be shaped (accepted/<name>/)
+        "handed_back": count_stage(spool.accepted / name, now).count,
     }
 
 

@@ -227,6 +227,8 @@ def test_unset_keys_take_the_table_defaults(tmp_path: Path) -> None:
         (config_keys.ENDPOINT, "retry"): asdict(ep.retry),
         (config_keys.ENDPOINT, "transcode"): asdict(ep),
         (config_keys.ENDPOINT, "tls"): asdict(ep.tls),
+        (config_keys.ROUTER, "coerce"): {"coerce": loaded.router.coerce},
+        (config_keys.ENDPOINT, "coerce"): {"coerce": ep.coerce},
     }
     given = {"ae_title", "port", "spool", "host", "calling_ae_title", "enabled", "disk_floor"}
     for opt in config_keys.OPTIONS:

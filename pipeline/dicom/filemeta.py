@@ -35,6 +35,7 @@ from pynetdicom.dsutils import create_file_meta
 from pipeline.errors import MetaCutShort, MetaError, MetaOverLimit, PermanentError
 from pipeline.log import escape
 from pipeline.names import is_valid_uid
+from pipeline.shaping import provenance
 
 AE_SLOT = 16
 _BLANK = b" " * AE_SLOT
@@ -292,6 +293,8 @@ class FileMeta:
     transfer_syntax: UID
     source_ae: str | None
     size: int
+    #: the endpoint the filter shaped this copy for (None: not a shaped copy)
+    shaped_for: str | None = None
 
 
 def read_file_meta(path: Path, size: int) -> FileMeta:
@@ -312,9 +315,14 @@ def read_file_meta(path: Path, size: int) -> FileMeta:
     if missing:
         raise PermanentError(f"file meta information lacks {', '.join(missing)}")
     source = fm.get("SourceApplicationEntityTitle")
+    marks = {tag: fm[tag].value for tag in (provenance.PRIVATE_CREATOR_UID,
+                                             provenance.PRIVATE_INFORMATION) if tag in fm}
+    raw = {tag: value if isinstance(value, bytes) else str(value).encode("ascii", "replace")
+           for tag, value in marks.items()}
     return _checked(FileMeta(UID(str(fm.MediaStorageSOPClassUID)),
                              UID(str(fm.MediaStorageSOPInstanceUID)),
-                             UID(str(fm.TransferSyntaxUID)), str(source) if source else None, size))
+                             UID(str(fm.TransferSyntaxUID)), str(source) if source else None, size,
+                             provenance.shaped_for(raw)))
 
 
 def _checked(meta: FileMeta) -> FileMeta:
@@ -341,4 +349,5 @@ def _read_meta_fast(path: Path, size: int) -> FileMeta | None:
     if not all(uids):
         return None
     source = group.text(0x00020016)
-    return FileMeta(UID(uids[0]), UID(uids[1]), UID(uids[2]), source or None, size)
+    return FileMeta(UID(uids[0]), UID(uids[1]), UID(uids[2]), source or None, size,
+                    provenance.shaped_for(group.values))

@@ -21,6 +21,7 @@ from pipeline.errors import PermanentError
 from pipeline.log import escape
 from pipeline.names import is_valid_ae_title
 from pipeline.sending.state import SenderState
+from pipeline.spool import fresh_name_like
 
 BATCH_LIMIT = 1000           # files planned per association round (bounds each rescan)
 
@@ -110,8 +111,31 @@ class PlanningMixin(SenderState):
             self._fail(path, None, f"cannot read the file: {exc.strerror or exc}",
                        self._file_log(path))
             return None
+        if self.ep.shapes and meta.shaped_for != self.name:
+            self._hand_back(path)
+            return None
         self.metas[path.name] = meta
         return meta
+
+    def _hand_back(self, path: Path) -> None:
+        """A shaping endpoint sends only the copies the filter shaped for it: anything
+        else (a retried or hand-moved original, another endpoint's copy) goes back to the
+        filter through ``accepted/<endpoint>/``, to be shaped for this endpoint alone."""
+        log = self._file_log(path)
+        folder = self.spool.handback(self.name)
+        try:
+            try:
+                self.spool.move(path, folder)
+            except FileExistsError:  # another file of that name is waiting there
+                self.spool.move(path, folder, fresh_name_like(path.name))
+        except FileNotFoundError:
+            return
+        except OSError as exc:
+            log.warning(f"not shaped for {self.name}, cannot hand it back to the filter "
+                        f"({exc.strerror or exc}): it stays in the outbox")
+            return
+        log.info(f"not shaped for {self.name} (a retried or hand-moved original?): handed back "
+                 f"to the filter (accepted/{self.name}/), which shapes it")
 
     def _file_log(self, path: Path):
         """The logger for one file: a standard name as is, a hand-made one hidden at

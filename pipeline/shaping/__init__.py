@@ -1,0 +1,1 @@
+"""Shaping: changing what goes out (coercion), written as new files, originals untouched."""

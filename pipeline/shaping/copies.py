@@ -1,0 +1,95 @@
+"""The filter's shaping: the global ``[coerce]`` in ``accepted/``, an endpoint's own copy.
+
+* **Global** (router.ini ``[coerce]``): the coerced version of a file in ``accepted/``
+  replaces it there atomically (:meth:`Spool.replace`), before any copy is made; a file
+  already carrying the global stage's Original Attributes item is left as it is, so a
+  redo after a crash never coerces twice.
+* **Per endpoint** (``conf/endpoints/<name>.ini`` ``[coerce]``): the endpoint gets its
+  own file, written through the spool straight into its outbox (hidden temp → fsync →
+  rename → directory fsync), named with the received file's ``<time>-<counter>`` prefix
+  and the copy's SOP Instance UID, marked in its file meta as shaped for that endpoint
+  (:mod:`pipeline.shaping.provenance`).
+
+The endpoint copy's temp file is in ``outbox/<endpoint>/.tmp/filter/`` (the sender cleans
+its own temp files at start-up, never that folder's; the filter does).
+
+Errors: :class:`~pipeline.errors.ShapingError` (this file cannot be shaped: the caller
+sends it to ``failed/`` or ``quarantine/`` with the reason), ``OSError`` (the disk: the
+caller retries later); a half-written copy is never visible.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydicom.dataset import Dataset
+
+from pipeline.config import Config
+from pipeline.shaping import provenance
+from pipeline.shaping.rewrite import Plan, ShapingSource
+from pipeline.spool import Spool
+from pipeline.spool_names import SpoolName
+
+#: the filter's temp folder in an outbox: ``outbox/<endpoint>/.tmp/filter/``
+TMP_OWNER = "filter"
+
+
+class Shaper:
+    """Shaping bound to one configuration and spool (no globals)."""
+
+    def __init__(self, config: Config, spool: Spool) -> None:
+        self.config = config
+        self.spool = spool
+
+    @property
+    def global_system(self) -> str:
+        return provenance.modifying_system(self.config.router.ae_title, None)
+
+    def endpoint_system(self, endpoint: str) -> str:
+        return provenance.modifying_system(self.config.router.ae_title, endpoint)
+
+    def coerce_global(self, accepted: Path) -> Dataset | None:
+        """Apply router.ini's ``[coerce]`` to ``accepted/<name>``; the coerced header
+        (for the endpoints' rules), or None when nothing changed."""
+        operations = self.config.router.coerce
+        if not operations:
+            return None
+        with ShapingSource.open(accepted, self.config.router.header_limits,
+                                self.spool.tmp_dir(self.spool.accepted)) as source:
+            plan = source.plan(operations, self.global_system)
+            if not plan.changed:
+                return None
+            with self.spool.temp_file(self.spool.accepted) as tmp:
+                plan.write(tmp.file.fileno())
+            self.spool.replace(tmp.path, accepted)
+            return source.dataset
+
+    def endpoint_copy(self, path: Path, endpoint: str) -> Path:
+        """Write ``endpoint``'s shaped copy of ``path`` into its outbox; its path."""
+        outbox = self.spool.outbox(endpoint)
+        ep = self.config.endpoints[endpoint]
+        tmp_dir = self.spool.process_tmp_dir(outbox, TMP_OWNER)
+        with ShapingSource.open(path, self.config.router.header_limits, tmp_dir) as source:
+            plan = source.plan(ep.coerce, self.endpoint_system(endpoint))
+            with self.spool.temp_file(outbox, tmp_dir) as tmp:
+                plan.write(tmp.file.fileno(), mark_for=endpoint)
+            return self._publish(tmp.path, outbox, path.name, plan)
+
+    def _publish(self, tmp_path: Path, outbox: Path, received_name: str, plan: Plan) -> Path:
+        """Under the received file's prefix and the copy's UID; a fresh name on a clash."""
+        uid = plan.sop_instance_uid or None
+        parsed = SpoolName.parse(received_name)
+        if parsed is None:
+            return self.spool.publish_new(tmp_path, outbox, uid)
+        try:
+            return self.spool.publish(tmp_path, outbox, str(SpoolName(parsed.time, parsed.counter,
+                                                                      uid)))
+        except FileExistsError:
+            return self.spool.publish_new(tmp_path, outbox, uid)
+
+
+def copy_prefix(name: str) -> str | None:
+    """The ``<time>-<counter>`` every copy of one arrival shares (None: not a standard name)."""
+    parsed = SpoolName.parse(name)
+    return None if parsed is None else parsed.prefix
+

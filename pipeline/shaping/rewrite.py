@@ -1,0 +1,329 @@
+"""Write a shaped copy of a DICOM file: the header rewritten, everything else copied.
+
+A received file is never edited: the shaped copy is a new file, written by the caller
+through the spool (hidden temp → fsync → rename → directory fsync). Only the header is
+decoded — the elements before the pixel data, read by pydicom with large values
+deferred — and of those only the attributes an operation changed (plus the Original
+Attributes Sequence, :mod:`pipeline.shaping.provenance`) are re-encoded, in the file's
+own transfer syntax and character set; every other element's bytes, the pixel data
+(native or encapsulated) and whatever follows it are copied through in 1 MiB chunks
+(``copy_file_range`` where the kernel can). Memory is the header's, whatever the size
+of the object.
+
+A Deflated Explicit VR Little Endian data set is first inflated into an anonymous temp
+file on the spool's disk (in chunks, capped by ``[filter] max_inflated_size``), shaped
+from there, and deflated again as it is written.
+
+Usage: ``with ShapingSource.open(path, limits, scratch) as source:`` then
+``plan = source.plan(operations, system)`` (applies the operations to the header) and,
+if the copy is wanted, ``plan.write(fd, mark_for=endpoint)``.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import tempfile
+import warnings
+import zlib
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import BinaryIO, Protocol, cast
+
+from pydicom.dataelem import RawDataElement
+from pydicom.dataset import Dataset, FileDataset, FileMetaDataset
+from pydicom.filebase import DicomBytesIO
+from pydicom.filereader import read_dataset
+from pydicom.filewriter import write_data_element, write_file_meta_info
+from pydicom.uid import UID
+
+from pipeline import header as header_module
+from pipeline.errors import InflateError, ShapingError
+from pipeline.header import DEFLATED, EXPLICIT_BE, HeaderLimits, InflatingReader
+from pipeline.header_scan import DEFER_SIZE
+from pipeline.names import is_valid_uid
+from pipeline.shaping import provenance
+from pipeline.shaping.layout import LayoutRecorder, Span, pixel_element_start
+
+CHUNK = 1024 * 1024
+EXPLICIT_LE = "1.2.840.10008.1.2.1"
+#: previous values kept in one Original Attributes item at most (a private blob of
+#: hundreds of MiB deleted by ``delete private`` would otherwise be held in memory)
+MAX_ORIGINAL_BYTES = 16 * 1024 * 1024
+_SOP_INSTANCE = 0x00080018
+
+
+class _Operations(Protocol):
+    """What :mod:`pipeline.shaping.operations` offers (structural, to keep this module
+    free of the grammar)."""
+
+    def apply(self, ds: Dataset) -> _Changes: ...
+
+
+class _Changes(Protocol):
+    originals: dict
+    records: list
+
+    def __bool__(self) -> bool: ...
+
+
+@dataclass
+class Plan:
+    """The operations applied to one file's header, ready to be written."""
+
+    source: ShapingSource
+    changes: _Changes | None
+    dirty: set[int] = field(default_factory=set)
+    #: the stage's item was there already: nothing was applied
+    already_shaped: bool = False
+
+    @property
+    def changed(self) -> bool:
+        return bool(self.dirty)
+
+    @property
+    def sop_instance_uid(self) -> str:
+        return str(self.source.dataset.get("SOPInstanceUID", ""))
+
+    def write(self, fd: int, mark_for: str | None = None) -> None:
+        """Write the shaped file to the open descriptor ``fd`` (at its position)."""
+        self.source.write(fd, self.dirty, mark_for)
+
+
+@dataclass
+class ShapingSource:
+    """One file opened for shaping: its meta, the layout of its header, the header."""
+
+    work: BinaryIO          # the file (or its inflated copy) the layout refers to
+    meta: FileMetaDataset
+    syntax: str
+    spans: list[Span]
+    header_end: int         # where the pixel data element (or the end of the data set) is
+    size: int               # of ``work``
+    dataset: FileDataset
+    implicit: bool
+    little: bool
+    deflate: bool           # the output's data set is deflated again
+
+    @classmethod
+    @contextmanager
+    def open(cls, path: Path, limits: HeaderLimits, scratch: Path) -> Iterator[ShapingSource]:
+        """Open ``path`` safely and read what shaping needs; ``scratch``: a folder on the
+        spool's disk for the inflated copy of a deflated data set.
+
+        Raises :class:`~pipeline.errors.QuarantineError` for a file that is not a complete,
+        readable DICOM file, :class:`ShapingError` for one that cannot be shaped.
+        """
+        fd, st = header_module.open_regular(path)
+        with os.fdopen(fd, "rb") as fp, warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # pydicom's warnings echo untrusted values
+            meta, syntax, sop_class = header_module.read_meta_dataset(fp, st.st_size, limits)
+            if syntax in DEFLATED:
+                with _inflated(fp, st.st_size, limits, scratch) as work:
+                    yield cls._read(work, os.fstat(work.fileno()).st_size, meta, syntax, sop_class,
+                                    limits, deflate=True)
+            else:
+                yield cls._read(fp, st.st_size, meta, syntax, sop_class, limits, deflate=False)
+
+    @classmethod
+    def _read(cls, work: BinaryIO, size: int, meta: FileMetaDataset, syntax: str, sop_class: str,
+              limits: HeaderLimits, deflate: bool) -> ShapingSource:
+        recorder = LayoutRecorder()
+        walked_as = EXPLICIT_LE if deflate else syntax
+        structure = header_module.check_complete(work, size, walked_as, sop_class, limits=limits,
+                                                 recorder=recorder)
+        little = syntax != EXPLICIT_BE
+        header_end = structure.end
+        if structure.pixel_data_at is not None:
+            header_end = pixel_element_start(structure.pixel_data_at, structure.explicit, little,
+                                             lambda at, n: os.pread(work.fileno(), n, at))
+        dataset = _read_header(work, meta, recorder.dataset_start, not structure.explicit, little)
+        return cls(work, meta, syntax, recorder.spans(header_end), header_end, size, dataset,
+                   not structure.explicit, little, deflate)
+
+    # -- planning ----------------------------------------------------------------------
+
+    def plan(self, operations: _Operations | None, system: str) -> Plan:
+        """Apply ``operations`` to the header for the stage ``system`` (Modifying
+        System); a file that already carries that stage's item is left as it is."""
+        ds = self.dataset
+        if operations is None:
+            return Plan(self, None)
+        if provenance.carries_item(ds, system):
+            return Plan(self, None, already_shaped=True)
+        original_uid = str(ds.get("SOPInstanceUID", ""))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            changes = operations.apply(ds)
+        plan = Plan(self, changes, set(changes.originals))
+        if not changes:
+            return plan
+        uid = str(ds.get("SOPInstanceUID", ""))
+        if uid != original_uid and not is_valid_uid(uid):
+            raise ShapingError("SOPInstanceUID: the new value is not a valid UID (digits and dots, "
+                               "at most 64 characters)")
+        source_ae = str(self.meta.get("SourceApplicationEntityTitle", "") or "").strip()
+        item = provenance.original_attributes_item(changes.originals.items(), system, source_ae,
+                                                   self._loader())
+        provenance.append_item(ds, item)
+        plan.dirty.add(provenance.ORIGINAL_ATTRIBUTES)
+        return plan
+
+    def _loader(self):
+        """Reads deferred previous values for the Original Attributes item, within a cap."""
+        budget = [MAX_ORIGINAL_BYTES]
+
+        def load(raw: RawDataElement) -> RawDataElement:
+            budget[0] -= raw.length
+            if budget[0] < 0:
+                raise ShapingError(f"the previous values of the changed attributes exceed "
+                                   f"{MAX_ORIGINAL_BYTES // (1024 * 1024)} MiB: not kept, not shaped")
+            value = os.pread(self.work.fileno(), raw.length, raw.value_tell)
+            if len(value) != raw.length:
+                raise ShapingError("the file changed while it was shaped")
+            return raw._replace(value=value)
+        return load
+
+    # -- writing -----------------------------------------------------------------------
+
+    def write(self, fd: int, dirty: set[int], mark_for: str | None) -> None:
+        out = _Output(fd)
+        out.write(os.pread(self.work.fileno(), 128, 0) + b"DICM")
+        out.write(self._meta_bytes(mark_for))
+        if self.deflate:
+            out.start_deflate()
+        for kind, tag, start, end in self._pieces(dirty):
+            if kind == "copy":
+                out.copy(self.work.fileno(), start, end)
+            else:
+                out.write(self._encode(tag))
+        out.copy(self.work.fileno(), self.header_end, self.size)
+        out.finish()
+
+    def _meta_bytes(self, mark_for: str | None) -> bytes:
+        meta = FileMetaDataset(self.meta)
+        uid = str(self.dataset.get("SOPInstanceUID", ""))
+        if uid and uid != str(meta.get("MediaStorageSOPInstanceUID", "")):
+            meta.MediaStorageSOPInstanceUID = UID(uid)
+        if mark_for is not None:
+            meta.PrivateInformationCreatorUID = UID(provenance.SHAPED_MARK_UID)
+            meta.PrivateInformation = provenance.shaped_mark(mark_for)
+        buffer = DicomBytesIO()
+        buffer.is_little_endian, buffer.is_implicit_VR = True, False
+        write_file_meta_info(buffer, meta, enforce_standard=True)
+        return buffer.getvalue()
+
+    def _pieces(self, dirty: set[int]) -> list[tuple[str, int, int, int]]:
+        """The data set in tag order: byte ranges to copy (adjacent ones joined) and the
+        tags to encode."""
+        kept = [("copy", span.tag, span.start, span.end) for span in self.spans
+                if span.tag not in dirty]
+        encoded = [("encode", tag, 0, 0) for tag in dirty if tag in self.dataset]
+        pieces = sorted(kept + encoded, key=lambda piece: piece[1])
+        joined: list[tuple[str, int, int, int]] = []
+        for piece in pieces:
+            last = joined[-1] if joined else None
+            if last and piece[0] == last[0] == "copy" and last[3] == piece[2]:
+                joined[-1] = ("copy", last[1], last[2], piece[3])
+            else:
+                joined.append(piece)
+        return joined
+
+    def _encode(self, tag: int) -> bytes:
+        buffer = DicomBytesIO()
+        buffer.is_little_endian, buffer.is_implicit_VR = self.little, self.implicit
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("error")  # a value pydicom would mangle is refused
+                write_data_element(buffer, self.dataset[tag], self.dataset._character_set)
+        except (ValueError, TypeError, OverflowError, UserWarning, LookupError) as exc:
+            name = self.dataset[tag].keyword or f"({tag >> 16:04X},{tag & 0xFFFF:04X})"
+            raise ShapingError(f"{name}: cannot be encoded in the file's transfer syntax and "
+                               f"character set ({type(exc).__name__})") from None
+        return buffer.getvalue()
+
+
+def _read_header(work: BinaryIO, meta: FileMetaDataset, start: int, implicit: bool,
+                 little: bool) -> FileDataset:
+    """pydicom's data set of the elements before the pixel data, values above 64 KiB
+    deferred (read again from the open file, through ``/proc/self/fd``, only if an
+    operation needs them)."""
+    work.seek(start)
+    try:
+        ds = read_dataset(work, implicit, little, stop_when=header_module.at_pixel_data,
+                          defer_size=DEFER_SIZE)
+    except Exception as exc:  # pydicom raises many types on garbage
+        raise ShapingError(f"unreadable header: {type(exc).__name__}") from None
+    result = FileDataset(f"/proc/self/fd/{work.fileno()}", ds, preamble=b"\0" * 128,
+                         file_meta=meta, is_implicit_VR=implicit, is_little_endian=little)
+    result.set_original_encoding(implicit, little, ds._character_set)
+    return result
+
+
+@contextmanager
+def _inflated(fp: BinaryIO, size: int, limits: HeaderLimits, scratch: Path) -> Iterator[BinaryIO]:
+    """An anonymous temp file holding the file meta and the inflated data set (gone
+    when closed, even after a kill -9)."""
+    meta_end = header_module.read_meta(fp, size, limits).end
+    with tempfile.TemporaryFile(dir=scratch) as work:
+        work.write(os.pread(fp.fileno(), meta_end, 0))
+        fp.seek(meta_end)
+        reader = InflatingReader(fp, limits.max_inflated_size)
+        try:
+            while chunk := reader.read(CHUNK):
+                work.write(chunk)
+        except InflateError as exc:
+            raise ShapingError(str(exc)) from None
+        work.flush()
+        yield cast(BinaryIO, work)
+
+
+class _Output:
+    """Unbuffered writes to the copy's descriptor, deflating after the file meta when
+    asked; byte ranges of the source are copied in the kernel when nothing is deflated."""
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+        self.deflater: zlib._Compress | None = None
+        self.kernel_copy = True
+
+    def start_deflate(self) -> None:
+        self.deflater = zlib.compressobj(6, zlib.DEFLATED, -zlib.MAX_WBITS)
+
+    def write(self, data: bytes) -> None:
+        if self.deflater is not None:
+            data = self.deflater.compress(data)
+        view = memoryview(data)
+        while view:
+            written = os.write(self.fd, view)
+            view = view[written:]
+
+    def copy(self, src: int, start: int, end: int) -> None:
+        offset = start
+        while offset < end:
+            count = min(CHUNK * 8, end - offset)
+            if self.deflater is None and self.kernel_copy:
+                try:
+                    copied = os.copy_file_range(src, self.fd, count, offset)
+                except OSError as exc:
+                    if exc.errno not in (errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP):
+                        raise
+                    self.kernel_copy = False
+                    continue
+                if copied == 0:
+                    raise ShapingError("the file got shorter while it was shaped")
+                offset += copied
+                continue
+            chunk = os.pread(src, min(CHUNK, end - offset), offset)
+            if not chunk:
+                raise ShapingError("the file got shorter while it was shaped")
+            self.write(chunk)
+            offset += len(chunk)
+
+    def finish(self) -> None:
+        if self.deflater is not None:
+            tail = self.deflater.flush()
+            self.deflater = None
+            self.write(tail)
