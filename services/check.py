@@ -12,11 +12,16 @@ def check(config: Config) -> int:
     print(f"configuration {config.conf_dir}: OK")
     print(f"  receiver {router.ae_title} on {router.bind}:{router.port}, spool {router.spool}")
     print(f"  receiver TLS: {router.tls.describe(server=True)}")
+    if router.coerce:
+        print(f"  global [coerce]: {len(router.coerce.lines)} operation(s), before fan-out")
     for name, ep in sorted(config.endpoints.items()):
         window = ep.window.describe()
         print(f"  endpoint {name}: {ep.ae_title}@{ep.host}:{ep.port}, window {window}")
         if ep.tls.enabled:
             print(f"  endpoint {name} TLS: {ep.tls.describe(server=False)}")
+        if ep.shapes:
+            print(f"  endpoint {name} [coerce]: {len(ep.coerce.lines)} operation(s), "
+                  f"its own shaped copy")
     warnings = list(config.warnings)
     spool = Spool(router.spool)
     for orphan in sorted(set(spool.endpoints()) - set(config.endpoints)):

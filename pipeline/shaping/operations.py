@@ -1,10 +1,12 @@
 """TEMPORARY STUB (replaced by the real module from branch ops): `Keyword = template` only."""
 from __future__ import annotations
 
+import copy
 import re
 from dataclasses import dataclass, field
 
 from pydicom.datadict import tag_for_keyword
+from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset
 
 
@@ -46,7 +48,9 @@ class _Set:
         old = ds.get(self.keyword)
         if old is not None and str(old) == new:
             return
-        changes.originals.setdefault(self.tag, ds.get_item(self.tag, keep_deferred=True))
+        if self.tag not in changes.originals:
+            item = ds.get_item(self.tag, keep_deferred=True)
+            changes.originals[self.tag] = item if isinstance(item, RawDataElement) or item is None else copy.deepcopy(item)
         setattr(ds, self.keyword, new)
         changes.records.append(Change(self.keyword, "changed" if old is not None else "added",
                                       None if old is None else str(old), new))
