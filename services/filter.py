@@ -439,16 +439,22 @@ class FilterDaemon:
     def _shape_copy(self, source: Path, endpoint: str) -> bool:
         """The endpoint's shaped copy into its outbox; a file that cannot be shaped goes,
         for this endpoint only, to ``failed/<endpoint>/`` with the reason (False)."""
+        log = self.log.bind(file=shown_name(source.name), endpoint=endpoint)
         try:
             self.shaper.endpoint_copy(source, endpoint)
             return True
+        except OSError:
+            raise  # the disk: the whole file is retried later
         except (ShapingError, QuarantineError) as exc:
-            reason = self._failed_reason(str(exc), source, endpoint)
-            self.spool.link_with_reason(source, self.spool.failed(endpoint), ".error", reason)
-            self.log.bind(file=shown_name(source.name), endpoint=endpoint).warning(
-                f"cannot be shaped for {endpoint}, its copy is in failed/{endpoint}/: "
-                f"{escape(str(exc), 300)}")
-            return False
+            text = str(exc)
+        except Exception as exc:  # a bug or a pydicom surprise: this endpoint's copy only
+            text = f"internal error while shaping: {type(exc).__name__}: {exc}"
+            log.opt(exception=exc).debug(escape(text, 2000))
+        self.spool.link_with_reason(source, self.spool.failed(endpoint), ".error",
+                                    self._failed_reason(text, source, endpoint))
+        log.warning(f"cannot be shaped for {endpoint}, its copy is in failed/{endpoint}/: "
+                    f"{escape(text, 300)}")
+        return False
 
     def _failed_reason(self, text: str, source: Path, endpoint: str) -> str:
         stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
