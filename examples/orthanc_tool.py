@@ -4,6 +4,7 @@
   orthanc_tool.py upload URL FILE…         POST files to /instances, print the study IDs
   orthanc_tool.py send URL MODALITY ID…    /modalities/MODALITY/store (synchronous C-STORE)
   orthanc_tool.py count URL                number of instances stored
+  orthanc_tool.py patient-ids URL          the Patient IDs stored, one per line
 """
 
 from __future__ import annotations
@@ -48,6 +49,11 @@ def main(argv: list[str]) -> int:
         return 0
     if command == "count":
         print(len(call(url + "/instances")))  # type: ignore[arg-type]
+        return 0
+    if command == "patient-ids":  # the Patient IDs (0010,0020) Orthanc holds, one per line
+        patients = call(url + "/patients?expand")
+        print("\n".join(sorted({p["MainDicomTags"].get("PatientID", "")  # type: ignore[index]
+                                for p in patients})))  # type: ignore[union-attr]
         return 0
     print(__doc__, file=sys.stderr)
     return 2

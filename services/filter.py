@@ -44,7 +44,7 @@ from pipeline.log import setup_daemon, shown_name
 from pipeline.names import escape
 from pipeline.rules import Decision, RuleSet, decide
 from pipeline.shaping.copies import TMP_OWNER, Shaper, copy_prefix
-from pipeline.spool import FILE_MODE, Spool
+from pipeline.spool import FILE_MODE, Spool, fresh_name_like
 from pipeline.spool_names import SpoolName, is_standard
 from pipeline.watch import DirectoryWatcher, open_for_writing, writer_pids
 
@@ -502,15 +502,19 @@ class FilterDaemon:
             return
         except Exception as exc:  # the daemon never dies on a file
             self._retry_at[path] = time.monotonic() + self.retry_interval
-            log.opt(exception=exc).warning(f"error while shaping a handed-back file, will retry: "
-                                           f"{error_text(exc, path)}")
+            log.warning(f"error with a handed-back file, will retry: {error_text(exc, path)} "
+                        f"(traceback at DEBUG)")
+            log.opt(exception=exc).debug("handed-back file")
             return
         log.info(message)
 
     def _handback(self, path: Path, endpoint: str, shapes: bool) -> str:
         outbox = self.spool.outbox(endpoint)
         if not shapes:
-            self.spool.move(path, outbox)
+            try:
+                self.spool.move(path, outbox)
+            except FileExistsError:  # another file has that name there: never overwrite it
+                self.spool.move(path, outbox, fresh_name_like(path.name))
             return f"handed back, {endpoint} shapes nothing now: back in its outbox"
         prefix = copy_prefix(path.name)
         if prefix is not None and any(copy_prefix(p.name) == prefix

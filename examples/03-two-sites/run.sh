@@ -127,7 +127,7 @@ INI
 associations_line() {  # the [endpoint] associations line, or a note that it is left out
   if [ -n "$1" ]; then echo "associations = $1"; else echo "; associations left out (ASSOCIATIONS='')"; fi
 }
-write_siteb_ini() {  # ASSOCIATIONS WINDOW_LINES FILTER_LINES
+write_siteb_ini() {  # ASSOCIATIONS WINDOW_LINES FILTER_LINES [COERCE_LINES]
   cat >"$WORK/conf/endpoints/siteb.ini" <<INI
 ; site B's PACS, across the VPN
 [endpoint]
@@ -138,6 +138,7 @@ ae_title = SITEB
 $(associations_line "$1")
 $2
 $3
+${4:-}
 INI
 }
 flow() { in_ns "$NS_A" "$BIN/dicomflow" "$@" --conf "$WORK/conf"; }
@@ -199,7 +200,11 @@ write_siteb_ini "$ASSOCIATIONS" "[filter]
 ; CT and MR only: structured reports and the rest stay at site A
 sop_whitelist = CTImageStorage, MRImageStorage" "[schedule]
 ; only inside its window (the older DicomFlowRouter's cyclic form by default)
-window = $WINDOW"
+window = $WINDOW" "[coerce]
+; site B's PACS keeps patients of several hospitals: our IDs get our prefix and issuer
+; (site B's copies only; the local archive gets the received files, hard-linked)
+operations = PatientID = SITEA-{PatientID}
+    IssuerOfPatientID = SITEA"
 cat >"$WORK/conf/endpoints/archive.ini" <<INI
 ; the local archive: everything, always
 [endpoint]
@@ -294,5 +299,10 @@ took=$(awk "BEGIN { printf \"%.1f\", $EPOCHREALTIME - $started }")
 echo "   site B drained ${took}s after the WAN came back"
 where
 [ "$(files_in "$SPOOL/outbox/siteb")" -eq 0 ] || die "outbox/siteb is not empty"
-echo "OK: the archive got both studies at once; site B got the CT images only inside its window, held study 2 while the WAN was down (no file charged) and drained ${took}s after it came back."
+step "   patient IDs: site B's carry the SITEA- prefix, the archive's are as received"
+siteb_ids=$(in_ns "$NS_B" $TOOL patient-ids "http://127.0.0.1:$SITEB_HTTP")
+archive_ids=$(in_ns "$NS_A" $TOOL patient-ids "http://127.0.0.1:$ARCHIVE_HTTP")
+echo "   site B: $(echo $siteb_ids); archive: $(echo $archive_ids)"
+[ "$siteb_ids" = "$(echo "$archive_ids" | sed 's/^/SITEA-/')" ] || die "site B's patient IDs are not the archive's with the SITEA- prefix"
+echo "OK: the archive got both studies at once; site B got the CT images only inside its window, with SITEA- patient IDs, held study 2 while the WAN was down (no file charged) and drained ${took}s after it came back."
 echo "Everything is still up: e.g. ip netns exec $NS_A $BIN/dicomflow status --conf $WORK/conf; remove it with $HERE/stop.sh"
