@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 from pydicom import dcmread
-from pydicom.data import get_testdata_file
+from pydicom.data import get_charset_files, get_testdata_file
 from pydicom.dataelem import DataElement, RawDataElement
 from pydicom.dataset import Dataset, FileDataset
 from pydicom.sequence import Sequence
@@ -141,7 +141,7 @@ def test_every_operation_parses() -> None:
         delete private
         delete private except GEMS_IDEN_01 , SIEMENS CSA HEADER
         replace InstitutionName |a|b|
-        replace RequestAttributesSequence[*].AccessionNumber #^0+##
+        replace RequestAttributesSequence[*].AccessionNumber !^0+!!
         if CallingAETitle=MOD.* then RequestAttributesSequence[0].ScheduledProcedureStepID = X
         OtherPatientIDsSequence[*].IssuerOfPatientID = {IssuerOfPatientID}
         SOPInstanceUID = 1.2.3.4
@@ -308,6 +308,40 @@ def test_items_inherit_the_character_set(tmp_path: Path) -> None:
     assert ds.OtherPatientIDsSequence[0].IssuerOfPatientID == "Hôpital"
     with pytest.raises(ShapingError, match="ISO_IR 100"):
         apply("OtherPatientIDsSequence[*].IssuerOfPatientID = 病院", ds)
+
+
+def charset_file(name: str) -> FileDataset:
+    return read_header(get_charset_files(name)[0])
+
+
+def test_real_iso_2022_file_takes_its_own_scripts_only(tmp_path: Path) -> None:
+    ds = charset_file("chrH31.dcm")  # \ISO 2022 IR 87: ASCII and JIS X 0208 by escapes
+    apply("PatientComments = was {PatientName}\nInstitutionName = 東京病院", ds)
+    ds.save_as(tmp_path / "out.dcm")
+    back = dcmread(tmp_path / "out.dcm")
+    assert back.PatientComments == "was Yamada^Tarou=山田^太郎=やまだ^たろう"
+    assert back.InstitutionName == "東京病院"
+    with pytest.raises(ShapingError, match="ISO 2022 IR 87 cannot hold"):
+        apply("InstitutionName = Hôpital", ds)  # no Latin-1 behind the ASCII of ISO 2022 IR 6
+
+
+@pytest.mark.parametrize(("name", "value"), [("chrFren.dcm", "Hôpital"), ("chrX1.dcm", "東京病院"),
+                                             ("chrRuss.dcm", "Больница")])
+def test_real_files_keep_their_character_set(name: str, value: str, tmp_path: Path) -> None:
+    ds = charset_file(name)
+    charset = ds.SpecificCharacterSet
+    apply(f"InstitutionName = {value}", ds)
+    ds.save_as(tmp_path / "out.dcm")
+    back = dcmread(tmp_path / "out.dcm")
+    assert back.SpecificCharacterSet == charset
+    assert back.InstitutionName == value
+
+
+@pytest.mark.filterwarnings("ignore:Unknown encoding")
+def test_unknown_character_set_fails(tmp_path: Path) -> None:
+    ds = written(synthetic(SpecificCharacterSet="ISO_IR 999"), tmp_path)
+    with pytest.raises(ShapingError, match="ISO_IR 999 is not understood"):
+        apply("InstitutionName = Clinic", ds)
 
 
 # --- delete ------------------------------------------------------------------------------

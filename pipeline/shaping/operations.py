@@ -22,10 +22,12 @@ Grammar — one operation per line, applied in order:
     makes the file fail. ``\\`` separates values (except in LT, ST, UT, which are one
     value). An empty TEMPLATE sets an empty value. The result is checked against the
     attribute's VR (length, characters, VM 1) and must be writable in the data set's
-    character set (an item inherits it); a file without Specific Character Set takes
-    ASCII only. Setting the value already there is not a change.
+    character set (an item inherits it; the default repertoire — no Specific Character
+    Set, ISO_IR 6, ISO 2022 IR 6 — is ASCII only). Setting the value already there is
+    not a change. Numbers (US, UL, SS, SL, FL, FD…) are written from their text.
 ``delete PATH``
-    Remove PATH. An absent attribute gives a ``skipped`` change, nothing else.
+    Remove PATH (a private element too, by its tag: ``delete (0019,1010)``). An absent
+    attribute gives a ``skipped`` change, nothing else.
 ``delete private`` / ``delete private except CREATOR, CREATOR``
     Remove every private element (odd group), creators included, at the top level and
     in every item of every sequence at any depth; ``except`` keeps the blocks of those
@@ -34,8 +36,9 @@ Grammar — one operation per line, applied in order:
     creator, and both blocks of a creator that appears twice in one group.
 ``replace PATH <d>REGEX<d>REPLACEMENT<d>``
     Python ``re.sub`` on each value (every match; ``\\1``, ``\\g<name>``), sed-like:
-    ``<d>`` is the first non-space character after PATH (``/``, ``|``, ``#``…; not a
-    letter, digit, backslash or one of ``()[],.*``) and may not occur in REGEX or
+    ``<d>`` is the first non-space character after PATH (``/``, ``|``, ``!``, ``~``…;
+    not a letter, digit, backslash or one of ``()[],.*``; not ``#`` or ``;`` either,
+    which after a space start an INI comment) and may not occur in REGEX or
     REPLACEMENT. ``replace PatientID /^0+//`` strips leading zeros. The result is
     checked as for a set. An absent attribute gives a ``skipped`` change.
 ``if CONDITION then OPERATION``
@@ -704,8 +707,9 @@ def _broken_rule(vr: str, value: str) -> str:
 def _encodings(target: _Target, ds: Dataset) -> tuple[list[str], str]:
     """The Python encodings of the nearest Specific Character Set, and its name for messages.
 
-    Without one, the default repertoire: pydicom would take Latin-1, but DICOM allows
-    ASCII only there.
+    Without one, or for ISO_IR 6 / ISO 2022 IR 6 in it, the default repertoire: pydicom
+    would take Latin-1 there, DICOM allows ASCII only. The list is for checking only
+    (the writer encodes with pydicom's own).
     """
     for dataset in (*reversed(target.chain), ds):
         element = dataset.get(_SPECIFIC_CHARACTER_SET)
@@ -718,9 +722,8 @@ def _encodings(target: _Target, ds: Dataset) -> tuple[list[str], str]:
                     encodings = convert_encodings(names)
                 except (UserWarning, LookupError, ValueError):
                     raise ShapingError(f"{target.path}: the file's {label} is not understood") from None
-            if encodings != [default_encoding]:
-                return encodings, label
-            return ["ascii"], label
+            # pydicom's default encoding is lenient Latin-1; DICOM's default is ASCII.
+            return ["ascii" if name == default_encoding else name for name in encodings], label
     return ["ascii"], "the default character repertoire (ASCII)"
 
 
@@ -729,7 +732,7 @@ def _encodable(value: str, encodings: list[str]) -> bool:
         warnings.simplefilter("error")
         try:
             encode_string(value, encodings)
-        except (UnicodeError, UserWarning, LookupError):
+        except (ValueError, UserWarning, LookupError):  # UnicodeError is a ValueError
             return False
     return True
 
