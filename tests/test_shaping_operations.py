@@ -609,3 +609,28 @@ def test_operations_object_is_reusable_across_files(tmp_path: Path) -> None:
     assert (first.PatientID, second.PatientID) == ("SITEA-P1", "SITEA-P2")
     assert len(changes.records) == 1
 
+
+
+def test_delete_a_whole_sequence_and_a_private_tag_keeps_raw_originals(tmp_path: Path) -> None:
+    ds = sequenced(tmp_path)
+    ds.add_new(0x00190010, "LO", "VENDOR")
+    ds.add_new(0x00191010, "LO", "value")
+    ds = written(ds, tmp_path, name="seq.dcm")
+    raw_sequence = ds.get_item(REQUEST_ATTRIBUTES)
+    raw_private = ds.get_item(0x00191010)
+    changes = apply("delete RequestAttributesSequence\ndelete (0019,1010)", ds)
+    assert REQUEST_ATTRIBUTES not in ds and 0x00191010 not in ds and 0x00190010 in ds
+    assert changes.originals == {REQUEST_ATTRIBUTES: raw_sequence, 0x00191010: raw_private}
+    assert isinstance(raw_sequence, RawDataElement)
+    assert [r.path for r in changes.records] == ["RequestAttributesSequence", "(0019,1010)"]
+
+
+def test_nested_condition_and_errors_inside_items_name_the_item(tmp_path: Path) -> None:
+    ds = sequenced(tmp_path)
+    apply("if Modality=CT then if PatientID=PID.* then PatientComments = both", ds)
+    assert ds.PatientComments == "both"
+    with pytest.raises(ShapingError) as caught:
+        apply("\nPatientComments = x\n\nRequestAttributesSequence[*].AccessionNumber = "
+              "{AccessionNumber}-MUCH-TOO-LONG", ds)
+    assert str(caught.value) == ("RequestAttributesSequence[0].AccessionNumber: the new value is "
+                                 "18 characters, SH allows 16 (operations line 2)")

@@ -346,7 +346,11 @@ class Operations:
         return bool(self.lines)
 
     def apply(self, ds: Dataset) -> Changes:
-        """Apply every line in order to ``ds`` in place; ShapingError if it cannot be shaped."""
+        """Apply every line in order to ``ds`` in place; ShapingError if it cannot be shaped.
+
+        After a ShapingError ``ds`` is half changed: the caller drops it (the file goes
+        to ``failed/`` for that endpoint), it never writes it.
+        """
         journal = _Journal(ds)
         for operation in self.lines:
             try:
