@@ -11,11 +11,11 @@ from __future__ import annotations
 import ipaddress
 import re
 
-from pipeline.errors import RuleSyntaxError, WindowSyntaxError
+from pipeline.errors import OperationSyntaxError, RuleSyntaxError, WindowSyntaxError
 from pipeline.names import is_valid_ae_title
 from pipeline.rules import parse_conditions, parse_sop_list
 from pipeline.schedule import Window, parse_window
-from pipeline.shaping.operations import Operations, OperationSyntaxError, parse_operations
+from pipeline.shaping.operations import Operations, parse_operations
 
 LOG_LEVELS = ("TRACE", "DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 KiB, MiB, GiB = 1024, 1024**2, 1024**3

@@ -106,3 +106,8 @@ class ShapingError(DicomFlowError):
     VR, not writable in the file's character set, a template over a multi-valued
     attribute… The message is the reason written beside that endpoint's copy in
     ``failed/<endpoint>/``; other endpoints are unaffected."""
+
+
+class OperationSyntaxError(DicomFlowError, ValueError):
+    """A ``[coerce] operations`` line that cannot be parsed: ``line N 'text': what is
+    wrong`` (the loader adds the file, section and key)."""

@@ -139,3 +139,12 @@ def test_runtime_dependencies_are_the_agreed_ones() -> None:
     assert {"pynetdicom", "pydicom", "watchdog", "supervisor", "loguru", "croniter"} <= names
     # no GPL codec (pylibjpeg-libjpeg is GPLv3)
     assert "pylibjpeg-libjpeg" not in names
+
+
+def test_every_package_is_in_the_wheel() -> None:
+    """A package left out of ``[tool.setuptools] packages`` works in the editable install
+    and is missing from a wheel (pipeline.sending once was)."""
+    listed = set(tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
+    found = {".".join(init.parent.relative_to(REPO).parts)
+             for top in ("pipeline", "services") for init in (REPO / top).rglob("__init__.py")}
+    assert found == listed

@@ -110,3 +110,23 @@ def test_nothing_refers_to_a_document_outside_the_repository() -> None:
         text = data.decode("utf-8", "replace")
         offenders += [f"{name}: {word}" for word in forbidden if word in text]
     assert offenders == []
+
+
+def test_every_shaping_example_parses() -> None:
+    """The README's table of operations: each example is a line the parser accepts, and
+    the table names every kind of operation the parser has."""
+    from pipeline.shaping.operations import parse_operations
+
+    text = (REPO / "README.md").read_text().split("\n## Shaping\n", 1)[1].split("\n## ", 1)[0]
+    rows = [line.split(" | ") for line in text.splitlines() if line.startswith("| `")]
+    examples = [row[1].strip().strip("`").replace("\\|", "|") for row in rows]
+    assert len(examples) >= 8
+    kinds = set()
+    for example in examples:
+        operations = parse_operations(example)
+        assert len(operations.lines) == 1, example
+        kinds.add(type(operations.lines[0]).__name__)
+    assert kinds == {"SetAttribute", "DeleteAttribute", "DeletePrivate", "ReplaceValue",
+                     "Conditional"}
+    block = text.split("```ini\n", 1)[1].split("```", 1)[0]
+    assert parse_operations(block.split("operations =", 1)[1].replace("\n    ", "\n"))

@@ -84,7 +84,7 @@ from pydicom.sequence import Sequence
 from pydicom.tag import Tag
 from pydicom.valuerep import MAX_VALUE_LEN, validate_value
 
-from pipeline.errors import DicomFlowError, RuleSyntaxError, ShapingError
+from pipeline.errors import OperationSyntaxError, RuleSyntaxError, ShapingError
 from pipeline.rules import Condition, parse_condition
 
 _SPECIFIC_CHARACTER_SET = 0x00080005
@@ -106,10 +106,6 @@ _SET_RE = re.compile(r"(?P<path>[^=]*?)\s*=\s*(?P<template>.*)", re.S)
 _REPLACE_RE = re.compile(rf"(?P<path>{_PATH_CHARS})\s*(?P<rest>.*)", re.S)
 _TEMPLATE_TOKEN = re.compile(r"\{\{|\}\}|\{([^{}]*)\}|[{}]")
 _KEYWORD_RE = re.compile(r"[A-Za-z][A-Za-z0-9]*")
-
-
-class OperationSyntaxError(DicomFlowError, ValueError):
-    """An operation line that cannot be parsed: ``line N 'text': what is wrong``."""
 
 
 class _Bad(ValueError):

@@ -20,7 +20,9 @@ socket, and ``-pdu 131072`` on every ``storescp`` (the destination and the relay
   auto-routing script → storescp; → a DCMTK study relay (``storescp -su``, then
   ``dcmsend +sd #p`` one second after the study's end: what mercure is inside) →
   storescp; → a DCMTK per-file relay (``storescp --exec-on-reception "storescu #p/#f"``)
-  → storescp; → DicomFlow (receive → filter → send) → storescp; with ``--wan-delay``
+  → storescp; → DicomFlow (receive → filter → send) → storescp, also with its
+  endpoint coercing two attributes (``dicomflow-coerced``: each copy its own shaped
+  file, written by the filter); with ``--wan-delay``
   also DCMTK direct and DicomFlow with the delay relay (``delay_proxy``) in front of
   the destination, DicomFlow both over one association and with ``[endpoint]
   associations = 4`` (``dicomflow-wan-a4``; ``dicomflow-a4`` is the same without the
@@ -499,14 +501,17 @@ class DicomFlow:
     DAEMONS = ("receive", "filter", "send")
 
     def __init__(self, base: Path, dest_port: int, extra_endpoint: dict | None = None,
-                 env: dict | None = None) -> None:
+                 env: dict | None = None, coerce: str | None = None) -> None:
         self.env = env
         self.base = base / f"dicomflow-{time.monotonic_ns()}"
         self.base.mkdir(parents=True)
         endpoint = {"host": "127.0.0.1", "port": dest_port, "ae_title": DEST_AET}
         endpoint.update(extra_endpoint or {})
+        sections: dict[str, dict] = {"endpoint": endpoint}
+        if coerce:
+            sections["coerce"] = {"operations": coerce}
         self.conf = write_conf(self.base, router={"log_level": "INFO"},
-                               endpoints={"dest": {"endpoint": endpoint}})
+                               endpoints={"dest": sections})
         from pipeline.config import load_router
 
         self.port = load_router(self.conf).port
@@ -593,8 +598,11 @@ class Results:
 
 
 SYSTEMS = ("dcmtk", "pynetdicom", "orthanc", "dcmtk-study-relay", "dcmtk-file-relay", "dicomflow",
-           "dicomflow-stock", "dicomflow-a4", "dcmtk-wan", "dicomflow-wan", "dicomflow-wan-a4")
-DEFAULT_SYSTEMS = SYSTEMS[:7]
+           "dicomflow-stock", "dicomflow-coerced", "dicomflow-a4", "dcmtk-wan", "dicomflow-wan",
+           "dicomflow-wan-a4")
+DEFAULT_SYSTEMS = SYSTEMS[:8]
+#: the dicomflow-coerced row's endpoint operations (its copy is its own shaped file)
+COERCE = "PatientID = SITEA-{PatientID}\nIssuerOfPatientID = SITEA"
 WAN_SYSTEMS = ("dcmtk-wan", "dicomflow-wan", "dicomflow-wan-a4")   # run when --wan-delay is set
 PARALLEL_SENDS = 4   # [endpoint] associations of the …-a4 rows
 LABELS = {
@@ -605,6 +613,7 @@ LABELS = {
     "dcmtk-file-relay": "DCMTK storescu → storescp + storescu per file → storescp",
     "dicomflow": "DCMTK storescu → DicomFlow → storescp",
     "dicomflow-stock": "… DicomFlow with DICOMFLOW_FASTPATH=0 (stock pynetdicom loops)",
+    "dicomflow-coerced": "… DicomFlow, the endpoint coercing 2 attributes (its own copy)",
     "dcmtk-wan": "DCMTK storescu → delay relay → storescp",
     "dicomflow-wan": "DCMTK storescu → DicomFlow → delay relay → storescp",
     "dicomflow-a4": f"… DicomFlow sending over associations = {PARALLEL_SENDS}",
@@ -650,7 +659,8 @@ def open_route(system: str, base: Path, dest: Destination, env: dict | None, wan
     if system == "dicomflow-stock":
         env = {**(env or {}), "DICOMFLOW_FASTPATH": "0"}
     extra = {"associations": str(PARALLEL_SENDS)} if system.endswith("-a4") else None
-    flow = DicomFlow(base, dest_port, extra_endpoint=extra, env=env)
+    flow = DicomFlow(base, dest_port, extra_endpoint=extra, env=env,
+                     coerce=COERCE if system == "dicomflow-coerced" else None)
     stops.append(flow.remove)
     flow.start()
     return Route(flow.port, "DICOMFLOW", flow.cpu, stops, cpu_each=flow.cpu_each)
