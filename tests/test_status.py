@@ -76,7 +76,7 @@ def test_status_json_command_and_check_warns_orphans(tmp_path: Path) -> None:
     assert set(report["endpoints"]) == {"pacs", "gone"}
     assert set(report["endpoints"]["pacs"]) == {
         "configured", "destination", "sender_running", "state", "since", "down_since", "next_open",
-        "last_error", "last_error_at", "outbox", "sent", "failed"}
+        "last_error", "last_error_at", "outbox", "sent", "failed", "handed_back"}
     check = run_cli(conf, "check")
     assert check.returncode == 0 and "gone" in check.stdout and "orphaned" in check.stdout
 
