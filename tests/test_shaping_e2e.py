@@ -8,9 +8,6 @@ byte for byte where it must be identical) with what storescu sent and what Dicom
 received; ``dciodvfy`` judges the coerced copies against the originals. Then: kill -9
 of the filter while it shapes, a hand-moved original and ``dicomflow retry`` (shaped
 again, never sent unshaped), and ``dicomflow route --diff/--show-values/--write``.
-
-Only ``Keyword = template`` operations are used, except in the one test marked
-``needs_operations`` (delete, ``delete private``), which waits for the full grammar.
 """
 
 from __future__ import annotations
@@ -520,13 +517,8 @@ def test_route_write_writes_the_shaped_copy_and_moves_nothing(route_site, tmp_pa
     assert not (out / "plain").exists() or not any((out / "plain").iterdir())
 
 
-# -- the full grammar (branch ops): waits for the real pipeline/shaping/operations.py --
+# -- more of the grammar ----------------------------------------------------------
 
-needs_operations = pytest.mark.xfail(
-    reason="needs the real pipeline/shaping/operations.py (delete, delete private)", strict=False)
-
-
-@needs_operations
 def test_route_write_with_delete_operations(tmp_path: Path) -> None:
     conf = write_conf(tmp_path, router={"ae_title": AE}, endpoints={
         "coerced": endpoint(2, "COERCED", "delete PatientBirthDate\ndelete private")})

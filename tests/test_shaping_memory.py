@@ -22,7 +22,8 @@ import pytest
 from pipeline.spool import Spool
 from tests.helpers import Daemon, dicom_files, make_dataset, wait_for, write_conf, write_dataset
 
-pytestmark = [pytest.mark.e2e, pytest.mark.slow]
+# slow, not e2e: only the filter runs, which has no pynetdicom path to run a second time
+pytestmark = pytest.mark.slow
 
 GIB = 1024 ** 3
 CHUNK = 4 * 1024 * 1024
