@@ -30,6 +30,9 @@ socket, and ``-pdu 131072`` on every ``storescp`` (the destination and the relay
   per image (user + system from /proc) of the processes in between (for the direct
   rows: of the receiving storescp and its per-association children; for the DCMTK
   relays: of the relay storescp and every child it ran, reaped or not);
+* the cost of coercion: the filter daemon alone, CPU per image with a plain endpoint
+  (a hard link) and with a coerced one (its own shaped file), interleaved rounds
+  (:mod:`tests.bench.shaping`);
 * DicomFlow's added latency for a single image (p50/p95 over N singles, minus the
   median of the same single sent directly);
 * the time from a down destination coming back to the first delivery;
@@ -595,6 +598,7 @@ class Results:
     drain_small: list[float] = field(default_factory=list)
     drain_large: list[float] = field(default_factory=list)
     large_queue: int = 0
+    shaping: dict = field(default_factory=dict)   # tests.bench.shaping's rounds
 
 
 SYSTEMS = ("dcmtk", "pynetdicom", "orthanc", "dcmtk-study-relay", "dcmtk-file-relay", "dicomflow",
@@ -846,6 +850,11 @@ def report(results: Results, args: argparse.Namespace, ct: DataSet) -> str:
     lines.append("")
     for (count, senders), table in results.throughput.items():
         lines += throughput_table(table, count, senders, args.wan_delay)
+    if results.shaping:
+        from tests.bench import shaping
+
+        lines += ["cost of coercion (the filter daemon alone, same files, interleaved rounds):",
+                  shaping.report(results.shaping), ""]
     if results.big:
         for system, rates in results.big.items():
             r = median([x.mb_s for x in rates])
@@ -944,7 +953,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--large-queue", type=int, default=100_000, help="small files queued")
     parser.add_argument("--small-queue", type=int, default=2_000, help="small files queued (reference)")
     parser.add_argument("--window", type=int, default=2_000, help="files over which a drain rate is taken")
-    parser.add_argument("--only", default="throughput,big,latency,comeback,queue",
+    parser.add_argument("--only", default="throughput,shaping,big,latency,comeback,queue",
                         help="comma-separated parts to run")
     parser.add_argument("--systems", default=",".join(DEFAULT_SYSTEMS),
                         help=f"comma-separated rows to run, of: {', '.join(SYSTEMS)}")
@@ -989,6 +998,11 @@ def main(argv: list[str] | None = None) -> int:
             for count in args.counts:
                 for senders in args.parallel:
                     measure_throughput(base, ct, warm, count, senders, systems, args, results)
+        if "shaping" in parts:
+            from tests.bench import shaping  # it imports this module: not at the top
+
+            log("shaping: the filter alone, a plain and a coerced endpoint")
+            results.shaping = shaping.measure(base, ct, warm, args.runs)
         if "latency" in parts:
             log(f"latency: {args.singles} singles")
             measure_latency(base, ct.files[: args.singles], results)
