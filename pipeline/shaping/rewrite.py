@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import errno
 import os
+import struct
 import tempfile
 import warnings
 import zlib
@@ -36,10 +37,10 @@ from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset, FileDataset, FileMetaDataset
 from pydicom.filebase import DicomBytesIO
 from pydicom.filereader import read_dataset
-from pydicom.filewriter import write_data_element, write_file_meta_info
-from pydicom.uid import UID
+from pydicom.filewriter import write_data_element
 
 from pipeline import header as header_module
+from pipeline.dicom.filemeta import LONG_VRS, PREAMBLE
 from pipeline.errors import InflateError, ShapingError
 from pipeline.header import DEFLATED, EXPLICIT_BE, HeaderLimits, InflatingReader
 from pipeline.header_scan import DEFER_SIZE
@@ -98,6 +99,7 @@ class ShapingSource:
 
     work: BinaryIO          # the file (or its inflated copy) the layout refers to
     meta: FileMetaDataset
+    meta_end: int           # where the file meta group ends (the data set starts)
     syntax: str
     spans: list[Span]
     header_end: int         # where the pixel data element (or the end of the data set) is
@@ -140,8 +142,8 @@ class ShapingSource:
             header_end = pixel_element_start(structure.pixel_data_at, structure.explicit, little,
                                              lambda at, n: os.pread(work.fileno(), n, at))
         dataset = _read_header(work, meta, recorder.dataset_start, not structure.explicit, little)
-        return cls(work, meta, syntax, recorder.spans(header_end), header_end, size, dataset,
-                   not structure.explicit, little, deflate)
+        return cls(work, meta, recorder.dataset_start, syntax, recorder.spans(header_end),
+                   header_end, size, dataset, not structure.explicit, little, deflate)
 
     # -- planning ----------------------------------------------------------------------
 
@@ -203,17 +205,22 @@ class ShapingSource:
         out.finish()
 
     def _meta_bytes(self, mark_for: str | None) -> bytes:
-        meta = FileMetaDataset(self.meta)
+        """The file meta group of the copy: the original's elements, byte for byte, but
+        for Media Storage SOP Instance UID (following a coerced SOP Instance UID), the
+        "shaped for" mark, and the group length."""
+        elements = _meta_elements(os.pread(self.work.fileno(), self.meta_end - PREAMBLE, PREAMBLE))
         uid = str(self.dataset.get("SOPInstanceUID", ""))
-        if uid and uid != str(meta.get("MediaStorageSOPInstanceUID", "")):
-            meta.MediaStorageSOPInstanceUID = UID(uid)
+        if uid and uid != str(self.meta.get("MediaStorageSOPInstanceUID", "")):
+            elements[0x00020003] = _meta_element(0x00020003, b"UI", _padded(uid.encode(), b"\0"))
         if mark_for is not None:
-            meta.PrivateInformationCreatorUID = UID(provenance.SHAPED_MARK_UID)
-            meta.PrivateInformation = provenance.shaped_mark(mark_for)
-        buffer = DicomBytesIO()
-        buffer.is_little_endian, buffer.is_implicit_VR = True, False
-        write_file_meta_info(buffer, meta, enforce_standard=True)
-        return buffer.getvalue()
+            elements[provenance.PRIVATE_CREATOR_UID] = _meta_element(
+                provenance.PRIVATE_CREATOR_UID, b"UI",
+                _padded(provenance.SHAPED_MARK_UID.encode(), b"\0"))
+            elements[provenance.PRIVATE_INFORMATION] = _meta_element(
+                provenance.PRIVATE_INFORMATION, b"OB", provenance.shaped_mark(mark_for))
+        elements.pop(0x00020000, None)
+        group = b"".join(elements[tag] for tag in sorted(elements))
+        return struct.pack("<HH2sHL", 0x0002, 0x0000, b"UL", 4, len(group)) + group
 
     def _pieces(self, dirty: set[int]) -> list[tuple[str, int, int, int]]:
         """The data set in tag order: byte ranges to copy (adjacent ones joined) and the
@@ -243,6 +250,34 @@ class ShapingSource:
             raise ShapingError(f"{name}: cannot be encoded in the file's transfer syntax and "
                                f"character set ({type(exc).__name__})") from None
         return buffer.getvalue()
+
+
+def _meta_elements(group: bytes) -> dict[int, bytes]:
+    """Each element of a file meta group (explicit VR little endian, as
+    :func:`pipeline.header.read_meta_dataset` checked), encoded, by tag."""
+    elements: dict[int, bytes] = {}
+    offset = 0
+    while offset + 8 <= len(group):
+        tag_group, element = struct.unpack_from("<HH", group, offset)
+        vr = group[offset + 4:offset + 6]
+        if vr in LONG_VRS:
+            length, header = struct.unpack_from("<L", group, offset + 8)[0], 12
+        else:
+            length, header = struct.unpack_from("<H", group, offset + 6)[0], 8
+        end = offset + header + length
+        elements[tag_group << 16 | element] = group[offset:end]
+        offset = end
+    return elements
+
+
+def _meta_element(tag: int, vr: bytes, value: bytes) -> bytes:
+    if vr in LONG_VRS:
+        return struct.pack("<HH2sHL", tag >> 16, tag & 0xFFFF, vr, 0, len(value)) + value
+    return struct.pack("<HH2sH", tag >> 16, tag & 0xFFFF, vr, len(value)) + value
+
+
+def _padded(value: bytes, pad: bytes) -> bytes:
+    return value + pad if len(value) % 2 else value
 
 
 def _read_header(work: BinaryIO, meta: FileMetaDataset, start: int, implicit: bool,
