@@ -235,6 +235,22 @@ class Spool:
         except (FileNotFoundError, NotADirectoryError):
             return []
 
+    def instance_id(self, create: bool = True) -> str:
+        """This spool's own random id (``run/spool-id``, made once): what the global
+        ``[coerce]`` marks its files with, so that no file from elsewhere carries it.
+        ``create=False`` (a dry run): "" when there is none yet."""
+        path = self.run_dir / "spool-id"
+        try:
+            return path.read_text().strip()
+        except FileNotFoundError:
+            if not create:
+                return ""
+        try:
+            self.write_bytes(self.run_dir, "spool-id", (os.urandom(8).hex() + "\n").encode())
+        except FileExistsError:  # another daemon made it meanwhile
+            pass
+        return path.read_text().strip()
+
     def _check_version(self) -> None:
         version_file = self.run_dir / "VERSION"
         if version_file.exists():

@@ -359,7 +359,10 @@ class FilterDaemon:
         os.fsync(fd)
 
     def _route(self, path: Path, head: Header) -> str:
-        decision = self.decide(head)
+        # A file this spool coerced already (a redo after a crash, a copy dropped back in)
+        # passed the global rules on its original values: its endpoints decide alone.
+        coerced_before = self.shaper.coerced_here(head.dataset.file_meta)
+        decision = self.decide_endpoints(head.dataset) if coerced_before else self.decide(head)
         name = path.name if path.parent == self.spool.accepted else standard_name(
             path.name, head.sop_instance_uid)
         what = _describe(head)
@@ -367,12 +370,14 @@ class FilterDaemon:
             return self._reject(path, name, decision.rejected, head)
         recovering = path.parent == self.spool.accepted
         accepted = path if recovering else self._accept(path, name, head)
-        try:
-            coerced = self.shaper.coerce_global(accepted)
-        except (ShapingError, QuarantineError) as exc:
-            return self._quarantine(accepted, f"global [coerce]: {exc}")
-        if coerced is not None:  # the endpoints decide on the coerced attributes
-            decision = self.decide_endpoints(coerced)
+        coerced = None
+        if not coerced_before:
+            try:  # the endpoints decide on the coerced attributes
+                coerced = self.shaper.coerce_global(accepted, self.decide_endpoints)
+            except (ShapingError, QuarantineError) as exc:
+                return self._quarantine(accepted, f"global [coerce]: {exc}")
+        if coerced is not None:
+            decision = coerced
             if decision.rejected is not None:
                 return self._reject(accepted, accepted.name, decision.rejected, head)
         notes = self._fan_out(accepted, decision.endpoints, head.sop_instance_uid, recovering)
@@ -493,7 +498,10 @@ class FilterDaemon:
                             f"configured: they stay there")
             return
         try:
-            message = self._handback(path, endpoint, ep.shapes)
+            if not stat.S_ISREG(os.lstat(path).st_mode):  # a link or folder someone put there
+                message = self._quarantine(path, f"not a regular file in accepted/{endpoint}/")
+            else:
+                message = self._handback(path, endpoint, ep.shapes)
         except FileNotFoundError:
             return
         except OSError as exc:

@@ -26,6 +26,7 @@ from pipeline.names import escape
 from pipeline.rules import Decision, RuleSet, decide
 from pipeline.shaping import provenance
 from pipeline.shaping.rewrite import ShapingSource
+from pipeline.spool import Spool
 
 
 @dataclass(frozen=True)
@@ -70,7 +71,9 @@ def _after_global(config: Config, path: Path, decision: Decision, rules: dict[st
     """The global ``[coerce]``: the endpoints decide on the coerced header, as in the filter."""
     system = provenance.modifying_system(config.router.ae_title, None)
     try:
-        with ShapingSource.open(path, config.router.header_limits, _scratch(options)) as source:
+        with ShapingSource.open(path, config.router.header_limits, _scratch()) as source:
+            if _coerced_here(config, source):
+                return decision, ["    global [coerce]: already applied to this file (not again)"]
             plan = source.plan(config.router.coerce, system)
             lines = _records("global [coerce]", plan, options) if options.diff else []
             if plan.changed:
@@ -80,6 +83,11 @@ def _after_global(config: Config, path: Path, decision: Decision, rules: dict[st
         return Decision((), f"quarantine: global [coerce]: {exc}", {}), []
 
 
+def _coerced_here(config: Config, source: ShapingSource) -> bool:
+    spool_id = Spool(config.spool).instance_id(create=False)  # a dry run writes nothing
+    return bool(spool_id) and provenance.coerced_here(provenance.meta_values(source.meta), spool_id)
+
+
 def _endpoint_shaping(config: Config, path: Path, endpoint: str, options: Options) -> list[str]:
     """What ``endpoint``'s copy would get (global, then its own operations)."""
     ep = config.endpoints[endpoint]
@@ -87,14 +95,15 @@ def _endpoint_shaping(config: Config, path: Path, endpoint: str, options: Option
         return ["    a hard link of the received file (no shaping)"] if options.diff else []
     ae = config.router.ae_title
     try:
-        with ShapingSource.open(path, config.router.header_limits, _scratch(options)) as source:
-            first = source.plan(config.router.coerce or None,
-                                provenance.modifying_system(ae, None))
+        with ShapingSource.open(path, config.router.header_limits, _scratch()) as source:
+            global_ops = None if _coerced_here(config, source) else config.router.coerce or None
+            first = source.plan(global_ops, provenance.modifying_system(ae, None))
             plan = source.plan(ep.coerce or None, provenance.modifying_system(ae, endpoint))
             lines = _records("[coerce]", plan, options) if options.diff and ep.shapes else []
             if options.write is not None:
+                mark = provenance.shaped_mark(endpoint) if ep.shapes else None
                 target = _write(source, first.dirty | plan.dirty, options.write, endpoint, path,
-                                endpoint if ep.shapes else None)
+                                mark)
                 lines.append(f"    written to {escape(str(target), 500)}")
             return lines
     except (ShapingError, QuarantineError) as exc:
@@ -103,8 +112,6 @@ def _endpoint_shaping(config: Config, path: Path, endpoint: str, options: Option
 
 
 def _records(title: str, plan, options: Options) -> list[str]:
-    if plan.already_shaped:
-        return [f"    {title}: already applied to this file (not again)"]
     records = list(plan.changes.records) if plan.changes is not None else []
     if not records:
         return [f"    {title}: no change"]
@@ -122,19 +129,19 @@ def _records(title: str, plan, options: Options) -> list[str]:
 
 
 def _write(source: ShapingSource, dirty: set[int], directory: Path, endpoint: str, path: Path,
-           mark_for: str | None) -> Path:
+           mark: bytes | None) -> Path:
     folder = directory / endpoint
     folder.mkdir(parents=True, exist_ok=True)
     target = folder / path.name
     fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
     try:
-        source.write(fd, dirty, mark_for)
+        source.write(fd, dirty, mark)
     finally:
         os.close(fd)
     return target
 
 
-def _scratch(options: Options) -> Path:
+def _scratch() -> Path:
     return Path(tempfile.gettempdir())
 
 

@@ -92,7 +92,8 @@ def test_the_global_coercion_replaces_the_accepted_file_and_endpoints_decide_on_
     [item] = items_of(shaped)
     assert item.ModifyingSystem == "DICOMFLOW"
     assert item.ModifiedAttributesSequence[0].InstitutionName == "HOSP-A"
-    assert "PrivateInformationCreatorUID" not in shaped.file_meta
+    assert shaped.file_meta.PrivateInformation.rstrip(b"\0") == (
+        b"coerced by " + spool.instance_id().encode())  # this spool's: never again here
 
 
 def test_a_file_already_coerced_globally_is_never_coerced_again(tmp_path):
@@ -204,3 +205,57 @@ def test_every_uncompressed_syntax_is_shaped_in_its_own_encoding(tmp_path, synta
     shaped = pydicom.dcmread(only(spool.outbox("coerced")))
     assert shaped.file_meta.TransferSyntaxUID == syntax
     assert shaped.PatientID == "SITEA-PID5" and shaped.PixelData == ds.PixelData
+
+
+def _forged(ds, system: str):
+    """A data set that claims, in the data set, to be coerced already."""
+    item = pydicom.Dataset()
+    item.ModifyingSystem, item.ReasonForTheAttributeModification = system, "COERCE"
+    ds.OriginalAttributesSequence = pydicom.Sequence([item])
+    return ds
+
+
+def test_an_item_from_the_network_does_not_stop_a_coercion(tmp_path):
+    daemon = make(tmp_path, "InstitutionName = Hospital A")
+    spool = daemon.spool
+    drop(spool, _forged(_forged(make_dataset(patient_id="P1", InstitutionName="X"), "DICOMFLOW"),
+                        "DICOMFLOW:coerced"))
+    daemon.run(once=True)
+    plain = pydicom.dcmread(only(spool.outbox("plain")))
+    coerced = pydicom.dcmread(only(spool.outbox("coerced")))
+    assert plain.InstitutionName == coerced.InstitutionName == "Hospital A"
+    assert coerced.PatientID == "SITEA-P1"
+    assert len(items_of(coerced)) == 3  # the forged one, the global stage's, the endpoint's
+
+
+def test_a_recovered_coerced_file_is_decided_by_the_endpoints_alone(tmp_path):
+    conf_filter = "PatientID=PID.*"  # holds for the original, not for the coerced value
+    daemon = make(tmp_path, "PatientID = SITEA-{PatientID}", {"plain": PLAIN})
+    with open(daemon.config.conf_dir / "router.ini", "a") as ini:
+        ini.write(f"[filter]\nconditions = {conf_filter}\n")
+    daemon = FilterDaemon(load(daemon.config.conf_dir), settle=0.0, rescan_interval=0.2)
+    spool = daemon.spool
+    drop(spool, make_dataset(patient_id="PID3"))
+    daemon.run(once=True)
+    copy = only(spool.outbox("plain"))
+    os.rename(copy, spool.accepted / copy.name)  # as if killed before the fan-out
+    daemon.run(once=True)
+    assert pydicom.dcmread(only(spool.outbox("plain"))).PatientID == "SITEA-PID3"
+    assert dicom_files(spool.rejected) == []
+
+
+def test_a_link_or_folder_among_the_hand_backs_goes_to_quarantine(tmp_path):
+    daemon = make(tmp_path)
+    spool = daemon.spool
+    folder = spool.handback("coerced")
+    (folder / "a-link.dcm").symlink_to("/etc/passwd")
+    (folder / "a-folder.dcm").mkdir()
+    daemon.start()
+    try:
+        daemon.recover_accepted()
+    finally:
+        daemon.close()
+    assert dicom_files(spool.failed("coerced")) == []
+    assert [p for p in folder.iterdir() if not p.name.startswith(".")] == []
+    reasons = [p.read_text() for p in spool.quarantine.glob("*.reason")]
+    assert len(reasons) == 2 and all("not a regular file" in r for r in reasons)

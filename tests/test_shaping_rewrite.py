@@ -31,7 +31,7 @@ def shape(src: Path, out: Path, operations, mark_for: str | None = "ep"):
         plan = source.plan(operations, "DICOMFLOW:ep")
         fd = os.open(out, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         try:
-            plan.write(fd, mark_for)
+            plan.write(fd, None if mark_for is None else provenance.shaped_mark(mark_for))
         finally:
             os.close(fd)
     return plan
@@ -119,24 +119,48 @@ def test_a_coerced_sop_instance_uid_follows_in_the_file_meta(tmp_path):
     assert after.file_meta.MediaStorageSOPInstanceUID == after.SOPInstanceUID
 
 
-def test_a_second_stage_adds_its_own_item(tmp_path):
+def test_a_second_stage_adds_its_own_item_after_the_files_own(tmp_path):
     src = write_dataset(make_dataset(patient_id="P"), tmp_path / "in.dcm")
     first, second = tmp_path / "first.dcm", tmp_path / "second.dcm"
-    with ShapingSource.open(src, DEFAULT_LIMITS, tmp_path) as source:
-        plan = source.plan(SITE_A, "DICOMFLOW")
-        fd = os.open(first, os.O_WRONLY | os.O_CREAT, 0o600)
-        plan.write(fd)
-        os.close(fd)
+    shape(src, first, SITE_A, mark_for=None)
     with ShapingSource.open(first, DEFAULT_LIMITS, tmp_path) as source:
-        assert source.plan(SITE_A, "DICOMFLOW").already_shaped  # never twice per stage
         plan = source.plan(parse_operations("IssuerOfPatientID = SITEA"), "DICOMFLOW:ep")
         fd = os.open(second, os.O_WRONLY | os.O_CREAT, 0o600)
-        plan.write(fd, "ep")
+        plan.write(fd, provenance.shaped_mark("ep"))
         os.close(fd)
     after = pydicom.dcmread(second)
     assert after.PatientID == "SITEA-P" and after.IssuerOfPatientID == "SITEA"
-    assert [i.ModifyingSystem for i in after.OriginalAttributesSequence] == ["DICOMFLOW",
-                                                                              "DICOMFLOW:ep"]
+    assert [i.ModifyingSystem for i in after.OriginalAttributesSequence] == ["DICOMFLOW:ep"] * 2
+    # the first item is the file's, byte for byte
+    data = dataset_bytes(first)
+    element = data[data.index(b"\x00\x04\x61\x05SQ"):data.index(b"\xe0\x7f\x10\x00")]
+    assert element[12:-8] in dataset_bytes(second)  # its items, without header and delimiter
+
+
+@pytest.mark.parametrize(("charset", "name"), [("ISO_IR 192", "Müller"), ("ISO_IR 100", "Müller"),
+                                               (["ISO 2022 IR 6", "ISO 2022 IR 87"], "\u5c71\u7530")])
+def test_previous_values_keep_their_encoding(tmp_path, charset, name):
+    ds = make_dataset(SpecificCharacterSet=charset, InstitutionName="X")
+    ds.PatientName = name
+    ds.InstitutionName = name if isinstance(charset, str) else "X"
+    src = write_dataset(ds, tmp_path / "in.dcm")
+    out = tmp_path / "out.dcm"
+    shape(src, out, parse_operations("delete InstitutionName\nPatientName = X{PatientName}"))
+    after = pydicom.dcmread(out)
+    modified = after.OriginalAttributesSequence[0].ModifiedAttributesSequence[0]
+    assert str(modified.PatientName) == name and str(after.PatientName) == f"X{name}"
+    assert modified.InstitutionName == ds.InstitutionName and "InstitutionName" not in after
+
+
+def test_an_invalid_previous_value_does_not_stop_its_coercion(tmp_path):
+    ds = make_dataset()
+    ds.add_new(0x00100020, "LO", "9" * 80)  # too long for LO: the coercion is the fix
+    src = write_dataset(ds, tmp_path / "in.dcm")
+    out = tmp_path / "out.dcm"
+    shape(src, out, parse_operations("PatientID = FIXED"))
+    after = pydicom.dcmread(out)
+    assert after.PatientID == "FIXED"
+    assert after.OriginalAttributesSequence[0].ModifiedAttributesSequence[0].PatientID == "9" * 80
 
 
 def test_a_truncated_file_is_refused_before_anything_is_written(tmp_path):

@@ -315,14 +315,10 @@ def read_file_meta(path: Path, size: int) -> FileMeta:
     if missing:
         raise PermanentError(f"file meta information lacks {', '.join(missing)}")
     source = fm.get("SourceApplicationEntityTitle")
-    marks = {tag: fm[tag].value for tag in (provenance.PRIVATE_CREATOR_UID,
-                                             provenance.PRIVATE_INFORMATION) if tag in fm}
-    raw = {tag: value if isinstance(value, bytes) else str(value).encode("ascii", "replace")
-           for tag, value in marks.items()}
     return _checked(FileMeta(UID(str(fm.MediaStorageSOPClassUID)),
                              UID(str(fm.MediaStorageSOPInstanceUID)),
                              UID(str(fm.TransferSyntaxUID)), str(source) if source else None, size,
-                             provenance.shaped_for(raw)))
+                             provenance.shaped_for(provenance.meta_values(fm))))
 
 
 def _checked(meta: FileMeta) -> FileMeta:

@@ -2,8 +2,8 @@
 
 * **Global** (router.ini ``[coerce]``): the coerced version of a file in ``accepted/``
   replaces it there atomically (:meth:`Spool.replace`), before any copy is made; a file
-  already carrying the global stage's Original Attributes item is left as it is, so a
-  redo after a crash never coerces twice.
+  this spool coerced already (its file meta says so, :mod:`provenance`) is left as it
+  is, so a redo after a crash never coerces twice.
 * **Per endpoint** (``conf/endpoints/<name>.ini`` ``[coerce]``): the endpoint gets its
   own file, written through the spool straight into its outbox (hidden temp → fsync →
   rename → directory fsync), named with the received file's ``<time>-<counter>`` prefix
@@ -20,7 +20,9 @@ caller retries later); a half-written copy is never visible.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 
 from pydicom.dataset import Dataset
 
@@ -29,6 +31,8 @@ from pipeline.shaping import provenance
 from pipeline.shaping.rewrite import Plan, ShapingSource
 from pipeline.spool import Spool
 from pipeline.spool_names import SpoolName
+
+T = TypeVar("T")
 
 #: the filter's temp folder in an outbox: ``outbox/<endpoint>/.tmp/filter/``
 TMP_OWNER = "filter"
@@ -40,6 +44,13 @@ class Shaper:
     def __init__(self, config: Config, spool: Spool) -> None:
         self.config = config
         self.spool = spool
+        self._spool_id: str | None = None
+
+    @property
+    def spool_id(self) -> str:
+        if self._spool_id is None:
+            self._spool_id = self.spool.instance_id()
+        return self._spool_id
 
     @property
     def global_system(self) -> str:
@@ -48,21 +59,29 @@ class Shaper:
     def endpoint_system(self, endpoint: str) -> str:
         return provenance.modifying_system(self.config.router.ae_title, endpoint)
 
-    def coerce_global(self, accepted: Path) -> Dataset | None:
-        """Apply router.ini's ``[coerce]`` to ``accepted/<name>``; the coerced header
-        (for the endpoints' rules), or None when nothing changed."""
+    def coerced_here(self, meta: Dataset) -> bool:
+        """Was this file (its pydicom file meta) already coerced by our global stage?"""
+        return provenance.coerced_here(provenance.meta_values(meta), self.spool_id)
+
+    def coerce_global(self, accepted: Path, decide: Callable[[Dataset], T]) -> T | None:
+        """Apply router.ini's ``[coerce]`` to ``accepted/<name>``; ``decide`` is called
+        with the coerced header while the file is still open (a value it reads may be
+        deferred), and its answer returned. None when nothing changed."""
         operations = self.config.router.coerce
         if not operations:
             return None
         with ShapingSource.open(accepted, self.config.router.header_limits,
                                 self.spool.tmp_dir(self.spool.accepted)) as source:
+            if self.coerced_here(source.meta):
+                return None
             plan = source.plan(operations, self.global_system)
             if not plan.changed:
                 return None
+            decision = decide(source.dataset)
             with self.spool.temp_file(self.spool.accepted) as tmp:
-                plan.write(tmp.file.fileno())
+                plan.write(tmp.file.fileno(), provenance.coerced_mark(self.spool_id))
             self.spool.replace(tmp.path, accepted)
-            return source.dataset
+            return decision
 
     def endpoint_copy(self, path: Path, endpoint: str) -> Path:
         """Write ``endpoint``'s shaped copy of ``path`` into its outbox; its path."""
@@ -72,7 +91,7 @@ class Shaper:
         with ShapingSource.open(path, self.config.router.header_limits, tmp_dir) as source:
             plan = source.plan(ep.coerce, self.endpoint_system(endpoint))
             with self.spool.temp_file(outbox, tmp_dir) as tmp:
-                plan.write(tmp.file.fileno(), mark_for=endpoint)
+                plan.write(tmp.file.fileno(), provenance.shaped_mark(endpoint))
             return self._publish(tmp.path, outbox, path.name, plan)
 
     def _publish(self, tmp_path: Path, outbox: Path, received_name: str, plan: Plan) -> Path:

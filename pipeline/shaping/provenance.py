@@ -8,26 +8,30 @@
   came from) and Reason for the Attribute Modification ``COERCE``. An attribute an
   operation *added* is listed there with an empty value (it had none). The Modifying
   System names the stage: our AE title for the global ``[coerce]`` of router.ini,
-  ``<AE title>:<endpoint>`` for an endpoint's — so a file that already carries a stage's
-  item is never coerced by that stage again (a redo after a crash, a copy dropped back
-  into ``incoming/``): no ``SITEA-SITEA-…``.
+  ``<AE title>:<endpoint>`` for an endpoint's. The item is written byte for byte from
+  the file (:meth:`pipeline.shaping.rewrite.ShapingSource.plan`): previous values keep
+  their encoding and character set, valid or not.
+* **Coerced here.** A file the global ``[coerce]`` changed carries, in its file meta,
+  Private Information (0002,0102) = ``coerced by <spool id>`` (the spool's own random
+  id, ``run/spool-id``): it is never coerced globally again (a redo after a crash, a
+  copy dropped back into ``incoming/``: no ``SITEA-SITEA-…``). The file meta is ours —
+  the receiver writes it; nothing that comes over the network can carry the mark, so
+  an item forged by a sender (or written by another router with our AE title) does not
+  stop a coercion.
 * **Shaped for.** A copy the filter shaped for an endpoint carries, in its file meta,
   Private Information Creator UID (0002,0100) = :data:`SHAPED_MARK_UID` and Private
   Information (0002,0102) = ``shaped for <endpoint>``. The file meta never travels over
   DICOM (C-STORE sends the data set), and the sender reads the meta anyway: the sender of
   a shaping endpoint sends only files marked for it and hands any other file back to the
   filter (README, Shaping), so a retried or hand-moved original never goes out unshaped.
+  An endpoint copy is always shaped from the accepted file; a copy already made is
+  recognised by its name (:mod:`pipeline.shaping.copies`), not by an item.
 """
 
 from __future__ import annotations
 
-import time
-from collections.abc import Callable, Iterable
-
 from pydicom.datadict import dictionary_VR
-from pydicom.dataelem import DataElement, RawDataElement
 from pydicom.dataset import Dataset
-from pydicom.sequence import Sequence
 
 ORIGINAL_ATTRIBUTES = 0x04000561
 MODIFIED_ATTRIBUTES = 0x04000550
@@ -38,8 +42,6 @@ PRIVATE_CREATOR_UID = 0x00020100
 PRIVATE_INFORMATION = 0x00020102
 _LO_MAX = 64
 
-Original = RawDataElement | DataElement | None
-
 
 def modifying_system(ae_title: str, endpoint: str | None) -> str:
     """The Modifying System (LO) of a stage: ``AE`` (global) or ``AE:endpoint``."""
@@ -47,65 +49,52 @@ def modifying_system(ae_title: str, endpoint: str | None) -> str:
     return name[:_LO_MAX]
 
 
-def carries_item(ds: Dataset, system: str) -> bool:
-    """Does ``ds`` already carry an Original Attributes item of this stage?"""
-    element = ds.get(ORIGINAL_ATTRIBUTES)
-    if element is None or not isinstance(element.value, Sequence):
-        return False
-    for item in element.value:
-        if (str(item.get("ModifyingSystem", "")).strip() == system
-                and str(item.get("ReasonForTheAttributeModification", "")).strip() == REASON):
-            return True
-    return False
-
-
-def original_attributes_item(originals: Iterable[tuple[int, Original]], system: str, source: str,
-                             load: Callable[[RawDataElement], RawDataElement]) -> Dataset:
-    """One Original Attributes item for ``originals`` (tag → previous element, None
-    when the attribute was added); ``load`` reads a deferred value from the file."""
-    modified = Dataset()
-    for tag, element in originals:
-        if element is None:
-            modified[tag] = DataElement(tag, _vr_of_added(tag), None)
-        elif isinstance(element, RawDataElement):
-            modified[tag] = load(element) if element.value is None and element.length else element
-        else:
-            modified[tag] = element
-    item = Dataset()
-    item.ModifiedAttributesSequence = Sequence([modified])
-    item.AttributeModificationDateTime = time.strftime("%Y%m%d%H%M%S+0000", time.gmtime())
-    item.ModifyingSystem = system
-    item.SourceOfPreviousValues = source[:_LO_MAX]
-    item.ReasonForTheAttributeModification = REASON
-    return item
-
-
-def _vr_of_added(tag: int) -> str:
+def vr_of_added(tag: int) -> str:
+    """The VR of an attribute an operation added (its empty previous value's)."""
     try:
-        return dictionary_VR(tag)
+        vr = dictionary_VR(tag)
     except KeyError:
         return "UN"
-
-
-def append_item(ds: Dataset, item: Dataset) -> None:
-    """Add ``item`` to the data set's Original Attributes Sequence (made if absent)."""
-    element = ds.get(ORIGINAL_ATTRIBUTES)
-    if element is None or not isinstance(element.value, Sequence):
-        ds.OriginalAttributesSequence = Sequence([item])
-    else:
-        element.value.append(item)
+    return vr if len(vr) == 2 else "UN"
 
 
 def shaped_mark(endpoint: str) -> bytes:
     """The Private Information (OB, even length) of a copy shaped for ``endpoint``."""
-    text = f"shaped for {endpoint}".encode("ascii")
+    return _even(f"shaped for {endpoint}".encode("ascii"))
+
+
+def coerced_mark(spool_id: str) -> bytes:
+    """The Private Information of a file the global ``[coerce]`` of this spool changed."""
+    return _even(f"coerced by {spool_id}".encode("ascii"))
+
+
+def _even(text: bytes) -> bytes:
     return text + b"\0" if len(text) % 2 else text
 
 
-def shaped_for(meta_values: dict[int, bytes]) -> str | None:
-    """The endpoint a file was shaped for, from its raw file meta values (None: not ours)."""
+def _mark(meta_values: dict[int, bytes], prefix: str) -> str | None:
     creator = meta_values.get(PRIVATE_CREATOR_UID, b"").rstrip(b"\0 ").decode("ascii", "replace")
     if creator != SHAPED_MARK_UID:
         return None
     text = meta_values.get(PRIVATE_INFORMATION, b"").rstrip(b"\0").decode("ascii", "replace")
-    return text.removeprefix("shaped for ") if text.startswith("shaped for ") else None
+    return text.removeprefix(prefix) if text.startswith(prefix) else None
+
+
+def shaped_for(meta_values: dict[int, bytes]) -> str | None:
+    """The endpoint a file was shaped for, from its raw file meta values (None: not ours)."""
+    return _mark(meta_values, "shaped for ")
+
+
+def coerced_here(meta_values: dict[int, bytes], spool_id: str) -> bool:
+    """Did this spool's global ``[coerce]`` change this file?"""
+    return _mark(meta_values, "coerced by ") == spool_id
+
+
+def meta_values(meta: Dataset) -> dict[int, bytes]:
+    """The two mark elements of a pydicom file meta, as raw bytes."""
+    values = {}
+    for tag in (PRIVATE_CREATOR_UID, PRIVATE_INFORMATION):
+        if tag in meta:
+            value = meta[tag].value
+            values[tag] = value if isinstance(value, bytes) else str(value).encode("ascii", "replace")
+    return values

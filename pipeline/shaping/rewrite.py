@@ -25,6 +25,7 @@ import errno
 import os
 import struct
 import tempfile
+import time
 import warnings
 import zlib
 from collections.abc import Iterator
@@ -33,7 +34,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO, Protocol, cast
 
-from pydicom.dataelem import RawDataElement
+from pydicom.dataelem import DataElement
 from pydicom.dataset import Dataset, FileDataset, FileMetaDataset
 from pydicom.filebase import DicomBytesIO
 from pydicom.filereader import read_dataset
@@ -53,7 +54,7 @@ EXPLICIT_LE = "1.2.840.10008.1.2.1"
 #: previous values kept in one Original Attributes item at most (a private blob of
 #: hundreds of MiB deleted by ``delete private`` would otherwise be held in memory)
 MAX_ORIGINAL_BYTES = 16 * 1024 * 1024
-_SOP_INSTANCE = 0x00080018
+UNDEFINED = 0xFFFFFFFF
 
 
 class _Operations(Protocol):
@@ -77,8 +78,6 @@ class Plan:
     source: ShapingSource
     changes: _Changes | None
     dirty: set[int] = field(default_factory=set)
-    #: the stage's item was there already: nothing was applied
-    already_shaped: bool = False
 
     @property
     def changed(self) -> bool:
@@ -88,9 +87,10 @@ class Plan:
     def sop_instance_uid(self) -> str:
         return str(self.source.dataset.get("SOPInstanceUID", ""))
 
-    def write(self, fd: int, mark_for: str | None = None) -> None:
-        """Write the shaped file to the open descriptor ``fd`` (at its position)."""
-        self.source.write(fd, self.dirty, mark_for)
+    def write(self, fd: int, mark: bytes | None = None) -> None:
+        """Write the shaped file to the open descriptor ``fd`` (at its position), with
+        ``mark`` as its file meta's Private Information (:mod:`provenance`)."""
+        self.source.write(fd, self.dirty, mark)
 
 
 @dataclass
@@ -108,6 +108,8 @@ class ShapingSource:
     implicit: bool
     little: bool
     deflate: bool           # the output's data set is deflated again
+    #: the Original Attributes items the plans made, encoded (written after the file's)
+    new_items: list[bytes] = field(default_factory=list)
 
     @classmethod
     @contextmanager
@@ -149,12 +151,10 @@ class ShapingSource:
 
     def plan(self, operations: _Operations | None, system: str) -> Plan:
         """Apply ``operations`` to the header for the stage ``system`` (Modifying
-        System); a file that already carries that stage's item is left as it is."""
+        System): the changed attributes, and a new Original Attributes item."""
         ds = self.dataset
         if operations is None:
             return Plan(self, None)
-        if provenance.carries_item(ds, system):
-            return Plan(self, None, already_shaped=True)
         original_uid = str(ds.get("SOPInstanceUID", ""))
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -162,49 +162,113 @@ class ShapingSource:
         plan = Plan(self, changes, set(changes.originals))
         if not changes:
             return plan
+        if provenance.ORIGINAL_ATTRIBUTES in changes.originals:
+            raise ShapingError("operations may not change the Original Attributes Sequence")
         uid = str(ds.get("SOPInstanceUID", ""))
         if uid != original_uid and not is_valid_uid(uid):
             raise ShapingError("SOPInstanceUID: the new value is not a valid UID (digits and dots, "
                                "at most 64 characters)")
         source_ae = str(self.meta.get("SourceApplicationEntityTitle", "") or "").strip()
-        item = provenance.original_attributes_item(changes.originals.items(), system, source_ae,
-                                                   self._loader())
-        provenance.append_item(ds, item)
+        self.new_items.append(self._item(changes.originals, system, source_ae))
         plan.dirty.add(provenance.ORIGINAL_ATTRIBUTES)
         return plan
 
-    def _loader(self):
-        """Reads deferred previous values for the Original Attributes item, within a cap."""
-        budget = [MAX_ORIGINAL_BYTES]
+    # -- the Original Attributes item, encoded here ------------------------------------
 
-        def load(raw: RawDataElement) -> RawDataElement:
-            budget[0] -= raw.length
-            if budget[0] < 0:
+    def _item(self, originals: dict, system: str, source: str) -> bytes:
+        """One Original Attributes item: the previous elements exactly as the file holds
+        them (their spans: encoding, character set and all, valid or not), an added
+        attribute as an empty element, and the item's own attributes."""
+        budget = MAX_ORIGINAL_BYTES
+        parts = []
+        for tag in sorted(originals):
+            if originals[tag] is None:
+                parts.append(self._element(DataElement(tag, provenance.vr_of_added(tag), None)))
+                continue
+            span = self._span(tag)
+            budget -= span.end - span.start
+            if budget < 0:
                 raise ShapingError(f"the previous values of the changed attributes exceed "
                                    f"{MAX_ORIGINAL_BYTES // (1024 * 1024)} MiB: not kept, not shaped")
-            value = os.pread(self.work.fileno(), raw.length, raw.value_tell)
-            if len(value) != raw.length:
-                raise ShapingError("the file changed while it was shaped")
-            return raw._replace(value=value)
-        return load
+            parts.append(self._read_exactly(span.start, span.end - span.start))
+        modified = self._sequence(provenance.MODIFIED_ATTRIBUTES, self._items([b"".join(parts)]))
+        stamp = time.strftime("%Y%m%d%H%M%S+0000", time.gmtime())
+        own = [DataElement(0x04000562, "DT", stamp), DataElement(0x04000563, "LO", system),
+               DataElement(0x04000564, "LO", source[:64]),
+               DataElement(0x04000565, "CS", provenance.REASON)]
+        return modified + b"".join(self._element(element) for element in own)
+
+    def _span(self, tag: int) -> Span:
+        found = [span for span in self.spans if span.tag == tag]
+        if not found:
+            raise ShapingError(f"({tag >> 16:04X},{tag & 0xFFFF:04X}): not found where the walk saw "
+                               f"the file's elements: not shaped")
+        return found[-1]  # a repeated tag: the last one, as pydicom
+
+    def _read_exactly(self, offset: int, count: int) -> bytes:
+        data = os.pread(self.work.fileno(), count, offset)
+        if len(data) != count:
+            raise ShapingError("the file changed while it was shaped")
+        return data
+
+    def _element(self, element: DataElement) -> bytes:
+        buffer = DicomBytesIO()
+        buffer.is_little_endian, buffer.is_implicit_VR = self.little, self.implicit
+        write_data_element(buffer, element, self.dataset._character_set)
+        return buffer.getvalue()
+
+    def _pack(self, fmt: str, *values: int) -> bytes:
+        return struct.pack(("<" if self.little else ">") + fmt, *values)
+
+    def _items(self, contents: list[bytes]) -> bytes:
+        """Sequence items of undefined length around each encoded content."""
+        return b"".join(self._pack("HHL", 0xFFFE, 0xE000, UNDEFINED) + content
+                        + self._pack("HHL", 0xFFFE, 0xE00D, 0) for content in contents)
+
+    def _sequence(self, tag: int, items: bytes) -> bytes:
+        """A sequence element of undefined length holding the encoded ``items``."""
+        head = self._pack("HH", tag >> 16, tag & 0xFFFF)
+        head += self._pack("L", UNDEFINED) if self.implicit else b"SQ\0\0" + self._pack("L", UNDEFINED)
+        return head + items + self._pack("HHL", 0xFFFE, 0xE0DD, 0)
+
+    def _original_attributes(self) -> bytes:
+        """The Original Attributes Sequence: the file's items, byte for byte, then ours."""
+        existing = (self._existing_items() if provenance.ORIGINAL_ATTRIBUTES in self.dataset
+                    else b"")
+        return self._sequence(provenance.ORIGINAL_ATTRIBUTES, existing + self._items(self.new_items))
+
+    def _existing_items(self) -> bytes:
+        """The items of the file's own Original Attributes Sequence, as they are."""
+        span = self._span(provenance.ORIGINAL_ATTRIBUTES)
+        data = self._read_exactly(span.start, span.end - span.start)
+        header = 8 if self.implicit else 12
+        length = struct.unpack(("<" if self.little else ">") + "L", data[header - 4:header])[0]
+        value = data[header:]
+        if length != UNDEFINED:
+            return value[:length]
+        if value[-8:] != self._pack("HHL", 0xFFFE, 0xE0DD, 0):
+            raise ShapingError("the file's Original Attributes Sequence does not end as it should")
+        return value[:-8]
 
     # -- writing -----------------------------------------------------------------------
 
-    def write(self, fd: int, dirty: set[int], mark_for: str | None) -> None:
+    def write(self, fd: int, dirty: set[int], mark: bytes | None) -> None:
         out = _Output(fd)
         out.write(os.pread(self.work.fileno(), 128, 0) + b"DICM")
-        out.write(self._meta_bytes(mark_for))
+        out.write(self._meta_bytes(mark))
         if self.deflate:
             out.start_deflate()
         for kind, tag, start, end in self._pieces(dirty):
             if kind == "copy":
                 out.copy(self.work.fileno(), start, end)
+            elif tag == provenance.ORIGINAL_ATTRIBUTES:
+                out.write(self._original_attributes())
             else:
                 out.write(self._encode(tag))
         out.copy(self.work.fileno(), self.header_end, self.size)
         out.finish()
 
-    def _meta_bytes(self, mark_for: str | None) -> bytes:
+    def _meta_bytes(self, mark: bytes | None) -> bytes:
         """The file meta group of the copy: the original's elements, byte for byte, but
         for Media Storage SOP Instance UID (following a coerced SOP Instance UID), the
         "shaped for" mark, and the group length."""
@@ -212,12 +276,12 @@ class ShapingSource:
         uid = str(self.dataset.get("SOPInstanceUID", ""))
         if uid and uid != str(self.meta.get("MediaStorageSOPInstanceUID", "")):
             elements[0x00020003] = _meta_element(0x00020003, b"UI", _padded(uid.encode(), b"\0"))
-        if mark_for is not None:
+        if mark is not None:
             elements[provenance.PRIVATE_CREATOR_UID] = _meta_element(
                 provenance.PRIVATE_CREATOR_UID, b"UI",
                 _padded(provenance.SHAPED_MARK_UID.encode(), b"\0"))
             elements[provenance.PRIVATE_INFORMATION] = _meta_element(
-                provenance.PRIVATE_INFORMATION, b"OB", provenance.shaped_mark(mark_for))
+                provenance.PRIVATE_INFORMATION, b"OB", mark)
         elements.pop(0x00020000, None)
         group = b"".join(elements[tag] for tag in sorted(elements))
         return struct.pack("<HH2sHL", 0x0002, 0x0000, b"UL", 4, len(group)) + group
@@ -227,7 +291,8 @@ class ShapingSource:
         tags to encode."""
         kept = [("copy", span.tag, span.start, span.end) for span in self.spans
                 if span.tag not in dirty]
-        encoded = [("encode", tag, 0, 0) for tag in dirty if tag in self.dataset]
+        encoded = [("encode", tag, 0, 0) for tag in dirty
+                   if tag in self.dataset or tag == provenance.ORIGINAL_ATTRIBUTES]
         pieces = sorted(kept + encoded, key=lambda piece: piece[1])
         joined: list[tuple[str, int, int, int]] = []
         for piece in pieces:
