@@ -679,6 +679,8 @@ class _Walker:
                     self.encapsulated_pixel_data = length == _UNDEFINED
                 elif self.recorder is not None:
                     self.recorder.element(tag, vr, length, self.src.tell())
+            elif depth == 0 and self.recorder is not None:
+                self.recorder.after_pixel_data(tag)
             if tag == _ITEM_END:
                 if until_item_end:
                     return
@@ -748,6 +750,8 @@ class _Walker:
                         self.encapsulated_pixel_data = False
                     elif recorder is not None:
                         recorder.element(tag, vr, length, value_at)
+                elif recorder is not None:
+                    recorder.after_pixel_data(tag)
                 self._count(header, 0 if length > DEFER_SIZE else length)
                 if value_at + length > size:
                     raise _Truncated(f"element ({group:04X},{element:04X}) at byte {value_at} needs "

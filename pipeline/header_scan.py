@@ -149,6 +149,9 @@ class ElementRecorder(Protocol):
 
     def element(self, tag: int, vr: bytes | None, length: int, value_at: int) -> None: ...
 
+    def after_pixel_data(self, tag: int) -> None:
+        """A top-level element after the pixel data (the shaping writer cannot reach it)."""
+
 
 class Recorder:
     """Filled by the completeness walk: where each wanted top-level element's value is,
@@ -161,6 +164,9 @@ class Recorder:
         self.found: dict[int, tuple[bytes | None, int, int]] = {}
         self.blocked: str | None = None
         self._first = True
+
+    def after_pixel_data(self, tag: int) -> None:
+        """Nothing the rules read is after the pixel data (pydicom stops there too)."""
 
     def starts_at(self, meta_end: int, dataset_start: int) -> None:
         """Our meta reader and pydicom's must agree where the data set starts."""

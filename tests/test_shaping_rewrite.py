@@ -13,7 +13,7 @@ from pydicom.data import get_testdata_file
 from pydicom.dataset import Dataset
 from pydicom.sequence import Sequence
 
-from pipeline.errors import QuarantineError
+from pipeline.errors import QuarantineError, ShapingError
 from pipeline.header import DEFAULT_LIMITS, read_meta
 from pipeline.shaping import provenance
 from pipeline.shaping.operations import parse_operations
@@ -169,3 +169,20 @@ def test_a_truncated_file_is_refused_before_anything_is_written(tmp_path):
     cut.write_bytes(src.read_bytes()[:-100])
     with pytest.raises(QuarantineError), ShapingSource.open(cut, DEFAULT_LIMITS, tmp_path):
         pass
+
+
+def test_what_follows_the_pixel_data_is_refused_where_operations_would_miss_it(tmp_path):
+    ds = make_dataset(patient_id="P")
+    block = ds.private_block(0x7FE1, "GEMS_VIEWER_01", create=True)  # after (7FE0,0010)
+    block.add_new(0x01, "LO", "private")
+    src = write_dataset(ds, tmp_path / "private-after.dcm")
+    out = tmp_path / "out.dcm"
+    shape(src, out, SITE_A)  # not deleting private elements: copied through
+    assert pydicom.dcmread(out)[0x7FE11001].value == "private"
+    with pytest.raises(ShapingError, match=r"private element \(7FE1,0010\) follows the pixel"):
+        shape(src, out, parse_operations("delete private"))
+    ds = make_dataset(patient_id="P")
+    ds.add_new(0x7FE20010, "LO", "out of place")
+    src = write_dataset(ds, tmp_path / "public-after.dcm")
+    with pytest.raises(ShapingError, match=r"attribute \(7FE2,0010\) follows the pixel data"):
+        shape(src, out, SITE_A)

@@ -38,9 +38,14 @@ class LayoutRecorder:
 
     starts: list[tuple[int, int]] = field(default_factory=list)
     dataset_start: int = 0
+    #: top-level tags after the pixel data: copied through, never reached by operations
+    trailing: list[int] = field(default_factory=list)
 
     def starts_at(self, meta_end: int, dataset_start: int) -> None:
-        self.dataset_start = meta_end
+        self.dataset_start = meta_end  # where our meta reader ended: the layout's own count
+
+    def after_pixel_data(self, tag: int) -> None:
+        self.trailing.append(tag)
 
     def element(self, tag: int, vr: bytes | None, length: int, value_at: int) -> None:
         header = 12 if vr is not None and vr in LONG_VRS else 8

@@ -341,6 +341,16 @@ class Operations:
     def __bool__(self) -> bool:
         return bool(self.lines)
 
+    @property
+    def deletes_private(self) -> bool:
+        """Is there a ``delete private`` (conditional or not)? The writer refuses a file
+        with private elements after its pixel data then: they cannot be reached."""
+        def deletes(operation: Operation) -> bool:
+            if isinstance(operation, Conditional):
+                return deletes(operation.operation)
+            return isinstance(operation, DeletePrivate)
+        return any(deletes(line) for line in self.lines)
+
     def apply(self, ds: Dataset) -> Changes:
         """Apply every line in order to ``ds`` in place; ShapingError if it cannot be shaped.
 

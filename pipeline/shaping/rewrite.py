@@ -55,6 +55,9 @@ EXPLICIT_LE = "1.2.840.10008.1.2.1"
 #: hundreds of MiB deleted by ``delete private`` would otherwise be held in memory)
 MAX_ORIGINAL_BYTES = 16 * 1024 * 1024
 UNDEFINED = 0xFFFFFFFF
+#: what may follow the pixel data and is copied as it is: Digital Signatures Sequence,
+#: Data Set Trailing Padding
+TRAILING_OK = frozenset({0xFFFAFFFA, 0xFFFCFFFC})
 
 
 class _Operations(Protocol):
@@ -62,6 +65,9 @@ class _Operations(Protocol):
     free of the grammar)."""
 
     def apply(self, ds: Dataset) -> _Changes: ...
+
+    @property
+    def deletes_private(self) -> bool: ...
 
 
 class _Changes(Protocol):
@@ -108,6 +114,8 @@ class ShapingSource:
     implicit: bool
     little: bool
     deflate: bool           # the output's data set is deflated again
+    #: top-level tags after the pixel data (copied through)
+    trailing: list[int] = field(default_factory=list)
     #: the Original Attributes items the plans made, encoded (written after the file's)
     new_items: list[bytes] = field(default_factory=list)
 
@@ -145,7 +153,8 @@ class ShapingSource:
                                              lambda at, n: os.pread(work.fileno(), n, at))
         dataset = _read_header(work, meta, recorder.dataset_start, not structure.explicit, little)
         return cls(work, meta, recorder.dataset_start, syntax, recorder.spans(header_end),
-                   header_end, size, dataset, not structure.explicit, little, deflate)
+                   header_end, size, dataset, not structure.explicit, little, deflate,
+                   recorder.trailing)
 
     # -- planning ----------------------------------------------------------------------
 
@@ -155,6 +164,7 @@ class ShapingSource:
         ds = self.dataset
         if operations is None:
             return Plan(self, None)
+        self._check_trailing(operations)
         original_uid = str(ds.get("SOPInstanceUID", ""))
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -172,6 +182,19 @@ class ShapingSource:
         self.new_items.append(self._item(changes.originals, system, source_ae))
         plan.dirty.add(provenance.ORIGINAL_ATTRIBUTES)
         return plan
+
+    def _check_trailing(self, operations: _Operations) -> None:
+        """Elements after the pixel data are copied, never reached: refuse a file where
+        that would leave what the operations mean to change — a public attribute out of
+        place there (an operation could not see it: two values would travel), or a
+        private one under ``delete private``."""
+        for tag in self.trailing:
+            group = tag >> 16
+            if tag in TRAILING_OK or group == 0x7FE0 or (group % 2 and not operations.deletes_private):
+                continue
+            kind = "a private element" if group % 2 else "an attribute"
+            raise ShapingError(f"{kind} ({group:04X},{tag & 0xFFFF:04X}) follows the pixel data, "
+                               f"where operations cannot reach it: not shaped")
 
     # -- the Original Attributes item, encoded here ------------------------------------
 
