@@ -196,7 +196,8 @@ def check_coerced(copy: Path, original: Path, calling: str | None) -> None:
 
 
 def shaped_mark(path: Path) -> str | None:
-    """The file meta's Private Information (0002,0102): the filter's "shaped for" mark."""
+    """The file meta's Private Information (0002,0102): the filter's "shaped for" (or the
+    global stage's "coerced by") mark."""
     info = pydicom.filereader.read_file_meta_info(path).get("PrivateInformation")
     return None if info is None else bytes(info).rstrip(b"\0").decode()
 
@@ -378,7 +379,7 @@ def test_kill_9_of_the_filter_while_shaping_leaves_one_copy_per_endpoint(tmp_pat
 @pytest.mark.slow
 def test_kill_9_with_a_global_coerce_never_coerces_twice(tmp_path: Path) -> None:
     """router.ini's [coerce] replaces the file in accepted/; a redo after a kill finds
-    the global item there and leaves the file as it is."""
+    this spool's "coerced by" mark there and leaves the file as it is."""
     conf = write_conf(tmp_path, router={"log_level": "INFO", "ae_title": AE},
                       endpoints={"east": endpoint(1, "EAST"), "west": endpoint(2, "WEST")})
     text = OPERATIONS.replace("\n", "\n    ")
@@ -391,7 +392,8 @@ def test_kill_9_with_a_global_coerce_never_coerces_twice(tmp_path: Path) -> None
         found, paths = copies_by_uid(spool, name)
         assert found == Counter(uids), f"each instance exactly once for {name}"
         for path in paths:
-            assert shaped_mark(path) is None  # a hard link of the coerced accepted file
+            # a hard link of the coerced accepted file, marked by this spool
+            assert shaped_mark(path) == f"coerced by {spool.instance_id(create=False)}"
             check_one_item(path, AE)
 
 
