@@ -16,7 +16,7 @@ from there, and deflated again as it is written.
 
 Usage: ``with ShapingSource.open(path, limits, scratch) as source:`` then
 ``plan = source.plan(operations, system)`` (applies the operations to the header) and,
-if the copy is wanted, ``plan.write(fd, mark_for=endpoint)``.
+if the copy is wanted, ``plan.write(fd, provenance.shaped_mark(endpoint))``.
 """
 
 from __future__ import annotations
