@@ -161,12 +161,7 @@ class Spool:
 
     def handbacks(self) -> list[str]:
         """Endpoints with a hand-back folder in ``accepted/``, sorted."""
-        try:
-            with os.scandir(self.accepted) as entries:
-                return sorted(e.name for e in entries
-                              if e.is_dir(follow_symlinks=False) and is_valid_endpoint_name(e.name))
-        except FileNotFoundError:
-            return []
+        return _endpoint_folders(self.accepted)
 
     def outbox(self, endpoint: str) -> Path:
         return self.endpoint_stage("outbox", endpoint)
@@ -228,12 +223,7 @@ class Spool:
         """
         if stage not in PER_ENDPOINT_STAGES:
             raise SpoolError(f"{stage!r} is not a per-endpoint stage")
-        try:
-            with os.scandir(self.stage(stage)) as entries:
-                return sorted(e.name for e in entries
-                              if e.is_dir(follow_symlinks=False) and is_valid_endpoint_name(e.name))
-        except (FileNotFoundError, NotADirectoryError):
-            return []
+        return _endpoint_folders(self.stage(stage))
 
     def instance_id(self, create: bool = True) -> str:
         """This spool's own random id (``run/spool-id``, made once): what the global
@@ -378,41 +368,36 @@ class Spool:
         The sidecar is written first, so a file is never visible there without its reason.
         A name already taken there is handled as in :meth:`move_final`.
         """
-        name = name or src.name
-        existing = directory / name
-        if os.path.lexists(existing):
-            if _same_inode(src, existing):
-                self.write_sidecar(existing, suffix, reason)
-                self.unlink(src)
-                return existing
-            name = fresh_name_like(name)
-        sidecar = self.write_sidecar(directory / name, suffix, reason)
-        try:
-            return self.move(src, directory, name)
-        except FileExistsError:
-            raise
-        except OSError:  # nothing published: no reason without its file
-            with suppress(OSError):
-                sidecar.unlink()
-            raise
+        return self._with_reason(src, directory, suffix, reason, name, keep_source=False)
 
     def link_with_reason(self, src: Path, directory: Path, suffix: str, reason: str,
                          name: str | None = None) -> Path:
         """Hard-link ``src`` into ``failed/<endpoint>/`` (or another stage) with its
         sidecar, written first: an endpoint's copy that could not be shaped. A name taken
         there by another file gets a fresh one; the same file there already is kept."""
+        return self._with_reason(src, directory, suffix, reason, name, keep_source=True)
+
+    def _with_reason(self, src: Path, directory: Path, suffix: str, reason: str,
+                     name: str | None, keep_source: bool) -> Path:
+        """Publish ``src`` (moved, or linked with ``keep_source``) beside its sidecar."""
         name = name or src.name
         existing = directory / name
         if os.path.lexists(existing):
             if _same_inode(src, existing):
                 self.write_sidecar(existing, suffix, reason)
+                if not keep_source:
+                    self.unlink(src)
                 return existing
             name = fresh_name_like(name)
         sidecar = self.write_sidecar(directory / name, suffix, reason)
         try:
-            return self.link(src, directory, name)
-        except OSError:  # nothing published: no reason without its file
-            with suppress(OSError):
+            if keep_source:
+                return self.link(src, directory, name)
+            return self.move(src, directory, name)
+        except OSError as exc:
+            if isinstance(exc, FileExistsError) and not keep_source:
+                raise  # a move that lost a race for the name: the sidecar stays, as before
+            with suppress(OSError):  # nothing published: no reason without its file
                 sidecar.unlink()
             raise
 
@@ -607,6 +592,16 @@ def _mount_points_under(root: Path) -> list[Path]:
         if point != base and point.startswith(base.rstrip("/") + "/"):
             found.append(Path(root) / os.path.relpath(point, base))
     return found
+
+
+def _endpoint_folders(directory: Path) -> list[str]:
+    """The sub-folders of ``directory`` named like endpoints, sorted (no symlinks)."""
+    try:
+        with os.scandir(directory) as entries:
+            return sorted(e.name for e in entries
+                          if e.is_dir(follow_symlinks=False) and is_valid_endpoint_name(e.name))
+    except (FileNotFoundError, NotADirectoryError):
+        return []
 
 
 def _same_inode(a: Path, b: Path) -> bool:
