@@ -476,14 +476,16 @@ class FilterDaemon:
             return False
         known = self._copies.get(endpoint)
         if known is None:
-            known = self._copies[endpoint] = set()
-            for stage in (self.spool.outbox(endpoint), self.spool.sent(endpoint),
-                          self.spool.failed(endpoint)):
-                for path in self.spool.list_stage(stage):
-                    found = copy_prefix(path.name)
-                    if found is not None:
-                        known.add(found)
+            known = self._copies[endpoint] = set().union(*(
+                self._prefixes_in(stage) for stage in (
+                    self.spool.outbox(endpoint), self.spool.sent(endpoint),
+                    self.spool.failed(endpoint))))
         return prefix in known
+
+    def _prefixes_in(self, stage: Path) -> set[str]:
+        """The ``<time>-<counter>`` prefixes of the standard names in a stage."""
+        return {prefix for path in self.spool.list_stage(stage)
+                if (prefix := copy_prefix(path.name)) is not None}
 
     # -- hand-backs (accepted/<endpoint>/) --------------------------------------------
 
@@ -525,8 +527,7 @@ class FilterDaemon:
                 self.spool.move(path, outbox, fresh_name_like(path.name))
             return f"handed back, {endpoint} shapes nothing now: back in its outbox"
         prefix = copy_prefix(path.name)
-        if prefix is not None and any(copy_prefix(p.name) == prefix
-                                      for p in self.spool.list_stage(outbox)):
+        if prefix is not None and prefix in self._prefixes_in(outbox):
             self.spool.unlink(path)  # shaped before an interruption
             return "handed back: its shaped copy is already in the outbox"
         if not self._shape_copy(path, endpoint):

@@ -64,16 +64,15 @@ class Shaper:
         return provenance.coerced_here(provenance.meta_values(meta), self.spool_id)
 
     def coerce_global(self, accepted: Path, decide: Callable[[Dataset], T]) -> T | None:
-        """Apply router.ini's ``[coerce]`` to ``accepted/<name>``; ``decide`` is called
-        with the coerced header while the file is still open (a value it reads may be
-        deferred), and its answer returned. None when nothing changed."""
+        """Apply router.ini's ``[coerce]`` to ``accepted/<name>`` — a file the caller
+        found not :meth:`coerced_here` already; ``decide`` is called with the coerced
+        header while the file is still open (a value it reads may be deferred), and its
+        answer returned. None when nothing changed."""
         operations = self.config.router.coerce
         if not operations:
             return None
         with ShapingSource.open(accepted, self.config.router.header_limits,
                                 self.spool.tmp_dir(self.spool.accepted)) as source:
-            if self.coerced_here(source.meta):
-                return None
             plan = source.plan(operations, self.global_system)
             if not plan.changed:
                 return None
