@@ -12,7 +12,9 @@ never passes silently. Endpoint files also accept the older DicomFlowRouter layo
 from __future__ import annotations
 
 import configparser
+import os
 import ssl
+import stat
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
@@ -24,6 +26,7 @@ from pipeline.header import HeaderLimits
 from pipeline.names import is_valid_endpoint_name
 from pipeline.rules import RuleSet
 from pipeline.schedule import Window
+from pipeline.shaping.deidentify import DeidentifyConfig
 from pipeline.shaping.operations import Operations
 
 # -- typed configuration (no defaults here: the loader takes each from config_keys) --
@@ -134,11 +137,13 @@ class EndpointConfig:
     window: Window
     #: [coerce] operations: this endpoint's copy is shaped (its own file, not a link)
     coerce: Operations
+    #: [deidentify]: this endpoint's copy is de-identified (None: it is not)
+    deidentify: DeidentifyConfig | None = None
 
     @property
     def shapes(self) -> bool:
         """Does this endpoint get its own shaped file (and send only those)?"""
-        return bool(self.coerce)
+        return bool(self.coerce) or self.deidentify is not None
 
     def dimse_timeout_for(self, file_size: int) -> float:
         """A C-STORE's timeout includes transmitting the file (P-DATA is queued before the wait)."""
@@ -386,7 +391,52 @@ def load_endpoint(path: Path, router: RouterConfig) -> EndpointConfig:
     values["rules"] = RuleSet(**_whole(section("filter")))
     values.update(_whole(section("schedule")))  # window
     values.update(_whole(section("coerce")))  # coerce
+    values["deidentify"] = _deidentify(section("deidentify"), conf_dir)
     return EndpointConfig(name=name, conf_file=path, **values)
+
+
+#: the shortest key accepted for pseudonyms (128 bits)
+MIN_KEY_BYTES = 16
+MAX_KEY_BYTES = 4096
+
+
+def _deidentify(section: _Section, conf_dir: Path) -> DeidentifyConfig | None:
+    """``[deidentify]``: every key checked together, the key file read and guarded."""
+    values = _whole(section)
+    if values["profile"] is None:
+        for key in ("options", "key_file", "safe_private"):
+            if values[key]:
+                raise section.error(key, "needs profile = basic")
+        return None
+    if values["key_file"] is None:
+        raise section.error("key_file", "is required with a profile (the pseudonyms' secret key)")
+    if values["safe_private"] and "retain_safe_private" not in values["options"]:
+        raise section.error("safe_private", "needs the option retain_safe_private")
+    secret = _read_key(section, _resolve(conf_dir, values["key_file"]))
+    return DeidentifyConfig(values["options"], secret, values["allow_burned_in"],
+                            values["safe_private"])
+
+
+def _read_key(section: _Section, path: Path) -> bytes:
+    """The key file's bytes; refused unless only its owner can read it."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+    except OSError as exc:
+        raise section.error("key_file", f"{path}: {exc.strerror}") from None
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise section.error("key_file", f"{path} is not a regular file")
+        if st.st_mode & 0o077:
+            raise section.error("key_file", f"{path} is readable by group or others (mode "
+                                f"{stat.S_IMODE(st.st_mode):04o}): chmod 600 it")
+        key = os.read(fd, MAX_KEY_BYTES + 1).strip()
+    finally:
+        os.close(fd)
+    if not MIN_KEY_BYTES <= len(key) <= MAX_KEY_BYTES:
+        raise section.error("key_file", f"{path}: a key is {MIN_KEY_BYTES} to {MAX_KEY_BYTES} "
+                            f"bytes (e.g. head -c 32 /dev/urandom | base64 > FILE)")
+    return key
 
 
 def _retry(sec: _Section) -> RetryPolicy:

@@ -21,6 +21,8 @@ from pipeline.config_types import (
     ae_title_list,
     boolean,
     conditions,
+    deid_options,
+    deid_profile,
     duration,
     host,
     integer,
@@ -32,6 +34,7 @@ from pipeline.config_types import (
     positive_duration,
     positive_int,
     positive_size,
+    safe_private_list,
     size,
     size_or_percent,
     sop_list,
@@ -226,6 +229,25 @@ _ENDPOINT = [
            "attribute coercion for this endpoint's copy only: one operation per line (see "
            "Shaping); an endpoint with operations gets its own file instead of a hard link",
            field="coerce", shown="*(none)*"),
+    Option(ENDPOINT, "deidentify", "profile", deid_profile, None,
+           "`basic`: this endpoint's copies are de-identified by PS3.15 Table E.1-1 (see "
+           "De-identification); `[coerce]` operations then apply to the de-identified copy",
+           shown="*(none)*"),
+    Option(ENDPOINT, "deidentify", "options", deid_options, "",
+           "the profile's options, comma-separated: `retain_full_dates`, "
+           "`retain_modified_dates`, `retain_patient_characteristics`, "
+           "`retain_device_identity`, `retain_institution_identity`, `retain_uids`, "
+           "`retain_safe_private`, `clean_descriptors`", shown="*(none)*"),
+    Option(ENDPOINT, "deidentify", "key_file", str, None,
+           "the secret key of the pseudonyms (at least 16 bytes; mode 0600 or stricter, "
+           "refused if group or others can read it); relative to the conf directory",
+           shown="*(required with a profile)*"),
+    Option(ENDPOINT, "deidentify", "allow_burned_in", boolean, "false",
+           "also send files that may show identity in their pixels (Burned In Annotation "
+           "YES, or an ultrasound, secondary capture, photo, video or PDF without NO)"),
+    Option(ENDPOINT, "deidentify", "safe_private", safe_private_list, "",
+           "with `retain_safe_private`: the private elements kept, one `CREATOR (gggg,xxee)` "
+           "per line", shown="*(none)*"),
     Option(ENDPOINT, "schedule", "window", window, "",
            "delivery window, one entry per line (see below)", shown="*(empty = always)*"),
     Option(ENDPOINT, "retry", "max_attempts", positive_int, "10",

@@ -15,6 +15,7 @@ from pipeline.errors import OperationSyntaxError, RuleSyntaxError, WindowSyntaxE
 from pipeline.names import is_valid_ae_title
 from pipeline.rules import parse_conditions, parse_sop_list
 from pipeline.schedule import Window, parse_window
+from pipeline.shaping.deidentify import OPTION_CODES, SafePrivate
 from pipeline.shaping.operations import Operations, parse_operations
 
 LOG_LEVELS = ("TRACE", "DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
@@ -171,10 +172,62 @@ def operations(value: str) -> Operations:
         raise ValueError(str(exc)) from None
 
 
+#: options of PS3.15 Annex E that DicomFlow does not offer, and why
+UNSUPPORTED_DEID_OPTIONS = {
+    "clean_pixel_data": "pixel data is never decoded here (use allow_burned_in = false, "
+                        "the default, to keep burned-in text away)",
+    "clean_recognizable_visual_features": "pixel data is never decoded here",
+    "clean_graphics": "graphics are not inspected (overlays and curves are removed, as in "
+                      "the Basic Profile)",
+    "clean_structured_content": "SR content is not inspected (content sequences follow "
+                                "the Basic Profile)",
+}
+
+
+def deid_profile(value: str) -> str:
+    """``[deidentify] profile``: ``basic`` (PS3.15 Table E.1-1) or empty (none)."""
+    if value.lower() != "basic":
+        raise ValueError(f"{value!r}: the profile is basic (PS3.15 Annex E, Table E.1-1), or "
+                         f"leave it empty for no de-identification")
+    return "basic"
+
+
+def deid_options(value: str) -> frozenset[str]:
+    """``[deidentify] options``: a comma-separated list of the profile's options."""
+    chosen = frozenset(v.lower().replace("-", "_").replace(" ", "_") for v in _split_list(value))
+    for option in sorted(chosen):
+        if option in UNSUPPORTED_DEID_OPTIONS:
+            raise ValueError(f"{option}: not offered: {UNSUPPORTED_DEID_OPTIONS[option]}")
+        if option not in OPTION_CODES:
+            raise ValueError(f"{option!r} is not an option (one of: {', '.join(OPTION_CODES)})")
+    if {"retain_full_dates", "retain_modified_dates"} <= chosen:
+        raise ValueError("retain_full_dates and retain_modified_dates exclude each other")
+    return chosen
+
+
+_SAFE_PRIVATE_RE = re.compile(
+    r"(?P<creator>.+?)\s*\(\s*(?P<group>[0-9A-Fa-f]{4})\s*,\s*[xX]{2}(?P<element>[0-9A-Fa-f]{2})\s*\)")
+
+
+def safe_private_list(value: str) -> tuple[SafePrivate, ...]:
+    """``[deidentify] safe_private``: one ``CREATOR (gggg,xxee)`` per line."""
+    kept = []
+    for line in (v.strip() for v in value.splitlines() if v.strip()):
+        match = _SAFE_PRIVATE_RE.fullmatch(line)
+        if match is None:
+            raise ValueError(f"{line!r}: write CREATOR (gggg,xxee), e.g. GEMS_PARM_01 (0043,xx39)")
+        group = int(match["group"], 16)
+        if group % 2 == 0 or group < 0x0009:
+            raise ValueError(f"{line!r}: ({match['group']},…) is not a private group")
+        kept.append(SafePrivate(match["creator"].strip(), group, int(match["element"], 16)))
+    return tuple(kept)
+
+
 def _split_list(value: str) -> list[str]:
     return [v.strip() for v in re.split(r"[,\n]", value) if v.strip()]
 
 
 #: Converters whose empty value is a value (no list entries, "always open"); for every
 #: other converter an empty value means "not given", i.e. the key's default.
-EMPTY_OK: tuple = (sop_list, conditions, window, ae_title_list, networks, operations)
+EMPTY_OK: tuple = (sop_list, conditions, window, ae_title_list, networks, operations, deid_options,
+                   safe_private_list)

@@ -680,7 +680,7 @@ class _Walker:
                 elif self.recorder is not None:
                     self.recorder.element(tag, vr, length, self.src.tell())
             elif depth == 0 and self.recorder is not None:
-                self.recorder.after_pixel_data(tag)
+                self.recorder.after_pixel_data(tag, self.src.tell() - header)
             if tag == _ITEM_END:
                 if until_item_end:
                     return
@@ -751,7 +751,7 @@ class _Walker:
                     elif recorder is not None:
                         recorder.element(tag, vr, length, value_at)
                 elif recorder is not None:
-                    recorder.after_pixel_data(tag)
+                    recorder.after_pixel_data(tag, pos)
                 self._count(header, 0 if length > DEFER_SIZE else length)
                 if value_at + length > size:
                     raise _Truncated(f"element ({group:04X},{element:04X}) at byte {value_at} needs "

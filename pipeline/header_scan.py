@@ -149,8 +149,9 @@ class ElementRecorder(Protocol):
 
     def element(self, tag: int, vr: bytes | None, length: int, value_at: int) -> None: ...
 
-    def after_pixel_data(self, tag: int) -> None:
-        """A top-level element after the pixel data (the shaping writer cannot reach it)."""
+    def after_pixel_data(self, tag: int, start: int) -> None:
+        """A top-level element after the pixel data, starting at byte ``start`` (the
+        shaping writer cannot reach it)."""
 
 
 class Recorder:
@@ -165,7 +166,7 @@ class Recorder:
         self.blocked: str | None = None
         self._first = True
 
-    def after_pixel_data(self, tag: int) -> None:
+    def after_pixel_data(self, tag: int, start: int) -> None:
         """Nothing the rules read is after the pixel data (pydicom stops there too)."""
 
     def starts_at(self, meta_end: int, dataset_start: int) -> None:

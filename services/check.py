@@ -19,7 +19,12 @@ def check(config: Config) -> int:
         print(f"  endpoint {name}: {ep.ae_title}@{ep.host}:{ep.port}, window {window}")
         if ep.tls.enabled:
             print(f"  endpoint {name} TLS: {ep.tls.describe(server=False)}")
-        if ep.shapes:
+        if ep.deidentify is not None:
+            options = ", ".join(sorted(ep.deidentify.options)) or "no options"
+            burned = "sent" if ep.deidentify.allow_burned_in else "refused"
+            print(f"  endpoint {name} [deidentify]: basic profile ({options}); files that may "
+                  f"show identity in their pixels: {burned}")
+        if ep.coerce:
             print(f"  endpoint {name} [coerce]: {len(ep.coerce.lines)} operation(s), "
                   f"its own shaped copy")
     warnings = list(config.warnings)

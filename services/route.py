@@ -1,10 +1,12 @@
 """``dicomflow route FILE…``: the filter's decision for each file, without moving anything.
 
 Uses the very code the filter uses (safe header read, ``pipeline.rules.decide``, the
-shaping writer), so an operator can test rules and coercions on real files. With
-``--diff``, each endpoint's line is followed by what its copy would get: every attribute
-added, changed, removed or skipped by the global and the endpoint's ``[coerce]``
-(names only: values are patient data, shown with ``--show-values``); ``--write DIR``
+shaping writer), so an operator can test rules, coercions and de-identification on real
+files. With ``--diff``, each endpoint's line is followed by what its copy would get:
+every attribute added, changed, removed or skipped by the global ``[coerce]``, the
+endpoint's ``[deidentify]`` and its ``[coerce]`` (names only: values are patient data,
+shown with ``--show-values``; de-identification's new values — pseudonyms, dummies —
+are shown always); ``--write DIR``
 writes the shaped copies to ``DIR/<endpoint>/`` for inspection (e.g. with ``dciodvfy``).
 Exit status: 0 when every file got a decision (a quarantine verdict is a decision too);
 1 when some file could not be read at all (missing, permission denied).
@@ -25,7 +27,8 @@ from pipeline.header import quiet_pydicom, read_header
 from pipeline.names import escape
 from pipeline.rules import Decision, RuleSet, decide
 from pipeline.shaping import provenance
-from pipeline.shaping.rewrite import ShapingSource
+from pipeline.shaping.copies import plan_endpoint_copy
+from pipeline.shaping.rewrite import Plan, ShapingSource
 from pipeline.spool import Spool
 
 
@@ -98,12 +101,13 @@ def _endpoint_shaping(config: Config, path: Path, endpoint: str, options: Option
         with ShapingSource.open(path, config.router.header_limits, _scratch()) as source:
             global_ops = None if _coerced_here(config, source) else config.router.coerce or None
             first = source.plan(global_ops, provenance.modifying_system(ae, None))
-            plan = source.plan(ep.coerce or None, provenance.modifying_system(ae, endpoint))
-            lines = _records("[coerce]", plan, options) if options.diff and ep.shapes else []
+            plan = plan_endpoint_copy(source, ep, provenance.modifying_system(ae, endpoint))
+            title = "[deidentify] then [coerce]" if ep.deidentify is not None else "[coerce]"
+            lines = _records(title, plan, options) if options.diff and ep.shapes else []
             if options.write is not None:
                 mark = provenance.shaped_mark(endpoint) if ep.shapes else None
-                target = _write(source, first.dirty | plan.dirty, options.write, endpoint, path,
-                                mark)
+                plan.dirty |= first.dirty
+                target = _write(plan, options.write, endpoint, path, mark)
                 lines.append(f"    written to {escape(str(target), 500)}")
             return lines
     except (ShapingError, QuarantineError) as exc:
@@ -118,24 +122,26 @@ def _records(title: str, plan, options: Options) -> list[str]:
     lines = [f"    {title}:"]
     for change in records:
         text = f"      {change.action} {escape(change.path, 200)}"
-        if options.show_values and change.action in ("added", "changed", "removed"):
+        if change.action in ("added", "changed", "removed"):
             old = "—" if change.old is None else repr(escape(change.old, 200))
             new = "—" if change.new is None else repr(escape(change.new, 200))
-            text += f": {old} → {new}"
+            if options.show_values:
+                text += f": {old} → {new}"
+            elif change.new_shown and change.new is not None:
+                text += f": → {new}"  # a pseudonym or dummy: no patient data
         if change.note:
             text += f" ({escape(change.note, 200)})"
         lines.append(text)
     return lines
 
 
-def _write(source: ShapingSource, dirty: set[int], directory: Path, endpoint: str, path: Path,
-           mark: bytes | None) -> Path:
+def _write(plan: Plan, directory: Path, endpoint: str, path: Path, mark: bytes | None) -> Path:
     folder = directory / endpoint
     folder.mkdir(parents=True, exist_ok=True)
     target = folder / path.name
     fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
     try:
-        source.write(fd, dirty, mark)
+        plan.write(fd, mark)
     finally:
         os.close(fd)
     return target

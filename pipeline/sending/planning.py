@@ -21,6 +21,7 @@ from pipeline.errors import PermanentError
 from pipeline.log import escape
 from pipeline.names import is_valid_ae_title
 from pipeline.sending.state import SenderState
+from pipeline.shaping import provenance
 from pipeline.spool import fresh_name_like
 
 BATCH_LIMIT = 1000           # files planned per association round (bounds each rescan)
@@ -112,13 +113,17 @@ class PlanningMixin(SenderState):
                        self._file_log(path))
             return None
         if self.ep.shapes and meta.shaped_for != self.name:
-            self._hand_back(path)
+            self._hand_back(path, f"not shaped for {self.name} (a retried or hand-moved original?)")
+            return None
+        if self.ep.deidentify is not None and not provenance.says_identity_removed(path):
+            self._hand_back(path, "it does not say Patient Identity Removed = YES")
             return None
         self.metas[path.name] = meta
         return meta
 
-    def _hand_back(self, path: Path) -> None:
-        """A shaping endpoint sends only the copies the filter shaped for it: anything
+    def _hand_back(self, path: Path, why: str) -> None:
+        """A shaping endpoint sends only the copies the filter shaped for it (and a
+        de-identifying one only those that say Patient Identity Removed = YES): anything
         else (a retried or hand-moved original, another endpoint's copy) goes back to the
         filter through ``accepted/<endpoint>/``, to be shaped for this endpoint alone."""
         log = self._file_log(path)
@@ -131,11 +136,10 @@ class PlanningMixin(SenderState):
         except FileNotFoundError:
             return
         except OSError as exc:
-            log.warning(f"not shaped for {self.name}, cannot hand it back to the filter "
-                        f"({exc.strerror or exc}): it stays in the outbox")
+            log.warning(f"{why}, cannot hand it back to the filter ({exc.strerror or exc}): it "
+                        f"stays in the outbox")
             return
-        log.info(f"not shaped for {self.name} (a retried or hand-moved original?): handed back "
-                 f"to the filter (accepted/{self.name}/), which shapes it")
+        log.info(f"{why}: handed back to the filter (accepted/{self.name}/), which shapes it")
 
     def _file_log(self, path: Path):
         """The logger for one file: a standard name as is, a hand-made one hidden at

@@ -26,8 +26,10 @@ from typing import TypeVar
 
 from pydicom.dataset import Dataset
 
-from pipeline.config import Config
+from pipeline.config import Config, EndpointConfig
 from pipeline.shaping import provenance
+from pipeline.shaping.burned_in import check_burned_in
+from pipeline.shaping.deidentify import Deidentifier, DeidentifyThenCoerce
 from pipeline.shaping.rewrite import Plan, ShapingSource
 from pipeline.spool import Spool
 from pipeline.spool_names import SpoolName
@@ -45,6 +47,7 @@ class Shaper:
         self.config = config
         self.spool = spool
         self._spool_id: str | None = None
+        self._deidentifiers: dict[str, Deidentifier] = {}
 
     @property
     def spool_id(self) -> str:
@@ -88,10 +91,19 @@ class Shaper:
         ep = self.config.endpoints[endpoint]
         tmp_dir = self.spool.process_tmp_dir(outbox, TMP_OWNER)
         with ShapingSource.open(path, self.config.router.header_limits, tmp_dir) as source:
-            plan = source.plan(ep.coerce, self.endpoint_system(endpoint))
+            plan = plan_endpoint_copy(source, ep, self.endpoint_system(endpoint),
+                                      self._deidentifier(ep))
             with self.spool.temp_file(outbox, tmp_dir) as tmp:
                 plan.write(tmp.file.fileno(), provenance.shaped_mark(endpoint))
             return self._publish(tmp.path, outbox, path.name, plan)
+
+    def _deidentifier(self, ep: EndpointConfig) -> Deidentifier | None:
+        """The endpoint's de-identifier, built once (its table resolved for its options)."""
+        if ep.deidentify is None:
+            return None
+        if ep.name not in self._deidentifiers:
+            self._deidentifiers[ep.name] = Deidentifier(ep.deidentify)
+        return self._deidentifiers[ep.name]
 
     def _publish(self, tmp_path: Path, outbox: Path, received_name: str, plan: Plan) -> Path:
         """Under the received file's prefix and the copy's UID; a fresh name on a clash."""
@@ -104,6 +116,22 @@ class Shaper:
                                                                       uid)))
         except FileExistsError:
             return self.spool.publish_new(tmp_path, outbox, uid)
+
+
+def plan_endpoint_copy(source: ShapingSource, ep: EndpointConfig, system: str,
+                       deidentifier: Deidentifier | None = None) -> Plan:
+    """What ``ep``'s copy of ``source`` gets: its ``[coerce]``, or — when it de-identifies —
+    the burned-in check, Table E.1-1, then its ``[coerce]``, with no Original Attributes
+    and the file meta's AE titles blanked. ShapingError when it cannot be shaped."""
+    if ep.deidentify is None:
+        return source.plan(ep.coerce or None, system)
+    if not ep.deidentify.allow_burned_in:
+        check_burned_in(source.dataset)
+    deidentifier = deidentifier or Deidentifier(ep.deidentify)
+    plan = source.plan(DeidentifyThenCoerce(deidentifier, ep.coerce or None), system,
+                       keep_originals=False)
+    plan.meta_changes = deidentifier.meta_changes()
+    return plan
 
 
 def copy_prefix(name: str) -> str | None:

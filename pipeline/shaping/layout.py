@@ -40,11 +40,15 @@ class LayoutRecorder:
     dataset_start: int = 0
     #: top-level tags after the pixel data: copied through, never reached by operations
     trailing: list[int] = field(default_factory=list)
+    #: where the first of them starts (None: nothing follows the pixel data)
+    trailing_start: int | None = None
 
     def starts_at(self, meta_end: int, dataset_start: int) -> None:
         self.dataset_start = meta_end  # where our meta reader ended: the layout's own count
 
-    def after_pixel_data(self, tag: int) -> None:
+    def after_pixel_data(self, tag: int, start: int) -> None:
+        if not self.trailing:
+            self.trailing_start = start
         self.trailing.append(tag)
 
     def element(self, tag: int, vr: bytes | None, length: int, value_at: int) -> None:

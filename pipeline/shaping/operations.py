@@ -121,6 +121,8 @@ class Change:
     old: str | None
     new: str | None
     note: str = ""
+    #: the new value is no patient data (a pseudonym, a dummy): shown without --show-values
+    new_shown: bool = False
 
 
 @dataclass

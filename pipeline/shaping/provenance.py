@@ -30,6 +30,9 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
+from pydicom import dcmread
 from pydicom.datadict import dictionary_VR
 from pydicom.dataset import Dataset
 
@@ -40,6 +43,7 @@ REASON = "COERCE"
 SHAPED_MARK_UID = "2.25.120509663902470898025727226617216227351"
 PRIVATE_CREATOR_UID = 0x00020100
 PRIVATE_INFORMATION = 0x00020102
+PATIENT_IDENTITY_REMOVED = 0x00120062
 _LO_MAX = 64
 
 
@@ -98,3 +102,15 @@ def meta_values(meta: Dataset) -> dict[int, bytes]:
             value = meta[tag].value
             values[tag] = value if isinstance(value, bytes) else str(value).encode("ascii", "replace")
     return values
+
+
+def says_identity_removed(path: Path) -> bool:
+    """Does the file's data set say Patient Identity Removed (0012,0062) = YES? The sender
+    of a de-identifying endpoint sends nothing else. Any read error is a no (the file is
+    handed back to the filter, which decides what it is); values above 4 KiB are not read."""
+    try:
+        ds = dcmread(path, stop_before_pixels=True, defer_size=4096,
+                     specific_tags=[PATIENT_IDENTITY_REMOVED])
+        return str(ds.get(PATIENT_IDENTITY_REMOVED).value).strip().upper() == "YES"
+    except Exception:  # noqa: BLE001 - pydicom raises many kinds on garbage
+        return False

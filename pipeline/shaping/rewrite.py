@@ -84,6 +84,8 @@ class Plan:
     source: ShapingSource
     changes: _Changes | None
     dirty: set[int] = field(default_factory=set)
+    #: file meta elements to blank (de-identification: the AE titles), None = zero length
+    meta_changes: dict[int, bytes | None] = field(default_factory=dict)
 
     @property
     def changed(self) -> bool:
@@ -96,7 +98,7 @@ class Plan:
     def write(self, fd: int, mark: bytes | None = None) -> None:
         """Write the shaped file to the open descriptor ``fd`` (at its position), with
         ``mark`` as its file meta's Private Information (:mod:`provenance`)."""
-        self.source.write(fd, self.dirty, mark)
+        self.source.write(fd, self.dirty, mark, self.meta_changes)
 
 
 @dataclass
@@ -118,6 +120,11 @@ class ShapingSource:
     trailing: list[int] = field(default_factory=list)
     #: the Original Attributes items the plans made, encoded (written after the file's)
     new_items: list[bytes] = field(default_factory=list)
+    #: where the elements after the pixel data start (None: there are none)
+    trailing_start: int | None = None
+    #: a de-identifying plan ran: no Original Attributes Sequence is written at all, nor
+    #: what follows the pixel data (a digital signature of the original, padding)
+    deidentified: bool = False
 
     @classmethod
     @contextmanager
@@ -154,13 +161,16 @@ class ShapingSource:
         dataset = _read_header(work, meta, recorder.dataset_start, not structure.explicit, little)
         return cls(work, meta, recorder.dataset_start, syntax, recorder.spans(header_end),
                    header_end, size, dataset, not structure.explicit, little, deflate,
-                   recorder.trailing)
+                   recorder.trailing, trailing_start=recorder.trailing_start)
 
     # -- planning ----------------------------------------------------------------------
 
-    def plan(self, operations: _Operations | None, system: str) -> Plan:
+    def plan(self, operations: _Operations | None, system: str, *,
+             keep_originals: bool = True) -> Plan:
         """Apply ``operations`` to the header for the stage ``system`` (Modifying
-        System): the changed attributes, and a new Original Attributes item."""
+        System): the changed attributes, and a new Original Attributes item — unless
+        ``keep_originals`` is false (de-identification: the previous values are the
+        identity; no Original Attributes Sequence is written then, not even the file's)."""
         ds = self.dataset
         if operations is None:
             return Plan(self, None)
@@ -170,14 +180,20 @@ class ShapingSource:
             warnings.simplefilter("ignore")
             changes = operations.apply(ds)
         plan = Plan(self, changes, set(changes.originals))
+        if not keep_originals:
+            self.deidentified = True
+            self.new_items.clear()
+            plan.dirty.add(provenance.ORIGINAL_ATTRIBUTES)
         if not changes:
             return plan
-        if provenance.ORIGINAL_ATTRIBUTES in changes.originals:
-            raise ShapingError("operations may not change the Original Attributes Sequence")
         uid = str(ds.get("SOPInstanceUID", ""))
         if uid != original_uid and not is_valid_uid(uid):
             raise ShapingError("SOPInstanceUID: the new value is not a valid UID (digits and dots, "
                                "at most 64 characters)")
+        if self.deidentified:
+            return plan
+        if provenance.ORIGINAL_ATTRIBUTES in changes.originals:
+            raise ShapingError("operations may not change the Original Attributes Sequence")
         source_ae = str(self.meta.get("SourceApplicationEntityTitle", "") or "").strip()
         self.new_items.append(self._item(changes.originals, system, source_ae))
         plan.dirty.add(provenance.ORIGINAL_ATTRIBUTES)
@@ -275,10 +291,11 @@ class ShapingSource:
 
     # -- writing -----------------------------------------------------------------------
 
-    def write(self, fd: int, dirty: set[int], mark: bytes | None) -> None:
+    def write(self, fd: int, dirty: set[int], mark: bytes | None,
+              meta_changes: dict[int, bytes | None] | None = None) -> None:
         out = _Output(fd)
         out.write(os.pread(self.work.fileno(), 128, 0) + b"DICM")
-        out.write(self._meta_bytes(mark))
+        out.write(self._meta_bytes(mark, meta_changes or {}))
         if self.deflate:
             out.start_deflate()
         for kind, tag, start, end in self._pieces(dirty):
@@ -288,14 +305,26 @@ class ShapingSource:
                 out.write(self._original_attributes())
             else:
                 out.write(self._encode(tag))
-        out.copy(self.work.fileno(), self.header_end, self.size)
+        end = self.size
+        if self.deidentified and self.trailing_start is not None:
+            end = self.trailing_start  # the table removes signatures and trailing padding
+        out.copy(self.work.fileno(), self.header_end, end)
         out.finish()
 
-    def _meta_bytes(self, mark: bytes | None) -> bytes:
+    def _meta_bytes(self, mark: bytes | None, blanked: dict[int, bytes | None]) -> bytes:
         """The file meta group of the copy: the original's elements, byte for byte, but
         for Media Storage SOP Instance UID (following a coerced SOP Instance UID), the
-        "shaped for" mark, and the group length."""
+        ``blanked`` elements (zero length, or the value given), the "shaped for" mark,
+        and the group length. A de-identified copy keeps no Private Information of the
+        original's (the mark, or nothing)."""
         elements = _meta_elements(os.pread(self.work.fileno(), self.meta_end - PREAMBLE, PREAMBLE))
+        for tag, value in blanked.items():
+            if tag in elements:
+                vr = elements[tag][4:6]
+                elements[tag] = _meta_element(tag, vr, _padded(value or b"", b" "))
+        if self.deidentified and mark is None:
+            elements.pop(provenance.PRIVATE_CREATOR_UID, None)
+            elements.pop(provenance.PRIVATE_INFORMATION, None)
         uid = str(self.dataset.get("SOPInstanceUID", ""))
         if uid and uid != str(self.meta.get("MediaStorageSOPInstanceUID", "")):
             elements[0x00020003] = _meta_element(0x00020003, b"UI", _padded(uid.encode(), b"\0"))
@@ -314,8 +343,10 @@ class ShapingSource:
         tags to encode."""
         kept = [("copy", span.tag, span.start, span.end) for span in self.spans
                 if span.tag not in dirty]
+        originals = provenance.ORIGINAL_ATTRIBUTES
         encoded = [("encode", tag, 0, 0) for tag in dirty
-                   if tag in self.dataset or tag == provenance.ORIGINAL_ATTRIBUTES]
+                   if (tag in self.dataset or tag == originals)
+                   and not (tag == originals and self.deidentified)]
         pieces = sorted(kept + encoded, key=lambda piece: piece[1])
         joined: list[tuple[str, int, int, int]] = []
         for piece in pieces:

@@ -1,0 +1,177 @@
+"""De-identification through the shaping writer (pipeline/shaping/deidentify.py)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pydicom
+import pytest
+from pydicom.dataset import Dataset
+from pydicom.sequence import Sequence
+
+from pipeline.errors import ShapingError
+from pipeline.header import DEFAULT_LIMITS
+from pipeline.shaping import provenance
+from pipeline.shaping.copies import plan_endpoint_copy
+from pipeline.shaping.deidentify import DeidentifyConfig, SafePrivate, well_known_uid
+from pipeline.shaping.operations import parse_operations
+from pipeline.shaping.rewrite import ShapingSource
+from tests.helpers import make_dataset, write_dataset
+
+KEY = b"k" * 32
+NAME, PID, BIRTH = "ZZDOE^ZZJOHN", "PID-ZZ4711", "19610203"
+
+
+class FakeEndpoint:
+    """The two fields plan_endpoint_copy reads of an EndpointConfig."""
+
+    def __init__(self, deidentify: DeidentifyConfig | None, coerce: str = "") -> None:
+        self.name = "research"
+        self.deidentify = deidentify
+        self.coerce = parse_operations(coerce)
+
+
+def identified(**attrs: object) -> Dataset:
+    ds = make_dataset(patient_name=NAME, patient_id=PID, PatientBirthDate=BIRTH,
+                      AccessionNumber="ACC-ZZ99", InstitutionName="ZZ GENERAL HOSPITAL",
+                      ReferringPhysicianName="ZZREF^ZZDOC", StationName="ZZCT01",
+                      StudyDescription=f"CT CHEST {NAME}", FrameOfReferenceUID=pydicom.uid.generate_uid(),
+                      ContentDate="20261128", **attrs)
+    ds.file_meta.SourceApplicationEntityTitle = "ZZMODALITY"
+    ref = Dataset()
+    ref.ReferencedSOPClassUID = ds.SOPClassUID
+    ref.ReferencedSOPInstanceUID = "1.2.826.0.1.3680043.8.498.111"
+    ds.ReferencedImageSequence = Sequence([ref])
+    old = Dataset()
+    old.PatientID = "OLD-ZZ1"
+    item = Dataset()
+    item.ModifiedAttributesSequence = Sequence([old])
+    ds.OriginalAttributesSequence = Sequence([item])
+    block = ds.private_block(0x0009, "ZZVENDOR", create=True)
+    block.add_new(0x01, "LO", NAME)
+    block.add_new(0x02, "DS", "1.5")
+    return ds
+
+
+def deidentify(tmp_path: Path, ds: Dataset, options: frozenset[str] = frozenset(),
+               coerce: str = "", **config: object) -> tuple[Path, object]:
+    src = write_dataset(ds, tmp_path / "src.dcm")
+    out = tmp_path / "out.dcm"
+    ep = FakeEndpoint(DeidentifyConfig(options, KEY, **config), coerce)  # type: ignore[arg-type]
+    with ShapingSource.open(src, DEFAULT_LIMITS, tmp_path) as source:
+        plan = plan_endpoint_copy(source, ep, "DICOMFLOW:research")  # type: ignore[arg-type]
+        fd = os.open(out, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        try:
+            plan.write(fd, provenance.shaped_mark("research"))
+        finally:
+            os.close(fd)
+    return out, plan
+
+
+def test_the_copy_carries_no_identity_in_any_byte_and_says_how_it_was_made(tmp_path):
+    ds = identified()
+    out, _ = deidentify(tmp_path, ds)
+    data = out.read_bytes()
+    for value in (NAME, "ZZDOE", "ZZJOHN", PID, BIRTH, "ACC-ZZ99", "ZZ GENERAL", "ZZREF", "ZZCT01",
+                  "ZZMODALITY", "OLD-ZZ1", "ZZVENDOR", "20261128", ds.SOPInstanceUID,
+                  ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.FrameOfReferenceUID,
+                  "1.2.826.0.1.3680043.8.498.111"):
+        assert value.encode() not in data, value
+    copy = pydicom.dcmread(out)
+    assert copy.PatientIdentityRemoved == "YES"
+    assert copy.DeidentificationMethodCodeSequence[0].CodeValue == "113100"
+    assert copy.LongitudinalTemporalInformationModified == "REMOVED"
+    assert "OriginalAttributesSequence" not in copy
+    assert copy.PixelData == ds.PixelData
+    assert copy.SOPClassUID == ds.SOPClassUID and well_known_uid(copy.SOPClassUID)
+    assert copy.file_meta.MediaStorageSOPInstanceUID == copy.SOPInstanceUID
+    assert copy.SOPInstanceUID.startswith("2.25.") and copy.PatientID.startswith("DF")
+    assert copy.file_meta.get("SourceApplicationEntityTitle", "") in ("", None)
+    assert not [e for e in copy.iterall() if e.tag.is_private]
+
+
+def test_pseudonyms_are_stable_and_references_follow_the_uids_they_name(tmp_path):
+    ds = identified()
+    first = ds.SOPInstanceUID
+    other = identified(StudyInstanceUID=ds.StudyInstanceUID)
+    other.ReferencedImageSequence[0].ReferencedSOPInstanceUID = first
+    a, _ = deidentify(tmp_path / "a", ds)
+    b, _ = deidentify(tmp_path / "b", other)
+    one, two = pydicom.dcmread(a), pydicom.dcmread(b)
+    assert two.ReferencedImageSequence[0].ReferencedSOPInstanceUID == one.SOPInstanceUID
+    assert one.StudyInstanceUID == two.StudyInstanceUID != ds.StudyInstanceUID
+    assert one.PatientID == two.PatientID and one.PatientName == two.PatientName
+    again, _ = deidentify(tmp_path / "c", ds)
+    assert pydicom.dcmread(again).SOPInstanceUID == one.SOPInstanceUID
+
+
+def test_options_keep_what_they_name(tmp_path):
+    ds = identified(PatientSex="F", PatientAge="063Y")
+    out, _ = deidentify(tmp_path, ds, frozenset({"retain_full_dates", "retain_institution_identity",
+                                                 "retain_patient_characteristics",
+                                                 "retain_device_identity"}))
+    copy = pydicom.dcmread(out)
+    assert copy.StudyDate == ds.StudyDate and copy.LongitudinalTemporalInformationModified == "UNMODIFIED"
+    assert copy.InstitutionName == ds.InstitutionName and copy.PatientSex == "F"
+    assert copy.StationName == "ZZCT01" and copy.file_meta.SourceApplicationEntityTitle == "ZZMODALITY"
+    codes = {item.CodeValue for item in copy.DeidentificationMethodCodeSequence}
+    assert codes == {"113100", "113106", "113112", "113108", "113109"}
+
+
+def test_modified_dates_move_every_date_of_a_patient_by_one_offset(tmp_path):
+    ds = identified(StudyDate="20240301", SeriesDate="20240302", AcquisitionDateTime="20240301101500",
+                    StudyTime="101500")
+    out, _ = deidentify(tmp_path, ds, frozenset({"retain_modified_dates"}))
+    copy = pydicom.dcmread(out)
+    import datetime as dt
+
+    def day(text: str) -> dt.date:
+        return dt.datetime.strptime(text[:8], "%Y%m%d").date()
+    assert day(copy.SeriesDate) - day(copy.StudyDate) == dt.timedelta(days=1)
+    assert copy.StudyDate != "20240301" and day(copy.StudyDate) < day("20240301")
+    assert copy.AcquisitionDateTime.endswith("101500") and copy.StudyTime == "101500"
+    assert copy.LongitudinalTemporalInformationModified == "MODIFIED"
+
+
+def test_retain_uids_keeps_them_and_clean_descriptors_cleans_the_description(tmp_path):
+    ds = identified()
+    out, _ = deidentify(tmp_path, ds, frozenset({"retain_uids", "clean_descriptors"}))
+    copy = pydicom.dcmread(out)
+    assert copy.SOPInstanceUID == ds.SOPInstanceUID and copy.StudyInstanceUID == ds.StudyInstanceUID
+    assert copy.StudyDescription.startswith("CT CHEST") and "ZZDOE" not in copy.StudyDescription
+
+
+def test_retain_safe_private_keeps_only_the_named_elements(tmp_path):
+    ds = identified()
+    safe = (SafePrivate("ZZVENDOR", 0x0009, 0x02),)
+    out, _ = deidentify(tmp_path, ds, frozenset({"retain_safe_private"}), safe_private=safe)
+    copy = pydicom.dcmread(out)
+    block = copy.private_block(0x0009, "ZZVENDOR")
+    assert block[0x02].value == "1.5" and 0x01 not in block
+    assert NAME.encode() not in out.read_bytes()
+
+
+def test_coercion_applies_after_de_identification_and_sees_only_pseudonyms(tmp_path):
+    ds = identified()
+    out, plan = deidentify(tmp_path, ds, coerce="PatientComments = was {PatientID}")
+    copy = pydicom.dcmread(out)
+    assert copy.PatientComments == f"was {copy.PatientID}" and PID not in copy.PatientComments
+    assert "OriginalAttributesSequence" not in copy
+
+
+def test_burned_in_files_are_refused_unless_allowed(tmp_path):
+    us = identified(SOPClassUID="1.2.840.10008.5.1.4.1.1.6.1")
+    with pytest.raises(ShapingError, match="Ultrasound"):
+        deidentify(tmp_path, us)
+    out, _ = deidentify(tmp_path, identified(SOPClassUID="1.2.840.10008.5.1.4.1.1.6.1"),
+                        allow_burned_in=True)
+    assert pydicom.dcmread(out).PatientIdentityRemoved == "YES"
+
+
+def test_the_records_show_pseudonyms_but_keep_originals_for_show_values(tmp_path):
+    _, plan = deidentify(tmp_path, identified())
+    records = {change.path: change for change in plan.changes.records}
+    assert records["PatientID"].new.startswith("DF") and records["PatientID"].new_shown
+    assert records["PatientID"].old == PID
+    assert records["PatientBirthDate"].new is None  # emptied (Z) or removed (X)
