@@ -102,6 +102,19 @@ def write_conf(base: Path, router: dict | None = None, filter_: dict | None = No
     return conf
 
 
+#: the pseudonym key tests write for a de-identifying endpoint (``write_key``)
+TEST_KEY = b"dicomflow-test-key-0123456789abcdef"
+
+
+def write_key(conf: Path, relative: str = "keys/research.key", key: bytes = TEST_KEY) -> Path:
+    """A de-identifying endpoint's key file in ``conf`` (mode 0600, as the loader demands)."""
+    path = conf / relative
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(key)
+    path.chmod(0o600)
+    return path
+
+
 def router_port(conf: Path) -> int:
     from pipeline.config import load_router
 

@@ -229,7 +229,12 @@ def test_unset_keys_take_the_table_defaults(tmp_path: Path) -> None:
         (config_keys.ENDPOINT, "tls"): asdict(ep.tls),
         (config_keys.ROUTER, "coerce"): {"coerce": loaded.router.coerce},
         (config_keys.ENDPOINT, "coerce"): {"coerce": ep.coerce},
+        # no profile: no de-identification at all, and what the keys are when unset
+        (config_keys.ENDPOINT, "deidentify"): {"profile": None, "options": frozenset(),
+                                               "key_file": None, "allow_burned_in": False,
+                                               "safe_private": ()},
     }
+    assert ep.deidentify is None
     given = {"ae_title", "port", "spool", "host", "calling_ae_title", "enabled", "disk_floor"}
     for opt in config_keys.OPTIONS:
         if opt.name not in given:

@@ -175,3 +175,20 @@ def test_the_records_show_pseudonyms_but_keep_originals_for_show_values(tmp_path
     assert records["PatientID"].new.startswith("DF") and records["PatientID"].new_shown
     assert records["PatientID"].old == PID
     assert records["PatientBirthDate"].new is None  # emptied (Z) or removed (X)
+
+
+@pytest.mark.parametrize("name", ["CT_small.dcm", "MR_small_implicit.dcm", "MR_small_bigendian.dcm",
+                                  "image_dfl.dcm", "JPEG2000.dcm", "MR_small_RLE.dcm"])
+def test_every_transfer_syntax_is_de_identified_in_its_own_encoding(tmp_path, name):
+    from pydicom.data import get_testdata_file
+
+    original = pydicom.dcmread(get_testdata_file(name))
+    out, _ = deidentify(tmp_path, original, allow_burned_in=True)  # two are secondary captures
+    copy = pydicom.dcmread(out)
+    assert copy.file_meta.TransferSyntaxUID == original.file_meta.TransferSyntaxUID
+    assert copy.PatientIdentityRemoved == "YES" and copy.SOPInstanceUID != original.SOPInstanceUID
+    assert copy.PixelData == original.PixelData
+    if str(original.get("PatientName", "")):
+        assert str(copy.PatientName).startswith("ANON^")
+    if name != "image_dfl.dcm":  # deflated: the bytes are compressed
+        assert original.SOPInstanceUID.encode() not in out.read_bytes()

@@ -51,3 +51,28 @@ def test_route_unreadable_file_exits_1(tmp_path):
     assert result.returncode == 1
     assert "missing.dcm: cannot read: No such file or directory" in result.stdout
     assert f"{ct}: route to" in result.stdout
+
+
+def test_route_diff_shows_the_de_identification_with_pseudonyms_but_no_original(tmp_path):
+    from tests.helpers import write_key
+
+    conf = write_conf(tmp_path, endpoints={"research": {
+        "endpoint": {"host": "127.0.0.1", "port": 1104, "ae_title": "RESEARCH"},
+        "deidentify": {"profile": "basic", "key_file": "keys/research.key"}}})
+    write_key(conf)
+    path = write_dataset(make_dataset(patient_name="ZZDOE^ZZJOHN", patient_id="PID-ZZ4711"),
+                         tmp_path / "files" / "ct.dcm")
+    diff = run_cli(conf, "route", str(path), "--diff")
+    assert diff.returncode == 0, diff.stderr
+    assert "[deidentify] then [coerce]:" in diff.stdout
+    assert "changed PatientID: → 'DF" in diff.stdout and "added PatientIdentityRemoved: → 'YES'" in diff.stdout
+    assert "PID-ZZ4711" not in diff.stdout and "ZZDOE" not in diff.stdout
+    shown = run_cli(conf, "route", str(path), "--show-values")
+    assert "'PID-ZZ4711' → 'DF" in shown.stdout
+    written = run_cli(conf, "route", str(path), "--write", str(tmp_path / "out"))
+    assert written.returncode == 0, written.stderr
+    import pydicom
+
+    copy = tmp_path / "out" / "research" / "ct.dcm"
+    assert b"PID-ZZ4711" not in copy.read_bytes() and b"ZZDOE" not in copy.read_bytes()
+    assert pydicom.dcmread(copy).PatientIdentityRemoved == "YES"

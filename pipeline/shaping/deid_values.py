@@ -18,7 +18,7 @@ DUMMIES: dict[str, object] = {
     "DT": "19000101000000", "TM": "000000", "DS": "0", "IS": "0", "LO": DUMMY_TEXT,
     "LT": DUMMY_TEXT, "SH": DUMMY_TEXT, "ST": DUMMY_TEXT, "UC": DUMMY_TEXT, "UT": DUMMY_TEXT,
     "PN": DUMMY_TEXT, "UR": "", "US": 0, "SS": 0, "UL": 0, "SL": 0, "UV": 0, "SV": 0,
-    "FL": 0.0, "FD": 0.0,
+    "FL": 0.0, "FD": 0.0, "AT": 0,
 }
 TEXT_VRS = frozenset({"AE", "CS", "LO", "LT", "PN", "SH", "ST", "UC", "UT"})
 #: dates written in free text (``20240115``, ``2024-01-15``, ``15.01.2024``) and long

@@ -114,8 +114,8 @@ class Deidentifier:
 
     def apply(self, ds: Dataset) -> Changes:
         """De-identify ``ds`` in place; ShapingError (no value named) if it cannot be."""
-        run = _Run(self, ds)
         try:
+            run = _Run(self, ds)
             run.dataset(ds, "", None)
             run.add_method_attributes()
         except _DECODE_ERRORS as exc:
@@ -157,7 +157,8 @@ class _Run:
         self.changes = Changes()
         self.patient_id = _text(ds, PATIENT_ID)
         self.shift = deid.pseudonyms.date_shift_days(self.patient_id)
-        tokens = [_text(ds, tag) for tag in (_tag(k) for k in _IDENTITY_KEYWORDS) if tag in ds]
+        tokens = [str(value) for tag in map(_tag, _IDENTITY_KEYWORDS) if tag in ds
+                  for value in _values(ds[tag].value)]
         self.cleaner = deid_values.TextCleaner(deid_values.identity_tokens(t for t in tokens if t))
         options = deid.config.options
         self.dates = ("K" if "retain_full_dates" in options

@@ -69,7 +69,16 @@ from pydicom.filereader import read_file_meta_info
 from pydicom.uid import generate_uid
 
 from pipeline.spool_names import SpoolName
-from tests.helpers import REPO, Daemon, free_port, make_dataset, wait_port, write_conf, write_dataset
+from tests.helpers import (
+    REPO,
+    Daemon,
+    free_port,
+    make_dataset,
+    wait_port,
+    write_conf,
+    write_dataset,
+    write_key,
+)
 from tests.peers import terminate
 
 TCP_ENV = {"TCP_NODELAY": "1"}
@@ -504,17 +513,17 @@ class DicomFlow:
     DAEMONS = ("receive", "filter", "send")
 
     def __init__(self, base: Path, dest_port: int, extra_endpoint: dict | None = None,
-                 env: dict | None = None, coerce: str | None = None) -> None:
+                 env: dict | None = None, shaping: dict[str, dict] | None = None) -> None:
         self.env = env
         self.base = base / f"dicomflow-{time.monotonic_ns()}"
         self.base.mkdir(parents=True)
         endpoint = {"host": "127.0.0.1", "port": dest_port, "ae_title": DEST_AET}
         endpoint.update(extra_endpoint or {})
-        sections: dict[str, dict] = {"endpoint": endpoint}
-        if coerce:
-            sections["coerce"] = {"operations": coerce}
+        sections: dict[str, dict] = {"endpoint": endpoint, **(shaping or {})}
         self.conf = write_conf(self.base, router={"log_level": "INFO"},
                                endpoints={"dest": sections})
+        if "deidentify" in sections:
+            write_key(self.conf, sections["deidentify"]["key_file"])
         from pipeline.config import load_router
 
         self.port = load_router(self.conf).port
@@ -602,11 +611,16 @@ class Results:
 
 
 SYSTEMS = ("dcmtk", "pynetdicom", "orthanc", "dcmtk-study-relay", "dcmtk-file-relay", "dicomflow",
-           "dicomflow-stock", "dicomflow-coerced", "dicomflow-a4", "dcmtk-wan", "dicomflow-wan",
-           "dicomflow-wan-a4")
-DEFAULT_SYSTEMS = SYSTEMS[:8]
+           "dicomflow-stock", "dicomflow-coerced", "dicomflow-deid", "dicomflow-a4", "dcmtk-wan",
+           "dicomflow-wan", "dicomflow-wan-a4")
+DEFAULT_SYSTEMS = SYSTEMS[:9]
 #: the dicomflow-coerced row's endpoint operations (its copy is its own shaped file)
 COERCE = "PatientID = SITEA-{PatientID}\nIssuerOfPatientID = SITEA"
+#: the dicomflow-deid row's endpoint: the Basic Profile (its copy is its own file)
+DEIDENTIFY = {"profile": "basic", "key_file": "keys/bench.key"}
+#: the endpoint sections of the rows that shape
+SHAPING: dict[str, dict[str, dict]] = {"dicomflow-coerced": {"coerce": {"operations": COERCE}},
+                                       "dicomflow-deid": {"deidentify": DEIDENTIFY}}
 WAN_SYSTEMS = ("dcmtk-wan", "dicomflow-wan", "dicomflow-wan-a4")   # run when --wan-delay is set
 PARALLEL_SENDS = 4   # [endpoint] associations of the …-a4 rows
 LABELS = {
@@ -618,6 +632,7 @@ LABELS = {
     "dicomflow": "DCMTK storescu → DicomFlow → storescp",
     "dicomflow-stock": "… DicomFlow with DICOMFLOW_FASTPATH=0 (stock pynetdicom loops)",
     "dicomflow-coerced": "… DicomFlow, the endpoint coercing 2 attributes (its own copy)",
+    "dicomflow-deid": "… DicomFlow, the endpoint de-identifying (Basic Profile, its own copy)",
     "dcmtk-wan": "DCMTK storescu → delay relay → storescp",
     "dicomflow-wan": "DCMTK storescu → DicomFlow → delay relay → storescp",
     "dicomflow-a4": f"… DicomFlow sending over associations = {PARALLEL_SENDS}",
@@ -663,8 +678,7 @@ def open_route(system: str, base: Path, dest: Destination, env: dict | None, wan
     if system == "dicomflow-stock":
         env = {**(env or {}), "DICOMFLOW_FASTPATH": "0"}
     extra = {"associations": str(PARALLEL_SENDS)} if system.endswith("-a4") else None
-    flow = DicomFlow(base, dest_port, extra_endpoint=extra, env=env,
-                     coerce=COERCE if system == "dicomflow-coerced" else None)
+    flow = DicomFlow(base, dest_port, extra_endpoint=extra, env=env, shaping=SHAPING.get(system))
     stops.append(flow.remove)
     flow.start()
     return Route(flow.port, "DICOMFLOW", flow.cpu, stops, cpu_each=flow.cpu_each)
@@ -1001,7 +1015,7 @@ def main(argv: list[str] | None = None) -> int:
         if "shaping" in parts:
             from tests.bench import shaping  # it imports this module: not at the top
 
-            log("shaping: the filter alone, a plain and a coerced endpoint")
+            log("shaping: the filter alone, a plain, a coerced and a de-identifying endpoint")
             results.shaping = shaping.measure(base, ct, warm, args.runs)
         if "latency" in parts:
             log(f"latency: {args.singles} singles")

@@ -1,5 +1,6 @@
-"""The cost of coercion (issue 15): the filter's CPU per image with a plain endpoint
-(a hard link per file) and with a coerced endpoint (its own shaped file per file).
+"""The cost of shaping (issues 15, 16): the filter's CPU per image with a plain endpoint
+(a hard link per file), a coerced endpoint and a de-identifying one (each its own
+shaped file per file).
 
     .venv/bin/python -m tests.bench.shaping --count 300 --rounds 3
 
@@ -10,7 +11,7 @@ falls on both alike. Files arrive as the receiver delivers them: hard-linked int
 staging folder on the spool's disk, then renamed into ``incoming/``. The filter's CPU
 (user + system, from /proc, as ``tests.bench.run`` reads it) is taken from the first
 file in to the last copy in the outbox; no sender runs. It prints, per variant, the
-median CPU per image and images/s, and the coerced/plain ratio. Nothing is asserted:
+median CPU per image and images/s, and each shaped variant's ratio to plain. Nothing is asserted:
 it measures (README, Performance).
 """
 
@@ -27,12 +28,17 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from tests.bench.run import DataSet, cpu_seconds, log, make_ct_series, wait_until
-from tests.helpers import Daemon, dicom_files, write_conf
+from tests.helpers import Daemon, dicom_files, write_conf, write_key
 
 OPERATIONS = "PatientID = SITEA-{PatientID}\nIssuerOfPatientID = SITEA"
 PLAIN = "plain endpoint"
 COERCED = "coerced endpoint"
-VARIANTS: dict[str, str | None] = {PLAIN: None, COERCED: OPERATIONS}
+DEIDENTIFIED = "de-identifying endpoint"
+KEY_FILE = "keys/bench.key"
+#: each variant's endpoint sections beside [endpoint]
+VARIANTS: dict[str, dict[str, dict]] = {
+    PLAIN: {}, COERCED: {"coerce": {"operations": OPERATIONS}},
+    DEIDENTIFIED: {"deidentify": {"profile": "basic", "key_file": KEY_FILE}}}
 ENDPOINT = "dest"
 
 
@@ -47,13 +53,14 @@ class Round:
 class FilterRun:
     """A conf dir, a spool and one filter daemon with one endpoint ``dest``."""
 
-    def __init__(self, base: Path, operations: str | None) -> None:
+    def __init__(self, base: Path, shaping: dict[str, dict]) -> None:
         self.base = base / f"filter-{time.monotonic_ns()}"
-        sections: dict[str, dict] = {"endpoint": {"host": "127.0.0.1", "port": 1, "ae_title": "DEST"}}
-        if operations is not None:
-            sections["coerce"] = {"operations": operations}
+        sections: dict[str, dict] = {"endpoint": {"host": "127.0.0.1", "port": 1, "ae_title": "DEST"},
+                                     **shaping}
         self.conf = write_conf(self.base, router={"log_level": "INFO"},
                                endpoints={ENDPOINT: sections})
+        if "deidentify" in shaping:
+            write_key(self.conf, KEY_FILE)
         self.spool = self.base / "spool"
         self.staging = self.base / "staging"
         self.staging.mkdir()
@@ -82,8 +89,8 @@ class FilterRun:
         shutil.rmtree(self.base, ignore_errors=True)
 
 
-def run_variant(base: Path, operations: str | None, data: DataSet, warm: DataSet) -> Round:
-    run = FilterRun(base, operations).start()
+def run_variant(base: Path, shaping: dict[str, dict], data: DataSet, warm: DataSet) -> Round:
+    run = FilterRun(base, shaping).start()
     try:
         run.feed(warm, "warm")
         wait_until(lambda: run.routed() >= warm.count and run.idle(), 600, 0.01, "warm-up")
@@ -103,8 +110,8 @@ def measure(base: Path, data: DataSet, warm: DataSet, rounds: int) -> dict[str, 
     may call for its report)."""
     results: dict[str, list[Round]] = {}
     for round_ in range(rounds):
-        for name, operations in VARIANTS.items():
-            result = run_variant(base, operations, data, warm)
+        for name, shaping in VARIANTS.items():
+            result = run_variant(base, shaping, data, warm)
             results.setdefault(name, []).append(result)
             log(f"round {round_ + 1}: {name}: filter {result.cpu_ms:.2f} ms CPU/image, "
                 f"{result.images_s:.0f} images/s")
@@ -119,12 +126,14 @@ def report(results: dict[str, list[Round]]) -> str:
         medians[name] = statistics.median(r.cpu_ms for r in rounds)
         speed = statistics.median(r.images_s for r in rounds)
         lines.append(f"| {name} | {medians[name]:.2f} | {speed:.0f} |")
-    if PLAIN in medians and COERCED in medians:
-        plain, coerced = medians[PLAIN], medians[COERCED]
-        lines += ["", f"coercion costs {coerced - plain:+.2f} ms CPU per image in the filter "
-                      f"(coerced/plain = {coerced / plain:.2f}×); per round: "
+    for shaped, what in ((COERCED, "coercion"), (DEIDENTIFIED, "de-identification")):
+        if PLAIN not in medians or shaped not in medians:
+            continue
+        plain, cost = medians[PLAIN], medians[shaped]
+        lines += ["", f"{what} costs {cost - plain:+.2f} ms CPU per image in the filter "
+                      f"({shaped}/plain = {cost / plain:.2f}×); per round: "
                       + ", ".join(f"{c.cpu_ms / p.cpu_ms:.2f}×"
-                                  for p, c in zip(results[PLAIN], results[COERCED], strict=True))]
+                                  for p, c in zip(results[PLAIN], results[shaped], strict=True))]
     return "\n".join(lines)
 
 
