@@ -50,3 +50,10 @@ def test_options_resolve_as_the_readme_says():
     table = ActionTable(frozenset())
     assert table.action(0x60023000) == "X" and table.action(0x50100020) == "X"
     assert table.action(0x00080016) is None  # SOP Class UID: not listed, kept
+
+
+def test_an_x_z_sequence_is_removed_unless_it_is_type_2():
+    table = ActionTable(frozenset())
+    assert table.action(0x00081110) == "X"  # Referenced Study Sequence: Type 3, no empty item list
+    assert table.action(0x00400555) == "Z"  # Acquisition Context Sequence: Type 2
+    assert table.action(0x00080022) == "Z"  # Acquisition Date: X/Z, not a sequence

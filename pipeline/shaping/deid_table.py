@@ -12,17 +12,25 @@ identity either):
   Profile's;
 * ``X/Z`` → ``Z``; ``X/D``, ``Z/D``, ``X/Z/D`` → ``D``; ``X/Z/U*`` → ``U`` (the
   sequence is kept, its UIDs replaced).
+* but ``X/Z`` on a sequence → ``X``: a sequence with no item is valid only where the
+  sequence is Type 2 (an empty value is valid for any other attribute), so ``Z`` is
+  kept only for :data:`TYPE_2_SEQUENCES`.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable
 
+from pydicom.datadict import dictionary_VR
+
 from pipeline.shaping.table_e1_1 import ROWS
 
 #: a combined code of the table, resolved (see the module docstring)
 COMBINED = {"X/Z": "Z", "X/D": "D", "Z/D": "D", "X/Z/D": "D", "X/Z/U*": "U", "U*": "U"}
 SINGLE = frozenset("DZXKCU")
+#: the ``X/Z`` sequences that are Type 2 where they appear (PS3.3: Acquisition Context
+#: Sequence, Acquisition Context Module): emptied, not removed
+TYPE_2_SEQUENCES = frozenset({0x00400555})
 
 
 def resolve(basic: str, by_option: dict[str, str], options: Iterable[str]) -> str:
@@ -55,7 +63,11 @@ class ActionTable:
                 value = int(pattern.replace("x", "0"), 16)
                 self.patterns.append((mask, value, action))
             else:
-                self.exact[int(pattern, 16)] = action
+                tag = int(pattern, 16)
+                if action == "Z" and basic == "X/Z" and _is_sequence(tag) \
+                        and tag not in TYPE_2_SEQUENCES:
+                    action = "X"
+                self.exact[tag] = action
 
     def action(self, tag: int) -> str | None:
         """The resolved action; None when the table does not list the attribute."""
@@ -66,3 +78,10 @@ class ActionTable:
             if tag & mask == value:
                 return action
         return None
+
+
+def _is_sequence(tag: int) -> bool:
+    try:
+        return dictionary_VR(tag) == "SQ"
+    except KeyError:
+        return False
