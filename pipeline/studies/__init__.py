@@ -1,0 +1,1 @@
+"""Study- and series-level routing: completion, MPPS, release, delivery by study (README, Studies)."""
