@@ -28,6 +28,7 @@ from pipeline.rules import RuleSet
 from pipeline.schedule import Window
 from pipeline.shaping.deidentify import DeidentifyConfig
 from pipeline.shaping.operations import Operations
+from pipeline.studies.levels import INSTANCE_POLICY, StudyPolicy
 
 # -- typed configuration (no defaults here: the loader takes each from config_keys) --
 
@@ -86,6 +87,9 @@ class RouterConfig:
     #: [filter] settle_time: how long a hand-copied file without a close-write event
     #: must stay unchanged (and unopened for writing) before the filter takes it
     settle_time: float
+    #: [filter] stable_time / max_wait: the defaults of series/study-level endpoints
+    default_stable_time: float
+    default_max_wait: float
     header_limits: HeaderLimits
     #: [coerce] operations: applied to every file before fan-out (pipeline/shaping)
     coerce: Operations
@@ -139,6 +143,8 @@ class EndpointConfig:
     coerce: Operations
     #: [deidentify]: this endpoint's copy is de-identified (None: it is not)
     deidentify: DeidentifyConfig | None = None
+    #: [filter] level and its companions: per instance, or per series/study
+    study: StudyPolicy = INSTANCE_POLICY
 
     @property
     def shapes(self) -> bool:
@@ -388,11 +394,35 @@ def load_endpoint(path: Path, router: RouterConfig) -> EndpointConfig:
     tls_section.finish()
     values["retry"] = _retry(section("retry"))
     values.update(_whole(section("transcode")))  # transcode, transcode_max_size
-    values["rules"] = RuleSet(**_whole(section("filter")))
+    filter_section = section("filter")
+    filter_values = _whole(filter_section)
+    values["rules"] = RuleSet(**_pick(filter_values, RuleSet))
+    values["study"] = _study_policy(filter_section, filter_values, router, values["associations"])
     values.update(_whole(section("schedule")))  # window
     values.update(_whole(section("coerce")))  # coerce
     values["deidentify"] = _deidentify(section("deidentify"), conf_dir)
     return EndpointConfig(name=name, conf_file=path, **values)
+
+
+def _study_policy(section: _Section, values: dict[str, Any], router: RouterConfig,
+                  associations: int) -> StudyPolicy:
+    """``[filter] level`` and its companions, checked together (each names its key)."""
+    level = values["level"]
+    if level == "instance":
+        for key, unset in (("stable_time", None), ("max_wait", None), ("completion", "stable"),
+                           ("late", "follow")):
+            if values[key] != unset:
+                raise section.error(key, "applies only with level = series or study")
+        return INSTANCE_POLICY
+    if associations > 1:
+        raise ConfigError(str(section.file), "endpoint", "associations",
+                          f"must be 1 with [filter] level = {level}: a study is sent in order "
+                          f"on one association")
+    stable = values["stable_time"] or router.default_stable_time
+    max_wait = values["max_wait"] or router.default_max_wait
+    if max_wait < stable:
+        raise section.error("max_wait", f"is shorter than stable_time ({stable:g}s)")
+    return StudyPolicy(level, stable, values["completion"], max_wait, values["late"])
 
 
 #: the shortest key accepted for pseudonyms (128 bits)

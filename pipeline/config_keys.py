@@ -20,12 +20,14 @@ from pipeline.config_types import (
     ae_title,
     ae_title_list,
     boolean,
+    completion,
     conditions,
     deid_options,
     deid_profile,
     duration,
     host,
     integer,
+    late_policy,
     log_level,
     networks,
     operations,
@@ -38,6 +40,7 @@ from pipeline.config_types import (
     size,
     size_or_percent,
     sop_list,
+    study_level,
     window,
 )
 
@@ -168,6 +171,12 @@ _ROUTER = [
            "a file copied into `incoming/` without a close-write event is taken once unchanged "
            "this long; never while a process has it open for writing (held 20 × this long: "
            "one WARNING)"),
+    Option(ROUTER, "filter", "stable_time", positive_duration, "60s",
+           "default for endpoints deciding per series or study: complete when no instance of "
+           "it arrived for this long (monotonic clock)", field="default_stable_time"),
+    Option(ROUTER, "filter", "max_wait", positive_duration, "1h",
+           "default for endpoints deciding per series or study: released as it is this long "
+           "after its first instance, however it keeps growing", field="default_max_wait"),
     # HeaderLimits' fields (pipeline/header.py takes its defaults from here)
     Option(ROUTER, "filter", "max_header_elements", positive_int, "500000",
            "a file with more elements before its pixel data is quarantined (bounds the "
@@ -224,7 +233,26 @@ _ENDPOINT = [
     Option(ENDPOINT, "endpoint", "log_level", log_level, None, "this sender's log level",
            shown="*(router log_level)*"),
     *_rules(ENDPOINT, "as in router.ini, for this endpoint only",
-            "as in router.ini, for this endpoint only", "as in router.ini, for this endpoint only"),
+            "as in router.ini, for this endpoint only", "as in router.ini, for this endpoint "
+            "only; at series/study level `=` holds when any instance matches, `!=` when none "
+            "does, `all:Keyword=regex` when every one does"),
+    Option(ENDPOINT, "filter", "level", study_level, "instance",
+           "`instance`: each file is decided and sent on arrival; `series` / `study`: decided "
+           "over the whole series/study once it is complete, then sent in order, one study on "
+           "one association (see Studies)"),
+    Option(ENDPOINT, "filter", "stable_time", positive_duration, None,
+           "a series/study is complete when no instance of it arrived for this long",
+           shown="*(router.ini `[filter] stable_time`)*"),
+    Option(ENDPOINT, "filter", "completion", completion, "stable",
+           "`stable`: by `stable_time`; `mpps`: as soon as its MPPS is COMPLETED (or "
+           "DISCONTINUED) and every instance it names has arrived, `stable_time` when no MPPS "
+           "comes"),
+    Option(ENDPOINT, "filter", "max_wait", positive_duration, None,
+           "a series/study still growing this long after its first instance is released as it "
+           "is", shown="*(router.ini `[filter] max_wait`)*"),
+    Option(ENDPOINT, "filter", "late", late_policy, "follow",
+           "an instance of a series/study already released: `follow` its decision, or "
+           "`reevaluate` the conditions over everything it was released with plus the late ones"),
     Option(ENDPOINT, "coerce", "operations", operations, "",
            "attribute coercion for this endpoint's copy only: one operation per line (see "
            "Shaping); an endpoint with operations gets its own file instead of a hard link",

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import ipaddress
 import re
+from collections.abc import Callable
 
 from pipeline.errors import OperationSyntaxError, RuleSyntaxError, WindowSyntaxError
 from pipeline.names import is_valid_ae_title
@@ -17,6 +18,7 @@ from pipeline.rules import parse_conditions, parse_sop_list
 from pipeline.schedule import Window, parse_window
 from pipeline.shaping.deidentify import OPTION_CODES, SafePrivate
 from pipeline.shaping.operations import Operations, parse_operations
+from pipeline.studies.levels import COMPLETIONS, LATE_POLICIES, LEVELS
 
 LOG_LEVELS = ("TRACE", "DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 KiB, MiB, GiB = 1024, 1024**2, 1024**3
@@ -221,6 +223,24 @@ def safe_private_list(value: str) -> tuple[SafePrivate, ...]:
             raise ValueError(f"{line!r}: ({match['group']},…) is not a private group")
         kept.append(SafePrivate(match["creator"].strip(), group, int(match["element"], 16)))
     return tuple(kept)
+
+
+def _choice(*allowed: str) -> Callable[[str], str]:
+    """A converter for one word out of ``allowed`` (any case)."""
+    def convert(value: str) -> str:
+        word = value.strip().lower()
+        if word not in allowed:
+            raise ValueError(f"{value!r}: expected {' or '.join(allowed)}")
+        return word
+    return convert
+
+
+#: ``[filter] level``: where an endpoint decides (pipeline/studies/levels.py)
+study_level = _choice(*LEVELS)
+#: ``[filter] completion``: when a series/study is complete
+completion = _choice(*COMPLETIONS)
+#: ``[filter] late``: an instance of a series/study already released
+late_policy = _choice(*LATE_POLICIES)
 
 
 def _split_list(value: str) -> list[str]:

@@ -105,10 +105,15 @@ def wanted_for(rule_sets: Iterable[RuleSet]) -> Wanted | None:
     return Wanted(frozenset(tags))
 
 
-def plan(rule_sets: Iterable[RuleSet], environ: Mapping[str, str] | None = None) -> Wanted | None:
-    """What the filter scans for with these rules; None: pydicom's full read (switched
-    off, or a rule the scan cannot serve)."""
-    return wanted_for(rule_sets) if enabled(environ) else None
+def plan(rule_sets: Iterable[RuleSet], environ: Mapping[str, str] | None = None,
+         extra: Iterable[int] = ()) -> Wanted | None:
+    """What the filter scans for with these rules (and the ``extra`` top-level tags it
+    reads itself, e.g. the study UIDs); None: pydicom's full read (switched off, or a
+    rule the scan cannot serve)."""
+    if not enabled(environ):
+        return None
+    wanted = wanted_for(rule_sets)
+    return None if wanted is None else Wanted(wanted.tags | frozenset(extra))
 
 
 def _private_creator(tag: int) -> int | None:

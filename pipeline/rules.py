@@ -5,6 +5,12 @@ against a header-only dataset. Semantics (README, Design notes): ``re.fullmatch`
 case-sensitive; a multi-valued attribute matches if any value does; ``!=`` holds when
 no value matches (a missing attribute included); ``=`` never matches a missing
 attribute; deny-lists win over allow-lists.
+
+An endpoint deciding at series or study level (``[filter] level``) evaluates its
+conditions over every instance of the series/study (:mod:`pipeline.studies.levels`):
+``Keyword=regex`` holds when *any* instance matches, ``Keyword!=regex`` when *none*
+does, and ``all:Keyword=regex`` when *every* one does. For one instance ``all:`` changes
+nothing, so the prefix is accepted at every level.
 """
 
 from __future__ import annotations
@@ -28,7 +34,7 @@ META_KEYWORDS = {
     "CalledAETitle": ("ReceivingApplicationEntityTitle",),
 }
 _TAG_RE = re.compile(r"\(\s*([0-9A-Fa-f]{4})\s*,\s*([0-9A-Fa-f]{4})\s*\)")
-_CONDITION_RE = re.compile(r"\s*([^=!\s]+)\s*(!=|=)(.*)", re.S)
+_CONDITION_RE = re.compile(r"\s*(all:)?\s*([^=!\s]+)\s*(!=|=)(.*)", re.S)
 
 
 def _sop_keywords() -> dict[str, str]:
@@ -69,24 +75,37 @@ class Condition:
     tag: int | None
     negate: bool
     pattern: re.Pattern[str]
+    #: ``all:`` — over a series or study, every instance must match (else: any)
+    every: bool = False
+
+    def matches(self, ds: Dataset) -> bool:
+        """Does some value of the attribute match (before ``!=`` negates it)?"""
+        values = attribute_values(ds, self.keyword, self.tag)
+        return any(self.pattern.fullmatch(v) for v in values)
 
     def holds(self, ds: Dataset) -> bool:
-        values = attribute_values(ds, self.keyword, self.tag)
-        matched = any(self.pattern.fullmatch(v) for v in values)
+        matched = self.matches(ds)
         return not matched if self.negate else matched
+
+    def holds_over(self, any_matched: bool, all_matched: bool) -> bool:
+        """Over a group of instances: ``=`` any, ``!=`` none, ``all:`` every one."""
+        if self.negate:
+            return not any_matched
+        return all_matched if self.every else any_matched
 
 
 def parse_condition(text: str) -> Condition:
     match = _CONDITION_RE.fullmatch(text)
     if not match:
-        raise RuleSyntaxError(f"{text.strip()!r}: expected Keyword=regex or Keyword!=regex")
-    name, op, regex = match.group(1), match.group(2), match.group(3).strip()
+        raise RuleSyntaxError(f"{text.strip()!r}: expected Keyword=regex, Keyword!=regex "
+                              f"or all:Keyword=regex")
+    every, name, op, regex = bool(match.group(1)), match.group(2), match.group(3), match.group(4).strip()
     keyword, tag = _resolve_attribute(name)
     try:
         pattern = re.compile(regex)
     except re.error as exc:
         raise RuleSyntaxError(f"{text.strip()!r}: bad regular expression: {exc}") from None
-    return Condition(text.strip(), keyword, tag, op == "!=", pattern)
+    return Condition(text.strip(), keyword, tag, op == "!=", pattern, every)
 
 
 def parse_conditions(text: str) -> tuple[Condition, ...]:

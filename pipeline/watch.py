@@ -50,9 +50,10 @@ class _Handler(FileSystemEventHandler):
 class DirectoryWatcher:
     """Wake a daemon loop when something lands in one directory (not recursive)."""
 
-    def __init__(self, directory: Path) -> None:
+    def __init__(self, directory: Path, event: threading.Event | None = None) -> None:
+        """``event``: share another watcher's, so one loop waits on several directories."""
         self.directory = Path(directory)
-        self._event = threading.Event()
+        self._event = event or threading.Event()
         self._lock = threading.Lock()
         self._completed: set[str] = set()
         self._observer: BaseObserver | None = None
@@ -110,6 +111,11 @@ class DirectoryWatcher:
             with self._lock:
                 self._completed.add(name)
         self._event.set()
+
+    @property
+    def event(self) -> threading.Event:
+        """The event this watcher sets (to share with another watcher)."""
+        return self._event
 
     def wake(self) -> None:
         """Wake the loop now (signal handlers, shutdown, tests)."""

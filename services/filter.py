@@ -21,6 +21,7 @@ the directory is always rescanned; signals reach it through ``pipeline.daemon.Si
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import errno
 import os
@@ -29,6 +30,7 @@ import time
 from pathlib import Path
 
 from loguru import logger
+from pipeline.studies.mpps import MppsStore
 from pydicom.uid import UID
 
 from pipeline import config as config_module
@@ -42,10 +44,13 @@ from pipeline.header import Header
 from pipeline.lock import DaemonLock
 from pipeline.log import setup_daemon, shown_name
 from pipeline.names import escape
-from pipeline.rules import Decision, RuleSet, decide
+from pipeline.rules import RuleSet
 from pipeline.shaping.copies import TMP_OWNER, Shaper, copy_prefix
 from pipeline.spool import FILE_MODE, Spool, fresh_name_like
 from pipeline.spool_names import SpoolName, is_standard
+from pipeline.studies import queue
+from pipeline.studies.desk import SEND, STUDY_TAGS, WAIT, InstanceIds, Release, StudyDesk, instance_ids
+from pipeline.studies.levels import Routing, decide_routing
 from pipeline.watch import DirectoryWatcher, open_for_writing, writer_pids
 
 #: OS errors that say "the disk (or the system) is in trouble, try again later",
@@ -91,6 +96,13 @@ class FilterDaemon:
         self.rescan_interval = rescan_interval
         self.retry_interval = retry_interval
         self.watcher = DirectoryWatcher(self.spool.incoming)
+        self.desk = _desk(config, self.spool, self.log)
+        #: operators' release requests and the receiver's MPPS steps wake the same loop
+        self._side_watchers = [DirectoryWatcher(directory, self.watcher.event)
+                               for directory in (self.desk.requests_dir, self.desk.mpps_dir)]
+        #: when ``accepted/`` is next listed whole (at start, then now and then: files that
+        #: wait for their study stay there, and are not looked at on every step)
+        self._accepted_due = 0.0
         self.stopping = False
         self.reload_requested = False
         self._lock = DaemonLock(self.spool.run_dir, "filter")
@@ -134,6 +146,14 @@ class FilterDaemon:
                 self.spool.clean_tmp(self.spool.handback(endpoint))
             self.spool.clean_dead_tmp(self.spool.run_dir)
             self.watcher.start()
+            if self.desk.active:
+                self.desk.open()
+                for watcher in self._side_watchers:
+                    watcher.directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+                    watcher.start()
+                with contextlib.suppress(DiskTrouble):  # retried by the loop
+                    self.recover_accepted()
+                self.desk.recovered(set(self.desk.index.waiting_for))
         except BaseException:
             self.close()
             raise
@@ -149,10 +169,14 @@ class FilterDaemon:
         if self.reload_requested:
             self.reload()
         try:
-            self.recover_accepted()
+            if not self.desk.active or time.monotonic() >= self._accepted_due:
+                self.recover_accepted()
             settling = self.scan_incoming()
+            self.release_due()
         except DiskTrouble:
             settling = 0
+        finally:
+            self._sync_records()
         return Step(self._timeout(settling), idle=settling == 0)
 
     def wait(self, seconds: float) -> None:
@@ -161,6 +185,11 @@ class FilterDaemon:
     def close(self) -> None:
         """Stop watching and release the lock (also after a failed start)."""
         self.watcher.stop()
+        for watcher in self._side_watchers:
+            watcher.stop()
+        if self.desk.active and self._lock.held:
+            self.desk.write_state(force=True)
+            self.desk.close()
         if self._lock.held:
             self._lock.release()
             self.log.info("filter stopped")
@@ -173,6 +202,9 @@ class FilterDaemon:
         if self._retry_at:
             due = min(self._retry_at.values()) - time.monotonic()
             timeout = min(timeout, max(due, 0.05))
+        study_due = self.desk.next_due()
+        if study_due is not None:
+            timeout = min(timeout, max(study_due, 0.01))
         return timeout
 
     # -- scanning --------------------------------------------------------------------
@@ -186,10 +218,13 @@ class FilterDaemon:
         in the endpoint's outbox, ``sent/`` or ``failed/``: none is made twice.
         """
         self._copies = {}
+        self._accepted_due = time.monotonic() + self.rescan_interval
         try:
             for path in self.spool.list_stage(self.spool.accepted):
                 if self.stopping:
                     return
+                if self.desk.index.waiting(path.name):
+                    continue  # waits for its series/study
                 if self._due(path) and not path.is_dir():
                     self.process(path)
             for endpoint in self.spool.handbacks():
@@ -362,12 +397,15 @@ class FilterDaemon:
         # A file this spool coerced already (a redo after a crash, a copy dropped back in)
         # passed the global rules on its original values: its endpoints decide alone.
         coerced_before = self.shaper.coerced_here(head.dataset.file_meta)
-        decision = self.decide_endpoints(head.dataset) if coerced_before else self.decide(head)
+        routing, ids = (self.decide_endpoints(head.dataset) if coerced_before
+                        else self.decide(head))
         name = path.name if path.parent == self.spool.accepted else standard_name(
             path.name, head.sop_instance_uid)
         what = _describe(head)
-        if decision.rejected is not None:
-            return self._reject(path, name, decision.rejected, head)
+        if routing.rejected is not None:
+            return self._reject(path, name, routing.rejected, head)
+        if isinstance(ids, str):
+            return self._quarantine(path, ids)
         recovering = path.parent == self.spool.accepted
         accepted = path if recovering else self._accept(path, name, head)
         coerced = None
@@ -377,13 +415,14 @@ class FilterDaemon:
             except (ShapingError, QuarantineError) as exc:
                 return self._quarantine(accepted, f"global [coerce]: {exc}")
         if coerced is not None:
-            decision = coerced
-            if decision.rejected is not None:
-                return self._reject(accepted, accepted.name, decision.rejected, head)
-        notes = self._fan_out(accepted, decision.endpoints, head.sop_instance_uid, recovering)
+            routing, ids = coerced
+            if routing.rejected is not None:
+                return self._reject(accepted, accepted.name, routing.rejected, head)
+            if isinstance(ids, str):
+                return self._quarantine(accepted, f"after the global [coerce]: {ids}")
+        targets, notes = self._fan_out(accepted, routing, ids, head, recovering)
         shaped = " (coerced)" if coerced is not None else ""
-        return (f"{what}{self._renamed(path, accepted.name)}{shaped} → "
-                f"{', '.join(decision.endpoints)}{notes}")
+        return f"{what}{self._renamed(path, accepted.name)}{shaped} → {targets}{notes}"
 
     def _reject(self, path: Path, name: str, reason: str, head: Header) -> str:
         name = _free_name(self.spool.rejected, name, head.sop_instance_uid)
@@ -402,14 +441,19 @@ class FilterDaemon:
         self.log.bind(file=escape(path.name)).debug(f"hand-dropped file is now {name}")
         return f" as {name}"
 
-    def decide(self, head: Header) -> Decision:
-        rules = {name: ep.rules for name, ep in self.config.endpoints.items()}
-        return decide(self.config.router.rules, rules, head.dataset)
+    def decide(self, head: Header) -> tuple[Routing, InstanceIds | str | None]:
+        return self._decide(self.config.router.rules, head.dataset)
 
-    def decide_endpoints(self, dataset) -> Decision:
+    def decide_endpoints(self, dataset) -> tuple[Routing, InstanceIds | str | None]:
         """The endpoints' rules alone (the global ones passed before coercion)."""
+        return self._decide(RuleSet(), dataset)
+
+    def _decide(self, global_rules: RuleSet, dataset) -> tuple[Routing, InstanceIds | str | None]:
+        """Where the file goes; for grouped endpoints also its UIDs (or why it has none)."""
         rules = {name: ep.rules for name, ep in self.config.endpoints.items()}
-        return decide(RuleSet(), rules, dataset)
+        policies = {name: ep.study for name, ep in self.config.endpoints.items()}
+        routing = decide_routing(global_rules, rules, policies, dataset)
+        return routing, (instance_ids(dataset) if routing.groups else None)
 
     def _accept(self, path: Path, name: str, head: Header) -> Path:
         try:
@@ -417,29 +461,129 @@ class FilterDaemon:
         except FileExistsError:  # a different file already has this name: give it another
             return self.spool.move(path, self.spool.accepted, str(SpoolName.new(head.sop_instance_uid)))
 
-    def _fan_out(self, accepted: Path, endpoints: tuple[str, ...], uid: str,
-                 recovering: bool) -> str:
-        """One copy per endpoint: a hard link, or the endpoint's own shaped file; then
-        ``accepted/`` lets go of the file. Returns what to add to the log line."""
+    def _fan_out(self, accepted: Path, routing: Routing, ids: InstanceIds | str | None,
+                 head: Header, recovering: bool) -> tuple[str, str]:
+        """One copy per endpoint that takes the file now: a hard link, or the endpoint's
+        own shaped file. ``accepted/`` lets go of the file unless a series/study it
+        belongs to is still waiting for some endpoint. Returns the endpoints and what
+        to add to the log line."""
+        verdicts: dict[str, str] = {}
+        if isinstance(ids, InstanceIds):
+            verdicts = self.desk.arrive(accepted.name, routing.groups, ids, recovering)
+        waits = sorted(ep for ep, verdict in verdicts.items() if verdict == WAIT)
+        now = [*routing.decision.endpoints, *(ep for ep, v in verdicts.items() if v == SEND)]
+        reached = self.desk.reached.of(accepted.name) if recovering else set()
         failed = []
-        for endpoint in endpoints:
-            outbox = self.spool.outbox(endpoint)
-            if not outbox.is_dir():
-                self.spool.create_endpoint(endpoint)
-            if self._already_delivered(accepted, endpoint):
-                continue  # recovered after a crash: this copy already went all the way
-            if recovering and self._has_copy(accepted.name, endpoint):
-                continue  # made before the interruption (a shaped copy is another inode)
-            if self.config.endpoints[endpoint].shapes:
-                if not self._shape_copy(accepted, endpoint):
-                    failed.append(endpoint)
-                continue
-            try:
-                self.spool.link(accepted, outbox)
-            except FileExistsError:  # another file owns this name there: never overwrite it
-                self.spool.link(accepted, outbox, str(SpoolName.new(uid)))
+        for endpoint in now:
+            if endpoint in reached:
+                continue  # recorded before the interruption (its copy may be pruned already)
+            if not self._copy(accepted, endpoint, head.sop_instance_uid, recovering):
+                failed.append(endpoint)
+            if waits:
+                self.desk.reached.add(accepted.name, endpoint)
+        notes = f" (not shaped for {', '.join(failed)}: see failed/)" if failed else ""
+        if waits:
+            if isinstance(ids, InstanceIds):
+                for release in self.desk.check_study(ids.study):
+                    self._release(release)
+            notes += f"; waits for its {'/'.join(self._levels(waits))} ({', '.join(waits)})"
+            return ", ".join(now) or "(none yet)", notes
+        if not now:  # decided against by every grouped endpoint, and nobody else wants it
+            why = "; ".join(f"{ep}: decided not to send its series/study" for ep in verdicts)
+            self._reject(accepted, accepted.name, f"no endpoint takes it ({why})", head)
+            return "(none)", " (rejected: its series/study was not sent anywhere)"
         self.spool.unlink(accepted)
-        return f" (not shaped for {', '.join(failed)}: see failed/)" if failed else ""
+        return ", ".join(now), notes
+
+    def _levels(self, endpoints: list[str]) -> list[str]:
+        return sorted({self.config.endpoints[ep].study.level for ep in endpoints})
+
+    def _copy(self, accepted: Path, endpoint: str, uid: str, recovering: bool) -> bool:
+        """``endpoint``'s copy: a hard link, or its shaped file (False: not shaped, in
+        ``failed/<endpoint>/``). A copy made before an interruption is not made again."""
+        outbox = self.spool.outbox(endpoint)
+        if not outbox.is_dir():
+            self.spool.create_endpoint(endpoint)
+        if self._already_delivered(accepted, endpoint):
+            return True  # recovered after a crash: this copy already went all the way
+        if recovering and self._has_copy(accepted.name, endpoint):
+            return True  # made before the interruption (a shaped copy is another inode)
+        if self.config.endpoints[endpoint].shapes:
+            return self._shape_copy(accepted, endpoint)
+        try:
+            self.spool.link(accepted, outbox)
+        except FileExistsError:  # another file owns this name there: never overwrite it
+            self.spool.link(accepted, outbox, str(SpoolName.new(uid)))
+        return True
+
+    # -- releases of series and studies ------------------------------------------------
+
+    def release_due(self) -> None:
+        """Carry out every release that is due (complete groups, operators' requests)."""
+        if not self.desk.active:
+            return
+        for release in self.desk.due():
+            if self.stopping:
+                break
+            self._release(release)
+        self.desk.write_state()
+
+    def _release(self, release: Release) -> None:
+        """The decision made durable first, then the study list, then the copies in
+        order; each file leaves ``accepted/`` once no other group holds it."""
+        group, endpoint = release.group, release.endpoint
+        log = self.log.bind(endpoint=endpoint)
+        self.desk.decided(release)
+        failed = 0
+        if release.send:
+            prefixes = [p for m in release.members if (p := copy_prefix(m.name)) is not None]
+            queue.publish(self.spool, endpoint, group.study, group.series,
+                          group.policy.level, prefixes)
+            # No copy of a group's file for this endpoint can exist before its one
+            # decision (a release cut short is finished as a late `follow`, by recovery).
+            for member in release.members:
+                path = self.spool.accepted / member.name
+                if endpoint in self.desk.reached.of(member.name) or not path.exists():
+                    continue
+                if not self._copy(path, endpoint, member.sop_instance_uid, False):
+                    failed += 1
+                self.desk.reached.add(member.name, endpoint)
+            self.desk.reached.sync()
+        what = f"{group.policy.level} {group.series or group.study}"
+        if group.series:
+            what += f" of study {group.study}"
+        if release.send:
+            extra = f", {failed} not shaped (see failed/{endpoint}/)" if failed else ""
+            log.info(f"{what}: {len(release.members)} instance(s) released to {endpoint} "
+                     f"({release.why}){extra}")
+        else:
+            log.info(f"{what}: not sent to {endpoint}: {release.why_not} ({release.why})")
+        for name in self.desk.finished(release):
+            self._done_waiting(self.spool.accepted / name)
+
+    def _done_waiting(self, path: Path) -> None:
+        """A file no group holds any more leaves ``accepted/``: to ``rejected/`` when no
+        endpoint at all took it, else it is simply unlinked (its copies are out)."""
+        reached = self.desk.reached.of(path.name)
+        self.desk.reached.forget(path.name)
+        try:
+            if reached:
+                self.spool.unlink(path)
+                return
+            reason = self._reason("no endpoint takes it: every endpoint deciding per "
+                                  "series/study decided against its series/study", path)
+            self.spool.move_with_reason(path, self.spool.rejected, ".reason", reason,
+                                        name=_free_name(self.spool.rejected, path.name, None))
+        except FileNotFoundError:
+            pass
+
+    def _sync_records(self) -> None:
+        """The reached records of this step, made durable once (README, Studies)."""
+        if self.desk.active:
+            try:
+                self.desk.reached.sync()
+            except OSError as exc:
+                self.log.warning(f"cannot sync the study records: {exc.strerror or exc}")
 
     def _shape_copy(self, source: Path, endpoint: str) -> bool:
         """The endpoint's shaped copy into its outbox; a file that cannot be shaped goes,
@@ -577,13 +721,28 @@ class FilterDaemon:
         self.config = new
         self.wanted = _wanted(new)
         self.shaper = Shaper(new, self.spool)
+        was_active = self.desk.active
+        self.desk.reconfigure({n: ep.rules for n, ep in new.endpoints.items()},
+                              {n: ep.study for n, ep in new.endpoints.items()})
+        if self.desk.active and not was_active:
+            self.log.warning("an endpoint now decides per series/study: restart the filter "
+                             "to start grouping (until then it decides per instance)")
         self.log.info(f"configuration reloaded, endpoints: {', '.join(sorted(new.endpoints)) or 'none'}")
 
 
 def _wanted(config: Config) -> header_scan.Wanted | None:
     """The tags the header read must find for these rules (None: pydicom reads all)."""
     rule_sets = [config.router.rules, *(ep.rules for ep in config.endpoints.values())]
-    return header_scan.plan(rule_sets)
+    grouped = any(ep.study.grouped for ep in config.endpoints.values())
+    return header_scan.plan(rule_sets, extra=STUDY_TAGS if grouped else ())
+
+
+def _desk(config: Config, spool: Spool, log) -> StudyDesk:
+    """The study side, bound to the endpoints' rules and the receiver's MPPS records."""
+    mpps = MppsStore(spool)
+    return StudyDesk(spool, {n: ep.rules for n, ep in config.endpoints.items()},
+                     {n: ep.study for n, ep in config.endpoints.items()},
+                     mpps=lambda: mpps.load_all().values(), log=log)
 
 
 def _free_name(directory: Path, name: str, uid: str | None) -> str:

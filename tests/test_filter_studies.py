@@ -1,0 +1,301 @@
+"""The filter with series/study-level endpoints, in process, on a fake monotonic clock.
+
+Waiting in ``accepted/``, release after ``stable_time``, ordered study lists, late
+instances, operators' requests, restarts and a release cut short, bad UIDs.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+from loguru import logger
+from pydicom.uid import generate_uid
+
+from pipeline.config import load
+from pipeline.spool import Spool
+from pipeline.spool_names import SpoolName
+from pipeline.studies import queue
+from pipeline.studies.desk import request_path
+from services.filter import FilterDaemon
+from tests.helpers import dicom_files, make_dataset, write_conf, write_dataset
+
+
+class Clock:
+    """The desk's monotonic clock, moved by the test."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def _endpoint(port: int, **filter_: str) -> dict:
+    return {"endpoint": {"host": "127.0.0.1", "port": port, "ae_title": "X"}, "filter": filter_}
+
+
+def conf_for(tmp_path: Path, **ai_filter: str) -> Path:
+    ai = {"level": "study", "conditions": "SeriesDescription=AXIAL.*", "stable_time": "60s",
+          **ai_filter}
+    return write_conf(tmp_path, endpoints={
+        "pacs": _endpoint(1104),
+        "ai": _endpoint(1105, **ai),
+        "bySeries": _endpoint(1106, level="series", stable_time="30s"),
+    })
+
+
+def daemon_for(conf: Path, clock: Clock) -> FilterDaemon:
+    daemon = FilterDaemon(load(conf), settle=0.0, rescan_interval=0.2, retry_interval=0.1)
+    daemon.desk.monotonic = clock
+    return daemon
+
+
+def drop(spool: Spool, ds) -> Path:
+    staging = spool.root.parent / "staging"
+    path = write_dataset(ds, staging / f"{ds.SOPInstanceUID}.dcm")
+    target = spool.incoming / path.name
+    os.rename(path, target)
+    return target
+
+
+def study(series: dict[str, int], patient_id: str = "P1") -> list:
+    """One study: per series description, that many instances (fresh UIDs, numbered)."""
+    uid = generate_uid()
+    datasets = []
+    for number, (description, count) in enumerate(series.items(), start=1):
+        series_uid = generate_uid()
+        for instance in range(count, 0, -1):  # sent backwards: order comes from the numbers
+            datasets.append(make_dataset(study_uid=uid, SeriesInstanceUID=series_uid,
+                                         SeriesNumber=number, InstanceNumber=instance,
+                                         SeriesDescription=description, patient_id=patient_id))
+    return datasets
+
+
+def uids(directory: Path) -> set[str]:
+    return {SpoolName.parse(p.name).uid for p in dicom_files(directory)}  # type: ignore[union-attr]
+
+
+def state(spool: Spool) -> dict:
+    return json.loads((spool.run_dir / "studies" / "state.json").read_text())
+
+
+@pytest.fixture
+def clock():
+    return Clock()
+
+
+def test_study_and_series_endpoints_wait_then_get_whole_groups_in_order(tmp_path, clock):
+    conf = conf_for(tmp_path)
+    daemon = daemon_for(conf, clock)
+    spool = daemon.spool.create(daemon.config.endpoints)
+    a = study({"AXIAL CHEST": 3, "SCOUT": 2})
+    b = study({"SCOUT": 2, "LOCALIZER": 1}, patient_id="P2")
+    for pair in zip(a, b + [None, None], strict=True):  # interleaved
+        for ds in pair:
+            if ds is not None:
+                drop(spool, ds)
+    assert daemon.run(once=True) == 0
+    everything = {ds.SOPInstanceUID for ds in a + b}
+    assert uids(spool.outbox("pacs")) == everything           # instance level: at once
+    assert not dicom_files(spool.outbox("ai")) and not dicom_files(spool.outbox("bySeries"))
+    assert len(dicom_files(spool.accepted)) == len(everything)
+    waiting = state(spool)["waiting"]
+    assert sorted((w["endpoint"], w["level"]) for w in waiting) == sorted(
+        [("ai", "study")] * 2 + [("bySeries", "series")] * 4)
+    assert {w["instances"] for w in waiting if w["endpoint"] == "ai"} == {5, 3}
+
+    clock.now += 31                                            # the series' stable time
+    daemon.run(once=True)
+    assert uids(spool.outbox("bySeries")) == everything
+    assert not dicom_files(spool.outbox("ai"))
+    clock.now += 30                                            # the study's
+    daemon.run(once=True)
+    assert uids(spool.outbox("ai")) == {ds.SOPInstanceUID for ds in a}
+    assert dicom_files(spool.accepted) == []
+    assert dicom_files(spool.rejected) == []
+    (released,) = queue.load(spool, "ai")
+    order = [(ds.SeriesNumber, ds.InstanceNumber) for ds in a]
+    by_prefix = {SpoolName.parse(p.name).prefix: p for p in dicom_files(spool.outbox("ai"))}  # type: ignore[union-attr]
+    assert len(released.prefixes) == 5 and set(released.prefixes) == set(by_prefix)
+    sent_order = []
+    for prefix in released.prefixes:
+        uid = SpoolName.parse(by_prefix[prefix].name).uid  # type: ignore[union-attr]
+        ds = next(d for d in a if d.SOPInstanceUID == uid)
+        sent_order.append((ds.SeriesNumber, ds.InstanceNumber))
+    assert sent_order == sorted(order)
+    assert len(queue.load(spool, "bySeries")) == 4
+    decisions = state(spool)["released"]
+    assert {(d["endpoint"], d["send"]) for d in decisions} == {("ai", True), ("ai", False),
+                                                              ("bySeries", True)}
+    assert state(spool)["waiting"] == []
+
+
+def test_late_instances_follow_the_decision(tmp_path, clock):
+    conf = conf_for(tmp_path)
+    daemon = daemon_for(conf, clock)
+    spool = daemon.spool.create(daemon.config.endpoints)
+    a = study({"AXIAL": 2})
+    b = study({"SCOUT": 1})
+    for ds in a + b:
+        drop(spool, ds)
+    daemon.run(once=True)
+    clock.now += 61
+    daemon.run(once=True)
+    late_a = make_dataset(study_uid=a[0].StudyInstanceUID, SeriesDescription="SR")
+    late_b = make_dataset(study_uid=b[0].StudyInstanceUID, SeriesDescription="AXIAL")
+    drop(spool, late_a), drop(spool, late_b)
+    daemon.close()
+    restarted = daemon_for(conf, clock)                      # decisions persist across restarts
+    restarted.run(once=True)
+    assert late_a.SOPInstanceUID in uids(spool.outbox("ai"))   # the study went: so does it
+    assert late_b.SOPInstanceUID not in uids(spool.outbox("ai"))
+    assert late_b.SOPInstanceUID in uids(spool.outbox("pacs"))
+
+
+def test_late_reevaluate_decides_again_over_released_and_late(tmp_path, clock):
+    conf = conf_for(tmp_path, late="reevaluate")
+    daemon = daemon_for(conf, clock)
+    spool = daemon.spool.create(daemon.config.endpoints)
+    b = study({"SCOUT": 1})
+    drop(spool, b[0])
+    daemon.run(once=True)
+    clock.now += 61
+    daemon.run(once=True)
+    assert not dicom_files(spool.outbox("ai"))
+    late = make_dataset(study_uid=b[0].StudyInstanceUID, SeriesDescription="AXIAL")
+    drop(spool, late)
+    daemon.run(once=True)
+    assert not dicom_files(spool.outbox("ai"))                 # waits again
+    clock.now += 61
+    daemon.run(once=True)
+    assert uids(spool.outbox("ai")) == {late.SOPInstanceUID}   # only what is still here
+
+
+def test_an_operator_releases_a_study_now(tmp_path, clock):
+    conf = conf_for(tmp_path)
+    daemon = daemon_for(conf, clock)
+    spool = daemon.spool.create(daemon.config.endpoints)
+    a = study({"AXIAL": 2})
+    for ds in a:
+        drop(spool, ds)
+    daemon.run(once=True)
+    uid = a[0].StudyInstanceUID
+    spool.write_bytes(request_path(spool, uid).parent, request_path(spool, uid).name, b"")
+    daemon.run(once=True)
+    assert uids(spool.outbox("ai")) == {ds.SOPInstanceUID for ds in a}
+    assert not request_path(spool, uid).exists()
+    assert any(d["why"] == "released by an operator" for d in state(spool)["released"])
+
+
+def test_nobody_wants_a_study_then_its_files_are_rejected(tmp_path, clock):
+    conf = write_conf(tmp_path, endpoints={"ai": _endpoint(1105, level="study",
+                                                           conditions="Modality=MR")})
+    daemon = daemon_for(conf, clock)
+    spool = daemon.spool.create(daemon.config.endpoints)
+    a = study({"AXIAL": 2})
+    for ds in a:
+        drop(spool, ds)
+    daemon.run(once=True)
+    assert len(dicom_files(spool.accepted)) == 2
+    clock.now += 61
+    daemon.run(once=True)
+    rejected = dicom_files(spool.rejected)
+    assert len(rejected) == 2 and dicom_files(spool.accepted) == []
+    reason = Path(f"{rejected[0]}.reason").read_text()
+    assert "decided against its series/study" in reason
+
+
+def test_restart_rebuilds_the_index_from_headers(tmp_path, clock):
+    conf = conf_for(tmp_path)
+    daemon = daemon_for(conf, clock)
+    spool = daemon.spool.create(daemon.config.endpoints)
+    a = study({"AXIAL": 3, "SCOUT": 2})
+    for ds in a:
+        drop(spool, ds)
+    daemon.run(once=True)
+    pacs_before = sorted(p.name for p in dicom_files(spool.outbox("pacs")))
+    for path in dicom_files(spool.outbox("pacs")):            # delivered and pruned already
+        path.unlink()
+    restarted = daemon_for(conf, clock)
+    restarted.run(once=True)
+    assert dicom_files(spool.outbox("pacs")) == []             # the record, not the inode, says so
+    assert len(pacs_before) == 5
+    assert {w["instances"] for w in state(spool)["waiting"] if w["endpoint"] == "ai"} == {5}
+    clock.now += 61
+    restarted.run(once=True)
+    assert uids(spool.outbox("ai")) == {ds.SOPInstanceUID for ds in a}
+
+
+def test_a_release_cut_short_is_finished_once_after_a_restart(tmp_path, clock, monkeypatch):
+    conf = conf_for(tmp_path)
+    daemon = daemon_for(conf, clock)
+    spool = daemon.spool.create(daemon.config.endpoints)
+    a = study({"AXIAL": 4})
+    for ds in a:
+        drop(spool, ds)
+    daemon.run(once=True)
+    clock.now += 61
+    made = []
+    real_copy = daemon._copy
+
+    def dying_copy(path, endpoint, uid, recovering):
+        if endpoint == "ai" and len(made) == 2:
+            raise KeyboardInterrupt("killed mid-release")     # not caught by the filter
+        made.append(path.name)
+        return real_copy(path, endpoint, uid, recovering)
+
+    monkeypatch.setattr(daemon, "_copy", dying_copy)
+    with pytest.raises(KeyboardInterrupt):
+        daemon.run(once=True)
+    assert len(dicom_files(spool.outbox("ai"))) == 2
+    restarted = daemon_for(conf, clock)
+    restarted.run(once=True)
+    names = [p.name for p in dicom_files(spool.outbox("ai"))]
+    assert len(names) == 4 and uids(spool.outbox("ai")) == {ds.SOPInstanceUID for ds in a}
+    assert dicom_files(spool.accepted) == []
+
+
+@pytest.mark.parametrize(("change", "why"), [
+    ({"StudyInstanceUID": None}, "no StudyInstanceUID"),
+    ({"SeriesInstanceUID": "1.2.abc"}, "is not a valid UID"),
+    ({"StudyInstanceUID": "../../etc"}, "is not a valid UID"),
+])
+def test_instances_without_valid_study_uids_are_quarantined(tmp_path, clock, change, why):
+    conf = conf_for(tmp_path)
+    daemon = daemon_for(conf, clock)
+    spool = daemon.spool.create(daemon.config.endpoints)
+    ds = make_dataset()
+    for keyword, value in change.items():
+        if value is None:
+            delattr(ds, keyword)
+        else:
+            setattr(ds, keyword, value)
+    drop(spool, ds)
+    daemon.run(once=True)
+    (quarantined,) = dicom_files(spool.quarantine)
+    assert why in Path(f"{quarantined}.reason").read_text()
+    assert dicom_files(spool.outbox("pacs")) == []
+
+
+def test_a_study_split_across_patients_is_routed_as_one_with_a_warning(tmp_path, clock):
+    conf = conf_for(tmp_path)
+    daemon = daemon_for(conf, clock)
+    spool = daemon.spool.create(daemon.config.endpoints)
+    a = study({"AXIAL": 2})
+    a[1].PatientID = "OTHER-PATIENT"
+    for ds in a:
+        drop(spool, ds)
+    lines: list[str] = []
+    sink = logger.add(lambda message: lines.append(str(message)), level="WARNING")
+    try:
+        daemon.run(once=True)
+        clock.now += 61
+        daemon.run(once=True)
+    finally:
+        logger.remove(sink)
+    assert uids(spool.outbox("ai")) == {ds.SOPInstanceUID for ds in a}
+    warnings = [line for line in lines if "different patients" in line]
+    assert len(warnings) == 1 and "OTHER-PATIENT" not in warnings[0] and "P1" not in warnings[0]
