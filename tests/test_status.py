@@ -243,9 +243,9 @@ def test_studies_state_stale_only_while_the_filter_runs(tmp_path: Path, fake_fil
 def test_hostile_state_rows_are_dropped(tmp_path: Path) -> None:
     _, loaded, spool = make_studies(tmp_path)
     now = time.time()
-    rows = [waiting_entry("../../etc", now=now), waiting_entry(now=now, endpoint="../x"),
-            waiting_entry("1.2\n3", now=now), "not a row", waiting_entry("1.2.7", now=now)]
-    rows[-1]["mpps"] = "\x1b[31mforged"
+    forged = {**waiting_entry("1.2.7", now=now), "mpps": "\x1b[31mforged"}
+    rows: list = [waiting_entry("../../etc", now=now), waiting_entry(now=now, endpoint="../x"),
+                  waiting_entry("1.2\n3", now=now), "not a row", forged]
     write_study_state(spool, rows, written=now)
     waiting = collect(loaded, now=now)["endpoints"]["ai"]["studies"]["waiting"]
     assert [(w["study"], w["mpps"]) for w in waiting] == [("1.2.7", None)]
