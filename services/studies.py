@@ -104,20 +104,28 @@ def queued_rows(spool: Spool, endpoints: list[str], now: float) -> list[Row]:
     return rows
 
 
-def _first_listed(spool: Spool, endpoint: str, list_name: str) -> Path | None:
-    """A file of a queued study still in the outbox (only for ``--show-phi``): the list
-    names the copies' name prefixes; one scan of the outbox finds one of them."""
-    data = read_json(studies_dir(spool) / "queue" / endpoint / list_name, LIST_LIMIT)
-    prefixes = data.get("prefixes") if isinstance(data, dict) else None
-    wanted = {p for p in prefixes if isinstance(p, str)} if isinstance(prefixes, list) else set()
+def _outbox_by_prefix(spool: Spool, endpoint: str) -> dict[str, Path]:
+    """Each standard-named file of an endpoint's outbox by its name prefix (one scan)."""
+    found: dict[str, Path] = {}
     try:
         with os.scandir(spool.outbox(endpoint)) as entries:
             for entry in entries:
                 parsed = SpoolName.parse(entry.name)
-                if parsed is not None and parsed.prefix in wanted:
-                    return Path(entry.path)
+                if parsed is not None:
+                    found.setdefault(parsed.prefix, Path(entry.path))
     except OSError:
-        return None
+        pass
+    return found
+
+
+def _first_listed(spool: Spool, endpoint: str, list_name: str, outbox: dict[str, Path]) -> Path | None:
+    """A file of a queued study still in the outbox (only for ``--show-phi``): the list
+    names the copies' name prefixes, in sending order."""
+    data = read_json(studies_dir(spool) / "queue" / endpoint / list_name, LIST_LIMIT)
+    prefixes = data.get("prefixes") if isinstance(data, dict) else None
+    for prefix in prefixes if isinstance(prefixes, list) else []:
+        if isinstance(prefix, str) and prefix in outbox:
+            return outbox[prefix]
     return None
 
 
@@ -139,10 +147,13 @@ def read_phi(config: Config, path: Path | None) -> dict:
 
 def _add_phi(config: Config, spool: Spool, rows: list[Row]) -> None:
     quiet_pydicom()
+    outboxes: dict[str, dict[str, Path]] = {}
     for row in rows:
         path = row.sample
         if row.state == "queued":
-            path = _first_listed(spool, row.endpoint, row.detail["list"])
+            if row.endpoint not in outboxes:
+                outboxes[row.endpoint] = _outbox_by_prefix(spool, row.endpoint)
+            path = _first_listed(spool, row.endpoint, row.detail["list"], outboxes[row.endpoint])
         row.detail["phi"] = read_phi(config, path)
 
 
@@ -263,10 +274,11 @@ def _wait_until(done: Callable[[], bool], timeout: float) -> bool:
     return True
 
 
-def _released_report(state: StudyState, uid: str) -> list[str]:
-    rows = [row for row in state.released if row["study"] == uid]
-    if not rows:
-        return [f"study {uid} released"]
+def _released_report(state: StudyState, uid: str, since: float) -> list[str]:
+    """The filter's decisions on ``uid`` since the request (the same host's clock)."""
+    rows = [row for row in state.released if row["study"] == uid and (row["at"] or 0.0) >= since - 1.0]
+    if not rows:  # a forced request for a study that was not waiting
+        return [f"the filter took the request; study {uid} is not waiting (dicomflow studies)"]
     return [f"study {uid}: {'released to' if row['send'] else 'not sent to'} {row['endpoint']} "
             f"({row['instances']} files; {row['why']})" for row in rows]
 
@@ -289,6 +301,7 @@ def release_main(config: Config, study_uid: str, *, force: bool, wait: bool,
         return 1
     directory = requests_dir(spool)
     request = directory / f"{study_uid}{REQUEST_SUFFIX}"
+    requested_at = time.time()
     try:
         spool.write_bytes(directory, request.name, b"")
     except FileExistsError:
@@ -298,10 +311,10 @@ def release_main(config: Config, study_uid: str, *, force: bool, wait: bool,
         print(f"release of study {study_uid} requested (waiting for {endpoints})")
     if not wait:
         return 0
-    return _await_release(spool, request, study_uid, timeout)
+    return _await_release(spool, request, study_uid, timeout, requested_at)
 
 
-def _await_release(spool: Spool, request: Path, uid: str, timeout: float) -> int:
+def _await_release(spool: Spool, request: Path, uid: str, timeout: float, since: float) -> int:
     def released() -> bool:
         if request.exists():
             return False
@@ -311,7 +324,7 @@ def _await_release(spool: Spool, request: Path, uid: str, timeout: float) -> int
 
     if _wait_until(released, timeout):
         state = load_study_state(spool, time.time(), False)
-        print("\n".join(_released_report(state, uid)))
+        print("\n".join(_released_report(state, uid, since)))
         return 0
     if not process_info(spool.run_dir, "filter")["running"]:
         print(f"dicomflow: the filter is not running: nothing released; the request stays in {request} "
