@@ -70,6 +70,26 @@ def build_parser() -> argparse.ArgumentParser:
     group = retry.add_mutually_exclusive_group(required=True)
     group.add_argument("--all", action="store_true", help="every file in failed/ENDPOINT")
     group.add_argument("files", nargs="*", default=[], help="file names (or paths) in failed/ENDPOINT")
+    studies = _command(sub, "studies", "list studies waiting for completion and studies queued for sending",
+                       "dicomflow studies --endpoint ai",
+                       note="\n\nPatient data is shown only with --show-phi "
+                            "(read from one file of each study).")
+    which = studies.add_mutually_exclusive_group()
+    which.add_argument("--waiting", action="store_true", help="only studies waiting for completion")
+    which.add_argument("--endpoint", metavar="EP", help="only the studies of endpoint EP")
+    studies.add_argument("--show-phi", action="store_true",
+                         help="also show patient name and ID, study date and accession (patient data!)")
+    studies.add_argument("--json", action="store_true", help="machine-readable output")
+    release = _command(sub, "release", "release a waiting study now (do not wait for its completion)",
+                       "dicomflow release 1.2.826.0.1.3680043.8.498.1",
+                       note="\n\nexit status: 0 once the filter has released it, 1 when it is not waiting,"
+                            "\nunknown, or the filter did not act within 30 s (the request then stays).")
+    release.add_argument("study_uid", metavar="STUDY_UID", help="the Study Instance UID (dicomflow studies)")
+    release.add_argument("--force", action="store_true",
+                         help="write the request even if the filter's state does not list "
+                              "the study as waiting")
+    release.add_argument("--no-wait", action="store_true",
+                         help="return once the request is written, without waiting for the filter")
     _command(sub, "check", "validate the configuration", "dicomflow check --conf ./conf")
     echo = _command(sub, "echo", "C-ECHO an endpoint", "dicomflow echo pacs")
     echo.add_argument("endpoint")
@@ -160,6 +180,19 @@ def _cmd_status(args: argparse.Namespace) -> int:
     return main(config, as_json=args.json)
 
 
+def _cmd_studies(args: argparse.Namespace) -> int:
+    from services.studies import studies_main
+
+    return studies_main(_load(args), waiting=args.waiting, endpoint=args.endpoint,
+                        show_phi=args.show_phi, as_json=args.json)
+
+
+def _cmd_release(args: argparse.Namespace) -> int:
+    from services.studies import release_main
+
+    return release_main(_load_owned(args), args.study_uid, force=args.force, wait=not args.no_wait)
+
+
 def _cmd_retry(args: argparse.Namespace) -> int:
     from services.retry import main
 
@@ -187,6 +220,8 @@ COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "echo": _cmd_echo,
     "status": _cmd_status,
     "retry": _cmd_retry,
+    "studies": _cmd_studies,
+    "release": _cmd_release,
     "up": _cmd_up,
     "down": _cmd_down,
 }

@@ -5,7 +5,9 @@ reads the oldest file's age from its name (names start with the UTC arrival time
 no DICOM parsing, no ``stat`` per file. Endpoint states come from the small state
 file each sender keeps under ``<spool>/run/`` (``send-<endpoint>.json``); each daemon's
 from its lock file (``receive.lock``, or ``receive-1.lock`` .. ``receive-N.lock`` with
-``[router] receive_processes = N``).
+``[router] receive_processes = N``). Studies waiting for completion come from the
+filter's ``run/studies/state.json``, studies queued for a sender from the study lists
+in ``run/studies/queue/<endpoint>/`` — never from a DICOM header.
 """
 
 from __future__ import annotations
@@ -14,13 +16,13 @@ import json
 import os
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 
 from pipeline.config import Config
 from pipeline.lock import DaemonLock, process_names
-from pipeline.names import escape
+from pipeline.names import escape, is_valid_endpoint_name, is_valid_uid
 from pipeline.sender_state import sender_name, state_file_name
 from pipeline.spool import Spool, is_hidden, is_sidecar
 from pipeline.spool_names import SpoolName
@@ -75,7 +77,7 @@ def _age_from_name(path: Path, now: float) -> float | None:
         return None
 
 
-def _process(run_dir: Path, lock_name: str) -> dict:
+def process_info(run_dir: Path, lock_name: str) -> dict:
     """Is the daemon holding ``<lock_name>.lock`` alive? (pid recorded in the lock file)."""
     try:
         pid = int(DaemonLock(run_dir, lock_name).path.read_text().split()[0])
@@ -114,6 +116,206 @@ def _escaped(text: object) -> str | None:
     return escape(text, 500) if text else None
 
 
+# -- studies (issue 17): the filter's state file and the senders' study lists ------------
+
+STATE_FILE = "state.json"
+STATE_LIMIT = 64 * 1024 * 1024   # 10,000 waiting studies are ~4 MB; more is not ours
+LIST_LIMIT = 16 * 1024 * 1024    # the queue module's own bound on a study list
+STALE_AFTER_S = 60.0             # the filter rewrites its state file at least this often
+LEVELS = ("study", "series")
+MPPS_STATES = ("in progress", "completed", "discontinued", "missing instances")
+LIST_SUFFIX = ".study"
+
+
+def studies_dir(spool: Spool) -> Path:
+    """``<spool>/run/studies/``: the filter's state file, study lists, release requests."""
+    return spool.run_dir / "studies"
+
+
+def read_json(path: Path, limit: int) -> object | None:
+    """A small JSON file of ours, read with a bound and without following links; None
+    when it is missing, too big, not JSON or not readable (the caller says so)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError:
+        return None
+    try:
+        with os.fdopen(fd, "rb") as fp:
+            data = fp.read(limit + 1)
+    except OSError:
+        return None
+    if len(data) > limit:
+        return None
+    try:
+        return json.loads(data)
+    except (ValueError, RecursionError):
+        return None
+
+
+@dataclass
+class StudyState:
+    """What the filter last said about waiting studies (``run/studies/state.json``).
+
+    ``status``: ``ok``, ``missing``, ``corrupt`` or ``stale`` (``written`` over 60 s ago
+    while the filter runs — it hangs or died without releasing its lock). The rows of a
+    stale file are kept: they are the last known truth.
+    """
+
+    status: str
+    written: float | None = None
+    waiting: list[dict] = field(default_factory=list)
+    released: list[dict] = field(default_factory=list)
+
+    @property
+    def available(self) -> bool:
+        return self.status == "ok"
+
+
+def _number(value: object) -> float | None:
+    return float(value) if isinstance(value, int | float) and not isinstance(value, bool) else None
+
+
+def _count(value: object) -> int:
+    return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else 0
+
+
+def _study_keys(entry: dict) -> dict | None:
+    """The identifying part of a state-file row, validated (names and UIDs that are not
+    ours are dropped: these end up in paths and on terminals)."""
+    endpoint, study, series, level = (entry.get(k) for k in ("endpoint", "study", "series", "level"))
+    if not (isinstance(endpoint, str) and is_valid_endpoint_name(endpoint) and is_valid_uid(study)):
+        return None
+    if series is not None and not is_valid_uid(series):
+        return None
+    return {"endpoint": endpoint, "study": study, "series": series,
+            "level": level if level in LEVELS else "study"}
+
+
+def _waiting_row(entry: object) -> dict | None:
+    keys = _study_keys(entry) if isinstance(entry, dict) else None
+    if keys is None or not isinstance(entry, dict):
+        return None
+    sample = entry.get("sample")
+    return {**keys, "instances": _count(entry.get("instances")),
+            "first_arrival": _number(entry.get("first_arrival")),
+            "last_arrival": _number(entry.get("last_arrival")),
+            "completion": "mpps" if entry.get("completion") == "mpps" else "stable",
+            "mpps": entry.get("mpps") if entry.get("mpps") in MPPS_STATES else None,
+            "release_at": _number(entry.get("release_at")),
+            "sample": sample if isinstance(sample, str) else None}
+
+
+def _released_row(entry: object) -> dict | None:
+    keys = _study_keys(entry) if isinstance(entry, dict) else None
+    if keys is None or not isinstance(entry, dict):
+        return None
+    return {**keys, "send": entry.get("send") is True, "instances": _count(entry.get("instances")),
+            "at": _number(entry.get("at")), "why": escape(entry.get("why") or "", 200)}
+
+
+def load_study_state(spool: Spool, now: float, filter_running: bool) -> StudyState:
+    """Read the filter's state file; never raises (a missing file is not an error)."""
+    path = studies_dir(spool) / STATE_FILE
+    if not path.exists():
+        return StudyState("missing")
+    data = read_json(path, STATE_LIMIT)
+    if not isinstance(data, dict) or data.get("version") != 1:
+        return StudyState("corrupt")
+    waiting, released = data.get("waiting"), data.get("released")
+    if not isinstance(waiting, list) or not isinstance(released, list):
+        return StudyState("corrupt")
+    written = _number(data.get("written"))
+    stale = filter_running and (written is None or now - written > STALE_AFTER_S)
+    return StudyState("stale" if stale else "ok", written,
+                      [row for row in map(_waiting_row, waiting) if row is not None],
+                      [row for row in map(_released_row, released) if row is not None])
+
+
+@dataclass(frozen=True)
+class QueuedStudy:
+    """One study list: a released study waiting for (or in) its endpoint's sender."""
+
+    endpoint: str
+    name: str
+    study: str
+    series: str | None
+    level: str
+    released: float | None
+    instances: int
+
+
+def queue_endpoints(spool: Spool) -> list[str]:
+    """Endpoints with a study-list folder (``run/studies/queue/<endpoint>/``)."""
+    try:
+        with os.scandir(studies_dir(spool) / "queue") as entries:
+            return sorted(e.name for e in entries
+                          if is_valid_endpoint_name(e.name) and e.is_dir(follow_symlinks=False))
+    except (FileNotFoundError, NotADirectoryError):
+        return []
+
+
+def queued_studies(spool: Spool, endpoint: str) -> list[QueuedStudy]:
+    """An endpoint's study lists in release order; corrupt ones are skipped (the sender
+    moves them aside). Reads the small JSON lists only, never a DICOM file."""
+    directory = studies_dir(spool) / "queue" / endpoint
+    try:
+        names = sorted(n for n in os.listdir(directory) if n.endswith(LIST_SUFFIX) and not is_hidden(n))
+    except (FileNotFoundError, NotADirectoryError):
+        return []
+    found = []
+    for name in names:
+        data = read_json(directory / name, LIST_LIMIT)
+        keys = _study_keys({**data, "endpoint": endpoint}) if isinstance(data, dict) else None
+        if keys is None or not isinstance(data, dict):
+            continue
+        prefixes = data.get("prefixes")
+        found.append(QueuedStudy(endpoint, name, keys["study"], keys["series"], keys["level"],
+                                 _number(data.get("released")),
+                                 len(prefixes) if isinstance(prefixes, list) else 0))
+    return found
+
+
+def _age(now: float, then: float | None) -> float | None:
+    return None if then is None else max(0.0, round(now - then, 1))
+
+
+def waiting_summary(row: dict, now: float) -> dict:
+    """One waiting study as ``status --json`` shows it (no patient data, no file name)."""
+    release_at = row["release_at"]
+    return {"study": row["study"], "series": row["series"], "level": row["level"],
+            "instances": row["instances"], "age_s": _age(now, row["first_arrival"]),
+            "idle_s": _age(now, row["last_arrival"]), "mpps": row["mpps"],
+            "release_in_s": None if release_at is None else max(0.0, round(release_at - now, 1))}
+
+
+def _endpoint_studies(waiting: list[dict], queued: list[QueuedStudy], now: float) -> dict:
+    released = [q.released for q in queued if q.released is not None]
+    return {"queued": {"count": len(queued), "oldest_age_s": _age(now, min(released, default=None))},
+            "waiting": [waiting_summary(row, now) for row in waiting]}
+
+
+def _studies(spool: Spool, names: list[str], filter_running: bool,
+             now: float) -> tuple[str | None, dict[str, dict]]:
+    """``studies_state`` and each study-level endpoint's ``studies`` block.
+
+    An endpoint is study-level for status when the state file or a study-list folder
+    names it; ``studies_state`` is absent when nothing does and there is no state file.
+    """
+    state = load_study_state(spool, now, filter_running)
+    listed = set(queue_endpoints(spool))
+    known = listed | {row["endpoint"] for row in state.waiting + state.released}
+    if state.status == "missing" and not known:
+        return None, {}
+    blocks = {}
+    for name in names:
+        if name in known:
+            waiting = sorted((r for r in state.waiting if r["endpoint"] == name),
+                             key=lambda r: (r["first_arrival"] or 0.0, r["study"]))
+            queued = queued_studies(spool, name) if name in listed else []
+            blocks[name] = _endpoint_studies(waiting, queued, now)
+    return ("ok" if state.available else "unavailable"), blocks
+
+
 def collect(config: Config, now: float | None = None) -> dict:
     """Everything ``status`` shows, as the documented JSON structure."""
     now = time.time() if now is None else now
@@ -122,22 +324,29 @@ def collect(config: Config, now: float | None = None) -> dict:
               for stage in ("incoming", "accepted", "rejected", "quarantine")}
     names = sorted(set(config.endpoints) | set(spool.endpoints()))
     endpoints = {name: _endpoint(config, spool, name, now) for name in names}
-    return {
+    # one row per receive process: "receive", or "receive-1" .. "receive-N"
+    processes = {**{name: process_info(spool.run_dir, name)
+                    for name in process_names("receive", config.router.receive_processes)},
+                 "filter": process_info(spool.run_dir, "filter")}
+    studies_state, studies = _studies(spool, names, processes["filter"]["running"], now)
+    for name, block in studies.items():
+        endpoints[name]["studies"] = block
+    report = {
         "spool": str(spool.root),
         "conf": str(config.conf_dir),
         "time": datetime.fromtimestamp(now, UTC).isoformat(timespec="seconds"),
-        # one row per receive process: "receive", or "receive-1" .. "receive-N"
-        "processes": {**{name: _process(spool.run_dir, name)
-                         for name in process_names("receive", config.router.receive_processes)},
-                      "filter": _process(spool.run_dir, "filter")},
+        "processes": processes,
         "stages": stages,
         "endpoints": endpoints,
     }
+    if studies_state is not None:
+        report["studies_state"] = studies_state
+    return report
 
 
 def _endpoint(config: Config, spool: Spool, name: str, now: float) -> dict:
     state = _sender_state(spool.run_dir, name)
-    process = _process(spool.run_dir, sender_name(name))
+    process = process_info(spool.run_dir, sender_name(name))
     configured = name in config.endpoints
     if not configured:
         summary = "orphaned"
@@ -205,7 +414,49 @@ def render(report: dict) -> str:
         )
         if info["last_error"]:
             lines.append(f"  {'':<14}last error: {info['last_error']}")
+        if "studies" in info:
+            lines.append(f"  {'':<14}{describe_studies(info['studies'])}")
+    lines += render_waiting(report)
     return "\n".join(lines)
+
+
+def describe_studies(block: dict) -> str:
+    queued = block["queued"]
+    oldest = f" (oldest {format_age(queued['oldest_age_s'])})" if queued["count"] else ""
+    return f"studies: {queued['count']} queued{oldest}, {len(block['waiting'])} waiting"
+
+
+def short_uid(uid: str, width: int = 20) -> str:
+    """The last ``width`` characters of a UID: its distinctive end (roots are shared)."""
+    return uid if len(uid) <= width else "…" + uid[-width:]
+
+
+MAX_WAITING_ROWS = 20
+
+
+def render_waiting(report: dict) -> list[str]:
+    """The "studies waiting" block: at most 20 rows, oldest first, then "… and N more"."""
+    if "studies_state" not in report:
+        return []
+    lines = [""]
+    if report["studies_state"] != "ok":
+        lines.append("  studies: state unavailable (the filter's run/studies/state.json is missing, "
+                     "corrupt or stale)")
+    rows = sorted(((name, row) for name, info in report["endpoints"].items()
+                   for row in info.get("studies", {}).get("waiting", [])),
+                  key=lambda item: -(item[1]["age_s"] or 0.0))
+    lines.append(f"  studies waiting{len(rows):>7}")
+    if rows:
+        lines.append(f"  {'endpoint':<14}{'study':<22}{'level':<8}{'files':>7}{'age':>7}"
+                     f"{'idle':>7}{'release in':>12}")
+    for name, row in rows[:MAX_WAITING_ROWS]:
+        release = format_age(row["release_in_s"]) if row["release_in_s"] is not None else (
+            "on MPPS" if row["mpps"] else "-")
+        lines.append(f"  {name:<14}{short_uid(row['study']):<22}{row['level']:<8}{row['instances']:>7}"
+                     f"{format_age(row['age_s']):>7}{format_age(row['idle_s']):>7}{release:>12}")
+    if len(rows) > MAX_WAITING_ROWS:
+        lines.append(f"  … and {len(rows) - MAX_WAITING_ROWS} more (dicomflow studies --waiting)")
+    return lines
 
 
 def main(config: Config, as_json: bool = False) -> int:

@@ -4,14 +4,19 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 import time
 from pathlib import Path
 
+import pytest
+
 from pipeline import config as config_module
+from pipeline.lock import DaemonLock
 from pipeline.spool import Spool
 from pipeline.spool_names import SpoolName
-from services.status import collect, count_stage, format_age, render
-from tests.helpers import run_cli, write_conf
+from services.status import collect, count_stage, format_age, process_info, render
+from tests.helpers import HANG_TIMEOUT, run_cli, wait_for, write_conf
 
 ENDPOINT = {"endpoint": {"host": "127.0.0.1", "port": 1, "ae_title": "PACS"}}
 
@@ -95,3 +100,171 @@ def test_status_on_100000_queued_files(tmp_path: Path) -> None:
 
 def test_format_age() -> None:
     assert [format_age(v) for v in (None, 5, 90, 7200, 172800)] == ["-", "5s", "2m", "2h", "2d"]
+
+
+# -- studies (issue 17): the filter's state file and the study lists ---------------------
+
+AI = {"endpoint": {"host": "127.0.0.1", "port": 1, "ae_title": "AI"}}
+STUDY = "1.2.826.0.1.3680043.8.498.10000000000000000001"
+
+
+def write_study_state(spool: Spool, waiting: list[dict], released: list[dict] | None = None,
+                      written: float | None = None, raw: bytes | None = None) -> Path:
+    """``run/studies/state.json`` as the filter writes it (atomically, through the spool)."""
+    directory = spool.run_dir / "studies"
+    directory.mkdir(mode=0o700, exist_ok=True)
+    state = {"version": 1, "written": time.time() if written is None else written, "pid": 1,
+             "waiting": waiting, "released": released or []}
+    return spool.write_bytes(directory, "state.json", raw if raw is not None else json.dumps(state).encode(),
+                             replace=True)
+
+
+def waiting_entry(study: str = STUDY, endpoint: str = "ai", now: float | None = None, *,
+                  level: str = "study", series: str | None = None, instances: int = 42,
+                  sample: str | None = None, release_in: float | None = 20.0,
+                  mpps: str | None = None) -> dict:
+    now = time.time() if now is None else now
+    return {"endpoint": endpoint, "level": level, "study": study, "series": series,
+            "instances": instances, "first_arrival": now - 900, "last_arrival": now - 40,
+            "completion": "mpps" if mpps else "stable", "mpps": mpps,
+            "release_at": None if release_in is None else now + release_in,
+            "sample": sample or str(SpoolName.new("1.2.3.4", now=now - 900))}
+
+
+def write_study_list(spool: Spool, endpoint: str, study: str, released: float,
+                     prefixes: list[str], series: str | None = None) -> Path:
+    """A study list in ``run/studies/queue/<endpoint>/`` (the queue module's format)."""
+    directory = spool.run_dir / "studies" / "queue" / endpoint
+    directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+    name = f"{SpoolName.new(None, now=released).prefix}.study"
+    data = {"version": 1, "endpoint": endpoint, "study": study, "series": series,
+            "level": "series" if series else "study", "released": released, "prefixes": prefixes}
+    return spool.write_bytes(directory, name, json.dumps(data).encode())
+
+
+@pytest.fixture
+def fake_filter():
+    """A live process that looks like ``dicomflow filter`` to status (its pid in
+    ``run/filter.lock``, ``services.cli`` in its command line) but does nothing: a filter
+    that hangs. It ends when its stdin closes."""
+    procs: list[subprocess.Popen] = []
+
+    def start(spool: Spool) -> subprocess.Popen:
+        proc = subprocess.Popen([sys.executable, "-c", "import sys; sys.stdin.read()", "services.cli",
+                                 "filter"], stdin=subprocess.PIPE)
+        procs.append(proc)
+        DaemonLock(spool.run_dir, "filter").path.write_text(f"{proc.pid}\n")
+        wait_for(lambda: process_info(spool.run_dir, "filter")["running"], message="the fake filter")
+        return proc
+
+    yield start
+    for proc in procs:
+        assert proc.stdin is not None
+        proc.stdin.close()
+        proc.wait(HANG_TIMEOUT)
+
+
+def make_studies(tmp_path: Path):
+    return make(tmp_path, {"pacs": ENDPOINT, "ai": AI})
+
+
+def test_studies_waiting_and_queued_per_endpoint(tmp_path: Path) -> None:
+    _, loaded, spool = make_studies(tmp_path)
+    now = time.time()
+    series = "1.2.826.0.1.3680043.8.498.2"
+    write_study_state(spool, [waiting_entry(now=now),
+                              waiting_entry("1.2.3", now=now, level="series", series=series, instances=3,
+                                            release_in=None, mpps="in progress")], written=now)
+    write_study_list(spool, "ai", "1.2.4", now - 120, ["20261203T050000.000000-000001"])
+    write_study_list(spool, "ai", "1.2.5", now - 30, [])
+    report = collect(loaded, now=now)
+    assert report["studies_state"] == "ok"
+    assert "studies" not in report["endpoints"]["pacs"]  # instance-level: as before
+    block = report["endpoints"]["ai"]["studies"]
+    assert block["queued"] == {"count": 2, "oldest_age_s": 120.0}
+    assert block["waiting"] == [  # oldest first, then by UID
+        {"study": "1.2.3", "series": series, "level": "series", "instances": 3, "age_s": 900.0,
+         "idle_s": 40.0, "mpps": "in progress", "release_in_s": None},
+        {"study": STUDY, "series": None, "level": "study", "instances": 42, "age_s": 900.0,
+         "idle_s": 40.0, "mpps": None, "release_in_s": 20.0}]
+    text = render(report)
+    assert "studies: 2 queued (oldest 2m), 2 waiting" in text
+    assert "studies waiting      2" in text
+    assert "…" + STUDY[-20:] in text and "on MPPS" in text and STUDY not in text
+
+
+def test_studies_text_is_capped_at_20_rows(tmp_path: Path) -> None:
+    _, loaded, spool = make_studies(tmp_path)
+    now = time.time()
+    write_study_state(spool, [waiting_entry(f"1.2.3.{i}", now=now) for i in range(25)], written=now)
+    report = collect(loaded, now=now)
+    assert len(report["endpoints"]["ai"]["studies"]["waiting"]) == 25  # JSON: all of them
+    text = render(report)
+    assert "… and 5 more" in text
+    assert sum(1 for line in text.splitlines() if line.strip().startswith("ai ") and "1.2.3." in line) == 20
+
+
+def test_no_studies_no_key(tmp_path: Path) -> None:
+    _, loaded, _ = make_studies(tmp_path)
+    report = collect(loaded)
+    assert "studies_state" not in report
+    assert all("studies" not in info for info in report["endpoints"].values())
+    text = render(report)
+    assert "studies waiting" not in text and "studies:" not in text
+
+
+def test_studies_state_unavailable(tmp_path: Path) -> None:
+    """Missing (while lists exist), corrupt, wrong version, or huge: not an error, said so."""
+    _, loaded, spool = make_studies(tmp_path)
+    now = time.time()
+    write_study_list(spool, "ai", "1.2.4", now - 10, [])
+    report = collect(loaded, now=now)
+    assert report["studies_state"] == "unavailable"
+    assert report["endpoints"]["ai"]["studies"]["queued"]["count"] == 1
+    assert "state unavailable" in render(report)
+    for raw in (b"{not json", b'{"version": 2, "waiting": [], "released": []}', b"[1, 2]",
+                b"[" * 100_000, b'{"version": 1, "waiting": {}, "released": []}'):
+        write_study_state(spool, [], raw=raw)
+        assert collect(loaded, now=now)["studies_state"] == "unavailable", raw[:40]
+
+
+def test_studies_state_stale_only_while_the_filter_runs(tmp_path: Path, fake_filter) -> None:
+    _, loaded, spool = make_studies(tmp_path)
+    now = time.time()
+    write_study_state(spool, [waiting_entry(now=now)], written=now - 120)
+    assert collect(loaded, now=now)["studies_state"] == "ok"  # filter stopped: the last word
+    fake_filter(spool)
+    report = collect(loaded, now=now)
+    assert report["processes"]["filter"]["running"] is True
+    assert report["studies_state"] == "unavailable"
+    assert len(report["endpoints"]["ai"]["studies"]["waiting"]) == 1  # the last known rows
+
+
+def test_hostile_state_rows_are_dropped(tmp_path: Path) -> None:
+    _, loaded, spool = make_studies(tmp_path)
+    now = time.time()
+    forged = {**waiting_entry("1.2.7", now=now), "mpps": "\x1b[31mforged"}
+    rows: list = [waiting_entry("../../etc", now=now), waiting_entry(now=now, endpoint="../x"),
+                  waiting_entry("1.2\n3", now=now), "not a row", forged]
+    write_study_state(spool, rows, written=now)
+    waiting = collect(loaded, now=now)["endpoints"]["ai"]["studies"]["waiting"]
+    assert [(w["study"], w["mpps"]) for w in waiting] == [("1.2.7", None)]
+
+
+def test_status_reads_no_dicom_file(tmp_path: Path) -> None:
+    """The sample named by the state file is never opened: a FIFO there would block any
+    reader, garbage would fail a parser; status and its JSON command don't care."""
+    conf, _, spool = make_studies(tmp_path)
+    fifo = spool.accepted / str(SpoolName.new("1.2.3.4"))
+    os.mkfifo(fifo, 0o600)
+    garbage = spool.accepted / str(SpoolName.new("1.2.3.5"))
+    garbage.write_bytes(b"not DICOM at all")
+    write_study_state(spool, [waiting_entry(sample=fifo.name), waiting_entry("1.2.9", sample=garbage.name)])
+    result = run_cli(conf, "status", "--json")
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert report["studies_state"] == "ok"
+    assert len(report["endpoints"]["ai"]["studies"]["waiting"]) == 2
+    assert fifo.name not in result.stdout  # no file names, no patient data
+    text = run_cli(conf, "status")
+    assert text.returncode == 0 and "studies waiting" in text.stdout
