@@ -522,11 +522,12 @@ class FilterDaemon:
         """Carry out every release that is due (complete groups, operators' requests)."""
         if not self.desk.active:
             return
-        for release in self.desk.due():
+        releases = self.desk.due()
+        for release in releases:
             if self.stopping:
                 break
             self._release(release)
-        self.desk.write_state()
+        self.desk.write_state(force=bool(releases))
 
     def _release(self, release: Release) -> None:
         """The decision made durable first, then the study list, then the copies in
