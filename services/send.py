@@ -11,10 +11,14 @@ is separate from file failure: an unreachable destination charges no file an att
 capped backoff until it answers; a destination out of resources (0xA7xx) is *busy*,
 the same way. The sender's own bookkeeping never stops it: a delivered file whose
 move to ``sent/`` fails is never sent again (see :class:`pipeline.sending.outcomes.Pending`). Outside its
-delivery window the sender sleeps until the next opening. A signal only sets a flag:
-the file in flight (on each association) finishes, the association is released, the process exits 0 — but a
-transfer blocked on a destination that stopped reading (or answering) is cut, so a
-shutdown never waits on a peer.
+delivery window the sender sleeps until the next opening. A study released by the
+filter (study/series level) has a *study list* under ``run/studies/queue/<endpoint>/``:
+its files go out whole, in the list's order, on an association of their own
+(:mod:`pipeline.sending.studies`); the list is removed once they have left the outbox.
+A signal only sets a flag: the file in flight (on each association) finishes, the
+association is released, the process exits 0 — but a transfer blocked on a
+destination that stopped reading (or answering) is cut, so a shutdown never waits on a
+peer.
 
 The loop and life cycle are here (:mod:`pipeline.daemon`); the concerns it drives are
 in :mod:`pipeline.sending`: endpoint health (``health``), the associations and their

@@ -114,6 +114,8 @@ def test_a_corrupt_list_is_skipped_with_one_warning_and_moved_aside(spool: Spool
                                                                      data: bytes) -> None:
     good = queue.publish(spool, EP, "1.2.3", None, "study", [prefix()])
     bad = write_list(spool, prefix() + ".study", data)
+    assert queue.load(spool, EP, set_aside=False) == [good]  # status: looks, moves nothing
+    assert bad.exists() and warnings == []
     assert queue.load(spool, EP) == [good]
     assert len(warnings) == 1 and bad.name in warnings[0] and "moved aside" in warnings[0]
     assert not bad.exists() and bad.with_name(bad.name + ".bad").exists()

@@ -106,10 +106,11 @@ def publish(spool: Spool, endpoint: str, study: str, series: str | None, level: 
     raise SpoolError(f"could not find a free study list name in {directory}")
 
 
-def load(spool: Spool, endpoint: str) -> list[StudyList]:
+def load(spool: Spool, endpoint: str, set_aside: bool = True) -> list[StudyList]:
     """The endpoint's lists, sorted by name (release order). A corrupt or unreadable
     list costs one WARNING and is moved aside as ``<name>.bad`` (for the operator);
-    the others load. No folder: no lists (and none is made)."""
+    the others load. No folder: no lists (and none is made). ``set_aside=False`` (a
+    read-only caller such as ``status``): a corrupt list is skipped silently, left as is."""
     directory = list_dir(spool, endpoint, create=False)
     try:
         names = sorted(e.name for e in os.scandir(directory) if _NAME_RE.fullmatch(e.name))
@@ -123,7 +124,8 @@ def load(spool: Spool, endpoint: str) -> list[StudyList]:
         except FileNotFoundError:  # retired meanwhile
             continue
         except (OSError, ValueError) as exc:
-            _set_aside(spool, path, exc)
+            if set_aside:
+                _set_aside(spool, path, exc)
     return lists
 
 
