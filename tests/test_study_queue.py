@@ -14,6 +14,7 @@ import pytest
 from pydicom import dcmread
 from pydicom.uid import generate_uid
 from pynetdicom import evt
+from pynetdicom.sop_class import _STORAGE_CLASSES
 
 from pipeline.clock import FakeClock
 from pipeline.config import load as load_config
@@ -356,3 +357,34 @@ def test_received_files_are_the_listed_ones(tmp_path: Path, peer: StudySCP) -> N
     numbers = {str(dcmread(p).SOPInstanceUID): dcmread(p).InstanceNumber for p in g.files}
     assert [numbers[uid] for uid in peer.uids()] == [i + 1 for i in order]
     assert peer.associations == 1
+
+
+def test_a_study_needing_more_than_128_contexts_is_split_with_one_line(tmp_path: Path) -> None:
+    classes = sorted(_STORAGE_CLASSES.values())[:130]  # storage classes pynetdicom serves
+    server = StudySCP(sop_classes=classes).start()
+    lines: list[str] = []
+    handler = logger.add(lambda m: lines.append(str(m)), level="INFO", format="{message}")
+    try:
+        spool = Spool(tmp_path / "spool").create([EP])
+        study = Study(tmp_path, "h", 0)
+        for n, sop in enumerate(classes):
+            ds = make_dataset(sop_class=sop, study_uid=study.uid, InstanceNumber=n + 1)
+            study.files.append(write_dataset(ds, tmp_path / "src" / "h" / f"{n}.dcm"))
+            study.uids.append(str(ds.SOPInstanceUID))
+            arrive(study, n)
+        order = list(range(129, -1, -1))
+        queue.publish(spool, EP, study.uid, None, "study", [study.names[i].prefix for i in order])
+        for source, name in zip(study.files, study.names, strict=True):
+            link(spool, source, name)
+        conf = endpoint_conf(tmp_path, {EP: {"port": server.port, "ae_title": "AI",
+                                             "transcode": {"enabled": "false"}}})
+        sender = Sender(load_config(conf), EP, clock=FakeClock(wall=time.time()),
+                        install_signals=False)
+        assert sender.run(once=True) == 0
+        assert server.uids() == [study.uids[i] for i in order]
+        assert server.associations == 2
+        assert len([line for line in lines if "presentation contexts, more than" in line]) == 1
+        assert queue.load(spool, EP) == []
+    finally:
+        logger.remove(handler)
+        server.stop()
