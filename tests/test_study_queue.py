@@ -388,3 +388,18 @@ def test_a_study_needing_more_than_128_contexts_is_split_with_one_line(tmp_path:
     finally:
         logger.remove(handler)
         server.stop()
+
+
+def test_after_a_restart_a_list_whose_files_were_delivered_is_retired(spool: Spool) -> None:
+    """A sender killed after its last file but before retiring the list: at start-up the
+    copies are found in sent/ and failed/, so the list goes without waiting an hour;
+    a young list with nothing anywhere yet (its files not linked) stays."""
+    p = [prefix() for _ in range(3)]
+    done = queue.publish(spool, EP, "1.2.3", None, "study", p[:2])
+    waiting = queue.publish(spool, EP, "1.2.4", None, "study", [p[2]])
+    spool.write_bytes(spool.sent(EP), name_for(p[0]), b"x")
+    spool.write_bytes(spool.failed(EP), name_for(p[1], uid="2.25.7"), b"x")
+    lists = StudyLists(spool, EP, FakeClock(wall=time.time()))
+    assert lists.arrange([]) == []
+    assert [one.name for one in queue.load(spool, EP)] == [waiting.name]
+    assert done.name not in {one.name for one in lists.lists}

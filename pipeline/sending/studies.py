@@ -37,6 +37,7 @@ class StudyLists:
         self.unseen: dict[str, set[str]] = {}        # list name -> prefixes not yet in the outbox
         self.members: dict[str, list[Path]] = {}     # list name -> its files at the last scan
         self.split_said: set[str] = set()            # lists said to need several associations
+        self.restarted = True                        # no scan with lists yet in this process
 
     def arrange(self, paths: list[Path]) -> list[Path]:
         """``paths`` (the outbox, in name order) in sending order; retires the lists
@@ -56,6 +57,9 @@ class StudyLists:
             if name is not None:
                 members.setdefault(name, []).append(path)
                 self.unseen[name].discard(prefix)
+        if self.restarted:
+            self.restarted = False
+            self._left_before_start(present)
         arrived = {name for name, left in self.unseen.items() if not left}
         kept = queue.retire(self.spool, self.endpoint, self.lists, present,
                             arrived=arrived, now=self.clock.time())
@@ -63,6 +67,24 @@ class StudyLists:
             self._use(kept)
         self.members = members
         return queue.order(paths, self.lists)
+
+    def _left_before_start(self, present: set[str]) -> None:
+        """Once, at the first scan of this process: a list none of whose files is in the
+        outbox may have been delivered before a restart. Its copies found in ``sent/`` or
+        ``failed/`` have left, so the list need not wait out :data:`queue.NEVER_ARRIVED_AGE`
+        (one listing of each, at start-up only: a list published just before its files
+        are linked has none there, and is kept)."""
+        idle = [entry for entry in self.lists if not any(p in present for p in entry.prefixes)]
+        if not idle:
+            return
+        gone: set[str] = set()
+        for folder in (self.spool.sent(self.endpoint), self.spool.failed(self.endpoint)):
+            for path in self.spool.list_stage(folder):
+                prefix = queue.prefix_of(path.name)
+                if prefix is not None:
+                    gone.add(prefix)
+        for entry in idle:
+            self.unseen[entry.name] -= gone
 
     def of(self, name: str) -> str | None:
         """The name of the list the outbox file ``name`` belongs to (None: unlisted)."""
