@@ -56,10 +56,12 @@ class StudyLists:
             name = self.group.get(prefix)
             if name is not None:
                 members.setdefault(name, []).append(path)
-                self.unseen[name].discard(prefix)
+        for name, left in self.unseen.items():  # a prefix two lists name counts for both
+            if left:
+                self.unseen[name] = {p for p in left if p not in present}
         if self.restarted:
             self.restarted = False
-            self._left_before_start(present)
+            self._left_before_start()
         arrived = {name for name, left in self.unseen.items() if not left}
         kept = queue.retire(self.spool, self.endpoint, self.lists, present,
                             arrived=arrived, now=self.clock.time())
@@ -68,14 +70,13 @@ class StudyLists:
         self.members = members
         return queue.order(paths, self.lists)
 
-    def _left_before_start(self, present: set[str]) -> None:
-        """Once, at the first scan of this process: a list none of whose files is in the
-        outbox may have been delivered before a restart. Its copies found in ``sent/`` or
-        ``failed/`` have left, so the list need not wait out :data:`queue.NEVER_ARRIVED_AGE`
-        (one listing of each, at start-up only: a list published just before its files
-        are linked has none there, and is kept)."""
-        idle = [entry for entry in self.lists if not any(p in present for p in entry.prefixes)]
-        if not idle:
+    def _left_before_start(self) -> None:
+        """Once, at the first scan of this process with lists: copies of theirs that
+        were delivered (or failed) before a restart were never seen by this process;
+        those found in ``sent/`` or ``failed/`` have left, so their lists need not wait
+        out :data:`queue.NEVER_ARRIVED_AGE`. One listing of each, at start-up only (a
+        list published just before its files are linked has none there, and is kept)."""
+        if not any(self.unseen.values()):
             return
         gone: set[str] = set()
         for folder in (self.spool.sent(self.endpoint), self.spool.failed(self.endpoint)):
@@ -83,8 +84,8 @@ class StudyLists:
                 prefix = queue.prefix_of(path.name)
                 if prefix is not None:
                     gone.add(prefix)
-        for entry in idle:
-            self.unseen[entry.name] -= gone
+        for left in self.unseen.values():
+            left -= gone
 
     def of(self, name: str) -> str | None:
         """The name of the list the outbox file ``name`` belongs to (None: unlisted)."""
