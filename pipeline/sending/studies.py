@@ -19,6 +19,7 @@ from pipeline.spool import Spool
 from pipeline.studies import queue
 from pipeline.studies.queue import StudyList
 
+PREFIX_LEN = len("20261128T060102.123456-000042")
 RACY = 1.0  # an mtime this close to the moment the lists were read is not trusted
 
 
@@ -49,9 +50,7 @@ class StudyLists:
         present: set[str] = set()
         members: dict[str, list[Path]] = {}
         for path in paths:
-            prefix = queue.prefix_of(path.name)
-            if prefix is None:
-                continue
+            prefix = path.name[:PREFIX_LEN]  # only valid prefixes are looked up in it
             present.add(prefix)
             name = self.group.get(prefix)
             if name is not None:

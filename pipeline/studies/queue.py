@@ -141,9 +141,9 @@ def order(paths: Sequence[Path], lists: Sequence[StudyList]) -> list[Path]:
             rank.setdefault(prefix, (entry.name, position))
 
     def key(path: Path) -> tuple[str, int, str]:
-        prefix = prefix_of(path.name)
-        group, position = rank.get(prefix, (path.name, 0)) if prefix else (path.name, 0)
-        return group, position, path.name
+        name = path.name  # rank's keys are valid prefixes: a slice and a lookup suffice
+        found = rank.get(name[:_PREFIX_LEN]) if name[_PREFIX_LEN:_PREFIX_LEN + 1] == "-" else None
+        return (found[0], found[1], name) if found else (name, 0, name)
 
     return sorted(paths, key=key)
 
