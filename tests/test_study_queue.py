@@ -403,3 +403,25 @@ def test_after_a_restart_a_list_whose_files_were_delivered_is_retired(spool: Spo
     assert lists.arrange([]) == []
     assert [one.name for one in queue.load(spool, EP)] == [waiting.name]
     assert done.name not in {one.name for one in lists.lists}
+
+
+def test_a_list_whose_files_are_still_being_linked_stays_and_keeps_its_order(
+        tmp_path: Path, peer: StudySCP) -> None:
+    """The filter publishes the list, then links the copies one by one: a sender that
+    has sent the first ones before the rest are linked keeps the list (they have not all
+    been seen), and the rest still go out in the list's order."""
+    spool = Spool(tmp_path / "spool").create([EP])
+    k = Study(tmp_path, "k", 4)
+    for index in range(4):
+        arrive(k, index)
+    order = [2, 0, 3, 1]
+    listed = queue.publish(spool, EP, k.uid, None, "study", [k.names[i].prefix for i in order])
+    clock = FakeClock(wall=time.time())
+    link(spool, k.files[2], k.names[2])
+    assert sender_for(tmp_path, peer.port, clock).run(once=True) == 0
+    assert queue.load(spool, EP) == [listed]
+    for index in (0, 3, 1):
+        link(spool, k.files[index], k.names[index])
+    assert sender_for(tmp_path, peer.port, clock).run(once=True) == 0
+    assert peer.uids() == [k.uids[i] for i in order]
+    assert queue.load(spool, EP) == []
