@@ -11,10 +11,14 @@ is separate from file failure: an unreachable destination charges no file an att
 capped backoff until it answers; a destination out of resources (0xA7xx) is *busy*,
 the same way. The sender's own bookkeeping never stops it: a delivered file whose
 move to ``sent/`` fails is never sent again (see :class:`pipeline.sending.outcomes.Pending`). Outside its
-delivery window the sender sleeps until the next opening. A signal only sets a flag:
-the file in flight (on each association) finishes, the association is released, the process exits 0 — but a
-transfer blocked on a destination that stopped reading (or answering) is cut, so a
-shutdown never waits on a peer.
+delivery window the sender sleeps until the next opening. A study released by the
+filter (study/series level) has a *study list* under ``run/studies/queue/<endpoint>/``:
+its files go out whole, in the list's order, on an association of their own
+(:mod:`pipeline.sending.studies`); the list is removed once they have left the outbox.
+A signal only sets a flag: the file in flight (on each association) finishes, the
+association is released, the process exits 0 — but a transfer blocked on a
+destination that stopped reading (or answering) is cut, so a shutdown never waits on a
+peer.
 
 The loop and life cycle are here (:mod:`pipeline.daemon`); the concerns it drives are
 in :mod:`pipeline.sending`: endpoint health (``health``), the associations and their
@@ -46,6 +50,7 @@ from pipeline.sending.health import HealthMixin
 from pipeline.sending.lanes import Lane, LanesMixin
 from pipeline.sending.outcomes import OutcomesMixin, Pending
 from pipeline.sending.planning import Current, PlanningMixin
+from pipeline.sending.studies import StudyLists
 from pipeline.spool import DICOM_SUFFIX, Spool, is_hidden
 from pipeline.watch import DirectoryWatcher
 
@@ -105,6 +110,7 @@ class Sender(HealthMixin, LanesMixin, PlanningMixin, DeliveryMixin, OutcomesMixi
         self.busy_probes = Backoff(self.ep.retry.probe_backoff, self.ep.retry.probe_backoff_cap,
                                    self.rng)
         self.associations = 0
+        self.studies = StudyLists(self.spool, endpoint, self.clock)
 
     def start(self) -> None:
         self.spool.create([self.name])
@@ -200,6 +206,8 @@ class Sender(HealthMixin, LanesMixin, PlanningMixin, DeliveryMixin, OutcomesMixi
             return Step(self._idle_timeout(self.busy_until), False)
         due, next_due = self._scan()
         if not due:
+            if self.current is not None and self.current.study is not None:
+                self.release()  # a study's association carries that study alone: it is done
             self.busy_since = None  # nothing left to try: whatever comes next goes out at once
             self.busy_probes.reset()
             self.state.set("down" if self.down_reason else "idle")
@@ -211,10 +219,11 @@ class Sender(HealthMixin, LanesMixin, PlanningMixin, DeliveryMixin, OutcomesMixi
         return Step(None, False)
 
     def _scan(self) -> tuple[list[Path], float | None]:
-        """Files waiting in the outbox (``.dcm``, visible), split into due now and the
-        earliest monotonic time a backed-off file becomes due."""
-        paths = [p for p in self.spool.list_stage(self.outbox)
-                 if p.name.endswith(DICOM_SUFFIX) and not is_hidden(p.name)]
+        """Files waiting in the outbox (``.dcm``, visible), in sending order (name order,
+        released studies by their lists: :mod:`pipeline.sending.studies`), split into due
+        now and the earliest monotonic time a backed-off file becomes due."""
+        paths = self.studies.arrange([p for p in self.spool.list_stage(self.outbox)
+                                      if p.name.endswith(DICOM_SUFFIX) and not is_hidden(p.name)])
         names = {p.name for p in paths}
         self.retry.keep_only(names)
         for cache in (self.metas, self.refused):

@@ -37,18 +37,19 @@ class DeliveryMixin(SenderState):
         if self.busy_since is not None:  # probe with the file refused longest ago
             due = sorted(due, key=lambda p: self.refused.get(p.name, (0, -1))[1])
         self._harvest()
-        calling, batch = self._plan(due)
-        if not batch:
+        plan = self._plan(due)
+        if not plan.batch:
             return
         if self.current is None:
-            pairs = frozenset((str(m.sop_class), str(m.transfer_syntax)) for _, m in batch)
-            self.current = self._associate(calling, pairs)
+            self.current = self._associate(plan.calling, plan.pairs, plan.study)
             if self.current is None:
                 return
         self._mark_up()
         self.state.set("busy" if self.busy_since is not None else "delivering")
-        self._open_extras(len(batch))
-        self._run(deque(batch), (self.current.calling_ae, self.current.pairs))
+        if plan.study is None:  # a study goes over lane 0 alone, one study at a time
+            self._open_extras(len(plan.batch))
+        self._run(deque(plan.batch), (self.current.calling_ae, self.current.pairs,
+                                      self.current.study))
         self.last_activity = self.clock.monotonic()
         if self.current is not None and not self.current.alive:
             # all contexts rejected, or the peer left after its answer: closed, not just
@@ -56,11 +57,11 @@ class DeliveryMixin(SenderState):
             self._close_lane(self.lanes[0], abort=False)
 
     def _run(self, queue: deque[tuple[Path, FileMeta]],
-             key: tuple[str, frozenset[tuple[str, str]]]) -> None:
+             key: tuple[str, frozenset[tuple[str, str]], str | None]) -> None:
         """Hand the batch out in order, one file per free lane, and apply each outcome
         here, on the loop's thread, as its lane finishes. Only lanes negotiated like the
-        first (``key``: calling AE title and contexts, which cover the batch) take
-        files: an extra opened for an earlier batch may come in during this one. A
+        first (``key``: calling AE title, contexts, which cover the batch, and study
+        list) take files: an extra opened for an earlier batch may come in during this one. A
         signal, the window's close, a busy destination or a disk refusing a move stops
         the handing out; the files in flight finish first either way. An association
         lost while others are up is one lane fewer; the endpoint is down when the last
@@ -73,8 +74,8 @@ class DeliveryMixin(SenderState):
                     halted = True
                     break
                 lane = next((one for one in self._usable_lanes() if one.free and one.current
-                             is not None and (one.current.calling_ae, one.current.pairs) == key),
-                            None)
+                             is not None and (one.current.calling_ae, one.current.pairs,
+                                              one.current.study) == key), None)
                 if lane is None:
                     break
                 path, meta = queue.popleft()

@@ -1,7 +1,9 @@
 """Which files go out together: one association covers ≤128 presentation contexts
 and one calling AE title; the association in use is kept while it covers the next
 files (README, How it works). A file that cannot be read or proposed goes to
-``failed/`` alone, so it never blocks the queue.
+``failed/`` alone, so it never blocks the queue. A released study (a study list,
+:mod:`pipeline.sending.studies`) goes out on an association of its own, negotiated for
+all of its files in the outbox, so that the study is not split over associations.
 
 Mixed into :class:`services.send.Sender`, whose ``__init__`` sets the state
 (declared in :mod:`pipeline.sending.state`).
@@ -34,16 +36,28 @@ class Current:
     link: net.Link
     calling_ae: str
     pairs: frozenset[tuple[str, str]]
+    study: str | None = None   # the study list it carries (then nothing else), or None
 
     @property
     def alive(self) -> bool:
         return self.link.alive
 
 
+@dataclass
+class Plan:
+    """The next batch: the leading due files that share one association."""
+
+    calling: str
+    batch: list[tuple[Path, FileMeta]]
+    pairs: frozenset[tuple[str, str]]   # what to propose, if a new association is needed
+    study: str | None                   # the study list the batch belongs to, or None
+
+
 class PlanningMixin(SenderState):
     """Association planning, and each file's meta (cached) that planning needs."""
 
-    def _associate(self, calling_ae: str, pairs: frozenset[tuple[str, str]]) -> Current | None:
+    def _associate(self, calling_ae: str, pairs: frozenset[tuple[str, str]],
+                   study: str | None = None) -> Current | None:
         link = net.associate(self.ep, calling_ae, pairs, fallback=self.ep.transcode)
         if isinstance(link, net.AssociationFailure):
             self._mark_down(link.reason)
@@ -52,18 +66,21 @@ class PlanningMixin(SenderState):
             self.associations += 1
             self.log.info("association established ({} contexts proposed, {} accepted, calling {})",
                           link.proposed, link.accepted, escape(calling_ae))
-        return Current(link, calling_ae, pairs)  # else answered: the files are refused
+        return Current(link, calling_ae, pairs, study)  # else answered: the files are refused
 
     def _calling_ae(self, meta: FileMeta) -> str:
         if self.ep.pass_calling_ae_title and meta.source_ae and is_valid_ae_title(meta.source_ae):
             return meta.source_ae.strip()
         return self.ep.calling_ae_title
 
-    def _plan(self, due: list[Path]) -> tuple[str, list[tuple[Path, FileMeta]]]:
+    def _plan(self, due: list[Path]) -> Plan:
         """The leading files that fit one association: the current one if it covers them,
-        else a new one with ≤128 contexts and one calling AE title."""
+        else a new one with ≤128 contexts and one calling AE title. Files of one study
+        list never share a batch with other files; a study's new association is proposed
+        for every file of it in the outbox (not only the due ones), so it goes over one."""
         batch: list[tuple[Path, FileMeta]] = []
         calling: str | None = None
+        study: str | None = None
         pairs: set[tuple[str, str]] = set()
         current = self.current if self.current and self.current.alive else None
         for path in due[:BATCH_LIMIT]:
@@ -74,11 +91,15 @@ class PlanningMixin(SenderState):
             pair = (str(meta.sop_class), str(meta.transfer_syntax))
             if not self._proposable(path, meta, pair):
                 continue
+            group = self.studies.of(path.name)
             if calling is None:
-                calling = ae
-                if current and (ae != current.calling_ae or pair not in current.pairs):
+                calling, study = ae, group
+                if current and (ae != current.calling_ae or pair not in current.pairs
+                                or group != current.study):
                     current = None
-            if ae != calling:
+                if current is None and group is not None:
+                    pairs = self._study_pairs(group, ae)
+            if ae != calling or group != study:
                 break
             if current:
                 if pair not in current.pairs:
@@ -90,7 +111,29 @@ class PlanningMixin(SenderState):
             batch.append((path, meta))
         if current is None and self.current is not None:
             self.release()
-        return calling or self.ep.calling_ae_title, batch
+        proposed = frozenset(pairs) if current is None else current.pairs
+        return Plan(calling or self.ep.calling_ae_title, batch, proposed, study)
+
+    def _study_pairs(self, study: str, calling: str) -> set[tuple[str, str]]:
+        """The contexts for every file of the study list ``study`` in the outbox (with
+        this calling AE title) — or none, if they need more than one association can
+        have: then the study is split, batch by batch, and one line says so."""
+        pairs: set[tuple[str, str]] = set()
+        for path in self.studies.members.get(study, []):
+            meta = self._meta(path)
+            if meta is None or self._calling_ae(meta) != calling:
+                continue
+            pair = (str(meta.sop_class), str(meta.transfer_syntax))
+            if self._proposable(path, meta, pair):
+                pairs.add(pair)
+        needed = net.context_count(pairs, self.ep.transcode)
+        if needed <= net.MAX_CONTEXTS:
+            return pairs
+        if study not in self.studies.split_said:
+            self.studies.split_said.add(study)
+            self.log.info("study list {} needs {} presentation contexts, more than the {} of one "
+                          "association: it goes over several", study, needed, net.MAX_CONTEXTS)
+        return set()
 
     def _meta(self, path: Path) -> FileMeta | None:
         """The file's meta (cached); an unreadable file goes to failed/ at once so it

@@ -19,7 +19,8 @@ if TYPE_CHECKING:
     from pipeline.sender_state import RetryBook, StateReporter
     from pipeline.sending.lanes import Lane
     from pipeline.sending.outcomes import Pending
-    from pipeline.sending.planning import Current
+    from pipeline.sending.planning import Current, Plan
+    from pipeline.sending.studies import StudyLists
     from pipeline.spool import Spool
     from pipeline.watch import DirectoryWatcher
 
@@ -63,6 +64,7 @@ class SenderState:
     busy_until: float
     busy_probes: Backoff
     associations: int
+    studies: StudyLists           # the endpoint's study lists (send order, retirement)
 
     @property
     def current(self) -> Current | None:
@@ -79,9 +81,9 @@ class SenderState:
         def _harvest(self) -> None: ...                                             # lanes
         def _open_extras(self, files: int) -> None: ...                             # lanes
         def _opened(self, lane: Lane) -> None: ...                                  # lanes
-        def _associate(self, calling_ae: str,
-                       pairs: frozenset[tuple[str, str]]) -> Current | None: ...    # planning
-        def _plan(self, due: list[Path]) -> tuple[str, list[tuple[Path, FileMeta]]]: ...
+        def _associate(self, calling_ae: str, pairs: frozenset[tuple[str, str]],
+                       study: str | None = None) -> Current | None: ...             # planning
+        def _plan(self, due: list[Path]) -> Plan: ...                               # planning
         def _file_log(self, path: Path) -> Any: ...                                 # planning
         def _mark_down(self, reason: str, link: Link | None = None) -> None: ...    # health
         def _mark_up(self) -> None: ...                                             # health
