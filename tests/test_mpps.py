@@ -374,3 +374,31 @@ def _spool_files(spool: Path) -> set[str]:
         for name in files:
             found.add(os.path.relpath(os.path.join(folder, name), spool))
     return found
+
+
+def test_fast_path_is_left_only_by_associations_that_propose_mpps(tmp_path: Path) -> None:
+    """The receive data path serves C-STORE and C-ECHO only: an association proposing
+    MPPS stays on pynetdicom's path (its stores too); storage-only ones keep the fast path."""
+    running = Receiver(tmp_path, "1")
+    (running.conf / "router.ini").write_text(
+        (running.conf / "router.ini").read_text().replace("log_level = INFO", "log_level = DEBUG"))
+    running.daemon.start()
+    try:
+        running.daemon.wait_log("listening as")
+        marker = "on the receive data path"
+        ae = AE(ae_title="CT1")
+        ae.add_requested_context(CTImageStorage)
+        assoc = ae.associate("127.0.0.1", running.port, ae_title="DICOMFLOW")
+        assert assoc.is_established
+        assert assoc.send_c_store(make_dataset()).Status == 0
+        assoc.release()
+        assert running.daemon.log().count(marker) == 1
+        assoc = running.associate(storage=True)
+        assert assoc.send_c_store(make_dataset()).Status == 0
+        assert _status(assoc.send_n_create(n_create_ds(generate_uid()),
+                                           ModalityPerformedProcedureStep, generate_uid())) == 0
+        assoc.release()
+        assert running.daemon.log().count(marker) == 1
+        assert len(dicom_files(running.spool / "incoming")) == 2
+    finally:
+        assert running.daemon.stop() == 0
