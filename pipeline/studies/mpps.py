@@ -34,7 +34,7 @@ from pydicom.sequence import Sequence
 
 from pipeline.log import escape, logger
 from pipeline.names import is_valid_uid
-from pipeline.spool import DIR_MODE, Spool
+from pipeline.spool import DIR_MODE, Spool, fsync_dir
 
 MPPS_SOP_CLASS = "1.2.840.10008.3.1.2.3.3"
 IN_PROGRESS, COMPLETED, DISCONTINUED = "IN PROGRESS", "COMPLETED", "DISCONTINUED"
@@ -183,6 +183,10 @@ class MppsStore:
     def load_all(self) -> dict[str, MppsRecord]:
         """Every readable record by its uid; only files changed since the last call are
         parsed again. A corrupt file is skipped with one WARNING (until it changes)."""
+        with self._lock:
+            return self._load_all()
+
+    def _load_all(self) -> dict[str, MppsRecord]:
         records: dict[str, MppsRecord] = {}
         seen: set[str] = set()
         for entry in self._entries():
@@ -262,11 +266,13 @@ def _read_file(path: Path) -> bytes:
 
 
 def _mkdir(path: Path) -> None:
+    """``run/mpps/`` on demand (0700), its entry in ``run/`` durable before any record."""
     try:
         os.mkdir(path, DIR_MODE)
     except FileExistsError:
         return
     os.chmod(path, DIR_MODE)
+    fsync_dir(path.parent)
 
 
 # -- what a data set says ----------------------------------------------------------------
