@@ -8,6 +8,12 @@ becomes a :class:`StoreRequest`, association events an :class:`AssociationInfo`;
 daemon answers a store with a status or a :class:`~pipeline.errors.Refusal`, which is
 turned back into pynetdicom's status data set here. So ``services/receive.py`` never
 imports pynetdicom (README, Design notes for contributors).
+
+Modality Performed Procedure Step (N-CREATE, N-SET) is offered when the listener is
+given an :class:`~pipeline.studies.mpps.MppsStore`: the handlers hand it the decoded
+data set and answer its status, which it returns once the record is durable. The
+receive data path serves C-STORE and C-ECHO only, so an association that proposes
+MPPS is left to pynetdicom's path (:func:`store_receive.decline`, before negotiation).
 """
 
 from __future__ import annotations
