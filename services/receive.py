@@ -36,6 +36,7 @@ from pipeline.lock import DaemonLock, process_name
 from pipeline.log import escape, logger
 from pipeline.names import is_valid_uid
 from pipeline.spool import Spool
+from pipeline.studies.mpps import MppsStore
 
 STATUS_SUCCESS = 0x0000
 STATUS_OUT_OF_RESOURCES = 0xA700
@@ -56,7 +57,7 @@ class Receiver:
         self.config = config
         self.router = config.router
         self.spool = spool
-        self.listener = Listener(self.router, self)
+        self.listener = Listener(self.router, self, MppsStore(spool))
         self.stopping = False
         self._wake = threading.Event()
         self._next_sweep = 0.0

@@ -8,6 +8,12 @@ becomes a :class:`StoreRequest`, association events an :class:`AssociationInfo`;
 daemon answers a store with a status or a :class:`~pipeline.errors.Refusal`, which is
 turned back into pynetdicom's status data set here. So ``services/receive.py`` never
 imports pynetdicom (README, Design notes for contributors).
+
+Modality Performed Procedure Step (N-CREATE, N-SET) is offered when the listener is
+given an :class:`~pipeline.studies.mpps.MppsStore`: the handlers hand it the decoded
+data set and answer its status, which it returns once the record is durable. The
+receive data path serves C-STORE and C-ECHO only, so an association that proposes
+MPPS is left to pynetdicom's path (:func:`store_receive.decline`, before negotiation).
 """
 
 from __future__ import annotations
@@ -22,7 +28,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from pydicom.dataset import Dataset
-from pydicom.uid import UID
+from pydicom.uid import UID, generate_uid
 from pynetdicom import AE, _config, evt
 
 from pipeline.config import RouterConfig
@@ -30,6 +36,7 @@ from pipeline.dicom import pdu_guard, store_receive
 from pipeline.dicom.scp_server import DicomFlowRequestHandler, DicomFlowServer, build_ssl_context
 from pipeline.errors import Refusal
 from pipeline.log import escape, logger
+from pipeline.studies.mpps import MPPS_SOP_CLASS, STATUS_PROCESSING_FAILURE, MppsStore
 
 STATUS_SUCCESS = 0x0000
 VERIFICATION = UID("1.2.840.10008.1.1")
@@ -103,9 +110,13 @@ class Application(Protocol):
 class Listener:
     """The SCP listening on ``[router] bind``/``port`` and answering through ``app``."""
 
-    def __init__(self, router: RouterConfig, app: Application) -> None:
+    def __init__(self, router: RouterConfig, app: Application,
+                 mpps: MppsStore | None = None) -> None:
         self.router = router
         self.app = app
+        #: where N-CREATE / N-SET of Modality Performed Procedure Steps are recorded;
+        #: None: the MPPS SOP class is not offered
+        self.mpps = mpps
         self.server: DicomFlowServer | None = None
 
     def build_ae(self) -> AE:
@@ -125,6 +136,8 @@ class Listener:
         # Storage contexts: every SOP class (private ones too) with whatever transfer
         # syntax is proposed — see configure (UNRESTRICTED_STORAGE_SERVICE).
         ae.add_supported_context(VERIFICATION)
+        if self.mpps is not None:
+            ae.add_supported_context(MPPS_SOP_CLASS)
         return ae
 
     def handlers(self) -> list:
@@ -134,6 +147,9 @@ class Listener:
             (evt.EVT_CONN_OPEN, self._on_conn_open),
             (evt.EVT_REJECTED, self._on_rejected),
             (evt.EVT_ESTABLISHED, self._on_established),
+            (evt.EVT_REQUESTED, self._on_requested),
+            (evt.EVT_N_CREATE, self._on_n_create),
+            (evt.EVT_N_SET, self._on_n_set),
         ]
 
     def start(self) -> None:
@@ -210,6 +226,57 @@ class Listener:
 
     def _on_rejected(self, event: evt.Event) -> None:
         self.app.on_rejected(association_info(event.assoc))
+
+    def _on_requested(self, event: evt.Event) -> None:
+        """An association that proposes MPPS stays on pynetdicom's path: the receive
+        data path (:mod:`store_receive`) serves C-STORE and C-ECHO only, and the
+        hand-over to it is decided before the first command arrives."""
+        if self.mpps is not None and proposes(event.assoc, MPPS_SOP_CLASS):
+            store_receive.decline(event.assoc)
+
+    def _on_n_create(self, event: evt.Event) -> tuple[int, Dataset | None]:
+        """N-CREATE of a step: recorded durably before the answer. Without an Affected
+        SOP Instance UID in the request we make one and answer it (PS3.7 10.1.5.1.4)."""
+        request: Any = event.request
+        uid = _uid(request.AffectedSOPInstanceUID)
+        reply: Dataset | None = None
+        if request.AffectedSOPInstanceUID is None:
+            uid = str(generate_uid())
+            reply = Dataset()
+            reply.AffectedSOPInstanceUID = uid
+        status = self._record(event, lambda store, ds, source: store.create(uid, ds, source))
+        return status, reply if status == STATUS_SUCCESS else None
+
+    def _on_n_set(self, event: evt.Event) -> tuple[int, Dataset | None]:
+        request: Any = event.request
+        uid = _uid(request.RequestedSOPInstanceUID)
+        return self._record(event, lambda store, ds, source: store.update(uid, ds, source)), None
+
+    def _record(self, event: evt.Event, action: Any) -> int:
+        """Decode the attribute/modification list and hand it to the store; never raise
+        (pynetdicom would log a traceback): a data set we cannot decode is 0x0110."""
+        if self.mpps is None:
+            return STATUS_PROCESSING_FAILURE
+        source = str(event.assoc.requestor.ae_title)
+        try:
+            ds = (event.attribute_list if event.event is evt.EVT_N_CREATE
+                  else event.modification_list)
+        except Exception as exc:  # noqa: BLE001 - the peer's bytes
+            logger.warning("MPPS from {!r}: cannot decode the data set: {}", escape(source),
+                           escape(exc, 120))
+            return STATUS_PROCESSING_FAILURE
+        try:
+            return int(action(self.mpps, ds, source))
+        except Exception:  # a bug must cost this message only
+            logger.exception("MPPS from {!r}: internal error", escape(source))
+            return STATUS_PROCESSING_FAILURE
+
+
+def proposes(assoc: Any, abstract_syntax: str) -> bool:
+    """True when the A-ASSOCIATE-RQ proposes a presentation context for that SOP class."""
+    primitive = assoc.requestor.primitive
+    contexts = getattr(primitive, "presentation_context_definition_list", None) or []
+    return any(str(cx.abstract_syntax) == abstract_syntax for cx in contexts)
 
 
 def _established(server: DicomFlowServer) -> list:

@@ -39,7 +39,9 @@ association thread then runs :class:`Session` instead of pynetdicom's reactor. O
 this thread touches the socket from then on, so TLS associations take this path too.
 An association is left to pynetdicom when pynetdicom's PDU/DIMSE logging handlers are
 bound (``pynetdicom_log_level`` INFO or DEBUG: its lines describe its own path) or the
-hand-over does not happen (rejected, or the DUL thread did not stop in time).
+hand-over does not happen (rejected, or the DUL thread did not stop in time), and
+when the A-ASSOCIATE-RQ proposes a service other than storage and verification that the
+daemon offers (MPPS: :func:`decline`, from the listener's ``EVT_REQUESTED`` handler).
 """
 
 from __future__ import annotations
@@ -130,6 +132,16 @@ def prepare(assoc: Any, on_store: StoreHandler) -> None:
         return
     if reactors.request_handover(assoc.dul):
         assoc._df_session = Session(assoc, on_store)
+
+
+def decline(assoc: Any) -> None:
+    """Leave this association to pynetdicom's path after all (it proposes a service this
+    path does not serve, e.g. MPPS). Only before negotiation (``EVT_REQUESTED``, in the
+    association's thread): the DUL thread looks at the hand-over request only once it
+    has sent the A-ASSOCIATE-AC."""
+    if getattr(assoc, "_df_session", None) is not None:
+        assoc.dul._df_handover = None
+        assoc._df_session = None
 
 
 def abort(assoc: Any) -> bool:
