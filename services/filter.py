@@ -30,7 +30,6 @@ import time
 from pathlib import Path
 
 from loguru import logger
-from pipeline.studies.mpps import MppsStore
 from pydicom.uid import UID
 
 from pipeline import config as config_module
@@ -51,6 +50,7 @@ from pipeline.spool_names import SpoolName, is_standard
 from pipeline.studies import queue
 from pipeline.studies.desk import SEND, STUDY_TAGS, WAIT, InstanceIds, Release, StudyDesk, instance_ids
 from pipeline.studies.levels import Routing, decide_routing
+from pipeline.studies.mpps import MppsStore
 from pipeline.watch import DirectoryWatcher, open_for_writing, writer_pids
 
 #: OS errors that say "the disk (or the system) is in trouble, try again later",

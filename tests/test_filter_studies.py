@@ -242,9 +242,10 @@ def test_a_release_cut_short_is_finished_once_after_a_restart(tmp_path, clock, m
     real_copy = daemon._copy
 
     def dying_copy(path, endpoint, uid, recovering):
-        if endpoint == "ai" and len(made) == 2:
-            raise KeyboardInterrupt("killed mid-release")     # not caught by the filter
-        made.append(path.name)
+        if endpoint == "ai":
+            if len(made) == 2:
+                raise KeyboardInterrupt("killed mid-release")  # not caught by the filter
+            made.append(path.name)
         return real_copy(path, endpoint, uid, recovering)
 
     monkeypatch.setattr(daemon, "_copy", dying_copy)

@@ -123,6 +123,7 @@ class StudyDesk:
         self._load_mpps = mpps
         self._mpps_stamp: tuple[int, int] | None = None
         self.steps: dict[str, list[MppsStep]] = {}
+        self._split_warned: set[str] = set()
         self._state_written = -1e18
         self._state_dirty = True
 
@@ -196,11 +197,17 @@ class StudyDesk:
             and released.aggregate is not None
 
     def _warn_split(self, group: Group) -> None:
-        if len(group.patients) > 1 and not group.split_warned:
-            group.split_warned = True
-            self.log.warning(f"study {group.study}: its instances name {len(group.patients)} "
-                             f"different patients (Patient ID); routed as one study to "
-                             f"{group.endpoint}")
+        """One line per study (not per endpoint's group) whose instances name two patients."""
+        if len(group.patients) < 2 or group.split_warned:
+            return
+        group.split_warned = True
+        if group.study in self._split_warned:
+            return
+        if len(self._split_warned) > MAX_WAITING_SHOWN:
+            self._split_warned.clear()
+        self._split_warned.add(group.study)
+        self.log.warning(f"study {group.study}: its instances name {len(group.patients)} "
+                         f"different patients (Patient ID); routed as one study")
 
     # -- releases --------------------------------------------------------------------
 

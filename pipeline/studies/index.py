@@ -34,10 +34,17 @@ NO_NUMBER = 1 << 62
 class MppsStep(Protocol):
     """What the index reads of an MPPS record (pipeline.studies.mpps.MppsRecord)."""
 
-    uid: str
-    status: str
-    studies: frozenset[str]
-    series: Mapping[str, frozenset[str]]
+    @property
+    def uid(self) -> str: ...
+
+    @property
+    def status(self) -> str: ...
+
+    @property
+    def studies(self) -> frozenset[str]: ...
+
+    @property
+    def series(self) -> Mapping[str, frozenset[str]]: ...
 
     @property
     def finished(self) -> bool: ...
