@@ -94,10 +94,13 @@ def build_parser() -> argparse.ArgumentParser:
     echo = _command(sub, "echo", "C-ECHO an endpoint", "dicomflow echo pacs")
     echo.add_argument("endpoint")
     route = _command(sub, "route", "dry run: where would these files go, or which rule rejects them",
-                     "dicomflow route study/*.dcm",
+                     "dicomflow route study/*.dcm   |   dicomflow route --study study/",
                      note="\n\nexit status: 0 when every file got a decision (a quarantine verdict included),"
                           "\n1 when some file could not be read at all (missing, permission denied).")
-    route.add_argument("files", nargs="+", type=Path)
+    route.add_argument("files", nargs="*", type=Path)
+    route.add_argument("--study", type=Path, metavar="DIR",
+                       help="decide every series/study-level endpoint over the files under DIR, "
+                            "grouped as the filter groups them")
     route.add_argument("--diff", action="store_true",
                        help="also show, per endpoint, what shaping would add, change and remove")
     route.add_argument("--show-values", action="store_true",
@@ -154,6 +157,17 @@ def _cmd_send(args: argparse.Namespace) -> int:
 
 
 def _cmd_route(args: argparse.Namespace) -> int:
+    if args.study is not None:
+        if args.files or args.diff or args.show_values or args.write:
+            print("dicomflow route: --study DIR takes no files, --diff, --show-values or --write",
+                  file=sys.stderr)
+            return 2
+        from services.route_study import main as study_main
+
+        return study_main(_load(args), args.study)
+    if not args.files:
+        print("dicomflow route: give FILE… or --study DIR", file=sys.stderr)
+        return 2
     from services.route import main
 
     return main(_load(args), args.files, diff=args.diff or args.show_values,

@@ -473,10 +473,10 @@ class FilterDaemon:
         waits = sorted(ep for ep, verdict in verdicts.items() if verdict == WAIT)
         now = [*routing.decision.endpoints, *(ep for ep, v in verdicts.items() if v == SEND)]
         reached = self.desk.reached.of(accepted.name) if recovering else set()
+        # recorded before an interruption: not again (its copy may be pruned already)
+        now = [endpoint for endpoint in now if endpoint not in reached]
         failed = []
         for endpoint in now:
-            if endpoint in reached:
-                continue  # recorded before the interruption (its copy may be pruned already)
             if not self._copy(accepted, endpoint, head.sop_instance_uid, recovering):
                 failed.append(endpoint)
             if waits:
@@ -488,6 +488,9 @@ class FilterDaemon:
                     self._release(release)
             notes += f"; waits for its {'/'.join(self._levels(waits))} ({', '.join(waits)})"
             return ", ".join(now) or "(none yet)", notes
+        if not now and reached:
+            self.spool.unlink(accepted)
+            return "(copies made before an interruption)", notes
         if not now:  # decided against by every grouped endpoint, and nobody else wants it
             why = "; ".join(f"{ep}: decided not to send its series/study" for ep in verdicts)
             self._reject(accepted, accepted.name, f"no endpoint takes it ({why})", head)

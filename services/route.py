@@ -30,6 +30,7 @@ from pipeline.shaping import provenance
 from pipeline.shaping.copies import plan_endpoint_copy
 from pipeline.shaping.rewrite import Plan, ShapingSource
 from pipeline.spool import Spool
+from pipeline.studies.levels import decide_routing
 
 
 @dataclass(frozen=True)
@@ -58,11 +59,18 @@ def explain(config: Config, path: Path, options: Options = Options()) -> list[st
     if decision.rejected is None and config.router.coerce:
         decision, global_lines = _after_global(config, path, decision, rules, options)
     label = UID(head.sop_class_uid).keyword or head.sop_class_uid
-    lines = [f"{shown}: {_verdict(decision)}", f"  {label} {escape(head.sop_instance_uid, 80)}"]
+    policies = {name: ep.study for name, ep in config.endpoints.items()}
+    grouped = decide_routing(config.router.rules, rules, policies, head.dataset).groups
+    lines = [f"{shown}: {_verdict(decision, grouped)}",
+             f"  {label} {escape(head.sop_instance_uid, 80)}"]
     lines += global_lines
-    if decision.rejected is None or decision.refusals:
+    if decision.rejected is None or decision.refusals or grouped:
         for name in sorted(config.endpoints):
             why = decision.refusals.get(name)
+            if policies[name].grouped:
+                lines.append(f"  {name}: " + _grouped_line(policies[name].level, name in grouped,
+                                                          why))
+                continue
             lines.append(f"  {name}: " + ("yes" if why is None else f"no — {why}"))
             if why is None and name in decision.endpoints and options.shaping:
                 lines += _endpoint_shaping(config, path, name, options)
@@ -151,7 +159,19 @@ def _scratch() -> Path:
     return Path(tempfile.gettempdir())
 
 
-def _verdict(decision: Decision) -> str:
+def _grouped_line(level: str, joins: bool, why: str | None) -> str:
+    """A series/study-level endpoint decides over the group, not over this file."""
+    if not joins:
+        return f"no — {why} (its SOP lists are per instance)"
+    alone = "yes" if why is None else f"no ({why})"
+    return (f"decided over its whole {level} (level = {level}); this file alone: {alone} — "
+            f"dicomflow route --study DIR decides the {level}")
+
+
+def _verdict(decision: Decision, grouped: dict | None = None) -> str:
+    if grouped and (decision.rejected is None or not decision.rejected.startswith("global")):
+        now = f"route to {', '.join(decision.endpoints)}; " if decision.endpoints else ""
+        return f"{now}waits for its series/study ({', '.join(sorted(grouped))})"
     if decision.rejected is not None:
         return f"rejected: {decision.rejected}" if not decision.rejected.startswith(
             "quarantine:") else decision.rejected

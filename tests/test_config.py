@@ -222,7 +222,10 @@ def test_unset_keys_take_the_table_defaults(tmp_path: Path) -> None:
         | asdict(loaded.router.header_limits),
         (config_keys.ROUTER, "tls"): asdict(loaded.router.tls),
         (config_keys.ENDPOINT, "endpoint"): asdict(ep),
-        (config_keys.ENDPOINT, "filter"): asdict(ep.rules),
+        # unset stable_time / max_wait: the router's defaults (checked below)
+        (config_keys.ENDPOINT, "filter"): asdict(ep.rules) | {
+            "level": ep.study.level, "completion": ep.study.completion, "late": ep.study.late,
+            "stable_time": None, "max_wait": None},
         (config_keys.ENDPOINT, "schedule"): {"window": ep.window},
         (config_keys.ENDPOINT, "retry"): asdict(ep.retry),
         (config_keys.ENDPOINT, "transcode"): asdict(ep),
@@ -235,6 +238,8 @@ def test_unset_keys_take_the_table_defaults(tmp_path: Path) -> None:
                                                "safe_private": ()},
     }
     assert ep.deidentify is None
+    assert (ep.study.stable_time, ep.study.max_wait) == (loaded.router.default_stable_time,
+                                                         loaded.router.default_max_wait)
     given = {"ae_title", "port", "spool", "host", "calling_ae_title", "enabled", "disk_floor"}
     for opt in config_keys.OPTIONS:
         if opt.name not in given:
