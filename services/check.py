@@ -24,6 +24,11 @@ def check(config: Config) -> int:
             burned = "sent" if ep.deidentify.allow_burned_in else "refused"
             print(f"  endpoint {name} [deidentify]: basic profile ({options}); files that may "
                   f"show identity in their pixels: {burned}")
+        if ep.study.grouped:
+            policy = ep.study
+            print(f"  endpoint {name}: decides per {policy.level}, complete by {policy.completion} "
+                  f"(stable_time {policy.stable_time:g}s, max_wait {policy.max_wait:g}s), late "
+                  f"instances {policy.late}")
         if ep.coerce:
             print(f"  endpoint {name} [coerce]: {len(ep.coerce.lines)} operation(s), "
                   f"its own shaped copy")

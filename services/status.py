@@ -294,16 +294,17 @@ def _endpoint_studies(waiting: list[dict], queued: list[QueuedStudy], now: float
             "waiting": [waiting_summary(row, now) for row in waiting]}
 
 
-def _studies(spool: Spool, names: list[str], filter_running: bool,
-             now: float) -> tuple[str | None, dict[str, dict]]:
+def _studies(spool: Spool, names: list[str], filter_running: bool, now: float,
+             grouped: frozenset[str] | set[str] = frozenset()) -> tuple[str | None, dict[str, dict]]:
     """``studies_state`` and each study-level endpoint's ``studies`` block.
 
-    An endpoint is study-level for status when the state file or a study-list folder
-    names it; ``studies_state`` is absent when nothing does and there is no state file.
+    An endpoint is study-level for status when its configuration says so (``grouped``)
+    or the state file or a study-list folder names it (a level changed since);
+    ``studies_state`` is absent when nothing does and there is no state file.
     """
     state = load_study_state(spool, now, filter_running)
     listed = set(queue_endpoints(spool))
-    known = listed | {row["endpoint"] for row in state.waiting + state.released}
+    known = set(grouped) | listed | {row["endpoint"] for row in state.waiting + state.released}
     if state.status == "missing" and not known:
         return None, {}
     blocks = {}
@@ -328,7 +329,8 @@ def collect(config: Config, now: float | None = None) -> dict:
     processes = {**{name: process_info(spool.run_dir, name)
                     for name in process_names("receive", config.router.receive_processes)},
                  "filter": process_info(spool.run_dir, "filter")}
-    studies_state, studies = _studies(spool, names, processes["filter"]["running"], now)
+    grouped = {name for name, ep in config.endpoints.items() if ep.study.grouped}
+    studies_state, studies = _studies(spool, names, processes["filter"]["running"], now, grouped)
     for name, block in studies.items():
         endpoints[name]["studies"] = block
     report = {

@@ -300,3 +300,32 @@ def test_a_study_split_across_patients_is_routed_as_one_with_a_warning(tmp_path,
     assert uids(spool.outbox("ai")) == {ds.SOPInstanceUID for ds in a}
     warnings = [line for line in lines if "different patients" in line]
     assert len(warnings) == 1 and "OTHER-PATIENT" not in warnings[0] and "P1" not in warnings[0]
+
+
+def test_mpps_in_the_spool_releases_at_once_and_a_late_mpps_changes_nothing(tmp_path, clock):
+    from pipeline.studies.mpps import COMPLETED, MppsStore
+    from tests.test_mpps import n_create_ds, n_set_ds, series_item
+
+    conf = conf_for(tmp_path, completion="mpps", stable_time="1h", max_wait="2h")
+    daemon = daemon_for(conf, clock)
+    spool = daemon.spool.create(daemon.config.endpoints)
+    a = study({"AXIAL": 3})
+    uid = a[0].StudyInstanceUID
+    store = MppsStore(spool)
+    step = generate_uid()
+    assert store.create(step, n_create_ds(uid)) == 0
+    for ds in a:
+        drop(spool, ds)
+    daemon.run(once=True)
+    assert not dicom_files(spool.outbox("ai"))
+    assert [w["mpps"] for w in state(spool)["waiting"] if w["endpoint"] == "ai"] == ["in progress"]
+    refs = [str(ds.SOPInstanceUID) for ds in a]
+    assert store.update(step, n_set_ds(COMPLETED, [series_item(a[0].SeriesInstanceUID, refs)])) == 0
+    daemon.run(once=True)
+    assert uids(spool.outbox("ai")) == set(refs)                # no clock moved: the MPPS did
+    other = generate_uid()                                      # an MPPS for a released study
+    assert store.create(other, n_create_ds(uid)) == 0
+    assert store.update(other, n_set_ds(COMPLETED, [series_item(a[0].SeriesInstanceUID, refs)])) == 0
+    clock.now += 31                                             # bySeries' stable time
+    daemon.run(once=True)
+    assert uids(spool.outbox("ai")) == set(refs) and dicom_files(spool.accepted) == []

@@ -116,3 +116,12 @@ def test_policy_mistakes_name_the_key(tmp_path, filter_, extra, key, text):
     with pytest.raises(ConfigError) as caught:
         load(_endpoint_conf(tmp_path, filter_, extra))
     assert f"{key}" in str(caught.value) and text in str(caught.value)
+
+
+def test_check_prints_the_level(tmp_path, capsys):
+    from services.check import check
+
+    conf = _endpoint_conf(tmp_path, {"level": "series", "completion": "mpps"})
+    assert check(load(conf)) == 0
+    assert ("endpoint ai: decides per series, complete by mpps (stable_time 60s, max_wait "
+            "3600s), late instances follow") in capsys.readouterr().out

@@ -55,6 +55,7 @@ MAX_WAITING_SHOWN = 10_000  # rows of the state file's waiting list (the rest ar
 STUDY_TAGS = frozenset({0x0020000D, 0x0020000E, 0x00200011, 0x00200013, 0x00100020})
 
 WAIT, SEND, SKIP = "wait", "send", "skip"
+MTIME_TICK = 2.0            # a directory changed this lately may have changed again unseen
 
 
 @dataclass(frozen=True)
@@ -123,6 +124,8 @@ class StudyDesk:
         self._load_mpps = mpps
         self._mpps_stamp: tuple[int, int] | None = None
         self.steps: dict[str, list[MppsStep]] = {}
+        #: studies whose MPPS changed since the last look for releases
+        self._changed: set[str] = set()
         self._split_warned: set[str] = set()
         self._state_written = -1e18
         self._state_dirty = True
@@ -140,7 +143,7 @@ class StudyDesk:
             directory.mkdir(mode=0o700, parents=True, exist_ok=True)
         self.decisions.load(self.wall())
         self.reached.load()
-        self.refresh_mpps()
+        self._changed |= self.refresh_mpps()
 
     def recovered(self, waiting: set[str]) -> None:
         """After the first pass over ``accepted/``: keep the records of waiting files only."""
@@ -214,7 +217,8 @@ class StudyDesk:
     def due(self) -> list[Release]:
         """The groups complete now: operators' requests, MPPS changes, deadlines."""
         now = self.monotonic()
-        studies = self.take_requests() | self.refresh_mpps()
+        studies = self.take_requests() | self.refresh_mpps() | self._changed
+        self._changed = set()
         found = self.index.check(studies, now, self.steps) if studies else []
         seen = {id(group) for group, _ in found}
         found += [(g, why) for g, why in self.index.due(now, self.steps) if id(g) not in seen]
@@ -285,9 +289,12 @@ class StudyDesk:
         try:
             st = os.stat(self.mpps_dir)
             stamp = (st.st_mtime_ns, st.st_ino)
+            # a directory's mtime is coarse (a clock tick): two changes within one tick
+            # look like one, so a directory changed lately is read again
+            recent = self.wall() - st.st_mtime < MTIME_TICK
         except FileNotFoundError:
-            stamp = (0, 0)
-        if stamp == self._mpps_stamp:
+            stamp, recent = (0, 0), False
+        if stamp == self._mpps_stamp and not recent:
             return set()
         self._mpps_stamp = stamp
         before = self.steps
