@@ -154,6 +154,8 @@ class FilterDaemon:
                 with contextlib.suppress(DiskTrouble):  # retried by the loop
                     self.recover_accepted()
                 self.desk.recovered(set(self.desk.index.waiting_for))
+            else:
+                self.desk.forget_state()
         except BaseException:
             self.close()
             raise
@@ -531,6 +533,7 @@ class FilterDaemon:
                 break
             self._release(release)
         self.desk.write_state(force=bool(releases))
+        self.desk.maintain()
 
     def _release(self, release: Release) -> None:
         """The decision made durable first, then the study list, then the copies in
@@ -746,7 +749,7 @@ def _desk(config: Config, spool: Spool, log) -> StudyDesk:
     mpps = MppsStore(spool)
     return StudyDesk(spool, {n: ep.rules for n, ep in config.endpoints.items()},
                      {n: ep.study for n, ep in config.endpoints.items()},
-                     mpps=lambda: mpps.load_all().values(), log=log)
+                     mpps=lambda: mpps.load_all().values(), prune_mpps=mpps.prune, log=log)
 
 
 def _free_name(directory: Path, name: str, uid: str | None) -> str:

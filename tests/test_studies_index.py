@@ -154,3 +154,19 @@ def test_decisions_persist_and_old_ones_are_forgotten(tmp_path):
     assert decision is not None and decision.send and decision.aggregate == aggregate
     assert again.get(("ai", "1.3", "1.3.1")) is None
     assert [r.key for r in again.recent()] == [("ai", "1.2", "")]
+
+
+def test_logs_are_worth_compacting_only_when_mostly_dead(tmp_path, monkeypatch):
+    from pipeline.studies import records
+
+    monkeypatch.setattr(records, "COMPACT_AFTER", 10)
+    spool = Spool(tmp_path / "spool").create()
+    log = ReachedLog(spool)
+    for index in range(30):
+        log.add(f"f{index}", "pacs")
+    assert not log.worth_compacting()          # all 30 still waiting
+    for index in range(25):
+        log.forget(f"f{index}")
+    assert log.worth_compacting()
+    log.compact({"f27"})
+    assert not log.worth_compacting() and log.reached == {"f27": {"pacs"}}

@@ -55,6 +55,8 @@ MAX_WAITING_SHOWN = 10_000  # rows of the state file's waiting list (the rest ar
 STUDY_TAGS = frozenset({0x0020000D, 0x0020000E, 0x00200011, 0x00200013, 0x00100020})
 
 WAIT, SEND, SKIP = "wait", "send", "skip"
+MAINTENANCE_INTERVAL = 3600.0
+MPPS_MEMORY = 7 * 86400.0   # MPPS steps not updated for this long are removed
 MTIME_TICK = 2.0            # a directory changed this lately may have changed again unseen
 
 
@@ -107,7 +109,8 @@ class StudyDesk:
     """Bound to one spool and the endpoints' rules and policies (no globals)."""
 
     def __init__(self, spool: Spool, rules: dict[str, RuleSet], policies: dict[str, StudyPolicy],
-                 mpps: Callable[[], Iterable[MppsStep]] | None = None, log=None,
+                 mpps: Callable[[], Iterable[MppsStep]] | None = None,
+                 prune_mpps: Callable[[float], int] | None = None, log=None,
                  monotonic: Callable[[], float] = time.monotonic,
                  wall: Callable[[], float] = time.time) -> None:
         self.spool = spool
@@ -122,6 +125,8 @@ class StudyDesk:
         self.reached = ReachedLog(spool)
         self.decisions = DecisionBook(spool)
         self._load_mpps = mpps
+        self._prune_mpps = prune_mpps
+        self._maintained = monotonic()
         self._mpps_stamp: tuple[int, int] | None = None
         self.steps: dict[str, list[MppsStep]] = {}
         #: studies whose MPPS changed since the last look for releases
@@ -148,6 +153,29 @@ class StudyDesk:
     def recovered(self, waiting: set[str]) -> None:
         """After the first pass over ``accepted/``: keep the records of waiting files only."""
         self.reached.compact(waiting)
+
+    def maintain(self) -> None:
+        """Hourly: old MPPS steps go, the logs are rewritten when mostly dead lines."""
+        now = self.monotonic()
+        if now - self._maintained < MAINTENANCE_INTERVAL:
+            return
+        self._maintained = now
+        if self.reached.worth_compacting():
+            self.reached.compact(set(self.index.waiting_for))
+        if self.decisions.worth_compacting():
+            self.decisions.load(self.wall())
+        if self._prune_mpps is not None:
+            removed = self._prune_mpps(MPPS_MEMORY)
+            if removed:
+                self.log.info(f"{removed} MPPS record(s) older than {MPPS_MEMORY / 86400:g} days "
+                              f"removed from run/mpps/")
+
+    def forget_state(self) -> None:
+        """No endpoint groups any more: a state file left from before would only mislead."""
+        try:
+            os.unlink(self.directory / STATE_FILE)
+        except FileNotFoundError:
+            pass
 
     def close(self) -> None:
         self.reached.close()

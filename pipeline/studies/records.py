@@ -36,6 +36,7 @@ from pipeline.studies.levels import Aggregate
 DECISION_MEMORY = 30 * 86400.0
 RECENT = 200                      # decisions shown in the state file
 MAX_LINE = 64 * 1024              # longer lines are not ours: skipped
+COMPACT_AFTER = 10_000            # appended lines before a log is worth rewriting
 #: (endpoint, Study Instance UID, Series Instance UID or "" at study level)
 GroupKey = tuple[str, str, str]
 
@@ -53,6 +54,8 @@ class _AppendLog:
         self.path = self.directory / name
         self._fd: int | None = None
         self._dirty = False
+        #: lines appended since the log was last read or rewritten
+        self.appended = 0
 
     def lines(self) -> Iterable[str]:
         """Every complete line (a torn or oversized one is skipped)."""
@@ -72,6 +75,7 @@ class _AppendLog:
                                | os.O_NOFOLLOW, FILE_MODE)
         os.write(self._fd, (line + "\n").encode("utf-8"))
         self._dirty = True
+        self.appended += 1
 
     def sync(self) -> None:
         if self._fd is not None and self._dirty:
@@ -84,6 +88,7 @@ class _AppendLog:
         self.directory.mkdir(mode=0o700, parents=True, exist_ok=True)
         data = "".join(line + "\n" for line in lines).encode("utf-8")
         self.spool.write_bytes(self.directory, self.path.name, data, replace=True)
+        self.appended = 0
 
     def close(self) -> None:
         if self._fd is not None:
@@ -121,6 +126,10 @@ class ReachedLog:
 
     def sync(self) -> None:
         self._log.sync()
+
+    def worth_compacting(self) -> bool:
+        """Lines of files long gone outnumber the live ones (and there are many)."""
+        return self._log.appended > COMPACT_AFTER and self._log.appended > 2 * len(self.reached)
 
     def compact(self, live: set[str]) -> None:
         """Keep only the files still waiting."""
@@ -173,8 +182,12 @@ class DecisionBook:
         self.decisions: dict[GroupKey, Released] = {}
         self._recent: deque[Released] = deque(maxlen=RECENT)
 
+    def worth_compacting(self) -> bool:
+        return self._log.appended > COMPACT_AFTER and self._log.appended > len(self.decisions)
+
     def load(self, now: float | None = None) -> None:
-        """Read the log (later lines win); forget decisions older than DECISION_MEMORY."""
+        """Read the log (later lines win); forget decisions older than DECISION_MEMORY.
+        Also the compaction (the log is rewritten with what is kept)."""
         now = time.time() if now is None else now
         self.decisions = {}
         bad = 0
