@@ -525,13 +525,21 @@ class FilterDaemon:
 
     def release_due(self) -> None:
         """Carry out every release that is due (complete groups, operators' requests)."""
-        if not self.desk.active:
+        if not self.desk.active and not self.desk.index.groups:
             return
         releases = self.desk.due()
         for release in releases:
             if self.stopping:
                 break
-            self._release(release)
+            try:
+                self._release(release)
+            except Exception as exc:  # the disk, or a bug: the daemon never dies on a study
+                self.desk.retry_later(release, self.retry_interval)
+                log = self.log.bind(endpoint=release.endpoint)
+                log.warning(f"release of study {release.group.study} to {release.endpoint} cut "
+                            f"short, will retry in {self.retry_interval:g}s: "
+                            f"{error_text(exc, Path(release.members[0].name))}")
+                log.opt(exception=exc).debug("release cut short")
         self.desk.write_state(force=bool(releases))
         self.desk.maintain()
 
@@ -544,8 +552,12 @@ class FilterDaemon:
         failed = 0
         if release.send:
             prefixes = [p for m in release.members if (p := copy_prefix(m.name)) is not None]
-            queue.publish(self.spool, endpoint, group.study, group.series,
-                          group.policy.level, prefixes)
+            try:
+                queue.publish(self.spool, endpoint, group.study, group.series,
+                              group.policy.level, prefixes)
+            except ValueError as exc:  # beyond what a list may hold: sent in name order
+                log.warning(f"study {group.study}: no study list ({exc}); its files go in "
+                            f"name order")
             # No copy of a group's file for this endpoint can exist before its one
             # decision (a release cut short is finished as a late `follow`, by recovery).
             for member in release.members:
@@ -731,6 +743,7 @@ class FilterDaemon:
         was_active = self.desk.active
         self.desk.reconfigure({n: ep.rules for n, ep in new.endpoints.items()},
                               {n: ep.study for n, ep in new.endpoints.items()})
+        self.release_due()  # what the new configuration no longer waits for goes now
         if self.desk.active and not was_active:
             self.log.warning("an endpoint now decides per series/study: restart the filter "
                              "to start grouping (until then it decides per instance)")

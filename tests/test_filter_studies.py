@@ -329,3 +329,56 @@ def test_mpps_in_the_spool_releases_at_once_and_a_late_mpps_changes_nothing(tmp_
     clock.now += 31                                             # bySeries' stable time
     daemon.run(once=True)
     assert uids(spool.outbox("ai")) == set(refs) and dicom_files(spool.accepted) == []
+
+
+def test_a_reload_that_changes_an_endpoints_rules_releases_its_waiting_studies(tmp_path, clock):
+    conf = conf_for(tmp_path)
+    daemon = daemon_for(conf, clock)
+    spool = daemon.spool.create(daemon.config.endpoints)
+    a = study({"AXIAL": 2})
+    for ds in a:
+        drop(spool, ds)
+    daemon.run(once=True)
+    ai = conf / "endpoints" / "ai.ini"
+    ai.write_text(ai.read_text().replace("level = study", "level = instance")
+                  .replace("stable_time = 60s", ""))
+    daemon.request_reload()
+    daemon.run(once=True)                                   # decided by the rules it began with
+    assert uids(spool.outbox("ai")) == {ds.SOPInstanceUID for ds in a}
+    clock.now += 31
+    daemon.run(once=True)
+    assert dicom_files(spool.accepted) == []
+    later = make_dataset(SeriesDescription="AXIAL")
+    drop(spool, later)
+    daemon.run(once=True)                                   # per instance now: at once
+    assert later.SOPInstanceUID in uids(spool.outbox("ai"))
+
+
+def test_a_disk_error_during_a_release_is_retried(tmp_path, clock, monkeypatch):
+    import errno
+
+    conf = conf_for(tmp_path)
+    daemon = daemon_for(conf, clock)
+    spool = daemon.spool.create(daemon.config.endpoints)
+    a = study({"AXIAL": 3})
+    for ds in a:
+        drop(spool, ds)
+    daemon.run(once=True)
+    real_link = daemon.spool.link
+    calls = []
+
+    def full_disk(src, directory, name=None):
+        if directory == spool.outbox("ai") and not calls:
+            calls.append(src)
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_link(src, directory, name)
+
+    monkeypatch.setattr(daemon.spool, "link", full_disk)
+    clock.now += 61
+    daemon.run(once=True)
+    assert calls and not dicom_files(spool.outbox("ai"))
+    assert len(dicom_files(spool.accepted)) == 3           # nothing lost, nothing left early
+    clock.now += 1
+    daemon.run(once=True)
+    assert uids(spool.outbox("ai")) == {ds.SOPInstanceUID for ds in a}
+    assert dicom_files(spool.accepted) == []

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from pipeline.rules import RuleSet, parse_conditions
 from pipeline.spool import Spool
 from pipeline.studies.index import Member, StudyIndex, completion, sort_order
 from pipeline.studies.levels import Aggregate
@@ -11,6 +12,7 @@ from pipeline.studies.levels import StudyPolicy as Policy
 from pipeline.studies.records import DECISION_MEMORY, DecisionBook, ReachedLog, Released
 
 STUDY = Policy(level="study", stable_time=60.0, max_wait=3600.0)
+RULES = RuleSet(conditions=parse_conditions("Modality=CT"))
 MPPS = Policy(level="study", stable_time=60.0, completion="mpps", max_wait=3600.0)
 
 
@@ -29,7 +31,7 @@ class Step:
 def _add(index: StudyIndex, name: str, at: float, policy=STUDY, study="1.2.3", sop=None,
          endpoint="ai", series=""):
     member = Member(name, sort_order(1, name[-1], name), sop or f"1.9.{name[-1]}")
-    return index.add((endpoint, study, series), policy, member, (True,), at, 1000.0 + at, "p")
+    return index.add((endpoint, study, series), policy, RULES, member, (True,), at, 1000.0 + at, "p")
 
 
 def test_a_study_is_due_stable_time_after_its_last_instance():
@@ -59,7 +61,7 @@ def test_the_clock_is_monotonic_only():
     """Arrival times are the monotonic clock's: the wall time of an arrival plays no part."""
     index = StudyIndex()
     member = Member("x", sort_order(None, None, "x"), "1.1")
-    index.add(("ai", "1.2", ""), STUDY, member, (), 5.0, 9e9, "p")   # wall clock jumped far ahead
+    index.add(("ai", "1.2", ""), STUDY, RuleSet(), member, (), 5.0, 9e9, "p")   # wall clock jumped far ahead
     assert index.due(64.0, {}) == [] and index.due(65.0, {})
 
 

@@ -182,13 +182,16 @@ class StudyDesk:
         self.decisions.close()
 
     def reconfigure(self, rules: dict[str, RuleSet], policies: dict[str, StudyPolicy]) -> None:
-        """A reload: groups of endpoints no longer grouped are released at once."""
+        """A reload. Waiting groups of an endpoint that is gone, no longer grouped or whose
+        rules changed are released at the next :meth:`due` (the filter calls it at once),
+        decided by the rules they started under; the others take the new timings."""
         self.rules = rules
         self.policies = {name: p for name, p in policies.items() if p.grouped}
         for group in self.index.groups.values():
             policy = self.policies.get(group.endpoint)
-            if policy is None or len(group.aggregate.any_matched) != len(rules[group.endpoint].conditions):
+            if policy is None or group.rules != rules.get(group.endpoint):
                 group.forced = True
+                self._changed.add(group.study)
             else:
                 group.policy = policy
 
@@ -216,7 +219,8 @@ class StudyDesk:
                 prior = released
             member = Member(name, sort_order(ids.series_number, ids.instance_number, name),
                             ids.sop_instance_uid)
-            group = self.index.add(key, policy, member, facts, mono, arrived, ids.patient, prior)
+            group = self.index.add(key, policy, self.rules[endpoint], member, facts, mono,
+                                   arrived, ids.patient, prior)
             self._warn_split(group)
             verdicts[endpoint] = WAIT
         self.index.saw(ids.study, ids.sop_instance_uid)
@@ -264,7 +268,9 @@ class StudyDesk:
                               group.aggregate.count)
         if group.prior is not None and group.prior.aggregate is not None:
             aggregate.merge(group.prior.aggregate)
-        why_not = aggregate.why_not(self.rules[group.endpoint])
+        why_not = aggregate.why_not(group.rules)
+        if group.endpoint not in self.rules:
+            why_not = "the endpoint is no longer configured"
         return Release(group, why, why_not is None, why_not, tuple(group.ordered()), aggregate)
 
     def decided(self, release: Release) -> None:
@@ -273,7 +279,11 @@ class StudyDesk:
         self.decisions.record(Released(
             group.key, release.send, self.wall(), aggregate.count,
             release.why if release.send else f"{release.why}; {release.why_not}",
-            tuple(c.source for c in self.rules[group.endpoint].conditions), aggregate))
+            tuple(c.source for c in group.rules.conditions), aggregate))
+
+    def retry_later(self, release: Release, delay: float) -> None:
+        """A release the disk (or a bug) cut short: tried again in ``delay`` seconds."""
+        self.index.schedule(release.group.key, self.monotonic() + delay)
 
     def finished(self, release: Release) -> list[str]:
         """Take the group out; the names of its files that now wait for nothing."""

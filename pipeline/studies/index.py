@@ -24,6 +24,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
+from pipeline.rules import RuleSet
 from pipeline.studies.levels import MPPS, SERIES, Aggregate, Facts, StudyPolicy
 from pipeline.studies.records import GroupKey, Released
 
@@ -63,6 +64,8 @@ class Member:
 class Group:
     key: GroupKey
     policy: StudyPolicy
+    #: the endpoint's rules when the group began (its facts are answers to them)
+    rules: RuleSet
     aggregate: Aggregate
     first: float                   # monotonic
     last: float
@@ -177,13 +180,14 @@ class StudyIndex:
     def __len__(self) -> int:
         return len(self.groups)
 
-    def add(self, key: GroupKey, policy: StudyPolicy, member: Member, facts: Facts,
-            mono: float, wall: float, patient: str, prior: Released | None = None) -> Group:
+    def add(self, key: GroupKey, policy: StudyPolicy, rules: RuleSet, member: Member,
+            facts: Facts, mono: float, wall: float, patient: str,
+            prior: Released | None = None) -> Group:
         """File ``member`` joins the group ``key`` (created on its first instance)."""
         group = self.groups.get(key)
         if group is None:
-            group = self.groups[key] = Group(key, policy, Aggregate.empty(len(facts)), mono, mono,
-                                             wall, wall, prior=prior)
+            group = self.groups[key] = Group(key, policy, rules, Aggregate.empty(len(facts)),
+                                             mono, mono, wall, wall, prior=prior)
             self.by_study.setdefault(key[1], set()).add(key)
         if member.name not in group.members:
             group.members[member.name] = member
@@ -242,6 +246,10 @@ class StudyIndex:
         for key in keys:
             self.groups[key].forced = True
         return bool(keys)
+
+    def schedule(self, key: GroupKey, at: float) -> None:
+        """Look at group ``key`` again at ``at`` (monotonic)."""
+        heapq.heappush(self._heap, (at, next(self._seq), key))
 
     def next_due(self) -> float | None:
         return self._heap[0][0] if self._heap else None
