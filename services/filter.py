@@ -147,10 +147,7 @@ class FilterDaemon:
             self.spool.clean_dead_tmp(self.spool.run_dir)
             self.watcher.start()
             if self.desk.active:
-                self.desk.open()
-                for watcher in self._side_watchers:
-                    watcher.directory.mkdir(mode=0o700, parents=True, exist_ok=True)
-                    watcher.start()
+                self._open_desk()
                 with contextlib.suppress(DiskTrouble):  # retried by the loop
                     self.recover_accepted()
                 self.desk.recovered(set(self.desk.index.waiting_for))
@@ -161,6 +158,13 @@ class FilterDaemon:
             raise
         endpoints = ", ".join(sorted(self.config.endpoints)) or "none"
         self.log.info(f"filter ready: watching {self.spool.incoming}, endpoints: {endpoints}")
+
+    def _open_desk(self) -> None:
+        """The study side's records, and the watchers of MPPS steps and release requests."""
+        self.desk.open()
+        for watcher in self._side_watchers:
+            watcher.directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+            watcher.start()
 
     def step(self) -> Step:
         """Fan out ``accepted/``, route every ready file; idle when nothing is settling.
@@ -485,9 +489,8 @@ class FilterDaemon:
                 self.desk.reached.add(accepted.name, endpoint)
         notes = f" (not shaped for {', '.join(failed)}: see failed/)" if failed else ""
         if waits:
-            if isinstance(ids, InstanceIds):
-                for release in self.desk.check_study(ids.study):
-                    self._release(release)
+            if isinstance(ids, InstanceIds):  # complete now, by its MPPS?
+                self._release_all(self.desk.check_study(ids.study))
             notes += f"; waits for its {'/'.join(self._levels(waits))} ({', '.join(waits)})"
             return ", ".join(now) or "(none yet)", notes
         if not now and reached:
@@ -528,6 +531,11 @@ class FilterDaemon:
         if not self.desk.active and not self.desk.index.groups:
             return
         releases = self.desk.due()
+        self._release_all(releases)
+        self.desk.write_state(force=bool(releases))
+        self.desk.maintain()
+
+    def _release_all(self, releases: list[Release]) -> None:
         for release in releases:
             if self.stopping:
                 break
@@ -540,8 +548,6 @@ class FilterDaemon:
                             f"short, will retry in {self.retry_interval:g}s: "
                             f"{error_text(exc, Path(release.members[0].name))}")
                 log.opt(exception=exc).debug("release cut short")
-        self.desk.write_state(force=bool(releases))
-        self.desk.maintain()
 
     def _release(self, release: Release) -> None:
         """The decision made durable first, then the study list, then the copies in
@@ -745,8 +751,7 @@ class FilterDaemon:
                               {n: ep.study for n, ep in new.endpoints.items()})
         self.release_due()  # what the new configuration no longer waits for goes now
         if self.desk.active and not was_active:
-            self.log.warning("an endpoint now decides per series/study: restart the filter "
-                             "to start grouping (until then it decides per instance)")
+            self._open_desk()
         self.log.info(f"configuration reloaded, endpoints: {', '.join(sorted(new.endpoints)) or 'none'}")
 
 

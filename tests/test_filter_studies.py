@@ -382,3 +382,24 @@ def test_a_disk_error_during_a_release_is_retried(tmp_path, clock, monkeypatch):
     daemon.run(once=True)
     assert uids(spool.outbox("ai")) == {ds.SOPInstanceUID for ds in a}
     assert dicom_files(spool.accepted) == []
+
+
+def test_a_reload_that_makes_an_endpoint_study_level_groups_from_then_on(tmp_path, clock):
+    conf = write_conf(tmp_path, endpoints={"ai": _endpoint(1105)})
+    daemon = daemon_for(conf, clock)
+    spool = daemon.spool.create(daemon.config.endpoints)
+    drop(spool, make_dataset())
+    daemon.run(once=True)
+    assert len(dicom_files(spool.outbox("ai"))) == 1
+    (conf / "endpoints" / "ai.ini").write_text(
+        (conf / "endpoints" / "ai.ini").read_text() + "level = study\nstable_time = 60s\n")
+    daemon.request_reload()
+    a = study({"AXIAL": 2})
+    for ds in a:
+        drop(spool, ds)
+    daemon.run(once=True)
+    assert len(dicom_files(spool.outbox("ai"))) == 1 and len(dicom_files(spool.accepted)) == 2
+    assert [w["instances"] for w in state(spool)["waiting"]] == [2]
+    clock.now += 61
+    daemon.run(once=True)
+    assert uids(spool.outbox("ai")) >= {ds.SOPInstanceUID for ds in a}
