@@ -165,19 +165,21 @@ def read_header(path: Path, limits: HeaderLimits = DEFAULT_LIMITS) -> Header:
 
 
 def read_header_fd(fd: int, size: int, limits: HeaderLimits = DEFAULT_LIMITS,
-                   wanted: header_scan.Wanted | None = None) -> Header:
+                   wanted: header_scan.Wanted | None = None, checked: bool = False) -> Header:
     """Read and validate the header of an open regular file of ``size`` bytes.
 
     Order matters: the file meta is bounded and its UIDs validated, then the seek-only
     walk checks completeness *and* the limits, and only then does pydicom parse. With
     ``wanted`` (the filter), the data set holds only those elements when the walk could
-    locate them (:mod:`pipeline.header_scan`); else pydicom reads it all.
+    locate them (:mod:`pipeline.header_scan`); else pydicom reads it all. ``checked``:
+    a file this very code validated before (the filter's own ``accepted/``, read again
+    after a restart): the UID checks are not repeated, the walk and the bounds are.
     """
     with os.fdopen(fd, "rb", closefd=False) as fp, warnings.catch_warnings():
         warnings.simplefilter("ignore")  # pydicom's warnings echo untrusted values unescaped
         meta = _read_meta(fp, size, limits)
         dataset_start = fp.tell()  # where pydicom's meta reader stopped
-        syntax, sop_class = _check_meta(meta)
+        syntax, sop_class = _meta_uids(meta) if checked else _check_meta(meta)
         recorder = header_scan.recorder_for(wanted, syntax)
         structure = check_complete(fp, size, syntax, sop_class, limits=limits, recorder=recorder,
                                    dataset_start=dataset_start)
@@ -193,6 +195,8 @@ def read_header_fd(fd: int, size: int, limits: HeaderLimits = DEFAULT_LIMITS,
         except Exception as exc:  # pydicom raises many types on garbage
             raise QuarantineError(f"unreadable DICOM header: {_describe(exc)}") from None
         _drop_deferred(ds)
+        if checked:
+            return Header(ds, str(meta.MediaStorageSOPInstanceUID), sop_class, syntax, size)
         return _validate(ds, size)
 
 
@@ -260,6 +264,14 @@ def _check_meta(meta: FileMetaDataset) -> tuple[str, str]:
             raise QuarantineError(f"invalid {name} {escape(value, 80)!r} in the file meta {tag}: "
                                   f"a UID is digits and dots, at most 64 characters")
     return syntax, meta_class
+
+
+def _meta_uids(meta: FileMetaDataset) -> tuple[str, str]:
+    """Transfer syntax and SOP class of a file meta validated before (``checked``)."""
+    try:
+        return str(meta.TransferSyntaxUID), str(meta.MediaStorageSOPClassUID)
+    except AttributeError as exc:  # not what we validated: then refuse it as usual
+        raise QuarantineError(f"file meta attributes missing: {_describe(exc)}") from None
 
 
 def _read_dataset(fp: BinaryIO, meta: FileMetaDataset, syntax: str,

@@ -10,6 +10,7 @@ digits-and-dots (≤ 64 characters) becomes ``nouid``.
 
 from __future__ import annotations
 
+import functools
 import itertools
 import os
 import re
@@ -52,7 +53,13 @@ class SpoolName:
 
     @classmethod
     def parse(cls, name: str) -> SpoolName | None:
-        """The standard name ``name`` is, or None (a hand-dropped or foreign name)."""
+        """The standard name ``name`` is, or None (a hand-dropped or foreign name).
+
+        Cached (names are immutable, and the filter parses each several times)."""
+        return _parse(name)
+
+    @classmethod
+    def _parse(cls, name: str) -> SpoolName | None:
         match = _PATTERN.fullmatch(name)
         if match is None:
             return None
@@ -77,6 +84,11 @@ class SpoolName:
 
     def __str__(self) -> str:
         return f"{self.prefix}-{self.uid or NO_UID}{SUFFIX}"
+
+
+@functools.lru_cache(maxsize=8192)
+def _parse(name: str) -> SpoolName | None:
+    return SpoolName._parse(name)
 
 
 def is_standard(name: str) -> bool:

@@ -378,12 +378,14 @@ class FilterDaemon:
             return self._quarantine(path, f"cannot be opened: {exc.strerror}")
         try:
             try:
-                head = header_module.read_header_fd(fd, st.st_size, self.config.router.header_limits,
-                                                    self.wanted)
+                head = header_module.read_header_fd(
+                    fd, st.st_size, self.config.router.header_limits, self.wanted,
+                    checked=path.parent == self.spool.accepted)  # validated on its way in
             except QuarantineError as exc:
                 self._make_durable_and_private(fd, st)  # quarantine/ holds PHI too: 0600
                 return self._quarantine(path, str(exc))
-            self._make_durable_and_private(fd, st)
+            if path.parent != self.spool.accepted:  # there, it was made durable before
+                self._make_durable_and_private(fd, st)
             if not _same_file(path, st):
                 return None  # replaced while we read it: the next scan takes the new one
             return self._route(path, head)

@@ -403,3 +403,26 @@ def test_a_reload_that_makes_an_endpoint_study_level_groups_from_then_on(tmp_pat
     clock.now += 61
     daemon.run(once=True)
     assert uids(spool.outbox("ai")) >= {ds.SOPInstanceUID for ds in a}
+
+
+def test_a_state_write_put_off_by_the_rate_limit_is_scheduled(tmp_path, clock):
+    conf = conf_for(tmp_path)
+    daemon = daemon_for(conf, clock)
+    spool = daemon.spool.create(daemon.config.endpoints)
+    a = study({"AXIAL": 2})
+    daemon.start()
+    try:
+        drop(spool, a[0])
+        daemon.step()
+        drop(spool, a[1])
+        daemon.step()                               # within the second: not written yet
+        rows = [w["instances"] for w in state(spool)["waiting"] if w["endpoint"] == "ai"]
+        assert rows == [1]
+        wait = daemon.desk.next_due()
+        assert wait is not None and wait <= 1.0     # the loop wakes for it…
+        clock.now += 1.0
+        daemon.step()                               # …and writes it
+        rows = [w["instances"] for w in state(spool)["waiting"] if w["endpoint"] == "ai"]
+        assert rows == [2]
+    finally:
+        daemon.close()
