@@ -166,6 +166,7 @@ wait_for 60 outbox_empty ai || fail "outbox/ai did not drain"
 [ "$(orthanc_report "$AI" uids)" = "$STUDY_A" ] || fail "the AI holds other studies than A"
 AI_ORDER=$(orthanc_report "$AI" order)
 echo "   AI Orthanc has study A only, $(count "$AI") instances, in this order: $AI_ORDER"
+echo "   (send-ai: $(grep -c 'association established' "$WORK/spool/log/send-ai.log") association(s))"
 [ "$AI_ORDER" = "1/1 1/2 2/1 2/2 2/3 2/4 2/5 2/6" ] || fail "study A did not reach the AI in order"
 
 echo "== 3. study C: the archive would wait an hour for it — released by hand"
