@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -60,3 +61,19 @@ def test_demo_on_a_copy_of_the_shipped_conf(tmp_path: Path) -> None:
     finally:
         subprocess.run(["bash", str(REPO / "examples/00-demo/stop.sh")], capture_output=True, timeout=400,
                        env={**os.environ, "DICOMFLOW_CONF": str(conf), "DEMO_DIR": str(tmp_path / "demo")})
+
+
+@pytest.mark.slow
+def test_example_04_study_routing(tmp_path: Path) -> None:
+    ports = {name: str(free_port()) for name in
+             ("ROUTER_PORT", "SENDER_HTTP", "SENDER_DICOM", "PACS_HTTP", "PACS_DICOM",
+              "AI_HTTP", "AI_DICOM", "ARCHIVE_HTTP", "ARCHIVE_DICOM")}
+    # This checkout's code and the interpreter running the tests (a worktree has no .venv).
+    env = {"VENV": sys.prefix, "PYTHONPATH": str(REPO), **ports}
+    result = run_example("04-study-routing/run.sh", tmp_path, 600, **env)
+    out = result.stdout
+    assert "no — condition 'SeriesDescription=.*AXIAL.*' does not hold" in out  # route --study
+    assert "waiting for completion" in out and "release in 60m" in out           # studies / status
+    assert "AI Orthanc has study A only, 8 instances, in this order: 1/1 1/2 2/1 2/2 2/3 2/4 2/5 2/6" in out
+    assert "released to archive (4 files; released by an operator)" in out
+    assert "OK: pacs got all 15 at once; ai got study A whole" in out
