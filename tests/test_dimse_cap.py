@@ -217,5 +217,29 @@ def test_long_uids_are_found_in_the_raw_command_set() -> None:
     assert good is not None and dimse_cap.invalid_uid(good) is None
 
 
-def test_the_cap_is_generous_for_mpps_and_far_below_a_hostile_size() -> None:
+def test_the_cap_holds_an_n_set_referencing_as_many_instances_as_a_record_keeps() -> None:
+    """The largest N-SET the MPPS record accepts (``mpps.MAX_INSTANCES`` references with
+    64-character UIDs, explicit VR) is under the cap: it is answered, not aborted."""
+    from pydicom.dataset import Dataset
+    from pydicom.sequence import Sequence
+
+    from pipeline.studies import mpps
+
+    def encoded(count: int) -> int:
+        item = Dataset()
+        item.SeriesInstanceUID = "1." + "2" * 62
+        refs = []
+        for _ in range(count):
+            ref = Dataset()
+            ref.ReferencedSOPClassUID = CT
+            ref.ReferencedSOPInstanceUID = "1." + "3" * 62
+            refs.append(ref)
+        item.ReferencedImageSequence = Sequence(refs)
+        ds = Dataset()
+        ds.PerformedProcedureStepStatus = "COMPLETED"
+        ds.PerformedSeriesSequence = Sequence([item])
+        return len(encode_dataset(ds))
+
+    per_instance = encoded(2) - encoded(1)
+    assert encoded(1) + per_instance * mpps.MAX_INSTANCES < dimse_cap.DATASET_CAP
     assert dimse_cap.DATASET_CAP == 16 * MiB

@@ -49,9 +49,11 @@ from pipeline.log import escape, logger
 
 MiB = 1024 * 1024
 #: Most bytes of one message's data set held in memory. MPPS N-CREATE/N-SET data sets
-#: are a few KiB (a few hundred KiB for a step referencing thousands of instances);
-#: 16 MiB is generous for any non-C-STORE message and bounds what a peer can make us hold
-#: per association. C-STORE data sets are received into a temp file, not counted here.
+#: are a few KiB (about 120 bytes more per referenced instance: ~12 MiB at the record's
+#: ``mpps.MAX_INSTANCES`` with 64-character UIDs, which a test checks fits); 16 MiB is
+#: generous for any non-C-STORE message and bounds what a peer can make us hold per
+#: association. A data set received into a temp file (a C-STORE with chunked receive,
+#: which the receiver always uses) is not held in memory and not counted.
 DATASET_CAP = 16 * MiB
 #: Most bytes of one command set (real ones are well under 1 KiB).
 COMMAND_CAP = 64 * 1024
