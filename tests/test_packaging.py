@@ -30,7 +30,7 @@ def test_pynetdicom_is_pinned_exactly() -> None:
 
 
 #: pynetdicom 3.0.4 code that pipeline/dicom/ (reactors.py, commands.py,
-#: fastpath.py, pdu_guard.py, scu.py, transfer.py, filemeta.py) and scp_server.py
+#: fastpath.py, pdu_guard.py, dimse_cap.py, scu.py, transfer.py, filemeta.py) and scp_server.py
 #: replace, wrap or rely on (``_bind_defaults``: it reads ``_config.LOG_HANDLER_LEVEL``,
 #: set by fastpath.py instead of replacing it): "module:qualname" ->
 #: sha256 of its source. A new pynetdicom must be reviewed before the pin moves.
@@ -98,6 +98,11 @@ UPSTREAM_SHA256 = {
         "e46d0dbecf756a34f2c95e8af3081ac0b0cd26fac0da5ecbf76ab514c4f55681",
     "pynetdicom.dimse_messages:DIMSEMessage.primitive_to_message":
         "c487e174216245c8e4b9eafff71d3ec362b1961bd923d61b93fe0928286a6765",
+    # dimse_cap.py: the copy of receive_primitive, and what it calls
+    "pynetdicom.dimse:DIMSEServiceProvider.receive_primitive":
+        "533d17b6a815edee0cf264b62db31dd54ce9b3ec4c77c466a418bce0258ab584",
+    "pynetdicom.dimse_messages:DIMSEMessage.message_to_primitive":
+        "95c5a14dc7d2b04b2d3848e76745f1a27821f5905ee8e797a5935231df4d557d",
 }
 
 
@@ -116,13 +121,14 @@ def upstream_source(name: str) -> str:
 
 
 def test_upstream_code_we_patch_or_rely_on_is_unchanged() -> None:
-    from pipeline.dicom import pdu_guard
+    from pipeline.dicom import dimse_cap, pdu_guard
 
     changed = sorted(name for name, digest in UPSTREAM_SHA256.items()
                      if hashlib.sha256(upstream_source(name).encode()).hexdigest() != digest)
     assert not changed, f"pynetdicom changed: {', '.join(changed)}"
     pinned = {name.split(":")[1] for name in UPSTREAM_SHA256}
     assert set(pdu_guard.UPSTREAM) <= pinned
+    assert set(dimse_cap.UPSTREAM) <= pinned
 
 
 def test_the_internals_we_rely_on_exist() -> None:

@@ -8,20 +8,22 @@ every callable replaced or relied on is hashed by ``tests/test_packaging.py``.
 
 from __future__ import annotations
 
-from pipeline.dicom import fastpath, filemeta, pdu_guard, peer_reset, scu
+from pipeline.dicom import dimse_cap, fastpath, filemeta, pdu_guard, peer_reset, scu
 
 
 def install(daemon: str) -> None:
     """Install what ``daemon`` (``receive``, ``send`` or ``echo``) needs (the filter never
     touches the network and installs nothing).
 
-    The limits on what a peer can make us read (:mod:`pdu_guard`) and the quiet
+    The limits on what a peer can make us read (:mod:`pdu_guard`) and hold
+    (:mod:`dimse_cap`: a DIMSE message assembled by pynetdicom), and the quiet
     connection-loss lines (:mod:`peer_reset`) are correctness, always on; the speed-ups
     (:mod:`fastpath`) are off with ``DICOMFLOW_FASTPATH=0``, one by one with
     ``DICOMFLOW_PATCHES_OFF`` (README, Performance).
     """
     peer_reset.install()
     pdu_guard.install()
+    dimse_cap.install()
     if daemon == "receive":
         filemeta.install_ae_slots()
     else:
