@@ -57,6 +57,8 @@ from pipeline.watch import DirectoryWatcher, open_for_writing, writer_pids
 #: as opposed to something wrong with one file.
 RETRYABLE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EIO, errno.EMFILE,
                     errno.ENFILE, errno.ENOMEM}
+#: the log line's endpoints of a file that only waits for its series/study so far
+NONE_YET = "(none yet)"
 #: a file held open for writing this many settle times is reported (one WARNING)
 HELD_WARNING_FACTOR = 20
 
@@ -103,6 +105,7 @@ class FilterDaemon:
         #: when ``accepted/`` is next listed whole (at start, then now and then: files that
         #: wait for their study stay there, and are not looked at on every step)
         self._accepted_due = 0.0
+        self._recovered_waiting = 0
         self.stopping = False
         self.reload_requested = False
         self._lock = DaemonLock(self.spool.run_dir, "filter")
@@ -148,9 +151,14 @@ class FilterDaemon:
             self.watcher.start()
             if self.desk.active:
                 self._open_desk()
+                self._recovered_waiting = 0
                 with contextlib.suppress(DiskTrouble):  # retried by the loop
                     self.recover_accepted()
                 self.desk.recovered(set(self.desk.index.waiting_for))
+                if self._recovered_waiting:
+                    self.log.info(f"{self._recovered_waiting} file(s) in accepted/ wait for "
+                                  f"{len(self.desk.index)} series/stud(y/ies): index rebuilt "
+                                  f"from their headers")
             else:
                 self.desk.forget_state()
         except BaseException:
@@ -401,7 +409,7 @@ class FilterDaemon:
                 self.log.warning("cannot set mode 0600 (file owned by another user)")
         os.fsync(fd)
 
-    def _route(self, path: Path, head: Header) -> str:
+    def _route(self, path: Path, head: Header) -> str | None:
         # A file this spool coerced already (a redo after a crash, a copy dropped back in)
         # passed the global rules on its original values: its endpoints decide alone.
         coerced_before = self.shaper.coerced_here(head.dataset.file_meta)
@@ -430,7 +438,12 @@ class FilterDaemon:
                 return self._quarantine(accepted, f"after the global [coerce]: {ids}")
         targets, notes = self._fan_out(accepted, routing, ids, head, recovering)
         shaped = " (coerced)" if coerced is not None else ""
-        return f"{what}{self._renamed(path, accepted.name)}{shaped} → {targets}{notes}"
+        line = f"{what}{self._renamed(path, accepted.name)}{shaped} → {targets}{notes}"
+        if recovering and self.desk.index.waiting(accepted.name) and targets == NONE_YET:
+            self._recovered_waiting += 1  # one summary line, not one per file, after a restart
+            self.log.bind(file=shown_name(accepted.name)).debug(line)
+            return None
+        return line
 
     def _reject(self, path: Path, name: str, reason: str, head: Header) -> str:
         name = _free_name(self.spool.rejected, name, head.sop_instance_uid)
@@ -494,7 +507,7 @@ class FilterDaemon:
             if isinstance(ids, InstanceIds):  # complete now, by its MPPS?
                 self._release_all(self.desk.check_study(ids.study))
             notes += f"; waits for its {'/'.join(self._levels(waits))} ({', '.join(waits)})"
-            return ", ".join(now) or "(none yet)", notes
+            return ", ".join(now) or NONE_YET, notes
         if not now and reached:
             self.spool.unlink(accepted)
             return "(copies made before an interruption)", notes
