@@ -35,7 +35,7 @@ from tests.peers import TCP_ENV, StoreSCP
 from tests.reliability import destination_uids, endpoint_section, record, scaled
 from tests.test_mpps import n_create_ds, n_set_ds, series_item
 
-pytestmark = [pytest.mark.e2e]
+E2E = pytest.mark.e2e   # run a second time in CI on pynetdicom's own code paths
 
 
 def write_study(directory: Path, series: dict[str, int], patient_id: str = "P1") -> list[Path]:
@@ -127,6 +127,7 @@ def associations(peer: StoreSCP) -> int:
     return log.read_text(errors="replace").count("Association Acknowledged")
 
 
+@E2E
 def test_two_interleaved_studies_instance_study_and_series_endpoints(tmp_path: Path) -> None:
     peers = {name: StoreSCP(tmp_path / name, ae_title=name.upper()[:16], extra=("-v",))
              for name in ("pacs", "ai", "series")}
@@ -187,6 +188,7 @@ def _mpps_scu(port: int):
     return assoc
 
 
+@E2E
 def test_mpps_releases_a_study_when_its_last_instance_arrives(tmp_path: Path) -> None:
     """stable_time is an hour: only the MPPS can release the study within the test."""
     peers = {"ai": StoreSCP(tmp_path / "ai", ae_title="AI")}
@@ -230,6 +232,7 @@ def test_mpps_releases_a_study_when_its_last_instance_arrives(tmp_path: Path) ->
         router.stop()
 
 
+@pytest.mark.slow  # once in CI: the filter's crash safety does not depend on the data path
 def test_kill_9_of_the_filter_mid_release_loses_nothing(tmp_path: Path) -> None:
     """Studies released to a shaping (coercing) study-level endpoint and a plain series-level
     one while the filter is killed with SIGKILL whenever a release is half done, and
