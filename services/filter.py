@@ -647,9 +647,14 @@ class FilterDaemon:
 
     def _failed_reason(self, text: str, source: Path, endpoint: str) -> str:
         stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-        return (f"error: cannot be shaped ([coerce] of endpoint {endpoint}): {escape(text, 2000)}\n"
+        ep = self.config.endpoints.get(endpoint)
+        deidentifies = ep is not None and ep.deidentify is not None
+        stage = "[deidentify] and [coerce]" if deidentifies else "[coerce]"
+        fix = ("the operations, or allow_burned_in for a file refused for what its pixels may "
+               "show" if deidentifies else "the operations")
+        return (f"error: cannot be shaped ({stage} of endpoint {endpoint}): {escape(text, 2000)}\n"
                 f"endpoint: {endpoint}\ntime: {stamp}\nattempts: 0\nfile: {source.name}\n"
-                f"retry: fix the operations, then dicomflow retry {endpoint} <file>   (the "
+                f"retry: fix {fix}, then dicomflow retry {endpoint} <file>   (the "
                 f"original is shaped again)\n")
 
     def _has_copy(self, name: str, endpoint: str) -> bool:
