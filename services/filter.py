@@ -106,6 +106,8 @@ class FilterDaemon:
         #: wait for their study stay there, and are not looked at on every step)
         self._accepted_due = 0.0
         self._recovered_waiting = 0
+        #: waiting files to read again (a reload changed the rules of a group they are in)
+        self._reindex: set[str] = set()
         self.stopping = False
         self.reload_requested = False
         self._lock = DaemonLock(self.spool.run_dir, "filter")
@@ -154,7 +156,7 @@ class FilterDaemon:
                 self._recovered_waiting = 0
                 with contextlib.suppress(DiskTrouble):  # retried by the loop
                     self.recover_accepted()
-                self.desk.recovered(set(self.desk.index.waiting_for))
+                self.desk.recovered()
                 if self._recovered_waiting:
                     self.log.info(f"{self._recovered_waiting} file(s) in accepted/ wait for "
                                   f"{len(self.desk.index)} series/stud(y/ies): index rebuilt "
@@ -234,11 +236,15 @@ class FilterDaemon:
         self._copies = {}
         self._accepted_due = time.monotonic() + self.rescan_interval
         try:
-            for path in self.spool.list_stage(self.spool.accepted):
+            listed = self.spool.list_stage(self.spool.accepted)
+            self._forget_retries(self.spool.accepted, {path.name for path in listed})
+            for path in listed:
                 if self.stopping:
                     return
-                if self.desk.index.waiting(path.name):
-                    continue  # waits for its series/study
+                if (self.desk.index.waiting(path.name) and path.name not in self._reindex
+                        and path not in self._retry_at):
+                    continue  # waits for its series/study (and has all its other copies)
+                self._reindex.discard(path.name)
                 if self._due(path) and not path.is_dir():
                     self.process(path)
             for endpoint in self.spool.handbacks():
@@ -269,7 +275,14 @@ class FilterDaemon:
                 settling += 1
         for name in set(self._seen) - names:
             del self._seen[name]
+        self._forget_retries(self.spool.incoming, names)
         return settling
+
+    def _forget_retries(self, stage: Path, names: set[str]) -> None:
+        """Retries of files no longer in ``stage`` (moved on, or away): their timers would
+        wake the loop for ever."""
+        for path in [p for p in self._retry_at if p.parent == stage and p.name not in names]:
+            del self._retry_at[path]
 
     def _due(self, path: Path) -> bool:
         at = self._retry_at.get(path)
@@ -420,7 +433,7 @@ class FilterDaemon:
         what = _describe(head)
         if routing.rejected is not None:
             return self._reject(path, name, routing.rejected, head)
-        if isinstance(ids, str):
+        if routing.groups and isinstance(ids, str):
             return self._quarantine(path, ids)
         recovering = path.parent == self.spool.accepted
         accepted = path if recovering else self._accept(path, name, head)
@@ -434,7 +447,7 @@ class FilterDaemon:
             routing, ids = coerced
             if routing.rejected is not None:
                 return self._reject(accepted, accepted.name, routing.rejected, head)
-            if isinstance(ids, str):
+            if routing.groups and isinstance(ids, str):
                 return self._quarantine(accepted, f"after the global [coerce]: {ids}")
         targets, notes = self._fan_out(accepted, routing, ids, head, recovering)
         shaped = " (coerced)" if coerced is not None else ""
@@ -474,9 +487,12 @@ class FilterDaemon:
         rules = {name: ep.rules for name, ep in self.config.endpoints.items()}
         policies = {name: ep.study for name, ep in self.config.endpoints.items()}
         routing = decide_routing(global_rules, rules, policies, dataset)
-        return routing, (instance_ids(dataset) if routing.groups else None)
+        # also without groups of its own: an MPPS may name it (README, Studies)
+        return routing, (instance_ids(dataset) if routing.groups or self.desk.active else None)
 
     def _accept(self, path: Path, name: str, head: Header) -> Path:
+        if self.desk.active:  # a name seen before (a copy moved back): its old records go
+            self.desk.reached.reset(name)
         try:
             return self.spool.move(path, self.spool.accepted, name)
         except FileExistsError:  # a different file already has this name: give it another
@@ -498,8 +514,13 @@ class FilterDaemon:
         now = [endpoint for endpoint in now if endpoint not in reached]
         failed = []
         for endpoint in now:
-            if not self._copy(accepted, endpoint, head.sop_instance_uid, recovering):
-                failed.append(endpoint)
+            try:
+                if not self._copy(accepted, endpoint, head.sop_instance_uid, recovering):
+                    failed.append(endpoint)
+            except OSError:
+                if waits:  # in accepted/ now, and waiting: the retry must look at it there
+                    self._retry_at[accepted] = time.monotonic() + self.retry_interval
+                raise
             if waits:
                 self.desk.reached.add(accepted.name, endpoint)
         notes = f" (not shaped for {', '.join(failed)}: see failed/)" if failed else ""
@@ -569,9 +590,8 @@ class FilterDaemon:
         order; each file leaves ``accepted/`` once no other group holds it."""
         group, endpoint = release.group, release.endpoint
         log = self.log.bind(endpoint=endpoint)
-        self.desk.decided(release)
         failed = 0
-        if release.send:
+        if release.send:  # the list before the decision: a release redone keeps its order
             prefixes = [p for m in release.members if (p := copy_prefix(m.name)) is not None]
             try:
                 queue.publish(self.spool, endpoint, group.study, group.series,
@@ -579,15 +599,22 @@ class FilterDaemon:
             except ValueError as exc:  # beyond what a list may hold: sent in name order
                 log.warning(f"study {group.study}: no study list ({exc}); its files go in "
                             f"name order")
-            # No copy of a group's file for this endpoint can exist before its one
-            # decision (a release cut short is finished as a late `follow`, by recovery).
-            for member in release.members:
-                path = self.spool.accepted / member.name
-                if endpoint in self.desk.reached.of(member.name) or not path.exists():
-                    continue
-                if not self._copy(path, endpoint, member.sop_instance_uid, False):
-                    failed += 1
-                self.desk.reached.add(member.name, endpoint)
+        self.desk.decided(release)
+        if release.send:
+            # A group found in accepted/ after a restart may hold copies of a release cut
+            # short (late = reevaluate): those are found by their name prefix.
+            saved = self._copies  # a release on arrival may happen during recovery
+            self._copies = {} if group.recovered else saved
+            try:
+                for member in release.members:
+                    path = self.spool.accepted / member.name
+                    if endpoint in self.desk.reached.of(member.name) or not path.exists():
+                        continue
+                    if not self._copy(path, endpoint, member.sop_instance_uid, group.recovered):
+                        failed += 1
+                    self.desk.reached.add(member.name, endpoint)
+            finally:
+                self._copies = saved
             self.desk.reached.sync()
         what = f"{group.policy.level} {group.series or group.study}"
         if group.series:
@@ -767,9 +794,9 @@ class FilterDaemon:
         self.wanted = _wanted(new)
         self.shaper = Shaper(new, self.spool)
         was_active = self.desk.active
-        self.desk.reconfigure({n: ep.rules for n, ep in new.endpoints.items()},
-                              {n: ep.study for n, ep in new.endpoints.items()})
-        self.release_due()  # what the new configuration no longer waits for goes now
+        self._reindex |= self.desk.reconfigure({n: ep.rules for n, ep in new.endpoints.items()},
+                                               {n: ep.study for n, ep in new.endpoints.items()})
+        self._accepted_due = 0.0  # those files are read again at once
         if self.desk.active and not was_active:
             self._open_desk()
         self.log.info(f"configuration reloaded, endpoints: {', '.join(sorted(new.endpoints)) or 'none'}")

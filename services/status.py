@@ -13,6 +13,7 @@ in ``run/studies/queue/<endpoint>/`` — never from a DICOM header.
 from __future__ import annotations
 
 import json
+import math
 import os
 import sys
 import time
@@ -93,7 +94,7 @@ def process_info(run_dir: Path, lock_name: str) -> dict:
 def _sender_state(run_dir: Path, endpoint: str) -> dict:
     try:
         return json.loads((run_dir / state_file_name(endpoint)).read_text())
-    except (FileNotFoundError, ValueError):
+    except (OSError, ValueError, RecursionError):
         return {}
 
 
@@ -172,7 +173,13 @@ class StudyState:
 
 
 def _number(value: object) -> float | None:
-    return float(value) if isinstance(value, int | float) and not isinstance(value, bool) else None
+    if not isinstance(value, int | float) or isinstance(value, bool):
+        return None
+    try:
+        number = float(value)
+    except OverflowError:  # an integer of hundreds of digits in a hand-edited file
+        return None
+    return number if math.isfinite(number) else None
 
 
 def _count(value: object) -> int:

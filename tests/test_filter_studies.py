@@ -231,6 +231,8 @@ def test_restart_rebuilds_the_index_from_headers(tmp_path, clock):
 
 def test_a_release_cut_short_is_finished_once_after_a_restart(tmp_path, clock, monkeypatch):
     conf = conf_for(tmp_path)
+    ai = conf / "endpoints" / "ai.ini"   # shaped copies: a second one would get a fresh name
+    ai.write_text(ai.read_text() + "\n[coerce]\noperations = InstitutionName = ROUTED\n")
     daemon = daemon_for(conf, clock)
     spool = daemon.spool.create(daemon.config.endpoints)
     a = study({"AXIAL": 4})
@@ -426,3 +428,197 @@ def test_a_state_write_put_off_by_the_rate_limit_is_scheduled(tmp_path, clock):
         assert rows == [2]
     finally:
         daemon.close()
+
+
+# -- what the review of the first version found (each failed before its fix) --------------
+
+def test_a_disk_error_on_an_instance_copy_of_a_waiting_file_is_retried(tmp_path, clock,
+                                                                        monkeypatch):
+    import errno
+
+    conf = conf_for(tmp_path)
+    daemon = daemon_for(conf, clock)
+    spool = daemon.spool.create(daemon.config.endpoints)
+    a = study({"AXIAL": 3})
+    real_link, failures = daemon.spool.link, []
+
+    def full_once(src, directory, name=None):
+        if directory == spool.outbox("pacs") and not failures:
+            failures.append(src)
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_link(src, directory, name)
+
+    monkeypatch.setattr(daemon.spool, "link", full_once)
+    for ds in a:
+        drop(spool, ds)
+    daemon.start()
+    try:
+        for _ in range(20):
+            daemon.step()
+            if len(dicom_files(spool.outbox("pacs"))) == 3:
+                break
+            daemon.wait(0.2)
+        assert failures and uids(spool.outbox("pacs")) == {ds.SOPInstanceUID for ds in a}
+        clock.now += 61
+        daemon.step()
+    finally:
+        daemon.close()
+    assert uids(spool.outbox("ai")) == {ds.SOPInstanceUID for ds in a}
+    assert len(dicom_files(spool.outbox("pacs"))) == 3 and dicom_files(spool.accepted) == []
+
+
+def test_a_restart_cut_short_keeps_the_records_of_every_file_in_accepted(tmp_path, clock,
+                                                                          monkeypatch):
+    from pipeline.errors import DiskTrouble
+
+    conf = conf_for(tmp_path)
+    daemon = daemon_for(conf, clock)
+    spool = daemon.spool.create(daemon.config.endpoints)
+    for ds in study({"AXIAL": 3}):
+        drop(spool, ds)
+    daemon.run(once=True)
+    for path in dicom_files(spool.outbox("pacs")):       # delivered and pruned
+        path.unlink()
+    troubled = daemon_for(conf, clock)
+
+    def disk_trouble(path):
+        raise DiskTrouble()
+
+    monkeypatch.setattr(troubled, "process", disk_trouble)
+    troubled.start()                                      # its recovery pass is cut short
+    troubled.close()
+    daemon_for(conf, clock).run(once=True)
+    assert dicom_files(spool.outbox("pacs")) == []        # never linked again
+
+
+def test_a_copy_moved_back_into_incoming_is_routed_again_despite_old_records(tmp_path, clock,
+                                                                              monkeypatch):
+    conf = conf_for(tmp_path)
+    daemon = daemon_for(conf, clock)
+    spool = daemon.spool.create(daemon.config.endpoints)
+    a = study({"AXIAL": 2})
+    for ds in a:
+        drop(spool, ds)
+    daemon.run(once=True)
+    clock.now += 61
+    daemon.run(once=True)
+    back = dicom_files(spool.outbox("pacs"))[0]
+    os.rename(back, spool.incoming / back.name)            # an operator's mv, same name
+    crashing = daemon_for(conf, clock)
+
+    def killed(*args, **kwargs):
+        raise KeyboardInterrupt("kill -9 after the move into accepted/")
+
+    monkeypatch.setattr(crashing, "_fan_out", killed)
+    with pytest.raises(KeyboardInterrupt):
+        crashing.run(once=True)
+    assert (spool.accepted / back.name).exists()
+    daemon_for(conf, clock).run(once=True)
+    assert (spool.outbox("pacs") / back.name).exists()     # routed again, not dropped
+
+
+def test_corrupt_records_never_stop_the_filter(tmp_path, clock):
+    from pipeline.studies.mpps import MppsStore
+
+    conf = conf_for(tmp_path)
+    daemon = daemon_for(conf, clock)
+    spool = daemon.spool.create(daemon.config.endpoints)
+    records = spool.run_dir / "studies"
+    records.mkdir(parents=True, exist_ok=True)
+    huge = "1" + "0" * 400
+    (records / "decisions.log").write_text(
+        "[" * 30000 + "\n" + f'{{"endpoint":"ai","study":"1.2","series":null,"send":true,'
+        f'"at":{huge},"count":1,"why":"x","conditions":[],"aggregate":null}}\n')
+    (records / "reached.log").write_text("\t\n" + "x" * 70000 + "\n")
+    mpps = spool.run_dir / "mpps"
+    mpps.mkdir(parents=True, exist_ok=True)
+    (mpps / "1.2.3.json").write_text(f'{{"format":1,"uid":"1.2.3","status":"COMPLETED",'
+                                     f'"studies":[],"series":{{}},"updated":{huge}}}')
+    (mpps / "1.2.4.json").write_text("[" * 100000)
+    assert MppsStore(spool).load_all() == {}
+    a = study({"AXIAL": 2})
+    for ds in a:
+        drop(spool, ds)
+    daemon.run(once=True)
+    clock.now += 61
+    daemon.run(once=True)
+    assert uids(spool.outbox("ai")) == {ds.SOPInstanceUID for ds in a}
+
+
+def test_a_reload_that_changes_the_rules_decides_the_whole_study_by_the_new_ones(tmp_path,
+                                                                                clock):
+    conf = conf_for(tmp_path)
+    daemon = daemon_for(conf, clock)
+    spool = daemon.spool.create(daemon.config.endpoints)
+    a = study({"SCOUT": 1, "AXIAL": 2})
+    drop(spool, a[0])                                       # the scout first
+    daemon.run(once=True)
+    ai = conf / "endpoints" / "ai.ini"
+    ai.write_text(ai.read_text().replace("conditions = SeriesDescription=AXIAL.*",
+                                         "conditions = SeriesDescription=AXIAL.*\n    Modality=CT"))
+    daemon.request_reload()
+    daemon.run(once=True)
+    assert not dicom_files(spool.outbox("ai"))             # not released incomplete
+    for ds in a[1:]:
+        drop(spool, ds)
+    daemon.run(once=True)
+    clock.now += 61
+    daemon.run(once=True)
+    assert uids(spool.outbox("ai")) == {ds.SOPInstanceUID for ds in a}
+    assert len(dicom_files(spool.outbox("pacs"))) == 3     # pacs: each once
+
+
+def test_reevaluate_with_a_shaping_endpoint_cut_short_makes_no_second_copy(tmp_path, clock,
+                                                                          monkeypatch):
+    conf = write_conf(tmp_path, endpoints={
+        "pacs": _endpoint(1104),
+        "ai": {**_endpoint(1105, level="study", stable_time="60s", late="reevaluate"),
+               "coerce": {"operations": "InstitutionName = ROUTED"}},
+    })
+    daemon = daemon_for(conf, clock)
+    spool = daemon.spool.create(daemon.config.endpoints)
+    a = study({"AXIAL": 3})
+    for ds in a:
+        drop(spool, ds)
+    daemon.run(once=True)
+    clock.now += 61
+    real_add, added = daemon.desk.reached.add, []
+
+    def dying_add(name, endpoint):
+        real_add(name, endpoint)
+        if endpoint == "ai":
+            added.append(name)
+            if len(added) == 1:
+                raise KeyboardInterrupt("kill -9 after the first shaped copy")
+
+    monkeypatch.setattr(daemon.desk.reached, "add", dying_add)
+    with pytest.raises(KeyboardInterrupt):
+        daemon.run(once=True)
+    restarted = daemon_for(conf, clock)
+    restarted.run(once=True)
+    clock.now += 61
+    restarted.run(once=True)
+    assert len(dicom_files(spool.outbox("ai"))) == 3
+    assert uids(spool.outbox("ai")) == {ds.SOPInstanceUID for ds in a}
+
+
+def test_a_finished_mpps_naming_no_instance_does_not_release_at_the_first_image(tmp_path,
+                                                                                clock):
+    from pipeline.studies.mpps import COMPLETED, MppsStore
+    from tests.test_mpps import n_create_ds, n_set_ds, series_item
+
+    conf = conf_for(tmp_path, completion="mpps")
+    daemon = daemon_for(conf, clock)
+    spool = daemon.spool.create(daemon.config.endpoints)
+    a = study({"AXIAL": 2})
+    store, step = MppsStore(spool), generate_uid()
+    assert store.create(step, n_create_ds(a[0].StudyInstanceUID)) == 0
+    assert store.update(step, n_set_ds(COMPLETED, [series_item(a[0].SeriesInstanceUID, [])])) == 0
+    drop(spool, a[0])
+    daemon.run(once=True)
+    assert not dicom_files(spool.outbox("ai"))             # waits: stable_time decides
+    drop(spool, a[1])
+    daemon.run(once=True)
+    clock.now += 61
+    daemon.run(once=True)
+    assert uids(spool.outbox("ai")) == {ds.SOPInstanceUID for ds in a}

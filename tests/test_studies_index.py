@@ -172,3 +172,42 @@ def test_logs_are_worth_compacting_only_when_mostly_dead(tmp_path, monkeypatch):
     assert log.worth_compacting()
     log.compact({"f27"})
     assert not log.worth_compacting() and log.reached == {"f27": {"pacs"}}
+
+
+def test_hostile_study_lists_are_set_aside_not_raised(tmp_path):
+    from pipeline.studies import queue
+
+    spool = Spool(tmp_path / "spool").create(["ai"])
+    directory = queue.list_dir(spool, "ai")
+    (directory / "20261203T000000.000000-000001.study").write_text("[" * 100000)
+    huge = "1" + "0" * 400
+    (directory / "20261203T000000.000000-000002.study").write_text(
+        f'{{"version":1,"endpoint":"ai","study":"1.2","series":null,"level":"study",'
+        f'"released":{huge},"prefixes":[]}}')
+    assert queue.load(spool, "ai") == []
+    assert sorted(p.name for p in directory.iterdir() if p.name.endswith(".bad")) == [
+        "20261203T000000.000000-000001.study.bad", "20261203T000000.000000-000002.study.bad"]
+
+
+def test_status_survives_a_hostile_state_file(tmp_path):
+    from pipeline.config import load
+    from services import status
+    from tests.helpers import write_conf
+
+    conf = write_conf(tmp_path, endpoints={"ai": {
+        "endpoint": {"host": "127.0.0.1", "port": 104, "ae_title": "AI"},
+        "filter": {"level": "study"}}})
+    config = load(conf)
+    spool = Spool(config.spool).create(["ai"])
+    studies = spool.run_dir / "studies"
+    studies.mkdir(parents=True, exist_ok=True)
+    huge = "1" + "0" * 400
+    (studies / "state.json").write_text(
+        f'{{"version":1,"written":{huge},"pid":1,"waiting":[{{"endpoint":"ai","level":"study",'
+        f'"study":"1.2","series":null,"instances":1,"first_arrival":{huge},'
+        f'"last_arrival":{huge},"completion":"stable","mpps":null,"release_at":{huge},'
+        f'"sample":"x"}}],"released":[]}}')
+    report = status.collect(config)
+    assert "studies" in report["endpoints"]["ai"]
+    (studies / "state.json").write_text("[" * 100000)
+    assert status.collect(config)["studies_state"] == "unavailable"

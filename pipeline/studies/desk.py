@@ -170,9 +170,13 @@ class StudyDesk:
         self.reached.load()
         self._changed |= self.refresh_mpps()
 
-    def recovered(self, waiting: set[str]) -> None:
-        """After the first pass over ``accepted/``: keep the records of waiting files only."""
-        self.reached.compact(waiting)
+    def recovered(self) -> None:
+        """After the first pass over ``accepted/``: the records of files gone are dropped."""
+        self.reached.compact(self._in_accepted())
+
+    def _in_accepted(self) -> set[str]:
+        """Names in ``accepted/`` now (a file waiting or due for a retry keeps its records)."""
+        return {path.name for path in self.spool.list_stage(self.spool.accepted)}
 
     def maintain(self) -> None:
         """Hourly: old MPPS steps go, the logs are rewritten when mostly dead lines."""
@@ -181,7 +185,7 @@ class StudyDesk:
             return
         self._maintained = now
         if self.reached.worth_compacting():
-            self.reached.compact(set(self.index.waiting_for))
+            self.reached.compact(self._in_accepted())
         if self.decisions.worth_compacting():
             self.decisions.load(self.wall())
         if self._prune_mpps is not None:
@@ -201,19 +205,23 @@ class StudyDesk:
         self.reached.close()
         self.decisions.close()
 
-    def reconfigure(self, rules: dict[str, RuleSet], policies: dict[str, StudyPolicy]) -> None:
-        """A reload. Waiting groups of an endpoint that is gone, no longer grouped or whose
-        rules changed are released at the next :meth:`due` (the filter calls it at once),
-        decided by the rules they started under; the others take the new timings."""
+    def reconfigure(self, rules: dict[str, RuleSet], policies: dict[str, StudyPolicy]) -> set[str]:
+        """A reload. A waiting group of an endpoint that is gone, no longer grouped or
+        whose rules changed is dropped, undecided; the names of its files are returned:
+        the filter reads them again and they join groups under the new configuration (or
+        go to the endpoint at once, now per instance). The others take the new timings."""
         self.rules = rules
         self.policies = {name: p for name, p in policies.items() if p.grouped}
-        for group in self.index.groups.values():
+        again: set[str] = set()
+        for key, group in list(self.index.groups.items()):
             policy = self.policies.get(group.endpoint)
             if policy is None or group.rules != rules.get(group.endpoint):
-                group.forced = True
-                self._changed.add(group.study)
+                again |= set(group.members)
+                self.index.remove(key)
             else:
                 group.policy = policy
+        self._state_dirty = True
+        return again
 
     # -- arrivals --------------------------------------------------------------------
 
@@ -241,10 +249,11 @@ class StudyDesk:
                             ids.sop_instance_uid)
             group = self.index.add(key, policy, self.rules[endpoint], member, facts, mono,
                                    arrived, ids.patient, prior)
+            group.recovered |= recovering
             self._warn_split(group)
             verdicts[endpoint] = WAIT
         self.index.saw(ids.study, ids.sop_instance_uid)
-        self._state_dirty = True
+        self._state_dirty |= bool(groups)
         return verdicts
 
     def _same_rules(self, released: Released, endpoint: str) -> bool:

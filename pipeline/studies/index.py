@@ -76,6 +76,9 @@ class Group:
     #: ``late = reevaluate``: the decision this group's late instances are added to
     prior: Released | None = None
     forced: bool = False
+    #: a member was found in ``accepted/`` after a restart: copies of a release cut short
+    #: may exist, so its release looks for them (by name prefix)
+    recovered: bool = False
     split_warned: bool = False
 
     @property
@@ -126,10 +129,12 @@ def completion(group: Group, now: float, steps: Sequence[MppsStep],
     if policy.completion == MPPS:
         relevant = [s for s in steps if (group.series in s.series if group.series
                                          else group.study in s.studies)]
+        named = _named(relevant, group.series)
+        if relevant and not named and all(s.finished for s in relevant):
+            relevant = []  # finished, naming no instance: no help, stable_time decides
         if relevant:
             if not all(s.finished for s in relevant):
                 return None
-            named = _named(relevant, group.series)
             missing = len(named - arrived)
             if not missing:
                 states = "/".join(sorted({s.status for s in relevant}))
@@ -151,7 +156,10 @@ def mpps_state(group: Group, steps: Sequence[MppsStep], arrived: set[str]) -> st
         return None
     if not all(s.finished for s in relevant):
         return "in progress"
-    if _named(relevant, group.series) - arrived:
+    named = _named(relevant, group.series)
+    if not named:
+        return None  # naming nothing, it does not decide: stable_time does
+    if named - arrived:
         return "missing instances"
     return "completed" if any(s.status == "COMPLETED" for s in relevant) else "discontinued"
 

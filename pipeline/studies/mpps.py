@@ -241,7 +241,7 @@ class MppsStore:
             if path.name != f"{record.uid}{SUFFIX}":
                 raise ValueError("its uid is not its name")
             return record
-        except (OSError, ValueError, RecursionError) as exc:
+        except (OSError, ValueError, TypeError, RecursionError, OverflowError) as exc:
             logger.warning("skipping MPPS record {}: {}", escape(path.name), escape(exc, 120))
             return None
 

@@ -123,8 +123,8 @@ def load(spool: Spool, endpoint: str, set_aside: bool = True) -> list[StudyList]
             lists.append(_decode(name, endpoint, _read_bounded(path)))
         except FileNotFoundError:  # retired meanwhile
             continue
-        except (OSError, ValueError) as exc:
-            if set_aside:
+        except (OSError, ValueError, TypeError, RecursionError, OverflowError) as exc:
+            if set_aside:  # a corrupt list never stops a sender: set aside, sent in name order
                 _set_aside(spool, path, exc)
     return lists
 

@@ -34,6 +34,8 @@ from pipeline.studies.levels import Aggregate
 
 #: a decision is remembered this long: an instance of that study arriving later is new
 DECISION_MEMORY = 30 * 86400.0
+#: …and at most this many (the newest), so a busy site's memory stays bounded
+MAX_DECISIONS = 200_000
 RECENT = 200                      # decisions shown in the state file
 MAX_LINE = 64 * 1024              # longer lines are not ours: skipped
 COMPACT_AFTER = 10_000            # appended lines before a log is worth rewriting
@@ -98,18 +100,29 @@ class _AppendLog:
 
 
 class ReachedLog:
-    """Which endpoints each waiting file has reached (made durable once per step)."""
+    """Which endpoints each waiting file has reached (made durable once per step).
+
+    Records are by name, and a standard name comes back when an operator moves a copy
+    back into ``incoming/``: :meth:`reset` (a line with no endpoint) makes the old
+    records void, durably, before the file enters ``accepted/`` again."""
 
     def __init__(self, spool: Spool) -> None:
         self._log = _AppendLog(spool, "reached.log")
         self.reached: dict[str, set[str]] = {}
+        #: names with lines in the log (forgotten or not): a returning one needs a reset
+        self._logged: set[str] = set()
 
     def load(self) -> None:
-        self.reached = {}
+        self.reached, self._logged = {}, set()
         for line in self._log.lines():
             name, _, endpoint = line.partition("\t")
-            if name and endpoint:
+            if not name:
+                continue
+            self._logged.add(name)
+            if endpoint:
                 self.reached.setdefault(name, set()).add(endpoint)
+            else:  # reset: the name came back as a new file
+                self.reached.pop(name, None)
 
     def of(self, name: str) -> set[str]:
         return self.reached.get(name, set())
@@ -118,7 +131,17 @@ class ReachedLog:
         known = self.reached.setdefault(name, set())
         if endpoint not in known:
             known.add(endpoint)
+            self._logged.add(name)
             self._log.append(f"{name}\t{endpoint}")
+
+    def reset(self, name: str) -> None:
+        """A file of this name enters ``accepted/`` anew: records of an earlier file of
+        the same name must not count (durable before it returns)."""
+        if name in self._logged:
+            self.reached.pop(name, None)
+            self._logged.discard(name)
+            self._log.append(f"{name}\t")
+            self._log.sync()
 
     def forget(self, name: str) -> None:
         """The file left ``accepted/``: its line goes at the next compaction."""
@@ -132,8 +155,9 @@ class ReachedLog:
         return self._log.appended > COMPACT_AFTER and self._log.appended > 2 * len(self.reached)
 
     def compact(self, live: set[str]) -> None:
-        """Keep only the files still waiting."""
+        """Keep only the records of files still in ``accepted/`` (``live``)."""
         self.reached = {n: eps for n, eps in self.reached.items() if n in live}
+        self._logged = set(self.reached)
         self._log.rewrite(f"{n}\t{ep}" for n, eps in sorted(self.reached.items())
                           for ep in sorted(eps))
 
@@ -170,8 +194,8 @@ class Released:
             return cls(key, bool(data["send"]), float(data["at"]), count, str(data["why"]),
                        tuple(str(c) for c in data["conditions"]),
                        Aggregate.from_json(data["aggregate"], count))
-        except (ValueError, KeyError, TypeError):
-            return None
+        except (ValueError, KeyError, TypeError, RecursionError, OverflowError):
+            return None  # not a line we wrote (torn, edited, hostile): skipped
 
 
 class DecisionBook:
@@ -183,7 +207,8 @@ class DecisionBook:
         self._recent: deque[Released] = deque(maxlen=RECENT)
 
     def worth_compacting(self) -> bool:
-        return self._log.appended > COMPACT_AFTER and self._log.appended > len(self.decisions)
+        return (self._log.appended > COMPACT_AFTER and self._log.appended > len(self.decisions)
+                or len(self.decisions) > MAX_DECISIONS)
 
     def load(self, now: float | None = None) -> None:
         """Read the log (later lines win); forget decisions older than DECISION_MEMORY.
@@ -200,7 +225,8 @@ class DecisionBook:
         if bad:
             logger.bind(daemon="filter").warning(
                 f"{self._log.path}: {bad} unreadable line(s) skipped")
-        ordered = sorted(self.decisions.values(), key=lambda r: r.at)
+        ordered = sorted(self.decisions.values(), key=lambda r: r.at)[-MAX_DECISIONS:]
+        self.decisions = {r.key: r for r in ordered}
         self._recent = deque(ordered[-RECENT:], maxlen=RECENT)
         self._log.rewrite(r.as_line() for r in ordered)
 
