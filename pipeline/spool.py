@@ -155,8 +155,8 @@ class Spool:
         in its outbox (a retried or hand-moved original) and handed back to the filter,
         which shapes them for that endpoint alone (README, Shaping). Created."""
         path = self.accepted / _checked_endpoint(endpoint)
-        _mkdir(path)
-        _mkdir(self.tmp_dir(path))
+        make_private_dir(path)
+        make_private_dir(self.tmp_dir(path))
         return path
 
     def handbacks(self) -> list[str]:
@@ -175,13 +175,13 @@ class Spool:
     def create(self, endpoints: Iterable[str] = ()) -> Spool:
         """Create (or check) the stage tree; idempotent, safe to call from every daemon."""
         try:
-            _mkdir(self.root)
+            make_private_dir(self.root)
             for stage in STAGES:
-                _mkdir(self.stage(stage))
+                make_private_dir(self.stage(stage))
             for stage in SHARED_STAGES:
-                _mkdir(self.tmp_dir(self.stage(stage)))
-            _mkdir(self.run_dir)
-            _mkdir(self.log_dir)
+                make_private_dir(self.tmp_dir(self.stage(stage)))
+            make_private_dir(self.run_dir)
+            make_private_dir(self.log_dir)
             self._check_version()
             for endpoint in endpoints:
                 self.create_endpoint(endpoint)
@@ -212,8 +212,8 @@ class Spool:
     def create_endpoint(self, endpoint: str) -> None:
         for stage in PER_ENDPOINT_STAGES:
             directory = self.endpoint_stage(stage, endpoint)
-            _mkdir(directory)
-            _mkdir(self.tmp_dir(directory))
+            make_private_dir(directory)
+            make_private_dir(self.tmp_dir(directory))
 
     def endpoints(self, stage: str = "outbox") -> list[str]:
         """Endpoints that have a folder in ``stage`` (configured now or in the past), sorted.
@@ -260,7 +260,7 @@ class Spool:
         """Open a new hidden temp file for ``directory`` (in ``tmp_dir``, by default its
         ``.tmp/``); removed again if the block fails."""
         tmp_dir = tmp_dir or self.tmp_dir(directory)
-        _mkdir(tmp_dir)
+        make_private_dir(tmp_dir)
         path = tmp_dir / f"{os.getpid()}.{next(_tmp_counter)}.{os.urandom(4).hex()}"
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, FILE_MODE)
         file = os.fdopen(fd, "wb")
@@ -449,7 +449,7 @@ class Spool:
         program writing to one stage (``[router] receive_processes`` > 1), so that one
         process's start-up clean never removes another's transfer in flight. Created."""
         path = cls.tmp_dir(directory) / process
-        _mkdir(path)
+        make_private_dir(path)
         return path
 
     def clean_tmp(self, directory: Path, older_than: float = 0.0,
@@ -618,8 +618,9 @@ def _checked_endpoint(endpoint: str) -> str:
     return endpoint
 
 
-def _mkdir(path: Path) -> None:
-    """Create a directory with mode 0700 (and tighten it if we created it looser)."""
+def make_private_dir(path: Path) -> None:
+    """Create a directory with mode 0700 (and tighten it if we created it looser); the
+    stages' and the runtime folders' (``run/studies/``, ``run/mpps/``) one way."""
     try:
         os.mkdir(path, DIR_MODE)
     except FileExistsError:

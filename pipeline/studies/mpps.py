@@ -34,7 +34,7 @@ from pydicom.sequence import Sequence
 
 from pipeline.log import escape, logger
 from pipeline.names import is_valid_uid
-from pipeline.spool import DIR_MODE, Spool, fsync_dir
+from pipeline.spool import Spool, fsync_dir, make_private_dir
 
 MPPS_SOP_CLASS = "1.2.840.10008.3.1.2.3.3"
 IN_PROGRESS, COMPLETED, DISCONTINUED = "IN PROGRESS", "COMPLETED", "DISCONTINUED"
@@ -267,12 +267,9 @@ def _read_file(path: Path) -> bytes:
 
 def _mkdir(path: Path) -> None:
     """``run/mpps/`` on demand (0700), its entry in ``run/`` durable before any record."""
-    try:
-        os.mkdir(path, DIR_MODE)
-    except FileExistsError:
-        return
-    os.chmod(path, DIR_MODE)
-    fsync_dir(path.parent)
+    if not path.is_dir():
+        make_private_dir(path)
+        fsync_dir(path.parent)
 
 
 # -- what a data set says ----------------------------------------------------------------

@@ -30,7 +30,7 @@ from pathlib import Path
 from pipeline.errors import SpoolError
 from pipeline.log import escape, logger
 from pipeline.names import is_valid_endpoint_name, is_valid_uid
-from pipeline.spool import DIR_MODE, Spool
+from pipeline.spool import Spool, make_private_dir
 from pipeline.spool_names import SpoolName
 
 VERSION = 1
@@ -67,7 +67,7 @@ def list_dir(spool: Spool, endpoint: str, create: bool = True) -> Path:
     path = spool.run_dir / "studies" / "queue" / endpoint
     if create:
         for folder in (path.parent.parent, path.parent, path):
-            _mkdir(folder)
+            make_private_dir(folder)
     return path
 
 
@@ -241,13 +241,4 @@ def _set_aside(spool: Spool, path: Path, exc: Exception) -> None:
                 escape(why, limit=200), where)
 
 
-def _mkdir(path: Path) -> None:
-    """A runtime folder with mode 0700 (tightened if it was made looser by us)."""
-    try:
-        os.mkdir(path, DIR_MODE)
-    except FileExistsError:
-        if not path.is_dir():
-            raise
-        return
-    os.chmod(path, DIR_MODE)
 
