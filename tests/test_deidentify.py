@@ -192,3 +192,56 @@ def test_every_transfer_syntax_is_de_identified_in_its_own_encoding(tmp_path, na
         assert str(copy.PatientName).startswith("ANON^")
     if name != "image_dfl.dcm":  # deflated: the bytes are compressed
         assert original.SOPInstanceUID.encode() not in out.read_bytes()
+
+
+def identified_meta(ds: Dataset) -> Dataset:
+    """``ds`` with identity in its preamble and in every kind of file meta element."""
+    ds.preamble = b"ZZDOE^ZZJOHN".ljust(128, b"\0")
+    meta = ds.file_meta
+    meta.ImplementationVersionName = "ZZIMPL"
+    meta.SourcePresentationAddress = "dicom://zzhost.example:104"
+    meta.SendingPresentationAddress = "dicom://zzsend.example:104"
+    meta.ReceivingPresentationAddress = "dicom://zzrecv.example:104"
+    meta.RTVMetaInformationVersion = b"\0\1"
+    meta.RTVCommunicationSOPClassUID = "1.2.826.0.1.3680043.8.498.777"
+    meta.RTVCommunicationSOPInstanceUID = "1.2.826.0.1.3680043.8.498.778"
+    meta.add_new(0x00020099, "LO", "ZZUNKNOWN")
+    return ds
+
+
+def test_the_preamble_and_unlisted_file_meta_elements_do_not_travel(tmp_path):
+    ds = identified_meta(identified())
+    out, _ = deidentify(tmp_path, ds)
+    data = out.read_bytes()
+    assert data[:128] == bytes(128)
+    for value in ("ZZDOE", "ZZIMPL", "zzhost", "zzsend", "zzrecv", "ZZUNKNOWN",
+                  "1.2.826.0.1.3680043.8.498.777", "1.2.826.0.1.3680043.8.498.778", "ZZMODALITY"):
+        assert value.encode() not in data, value
+    meta = pydicom.dcmread(out).file_meta
+    assert {int(tag) for tag in meta.keys()} <= {
+        0x00020000, 0x00020001, 0x00020002, 0x00020003, 0x00020010, 0x00020012, 0x00020013,
+        0x00020016, 0x00020017, 0x00020018, provenance.PRIVATE_CREATOR_UID,
+        provenance.PRIVATE_INFORMATION}
+    assert meta.MediaStorageSOPClassUID == ds.SOPClassUID
+
+
+def test_retain_device_identity_keeps_the_presentation_addresses_only(tmp_path):
+    ds = identified_meta(identified())
+    out, _ = deidentify(tmp_path, ds, frozenset({"retain_device_identity"}))
+    meta = pydicom.dcmread(out).file_meta
+    assert meta.SourcePresentationAddress == "dicom://zzhost.example:104"
+    assert b"ZZUNKNOWN" not in out.read_bytes() and b"ZZIMPL" not in out.read_bytes()
+
+
+def test_without_a_sop_instance_uid_the_media_storage_uid_is_a_pseudonym(tmp_path):
+    ds = identified()
+    original = ds.SOPInstanceUID
+    del ds.SOPInstanceUID
+    out, _ = deidentify(tmp_path, ds)
+    assert original.encode() not in out.read_bytes()
+    uid = pydicom.dcmread(out).file_meta.MediaStorageSOPInstanceUID
+    assert uid.startswith("2.25.")
+    with_uid = identified()
+    with_uid.file_meta.MediaStorageSOPInstanceUID = with_uid.SOPInstanceUID = original
+    again, _ = deidentify(tmp_path / "b", with_uid)
+    assert pydicom.dcmread(again).SOPInstanceUID == uid  # the same pseudonym

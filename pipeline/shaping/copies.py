@@ -130,7 +130,8 @@ def plan_endpoint_copy(source: ShapingSource, ep: EndpointConfig, system: str,
     deidentifier = deidentifier or Deidentifier(ep.deidentify)
     plan = source.plan(DeidentifyThenCoerce(deidentifier, ep.coerce or None), system,
                        keep_originals=False)
-    plan.meta_changes = deidentifier.meta_changes()
+    plan.meta_changes = deidentifier.meta_changes(source.meta, source.dataset)
+    plan.meta_keep = deidentifier.meta_keep()
     return plan
 
 

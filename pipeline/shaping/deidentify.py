@@ -20,7 +20,9 @@ every sequence item, by the same streaming writer as coercion
 * Patient Identity Removed = YES, De-identification Method (and Code Sequence, CID 7050)
   and Longitudinal Temporal Information Modified are set;
 * no Original Attributes Sequence travels (the table removes it; the writer adds none);
-* the file meta's AE titles (0002,0016–0018) are blanked unless ``retain_device_identity``.
+* the file meta is rebuilt from an allow-list (:meth:`Deidentifier.meta_keep`): its AE
+  titles (0002,0016–0018) are blanked and its presentation addresses dropped unless
+  ``retain_device_identity``; the preamble is zeros.
 
 Coercion operations of the same endpoint run afterwards on the de-identified header.
 """
@@ -48,6 +50,13 @@ PATIENT_NAME, PATIENT_ID = 0x00100010, 0x00100020
 ORIGINAL_ATTRIBUTES = 0x04000561
 #: the file meta elements blanked unless Retain Device Identity (Source, Sending, Receiving AE)
 META_AE_TITLES = (0x00020016, 0x00020017, 0x00020018)
+#: Source, Sending and Receiving Presentation Address: dropped unless Retain Device Identity
+META_ADDRESSES = (0x00020026, 0x00020027, 0x00020028)
+MEDIA_INSTANCE_UID = 0x00020003
+#: the file meta elements a de-identified copy keeps (version, class, instance, syntax,
+#: implementation class and version — the last two are replaced by ours)
+META_KEPT = frozenset({0x00020001, 0x00020002, MEDIA_INSTANCE_UID, 0x00020010, 0x00020012,
+                       0x00020013})
 _DECODE_ERRORS = (ValueError, TypeError, LookupError, struct.error, NotImplementedError,
                   AttributeError)
 #: UI attributes that name a class, syntax, scheme or context, not an instance: kept
@@ -123,11 +132,30 @@ class Deidentifier:
                                f"written ({type(exc).__name__})") from None
         return run.changes
 
-    def meta_changes(self) -> dict[int, bytes | None]:
-        """The file meta elements to blank (None: zero length)."""
+    def meta_changes(self, meta: Dataset, ds: Dataset) -> dict[int, bytes | None]:
+        """The file meta elements to change (None: zero length): the Media Storage SOP
+        Instance UID is always the copy's SOP Instance UID — the pseudonym of the meta's
+        own when the data set has none — and the AE titles are blanked."""
+        uid = str(ds.get("SOPInstanceUID", "") or "")
+        if not uid:
+            uid = str(meta.get("MediaStorageSOPInstanceUID", "") or "")
+            if uid and "retain_uids" not in self.config.options and not well_known_uid(uid):
+                uid = self.pseudonyms.uid(uid)
+        changes: dict[int, bytes | None] = {MEDIA_INSTANCE_UID: uid.encode()} if uid else {}
+        if not self.config.retains_device_identity:
+            changes.update(dict.fromkeys(META_AE_TITLES))
+        return changes
+
+    def meta_keep(self) -> frozenset[int]:
+        """The file meta allow-list: the Media Storage SOP Class and Instance UIDs, the
+        transfer syntax, the version, the implementation (replaced by ours), the AE
+        titles (blanked) — and the presentation addresses with Retain Device Identity.
+        Anything else (RTV elements, unknown ones, the original's Private Information)
+        could identify; the caller adds our own mark."""
+        keep = META_KEPT | set(META_AE_TITLES)
         if self.config.retains_device_identity:
-            return {}
-        return dict.fromkeys(META_AE_TITLES)
+            keep |= set(META_ADDRESSES)
+        return frozenset(keep)
 
     def keeps_private(self, ds: Dataset, tag: int) -> bool:
         """Retain Safe Private: is this private element (or creator) one the endpoint names?"""
