@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import struct
 from pathlib import Path
 
 import pydicom
@@ -56,7 +57,12 @@ def identified(**attrs: object) -> Dataset:
 
 def deidentify(tmp_path: Path, ds: Dataset, options: frozenset[str] = frozenset(),
                coerce: str = "", **config: object) -> tuple[Path, object]:
-    src = write_dataset(ds, tmp_path / "src.dcm")
+    return deidentify_file(tmp_path, write_dataset(ds, tmp_path / "src.dcm"), options, coerce,
+                           **config)
+
+
+def deidentify_file(tmp_path: Path, src: Path, options: frozenset[str] = frozenset(),
+                    coerce: str = "", **config: object) -> tuple[Path, object]:
     out = tmp_path / "out.dcm"
     ep = FakeEndpoint(DeidentifyConfig(options, KEY, **config), coerce)  # type: ignore[arg-type]
     with ShapingSource.open(src, DEFAULT_LIMITS, tmp_path) as source:
@@ -245,3 +251,23 @@ def test_without_a_sop_instance_uid_the_media_storage_uid_is_a_pseudonym(tmp_pat
     with_uid.file_meta.MediaStorageSOPInstanceUID = with_uid.SOPInstanceUID = original
     again, _ = deidentify(tmp_path / "b", with_uid)
     assert pydicom.dcmread(again).SOPInstanceUID == uid  # the same pseudonym
+
+
+def test_unlisted_urls_unknown_and_command_elements_are_removed(tmp_path):
+    ds = identified()
+    url = f"https://zzpacs.example/wado?study={ds.StudyInstanceUID}"
+    for keyword in ("RetrieveURL", "RetrieveURI", "StorageURL", "PixelDataProviderURL",
+                    "StoredInstanceBaseURI", "ContactURI"):
+        setattr(ds, keyword, url)
+    ds.add_new(0x00200FF0, "LO", "ZZUNKNOWNPUBLIC")
+    src = write_dataset(ds, tmp_path / "src.dcm")
+    data = src.read_bytes()
+    meta_end = 144 + struct.unpack_from("<L", data, 140)[0]
+    command = struct.pack("<HH2sH", 0x0000, 0x0902, b"LO", 10) + b"ZZCOMMAND "
+    src.write_bytes(data[:meta_end] + command + data[meta_end:])
+    out, plan = deidentify_file(tmp_path, src)
+    data = out.read_bytes()
+    for value in ("zzpacs", ds.StudyInstanceUID, "ZZUNKNOWNPUBLIC", "ZZCOMMAND"):
+        assert value.encode() not in data, value
+    removed = {change.path for change in plan.changes.records if change.action == "removed"}
+    assert {"RetrieveURL", "StorageURL", "ContactURI", "(0020,0FF0)"} <= removed

@@ -14,7 +14,9 @@ every sequence item, by the same streaming writer as coercion
   unless it names a class, syntax, scheme or context;
 * Patient's Name and Patient ID get pseudonyms (a dummy value, as ``Z``/``D`` allow);
 * a date the table does not list is treated as the table treats dates (emptied; kept
-  with full dates; shifted with modified dates);
+  with full dates; shifted with modified dates); an unlisted URL (UR: Retrieve URL,
+  Storage URL…) is removed, and so are command (0000,xxxx) and file meta (0002,xxxx)
+  elements inside the data set and public attributes pydicom's dictionary does not know;
 * an overlay whose Overlay Data the table removes is removed whole (its other elements
   would describe a missing plane);
 * Patient Identity Removed = YES, De-identification Method (and Code Sequence, CID 7050)
@@ -34,7 +36,7 @@ import struct
 from dataclasses import dataclass, field
 
 from pydicom._uid_dict import UID_dictionary
-from pydicom.datadict import dictionary_VR, keyword_for_tag, tag_for_keyword
+from pydicom.datadict import dictionary_VR, get_entry, keyword_for_tag, tag_for_keyword
 from pydicom.dataelem import DataElement
 from pydicom.dataset import Dataset
 from pydicom.multival import MultiValue
@@ -218,6 +220,11 @@ class _Run:
         action = self.deid.table.action(tag)
         if tag == ORIGINAL_ATTRIBUTES:
             action = "X"
+        if action is None and (group in (0x0000, 0x0002) or not _known(tag)):
+            # a command element, a file meta element out of place, or one nobody can
+            # say what it holds: it may hold anything
+            self.remove(ds, tag, prefix, top, "unknown attribute removed")
+            return
         if action is None:
             action = self.unlisted(tag, vr)
         if tag in (PATIENT_NAME, PATIENT_ID) and action in ("Z", "D"):
@@ -228,9 +235,12 @@ class _Run:
         handler(ds, tag, vr, prefix, top)
 
     def unlisted(self, tag: int, vr: str) -> str:
-        """An attribute Table E.1-1 does not list: kept, but UIDs and dates (module docstring)."""
+        """An attribute Table E.1-1 does not list: kept, but UIDs, dates and URLs (module
+        docstring)."""
         if vr == "UI" and not _CLASS_LIKE.search(keyword_for_tag(tag) or ""):
             return "U"
+        if vr == "UR":
+            return "X"  # Retrieve URL, Storage URL…: host names and the original UIDs
         if vr in _DATE_VRS:
             return self.dates
         return "K"
@@ -360,6 +370,15 @@ def _tag(keyword: str) -> int:
     tag = tag_for_keyword(keyword)
     assert tag is not None, keyword
     return tag
+
+
+def _known(tag: int) -> bool:
+    """Is ``tag`` in pydicom's dictionary (repeating groups such as 60xx included)?"""
+    try:
+        get_entry(tag)
+    except KeyError:
+        return False
+    return True
 
 
 def _vr(ds: Dataset, tag: int) -> str:
