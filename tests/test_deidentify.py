@@ -271,3 +271,23 @@ def test_unlisted_urls_unknown_and_command_elements_are_removed(tmp_path):
         assert value.encode() not in data, value
     removed = {change.path for change in plan.changes.records if change.action == "removed"}
     assert {"RetrieveURL", "StorageURL", "ContactURI", "(0020,0FF0)"} <= removed
+
+
+def test_burned_in_reads_the_meta_class_multiple_values_and_enhanced_us_volume(tmp_path):
+    no_class = identified(SOPClassUID="1.2.840.10008.5.1.4.1.1.6.1")
+    no_class.file_meta.MediaStorageSOPClassUID = no_class.SOPClassUID
+    del no_class.SOPClassUID  # the file meta still says ultrasound
+    with pytest.raises(ShapingError, match="Ultrasound"):
+        deidentify(tmp_path / "a", no_class)
+    twice = identified(BurnedInAnnotation=["YES", "YES"])
+    with pytest.raises(ShapingError, match="is YES"):
+        deidentify(tmp_path / "b", twice)
+    mixed = identified(SOPClassUID="1.2.840.10008.5.1.4.1.1.6.1", BurnedInAnnotation=["NO", "YES"])
+    with pytest.raises(ShapingError, match="is YES"):
+        deidentify(tmp_path / "c", mixed)
+    volume = identified(SOPClassUID="1.2.840.10008.5.1.4.1.1.6.2")
+    with pytest.raises(ShapingError, match="Enhanced US Volume"):
+        deidentify(tmp_path / "d", volume)
+    said_no = identified(SOPClassUID="1.2.840.10008.5.1.4.1.1.6.2", BurnedInAnnotation="NO")
+    out, _ = deidentify(tmp_path / "e", said_no)
+    assert NAME.encode() not in out.read_bytes()

@@ -126,7 +126,7 @@ def plan_endpoint_copy(source: ShapingSource, ep: EndpointConfig, system: str,
     if ep.deidentify is None:
         return source.plan(ep.coerce or None, system)
     if not ep.deidentify.allow_burned_in:
-        check_burned_in(source.dataset)
+        check_burned_in(source.dataset, source.meta)
     deidentifier = deidentifier or Deidentifier(ep.deidentify)
     plan = source.plan(DeidentifyThenCoerce(deidentifier, ep.coerce or None), system,
                        keep_originals=False)
