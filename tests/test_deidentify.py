@@ -291,3 +291,57 @@ def test_burned_in_reads_the_meta_class_multiple_values_and_enhanced_us_volume(t
     said_no = identified(SOPClassUID="1.2.840.10008.5.1.4.1.1.6.2", BurnedInAnnotation="NO")
     out, _ = deidentify(tmp_path / "e", said_no)
     assert NAME.encode() not in out.read_bytes()
+
+
+def with_element_bytes(src: Path, old: bytes, new: bytes) -> Path:
+    """``src`` with the encoded element ``old`` replaced by the crafted ``new``."""
+    data = src.read_bytes()
+    assert data.count(old) == 1
+    src.write_bytes(data.replace(old, new))
+    return src
+
+
+def binary_name_file(tmp_path: Path) -> Path:
+    """A file whose Patient's Name is written as FL with 13 bytes (no whole FL value)."""
+    src = write_dataset(identified(), tmp_path / "src.dcm")
+    old = struct.pack("<HH2sH", 0x0010, 0x0010, b"PN", len(NAME)) + NAME.encode()
+    new = struct.pack("<HH2sH", 0x0010, 0x0010, b"FL", 13) + b"ZZDOE^ZZJOHNX"
+    return with_element_bytes(src, old, new)
+
+
+def test_an_undecodable_value_fails_naming_the_tag_and_the_error_type_only(tmp_path):
+    src = binary_name_file(tmp_path)
+    with pytest.raises(ShapingError) as caught:
+        deidentify_file(tmp_path, src)
+    assert "BytesLengthException" in str(caught.value) and "ZZDOE" not in str(caught.value)
+    assert "PatientName" in str(caught.value) or "(0010,0010)" in str(caught.value)
+
+
+def test_a_short_group_length_is_removed_or_refused_without_its_value(tmp_path):
+    src = write_dataset(identified(), tmp_path / "src.dcm")
+    data = src.read_bytes()
+    meta_end = 144 + struct.unpack_from("<L", data, 140)[0]
+    src.write_bytes(data[:meta_end] + struct.pack("<HH2sH", 0x0008, 0x0000, b"UL", 2) + b"ZZ"
+                    + data[meta_end:])
+    try:
+        out, _ = deidentify_file(tmp_path, src)
+    except ShapingError as exc:
+        assert "ZZ" not in str(exc)
+    else:
+        assert NAME.encode() not in out.read_bytes()
+
+
+def test_a_date_shifted_before_year_one_is_removed(tmp_path):
+    ds = identified(StudyDate="00010101", SeriesDate="00010101")
+    out, _ = deidentify(tmp_path, ds, frozenset({"retain_modified_dates"}))
+    copy = pydicom.dcmread(out)
+    assert not copy.get("SeriesDate") and b"00010101" not in out.read_bytes()
+
+
+def test_an_undecodable_burned_in_annotation_is_refused_without_its_value(tmp_path):
+    src = write_dataset(identified(BurnedInAnnotation="NO"), tmp_path / "src.dcm")
+    old = struct.pack("<HH2sH", 0x0028, 0x0301, b"CS", 2) + b"NO"
+    src = with_element_bytes(src, old, struct.pack("<HH2sH", 0x0028, 0x0301, b"FL", 2) + b"ZZ")
+    with pytest.raises(ShapingError, match="BytesLengthException") as caught:
+        deidentify_file(tmp_path, src)
+    assert "ZZ" not in str(caught.value)

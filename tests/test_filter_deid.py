@@ -123,3 +123,16 @@ def test_options_are_read_in_any_case_and_spelling(tmp_path):
     deid = config.endpoints["research"].deidentify
     assert deid is not None and deid.options == {"retain_full_dates", "retain_uids"}
     assert config.endpoints["research"].shapes and not config.endpoints["plain"].shapes
+
+
+def test_route_prints_why_an_undecodable_file_cannot_be_shaped(tmp_path):
+    from tests.helpers import run_cli
+    from tests.test_deidentify import binary_name_file
+
+    conf = conf_with_key(tmp_path)
+    src = binary_name_file(tmp_path / "files")
+    result = run_cli(conf, "route", "--diff", str(src))
+    assert result.returncode == 0, result.stderr
+    assert "Traceback" not in result.stderr and "ZZDOE" not in result.stdout + result.stderr
+    assert "cannot be shaped, its copy would go to failed/research/" in result.stdout
+    assert "BytesLengthException" in result.stdout

@@ -32,7 +32,6 @@ Coercion operations of the same endpoint run afterwards on the de-identified hea
 from __future__ import annotations
 
 import re
-import struct
 from dataclasses import dataclass, field
 
 from pydicom._uid_dict import UID_dictionary
@@ -59,8 +58,6 @@ MEDIA_INSTANCE_UID = 0x00020003
 #: implementation class and version — the last two are replaced by ours)
 META_KEPT = frozenset({0x00020001, 0x00020002, MEDIA_INSTANCE_UID, 0x00020010, 0x00020012,
                        0x00020013})
-_DECODE_ERRORS = (ValueError, TypeError, LookupError, struct.error, NotImplementedError,
-                  AttributeError)
 #: UI attributes that name a class, syntax, scheme or context, not an instance: kept
 _CLASS_LIKE = re.compile(r"Class|Syntax|Scheme|Context|Creator|Mapping|Template|Registry")
 _DATE_VRS = frozenset({"DA", "DT"})
@@ -125,13 +122,17 @@ class Deidentifier:
 
     def apply(self, ds: Dataset) -> Changes:
         """De-identify ``ds`` in place; ShapingError (no value named) if it cannot be."""
+        run = _Run(self, ds)
         try:
-            run = _Run(self, ds)
+            run.start()
             run.dataset(ds, "", None)
             run.add_method_attributes()
-        except _DECODE_ERRORS as exc:
-            raise ShapingError(f"de-identification: a value of this file cannot be decoded or "
-                               f"written ({type(exc).__name__})") from None
+        except ShapingError:
+            raise
+        except Exception as exc:  # pydicom raises many types on garbage; values are PHI
+            where = "a value of this file" if run.at is None else _name(run.at)
+            raise ShapingError(f"de-identification: {where} cannot be decoded or written "
+                               f"({type(exc).__name__})") from None
         return run.changes
 
     def meta_changes(self, meta: Dataset, ds: Dataset) -> dict[int, bytes | None]:
@@ -185,14 +186,26 @@ class _Run:
         self.deid = deid
         self.ds = ds
         self.changes = Changes()
-        self.patient_id = _text(ds, PATIENT_ID)
-        self.shift = deid.pseudonyms.date_shift_days(self.patient_id)
-        tokens = [str(value) for tag in map(_tag, _IDENTITY_KEYWORDS) if tag in ds
-                  for value in _values(ds[tag].value)]
-        self.cleaner = deid_values.TextCleaner(deid_values.identity_tokens(t for t in tokens if t))
+        #: the element being read (named in an error, never its value)
+        self.at: int | None = None
+        self.shift = 0
+        self.cleaner = deid_values.TextCleaner(())
         options = deid.config.options
         self.dates = ("K" if "retain_full_dates" in options
                       else "C" if "retain_modified_dates" in options else "Z")
+
+    def start(self) -> None:
+        """Read the file's context: the date shift, the identity tokens for cleaning."""
+        ds = self.ds
+        self.at = PATIENT_ID
+        self.shift = self.deid.pseudonyms.date_shift_days(_text(ds, PATIENT_ID))
+        tokens: list[str] = []
+        for tag in map(_tag, _IDENTITY_KEYWORDS):
+            if tag in ds:
+                self.at = tag
+                tokens += [str(value) for value in _values(ds[tag].value)]
+        self.at = None
+        self.cleaner = deid_values.TextCleaner(deid_values.identity_tokens(t for t in tokens if t))
 
     # -- walking -------------------------------------------------------------------
 
@@ -202,6 +215,7 @@ class _Run:
                             and self.deid.table.action(tag) == "X"}
         for tag in list(ds.keys()):
             here = tag if top is None else top
+            self.at = tag
             if tag >> 16 in removed_overlays:
                 self.remove(ds, tag, prefix, here, "overlay plane removed")
             else:
@@ -420,7 +434,7 @@ def _old(ds: Dataset, tag: int) -> object:
         return f"({length} bytes)"
     try:
         return ds[tag].value
-    except _DECODE_ERRORS:
+    except Exception:  # pydicom raises many types on garbage (BytesLengthException…)
         return "(undecodable)"
 
 

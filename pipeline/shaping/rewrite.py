@@ -380,7 +380,7 @@ class ShapingSource:
             with warnings.catch_warnings():
                 warnings.simplefilter("error")  # a value pydicom would mangle is refused
                 write_data_element(buffer, self.dataset[tag], self.dataset._character_set)
-        except (ValueError, TypeError, OverflowError, UserWarning, LookupError) as exc:
+        except Exception as exc:  # pydicom raises many types; the value is never named
             name = self.dataset[tag].keyword or f"({tag >> 16:04X},{tag & 0xFFFF:04X})"
             raise ShapingError(f"{name}: cannot be encoded in the file's transfer syntax and "
                                f"character set ({type(exc).__name__})") from None
