@@ -353,6 +353,24 @@ class Operations:
             return isinstance(operation, DeletePrivate)
         return any(deletes(line) for line in self.lines)
 
+    def top_tags(self) -> dict[int, int]:
+        """The top-level attributes the lines may change (set, replace, delete; a change
+        inside a sequence item: the sequence), each with the first line that does; ``delete
+        private`` touches private elements only and is not listed."""
+        def touched(operation: Operation) -> int | None:
+            if isinstance(operation, Conditional):
+                return touched(operation.operation)
+            if isinstance(operation, SetAttribute | ReplaceValue | DeleteAttribute):
+                path = operation.path
+                return path.steps[0].tag if path.steps else path.tag
+            return None
+        tags: dict[int, int] = {}
+        for line in self.lines:
+            tag = touched(line)
+            if tag is not None:
+                tags.setdefault(tag, line.line)
+        return tags
+
     def apply(self, ds: Dataset) -> Changes:
         """Apply every line in order to ``ds`` in place; ShapingError if it cannot be shaped.
 
