@@ -345,3 +345,12 @@ def test_an_undecodable_burned_in_annotation_is_refused_without_its_value(tmp_pa
     with pytest.raises(ShapingError, match="BytesLengthException") as caught:
         deidentify_file(tmp_path, src)
     assert "ZZ" not in str(caught.value)
+
+
+@pytest.mark.parametrize("charset", ["ISO_IR100", "ISO IR 100", "ISO_IR 192"])
+def test_a_misspelt_character_set_is_read_and_written_as_pydicom_corrects_it(tmp_path, charset):
+    ds = identified(SpecificCharacterSet=charset, SeriesDescription="CT THORAX ÄÖ")
+    out, _ = deidentify(tmp_path, ds, frozenset({"clean_descriptors"}))
+    copy = pydicom.dcmread(out)
+    assert copy.PatientIdentityRemoved == "YES" and copy.SeriesDescription == "CT THORAX ÄÖ"
+    assert NAME.encode() not in out.read_bytes()

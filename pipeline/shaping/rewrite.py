@@ -379,12 +379,22 @@ class ShapingSource:
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("error")  # a value pydicom would mangle is refused
+                for note in _CHARSET_NOTES:  # the reader made the same choice
+                    warnings.filterwarnings("ignore", message=note)
                 write_data_element(buffer, self.dataset[tag], self.dataset._character_set)
         except Exception as exc:  # pydicom raises many types; the value is never named
             name = self.dataset[tag].keyword or f"({tag >> 16:04X},{tag & 0xFFFF:04X})"
             raise ShapingError(f"{name}: cannot be encoded in the file's transfer syntax and "
                                f"character set ({type(exc).__name__})") from None
         return buffer.getvalue()
+
+
+#: pydicom's warnings about a Specific Character Set it corrects ("ISO IR 100" read as
+#: "ISO_IR 100"), does not know ("ISO_IR100": its default is used) or partly ignores:
+#: the header was decoded with the same choice, so encoding with it loses nothing. A
+#: value it cannot encode ("Failed to encode…", replacement characters) stays an error.
+_CHARSET_NOTES = ("Incorrect value for Specific Character Set", "Unknown encoding",
+                  "Value '.*' for Specific Character Set", "Value '.*' cannot be used as code")
 
 
 def _meta_elements(group: bytes) -> dict[int, bytes]:
