@@ -354,3 +354,21 @@ def test_a_misspelt_character_set_is_read_and_written_as_pydicom_corrects_it(tmp
     copy = pydicom.dcmread(out)
     assert copy.PatientIdentityRemoved == "YES" and copy.SeriesDescription == "CT THORAX ÄÖ"
     assert NAME.encode() not in out.read_bytes()
+
+
+def test_a_value_the_character_set_cannot_hold_is_still_refused(tmp_path):
+    ds = identified(SpecificCharacterSet="ISO_IR 100")
+    with pytest.raises(ShapingError, match="SeriesDescription") as caught:
+        deidentify(tmp_path, ds, coerce="SeriesDescription = 日本")
+    assert "日本" not in str(caught.value)
+
+
+def test_a_private_element_after_the_pixel_data_is_left_out_of_the_copy(tmp_path):
+    src = write_dataset(identified(), tmp_path / "src.dcm")
+    trailing = struct.pack("<HH2sH", 0x7FE1, 0x0010, b"LO", 8) + b"ZZVENDOR"
+    trailing += struct.pack("<HH2sH", 0x7FE1, 0x1001, b"LO", 12) + NAME.encode()
+    src.write_bytes(src.read_bytes() + trailing)
+    out, _ = deidentify_file(tmp_path, src)
+    data = out.read_bytes()
+    assert NAME.encode() not in data and b"ZZVENDOR" not in data
+    assert pydicom.dcmread(out).PatientIdentityRemoved == "YES"

@@ -11,7 +11,8 @@ every sequence item, by the same streaming writer as coercion
   they occur, so references resolve across a study; well-known UIDs (every
   ``1.2.840.10008.*`` UID: SOP classes, transfer syntaxes, coding schemes…, and those
   pydicom knows) are kept. A UI attribute the table does not list is treated as ``U``
-  unless it names a class, syntax, scheme or context;
+  unless its keyword names a class, syntax, scheme, context, creator, mapping, template
+  or registry (:data:`_CLASS_LIKE`);
 * Patient's Name and Patient ID get pseudonyms (a dummy value, as ``Z``/``D`` allow);
 * a date the table does not list is treated as the table treats dates (emptied; kept
   with full dates; shifted with modified dates); an unlisted URL (UR: Retrieve URL,

@@ -180,7 +180,7 @@ class ShapingSource:
         ds = self.dataset
         if operations is None:
             return Plan(self, None)
-        self._check_trailing(operations)
+        self._check_trailing(operations, deidentifying=not keep_originals)
         original_uid = str(ds.get("SOPInstanceUID", ""))
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -205,14 +205,16 @@ class ShapingSource:
         plan.dirty.add(provenance.ORIGINAL_ATTRIBUTES)
         return plan
 
-    def _check_trailing(self, operations: _Operations) -> None:
+    def _check_trailing(self, operations: _Operations, deidentifying: bool = False) -> None:
         """Elements after the pixel data are copied, never reached: refuse a file where
         that would leave what the operations mean to change — a public attribute out of
         place there (an operation could not see it: two values would travel), or a
-        private one under ``delete private``."""
+        private one under ``delete private``. A de-identified copy ends with the pixel
+        data (:meth:`write`): a private element there is left out, not a reason to fail."""
         for tag in self.trailing:
             group = tag >> 16
-            if tag in TRAILING_OK or group == 0x7FE0 or (group % 2 and not operations.deletes_private):
+            private_kept = group % 2 and not operations.deletes_private
+            if tag in TRAILING_OK or group == 0x7FE0 or private_kept or (group % 2 and deidentifying):
                 continue
             kind = "a private element" if group % 2 else "an attribute"
             raise ShapingError(f"{kind} ({group:04X},{tag & 0xFFFF:04X}) follows the pixel data, "
