@@ -372,3 +372,15 @@ def test_a_private_element_after_the_pixel_data_is_left_out_of_the_copy(tmp_path
     data = out.read_bytes()
     assert NAME.encode() not in data and b"ZZVENDOR" not in data
     assert pydicom.dcmread(out).PatientIdentityRemoved == "YES"
+
+
+def test_a_coercion_reading_an_undecodable_value_fails_without_it(tmp_path):
+    src = write_dataset(identified(), tmp_path / "src.dcm")
+    old = struct.pack("<HH2sH", 0x0008, 0x0080, b"LO", 20) + b"ZZ GENERAL HOSPITAL "
+    src = with_element_bytes(src, old, struct.pack("<HH2sH", 0x0008, 0x0080, b"FL", 19)
+                             + b"ZZ GENERAL HOSPITAL")
+    ep = FakeEndpoint(None, "StudyComments = {InstitutionName}")
+    with ShapingSource.open(src, DEFAULT_LIMITS, tmp_path) as source, \
+            pytest.raises(ShapingError, match="BytesLengthException") as caught:
+        plan_endpoint_copy(source, ep, "DICOMFLOW:research")  # type: ignore[arg-type]
+    assert "ZZ" not in str(caught.value)
