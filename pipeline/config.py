@@ -400,7 +400,8 @@ def load_endpoint(path: Path, router: RouterConfig) -> EndpointConfig:
     values["study"] = _study_policy(filter_section, filter_values, router, values["associations"])
     values.update(_whole(section("schedule")))  # window
     values.update(_whole(section("coerce")))  # coerce
-    values["deidentify"] = _deidentify(section("deidentify"), conf_dir)
+    values["deidentify"] = _deidentify(section("deidentify"), conf_dir, section("coerce"),
+                                       values["coerce"])
     return EndpointConfig(name=name, conf_file=path, **values)
 
 
@@ -430,8 +431,20 @@ MIN_KEY_BYTES = 16
 MAX_KEY_BYTES = 4096
 
 
-def _deidentify(section: _Section, conf_dir: Path) -> DeidentifyConfig | None:
-    """``[deidentify]``: every key checked together, the key file read and guarded."""
+#: what de-identification sets and the filter reads to know a copy is de-identified
+#: (Patient Identity Removed, De-identification Method and its Code Sequence,
+#: Longitudinal Temporal Information Modified): an endpoint's [coerce] may not touch them
+DEID_MARKERS = {0x00120062: "PatientIdentityRemoved", 0x00120063: "DeidentificationMethod",
+                0x00120064: "DeidentificationMethodCodeSequence",
+                0x00280303: "LongitudinalTemporalInformationModified"}
+
+
+def _deidentify(section: _Section, conf_dir: Path, coerce_section: _Section | None = None,
+                coerce: Operations | None = None) -> DeidentifyConfig | None:
+    """``[deidentify]``: every key checked together, the key file read and guarded; the
+    endpoint's ``[coerce]`` may not change the attributes de-identification marks a
+    copy with (such a copy would not be known as de-identified: it would loop between
+    sender and filter forever)."""
     values = _whole(section)
     if values["profile"] is None:
         for key in ("options", "key_file", "safe_private"):
@@ -442,6 +455,12 @@ def _deidentify(section: _Section, conf_dir: Path) -> DeidentifyConfig | None:
         raise section.error("key_file", "is required with a profile (the pseudonyms' secret key)")
     if values["safe_private"] and "retain_safe_private" not in values["options"]:
         raise section.error("safe_private", "needs the option retain_safe_private")
+    if coerce and coerce_section is not None:
+        for tag, line in coerce.top_tags().items():
+            if tag in DEID_MARKERS:
+                raise coerce_section.error(
+                    "operations", f"line {line} changes {DEID_MARKERS[tag]}, which "
+                    f"[deidentify] sets on every copy: not allowed with a profile")
     secret = _read_key(section, _resolve(conf_dir, values["key_file"]))
     return DeidentifyConfig(values["options"], secret, values["allow_burned_in"],
                             values["safe_private"])
@@ -450,7 +469,8 @@ def _deidentify(section: _Section, conf_dir: Path) -> DeidentifyConfig | None:
 def _read_key(section: _Section, path: Path) -> bytes:
     """The key file's bytes; refused unless only its owner can read it."""
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+        # O_NONBLOCK: a FIFO must not hang `dicomflow check` (it is refused just below)
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
     except OSError as exc:
         raise section.error("key_file", f"{path}: {exc.strerror}") from None
     try:

@@ -92,6 +92,10 @@ def _after_global(config: Config, path: Path, decision: Decision, rules: dict[st
             return decision, lines
     except (ShapingError, QuarantineError) as exc:
         return Decision((), f"quarantine: global [coerce]: {exc}", {}), []
+    except OSError:
+        raise
+    except Exception as exc:  # a bug or a pydicom surprise: its message may hold PHI
+        return Decision((), f"quarantine: global [coerce]: unexpected {type(exc).__name__}", {}), []
 
 
 def _coerced_here(config: Config, source: ShapingSource) -> bool:
@@ -121,6 +125,11 @@ def _endpoint_shaping(config: Config, path: Path, endpoint: str, options: Option
     except (ShapingError, QuarantineError) as exc:
         return [f"    cannot be shaped, its copy would go to failed/{endpoint}/: "
                 f"{escape(str(exc), 500)}"]
+    except OSError:
+        raise
+    except Exception as exc:  # a bug or a pydicom surprise: its message may hold PHI
+        return [f"    cannot be shaped, its copy would go to failed/{endpoint}/: "
+                f"unexpected {type(exc).__name__}"]
 
 
 def _records(title: str, plan, options: Options) -> list[str]:

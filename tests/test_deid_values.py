@@ -56,3 +56,12 @@ def test_burned_in_yes_is_refused_for_any_class_and_a_ct_passes():
     with pytest.raises(ShapingError, match="Burned In Annotation is YES"):
         check_burned_in(_ds(ct, "YES"))
     check_burned_in(_ds(ct, None))
+
+
+def test_a_date_that_would_leave_the_calendar_is_removed_not_an_error():
+    from pipeline.shaping.deid_values import shift_date, shift_datetime
+
+    assert shift_date("00010101", 10) is None
+    assert shift_date("99991231", -10) is None
+    assert shift_datetime("00010101120000", 10) is None
+    assert shift_date("20240311", 10) == "20240301"

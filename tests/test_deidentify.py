@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import struct
 from pathlib import Path
 
 import pydicom
@@ -56,7 +57,12 @@ def identified(**attrs: object) -> Dataset:
 
 def deidentify(tmp_path: Path, ds: Dataset, options: frozenset[str] = frozenset(),
                coerce: str = "", **config: object) -> tuple[Path, object]:
-    src = write_dataset(ds, tmp_path / "src.dcm")
+    return deidentify_file(tmp_path, write_dataset(ds, tmp_path / "src.dcm"), options, coerce,
+                           **config)
+
+
+def deidentify_file(tmp_path: Path, src: Path, options: frozenset[str] = frozenset(),
+                    coerce: str = "", **config: object) -> tuple[Path, object]:
     out = tmp_path / "out.dcm"
     ep = FakeEndpoint(DeidentifyConfig(options, KEY, **config), coerce)  # type: ignore[arg-type]
     with ShapingSource.open(src, DEFAULT_LIMITS, tmp_path) as source:
@@ -192,3 +198,189 @@ def test_every_transfer_syntax_is_de_identified_in_its_own_encoding(tmp_path, na
         assert str(copy.PatientName).startswith("ANON^")
     if name != "image_dfl.dcm":  # deflated: the bytes are compressed
         assert original.SOPInstanceUID.encode() not in out.read_bytes()
+
+
+def identified_meta(ds: Dataset) -> Dataset:
+    """``ds`` with identity in its preamble and in every kind of file meta element."""
+    ds.preamble = b"ZZDOE^ZZJOHN".ljust(128, b"\0")
+    meta = ds.file_meta
+    meta.ImplementationVersionName = "ZZIMPL"
+    meta.SourcePresentationAddress = "dicom://zzhost.example:104"
+    meta.SendingPresentationAddress = "dicom://zzsend.example:104"
+    meta.ReceivingPresentationAddress = "dicom://zzrecv.example:104"
+    meta.RTVMetaInformationVersion = b"\0\1"
+    meta.RTVCommunicationSOPClassUID = "1.2.826.0.1.3680043.8.498.777"
+    meta.RTVCommunicationSOPInstanceUID = "1.2.826.0.1.3680043.8.498.778"
+    meta.add_new(0x00020099, "LO", "ZZUNKNOWN")
+    return ds
+
+
+def test_the_preamble_and_unlisted_file_meta_elements_do_not_travel(tmp_path):
+    ds = identified_meta(identified())
+    out, _ = deidentify(tmp_path, ds)
+    data = out.read_bytes()
+    assert data[:128] == bytes(128)
+    for value in ("ZZDOE", "ZZIMPL", "zzhost", "zzsend", "zzrecv", "ZZUNKNOWN",
+                  "1.2.826.0.1.3680043.8.498.777", "1.2.826.0.1.3680043.8.498.778", "ZZMODALITY"):
+        assert value.encode() not in data, value
+    meta = pydicom.dcmread(out).file_meta
+    assert {int(tag) for tag in meta.keys()} <= {
+        0x00020000, 0x00020001, 0x00020002, 0x00020003, 0x00020010, 0x00020012, 0x00020013,
+        0x00020016, 0x00020017, 0x00020018, provenance.PRIVATE_CREATOR_UID,
+        provenance.PRIVATE_INFORMATION}
+    assert meta.MediaStorageSOPClassUID == ds.SOPClassUID
+
+
+def test_retain_device_identity_keeps_the_presentation_addresses_only(tmp_path):
+    ds = identified_meta(identified())
+    out, _ = deidentify(tmp_path, ds, frozenset({"retain_device_identity"}))
+    meta = pydicom.dcmread(out).file_meta
+    assert meta.SourcePresentationAddress == "dicom://zzhost.example:104"
+    assert b"ZZUNKNOWN" not in out.read_bytes() and b"ZZIMPL" not in out.read_bytes()
+
+
+def test_without_a_sop_instance_uid_the_media_storage_uid_is_a_pseudonym(tmp_path):
+    ds = identified()
+    original = ds.SOPInstanceUID
+    del ds.SOPInstanceUID
+    out, _ = deidentify(tmp_path, ds)
+    assert original.encode() not in out.read_bytes()
+    uid = pydicom.dcmread(out).file_meta.MediaStorageSOPInstanceUID
+    assert uid.startswith("2.25.")
+    with_uid = identified()
+    with_uid.file_meta.MediaStorageSOPInstanceUID = with_uid.SOPInstanceUID = original
+    again, _ = deidentify(tmp_path / "b", with_uid)
+    assert pydicom.dcmread(again).SOPInstanceUID == uid  # the same pseudonym
+
+
+def test_unlisted_urls_unknown_and_command_elements_are_removed(tmp_path):
+    ds = identified()
+    url = f"https://zzpacs.example/wado?study={ds.StudyInstanceUID}"
+    for keyword in ("RetrieveURL", "RetrieveURI", "StorageURL", "PixelDataProviderURL",
+                    "StoredInstanceBaseURI", "ContactURI"):
+        setattr(ds, keyword, url)
+    ds.add_new(0x00200FF0, "LO", "ZZUNKNOWNPUBLIC")
+    src = write_dataset(ds, tmp_path / "src.dcm")
+    data = src.read_bytes()
+    meta_end = 144 + struct.unpack_from("<L", data, 140)[0]
+    command = struct.pack("<HH2sH", 0x0000, 0x0902, b"LO", 10) + b"ZZCOMMAND "
+    src.write_bytes(data[:meta_end] + command + data[meta_end:])
+    out, plan = deidentify_file(tmp_path, src)
+    data = out.read_bytes()
+    for value in ("zzpacs", ds.StudyInstanceUID, "ZZUNKNOWNPUBLIC", "ZZCOMMAND"):
+        assert value.encode() not in data, value
+    removed = {change.path for change in plan.changes.records if change.action == "removed"}
+    assert {"RetrieveURL", "StorageURL", "ContactURI", "(0020,0FF0)"} <= removed
+
+
+def test_burned_in_reads_the_meta_class_multiple_values_and_enhanced_us_volume(tmp_path):
+    no_class = identified(SOPClassUID="1.2.840.10008.5.1.4.1.1.6.1")
+    no_class.file_meta.MediaStorageSOPClassUID = no_class.SOPClassUID
+    del no_class.SOPClassUID  # the file meta still says ultrasound
+    with pytest.raises(ShapingError, match="Ultrasound"):
+        deidentify(tmp_path / "a", no_class)
+    twice = identified(BurnedInAnnotation=["YES", "YES"])
+    with pytest.raises(ShapingError, match="is YES"):
+        deidentify(tmp_path / "b", twice)
+    mixed = identified(SOPClassUID="1.2.840.10008.5.1.4.1.1.6.1", BurnedInAnnotation=["NO", "YES"])
+    with pytest.raises(ShapingError, match="is YES"):
+        deidentify(tmp_path / "c", mixed)
+    volume = identified(SOPClassUID="1.2.840.10008.5.1.4.1.1.6.2")
+    with pytest.raises(ShapingError, match="Enhanced US Volume"):
+        deidentify(tmp_path / "d", volume)
+    said_no = identified(SOPClassUID="1.2.840.10008.5.1.4.1.1.6.2", BurnedInAnnotation="NO")
+    out, _ = deidentify(tmp_path / "e", said_no)
+    assert NAME.encode() not in out.read_bytes()
+
+
+def with_element_bytes(src: Path, old: bytes, new: bytes) -> Path:
+    """``src`` with the encoded element ``old`` replaced by the crafted ``new``."""
+    data = src.read_bytes()
+    assert data.count(old) == 1
+    src.write_bytes(data.replace(old, new))
+    return src
+
+
+def binary_name_file(tmp_path: Path) -> Path:
+    """A file whose Patient's Name is written as FL with 13 bytes (no whole FL value)."""
+    src = write_dataset(identified(), tmp_path / "src.dcm")
+    old = struct.pack("<HH2sH", 0x0010, 0x0010, b"PN", len(NAME)) + NAME.encode()
+    new = struct.pack("<HH2sH", 0x0010, 0x0010, b"FL", 13) + b"ZZDOE^ZZJOHNX"
+    return with_element_bytes(src, old, new)
+
+
+def test_an_undecodable_value_fails_naming_the_tag_and_the_error_type_only(tmp_path):
+    src = binary_name_file(tmp_path)
+    with pytest.raises(ShapingError) as caught:
+        deidentify_file(tmp_path, src)
+    assert "BytesLengthException" in str(caught.value) and "ZZDOE" not in str(caught.value)
+    assert "PatientName" in str(caught.value) or "(0010,0010)" in str(caught.value)
+
+
+def test_a_short_group_length_is_removed_or_refused_without_its_value(tmp_path):
+    src = write_dataset(identified(), tmp_path / "src.dcm")
+    data = src.read_bytes()
+    meta_end = 144 + struct.unpack_from("<L", data, 140)[0]
+    src.write_bytes(data[:meta_end] + struct.pack("<HH2sH", 0x0008, 0x0000, b"UL", 2) + b"ZZ"
+                    + data[meta_end:])
+    try:
+        out, _ = deidentify_file(tmp_path, src)
+    except ShapingError as exc:
+        assert "ZZ" not in str(exc)
+    else:
+        assert NAME.encode() not in out.read_bytes()
+
+
+def test_a_date_shifted_before_year_one_is_removed(tmp_path):
+    ds = identified(StudyDate="00010101", SeriesDate="00010101")
+    out, _ = deidentify(tmp_path, ds, frozenset({"retain_modified_dates"}))
+    copy = pydicom.dcmread(out)
+    assert not copy.get("SeriesDate") and b"00010101" not in out.read_bytes()
+
+
+def test_an_undecodable_burned_in_annotation_is_refused_without_its_value(tmp_path):
+    src = write_dataset(identified(BurnedInAnnotation="NO"), tmp_path / "src.dcm")
+    old = struct.pack("<HH2sH", 0x0028, 0x0301, b"CS", 2) + b"NO"
+    src = with_element_bytes(src, old, struct.pack("<HH2sH", 0x0028, 0x0301, b"FL", 2) + b"ZZ")
+    with pytest.raises(ShapingError, match="BytesLengthException") as caught:
+        deidentify_file(tmp_path, src)
+    assert "ZZ" not in str(caught.value)
+
+
+@pytest.mark.parametrize("charset", ["ISO_IR100", "ISO IR 100", "ISO_IR 192"])
+def test_a_misspelt_character_set_is_read_and_written_as_pydicom_corrects_it(tmp_path, charset):
+    ds = identified(SpecificCharacterSet=charset, SeriesDescription="CT THORAX ÄÖ")
+    out, _ = deidentify(tmp_path, ds, frozenset({"clean_descriptors"}))
+    copy = pydicom.dcmread(out)
+    assert copy.PatientIdentityRemoved == "YES" and copy.SeriesDescription == "CT THORAX ÄÖ"
+    assert NAME.encode() not in out.read_bytes()
+
+
+def test_a_value_the_character_set_cannot_hold_is_still_refused(tmp_path):
+    ds = identified(SpecificCharacterSet="ISO_IR 100")
+    with pytest.raises(ShapingError, match="SeriesDescription") as caught:
+        deidentify(tmp_path, ds, coerce="SeriesDescription = 日本")
+    assert "日本" not in str(caught.value)
+
+
+def test_a_private_element_after_the_pixel_data_is_left_out_of_the_copy(tmp_path):
+    src = write_dataset(identified(), tmp_path / "src.dcm")
+    trailing = struct.pack("<HH2sH", 0x7FE1, 0x0010, b"LO", 8) + b"ZZVENDOR"
+    trailing += struct.pack("<HH2sH", 0x7FE1, 0x1001, b"LO", 12) + NAME.encode()
+    src.write_bytes(src.read_bytes() + trailing)
+    out, _ = deidentify_file(tmp_path, src)
+    data = out.read_bytes()
+    assert NAME.encode() not in data and b"ZZVENDOR" not in data
+    assert pydicom.dcmread(out).PatientIdentityRemoved == "YES"
+
+
+def test_a_coercion_reading_an_undecodable_value_fails_without_it(tmp_path):
+    src = write_dataset(identified(), tmp_path / "src.dcm")
+    old = struct.pack("<HH2sH", 0x0008, 0x0080, b"LO", 20) + b"ZZ GENERAL HOSPITAL "
+    src = with_element_bytes(src, old, struct.pack("<HH2sH", 0x0008, 0x0080, b"FL", 19)
+                             + b"ZZ GENERAL HOSPITAL")
+    ep = FakeEndpoint(None, "StudyComments = {InstitutionName}")
+    with ShapingSource.open(src, DEFAULT_LIMITS, tmp_path) as source, \
+            pytest.raises(ShapingError, match="BytesLengthException") as caught:
+        plan_endpoint_copy(source, ep, "DICOMFLOW:research")  # type: ignore[arg-type]
+    assert "ZZ" not in str(caught.value)

@@ -123,3 +123,49 @@ def test_options_are_read_in_any_case_and_spelling(tmp_path):
     deid = config.endpoints["research"].deidentify
     assert deid is not None and deid.options == {"retain_full_dates", "retain_uids"}
     assert config.endpoints["research"].shapes and not config.endpoints["plain"].shapes
+
+
+def test_route_prints_why_an_undecodable_file_cannot_be_shaped(tmp_path):
+    from tests.helpers import run_cli
+    from tests.test_deidentify import binary_name_file
+
+    conf = conf_with_key(tmp_path)
+    src = binary_name_file(tmp_path / "files")
+    result = run_cli(conf, "route", "--diff", str(src))
+    assert result.returncode == 0, result.stderr
+    assert "Traceback" not in result.stderr and "ZZDOE" not in result.stdout + result.stderr
+    assert "cannot be shaped, its copy would go to failed/research/" in result.stdout
+    assert "BytesLengthException" in result.stdout
+
+
+@pytest.mark.parametrize("operations", [
+    "delete PatientIdentityRemoved",
+    "PatientIdentityRemoved = NO",
+    "if Modality=CT then DeidentificationMethod = mine",
+    "replace LongitudinalTemporalInformationModified /REMOVED/UNMODIFIED/",
+    "DeidentificationMethodCodeSequence[0].CodeValue = 1",
+])
+def test_a_coercion_that_undoes_the_de_identification_marks_is_refused(tmp_path, operations):
+    conf = conf_with_key(tmp_path)
+    endpoint = conf / "endpoints" / "research.ini"
+    endpoint.write_text(endpoint.read_text() + f"\n[coerce]\noperations = {operations}\n")
+    with pytest.raises(ConfigError, match=r"line 1 changes \w+, which \[deidentify\] sets") as caught:
+        load(conf)
+    assert "research.ini" in str(caught.value) and "operations" in str(caught.value)
+    assert "[coerce]" in str(caught.value) or "coerce" in str(caught.value)
+
+
+def test_other_coercions_of_a_de_identifying_endpoint_pass(tmp_path):
+    conf = conf_with_key(tmp_path)
+    endpoint = conf / "endpoints" / "research.ini"
+    endpoint.write_text(endpoint.read_text() + "\n[coerce]\noperations = PatientComments = ok\n")
+    assert load(conf).endpoints["research"].coerce
+
+
+def test_a_key_file_that_is_a_fifo_is_refused_without_hanging(tmp_path):
+    conf = conf_with_key(tmp_path)
+    key_file = conf / "keys" / "research.key"
+    key_file.unlink()
+    os.mkfifo(key_file, 0o600)
+    with pytest.raises(ConfigError, match="not a regular file"):
+        load(conf)

@@ -13,6 +13,7 @@ the risk (pixel cleaning done downstream, a curated source) sets
 from __future__ import annotations
 
 from pydicom.dataset import Dataset
+from pydicom.multival import MultiValue
 
 from pipeline.errors import ShapingError
 
@@ -21,6 +22,7 @@ _US = "1.2.840.10008.5.1.4.1.1."
 RISKY_SOP_CLASSES: dict[str, str] = {
     _US + "6.1": "Ultrasound Image (annotated frames)",
     _US + "6": "Ultrasound Image, retired (annotated frames)",
+    _US + "6.2": "Enhanced US Volume (annotated frames)",
     _US + "3.1": "Ultrasound Multi-frame Image (annotated frames)",
     _US + "3": "Ultrasound Multi-frame Image, retired (annotated frames)",
     _US + "7": "Secondary Capture Image (screenshots, scanned documents)",
@@ -44,17 +46,35 @@ RISKY_SOP_CLASSES: dict[str, str] = {
 }
 
 
-def check_burned_in(ds: Dataset) -> None:
+def check_burned_in(ds: Dataset, meta: Dataset | None = None) -> None:
     """ShapingError (the reason for ``failed/``) if ``ds`` may show identity in its
-    pixels or document; the reason names no value of the file."""
-    burned = str(ds.get("BurnedInAnnotation", "") or "").strip().upper()
-    if burned == "YES":
+    pixels or document; the reason names no value of the file. The SOP class is the
+    data set's, else the file meta's (``meta``) Media Storage SOP Class UID. Any ``YES``
+    of a multi-valued Burned In Annotation is a YES; for a listed class only exactly
+    ``NO`` is safe."""
+    try:
+        said = _burned_in_values(ds)
+        sop_class = str(ds.get("SOPClassUID", "") or "").strip()
+        if not sop_class and meta is not None:
+            sop_class = str(meta.get("MediaStorageSOPClassUID", "") or "").strip()
+    except Exception as exc:  # pydicom raises many types on garbage
+        raise ShapingError(f"Burned In Annotation or SOP Class UID cannot be read "
+                           f"({type(exc).__name__}): not sent to a de-identifying endpoint") from None
+    if "YES" in said:
         raise ShapingError("Burned In Annotation is YES: the pixel data may show the patient's "
                            "identity; not sent to a de-identifying endpoint (allow_burned_in)")
-    sop_class = str(ds.get("SOPClassUID", "") or "")
     kind = RISKY_SOP_CLASSES.get(sop_class)
-    if kind is not None and burned != "NO":
-        said = "is missing" if not burned else "is not NO"
-        raise ShapingError(f"a {kind} whose Burned In Annotation {said}: it may show the "
+    if kind is not None and said != ["NO"]:
+        how = "is missing" if not said else "is not NO"
+        raise ShapingError(f"a {kind} whose Burned In Annotation {how}: it may show the "
                            f"patient's identity; not sent to a de-identifying endpoint "
                            f"(allow_burned_in)")
+
+
+def _burned_in_values(ds: Dataset) -> list[str]:
+    """Burned In Annotation's values, upper case, blanks dropped ([] when absent)."""
+    value = ds.get("BurnedInAnnotation")
+    if value is None or value == "":
+        return []
+    values = list(value) if isinstance(value, (list, MultiValue)) else [value]
+    return [str(v).strip().upper() for v in values if str(v).strip()]

@@ -122,15 +122,16 @@ def plan_endpoint_copy(source: ShapingSource, ep: EndpointConfig, system: str,
                        deidentifier: Deidentifier | None = None) -> Plan:
     """What ``ep``'s copy of ``source`` gets: its ``[coerce]``, or — when it de-identifies —
     the burned-in check, Table E.1-1, then its ``[coerce]``, with no Original Attributes
-    and the file meta's AE titles blanked. ShapingError when it cannot be shaped."""
+    and the file meta rebuilt from an allow-list. ShapingError when it cannot be shaped."""
     if ep.deidentify is None:
         return source.plan(ep.coerce or None, system)
     if not ep.deidentify.allow_burned_in:
-        check_burned_in(source.dataset)
+        check_burned_in(source.dataset, source.meta)
     deidentifier = deidentifier or Deidentifier(ep.deidentify)
     plan = source.plan(DeidentifyThenCoerce(deidentifier, ep.coerce or None), system,
                        keep_originals=False)
-    plan.meta_changes = deidentifier.meta_changes()
+    plan.meta_changes = deidentifier.meta_changes(source.meta, source.dataset)
+    plan.meta_keep = deidentifier.meta_keep()
     return plan
 
 

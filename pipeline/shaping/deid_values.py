@@ -73,12 +73,16 @@ def identity_tokens(values: Iterable[str]) -> list[str]:
 
 
 def shift_date(value: str, days: int) -> str | None:
-    """A DA value ``days`` earlier; None when it is not a full date (it is then removed)."""
+    """A DA value ``days`` earlier; None when it is not a full date, or the shifted one
+    would not be a date (it is then removed)."""
     try:
         day = datetime.datetime.strptime(value.strip(), "%Y%m%d").date()
     except ValueError:
         return None
-    shifted = day - datetime.timedelta(days=days)
+    try:
+        shifted = day - datetime.timedelta(days=days)
+    except OverflowError:  # before year 1 (or after 9999): removed like a partial date
+        return None
     return f"{shifted.year:04d}{shifted.month:02d}{shifted.day:02d}"
 
 

@@ -11,16 +11,21 @@ every sequence item, by the same streaming writer as coercion
   they occur, so references resolve across a study; well-known UIDs (every
   ``1.2.840.10008.*`` UID: SOP classes, transfer syntaxes, coding schemes…, and those
   pydicom knows) are kept. A UI attribute the table does not list is treated as ``U``
-  unless it names a class, syntax, scheme or context;
+  unless its keyword names a class, syntax, scheme, context, creator, mapping, template
+  or registry (:data:`_CLASS_LIKE`);
 * Patient's Name and Patient ID get pseudonyms (a dummy value, as ``Z``/``D`` allow);
 * a date the table does not list is treated as the table treats dates (emptied; kept
-  with full dates; shifted with modified dates);
+  with full dates; shifted with modified dates); an unlisted URL (UR: Retrieve URL,
+  Storage URL…) is removed, and so are command (0000,xxxx) and file meta (0002,xxxx)
+  elements inside the data set and public attributes pydicom's dictionary does not know;
 * an overlay whose Overlay Data the table removes is removed whole (its other elements
   would describe a missing plane);
 * Patient Identity Removed = YES, De-identification Method (and Code Sequence, CID 7050)
   and Longitudinal Temporal Information Modified are set;
 * no Original Attributes Sequence travels (the table removes it; the writer adds none);
-* the file meta's AE titles (0002,0016–0018) are blanked unless ``retain_device_identity``.
+* the file meta is rebuilt from an allow-list (:meth:`Deidentifier.meta_keep`): its AE
+  titles (0002,0016–0018) are blanked and its presentation addresses dropped unless
+  ``retain_device_identity``; the preamble is zeros.
 
 Coercion operations of the same endpoint run afterwards on the de-identified header.
 """
@@ -28,11 +33,10 @@ Coercion operations of the same endpoint run afterwards on the de-identified hea
 from __future__ import annotations
 
 import re
-import struct
 from dataclasses import dataclass, field
 
 from pydicom._uid_dict import UID_dictionary
-from pydicom.datadict import dictionary_VR, keyword_for_tag, tag_for_keyword
+from pydicom.datadict import dictionary_VR, get_entry, keyword_for_tag, tag_for_keyword
 from pydicom.dataelem import DataElement
 from pydicom.dataset import Dataset
 from pydicom.multival import MultiValue
@@ -48,8 +52,13 @@ PATIENT_NAME, PATIENT_ID = 0x00100010, 0x00100020
 ORIGINAL_ATTRIBUTES = 0x04000561
 #: the file meta elements blanked unless Retain Device Identity (Source, Sending, Receiving AE)
 META_AE_TITLES = (0x00020016, 0x00020017, 0x00020018)
-_DECODE_ERRORS = (ValueError, TypeError, LookupError, struct.error, NotImplementedError,
-                  AttributeError)
+#: Source, Sending and Receiving Presentation Address: dropped unless Retain Device Identity
+META_ADDRESSES = (0x00020026, 0x00020027, 0x00020028)
+MEDIA_INSTANCE_UID = 0x00020003
+#: the file meta elements a de-identified copy keeps (version, class, instance, syntax,
+#: implementation class and version — the last two are replaced by ours)
+META_KEPT = frozenset({0x00020001, 0x00020002, MEDIA_INSTANCE_UID, 0x00020010, 0x00020012,
+                       0x00020013})
 #: UI attributes that name a class, syntax, scheme or context, not an instance: kept
 _CLASS_LIKE = re.compile(r"Class|Syntax|Scheme|Context|Creator|Mapping|Template|Registry")
 _DATE_VRS = frozenset({"DA", "DT"})
@@ -114,20 +123,43 @@ class Deidentifier:
 
     def apply(self, ds: Dataset) -> Changes:
         """De-identify ``ds`` in place; ShapingError (no value named) if it cannot be."""
+        run = _Run(self, ds)
         try:
-            run = _Run(self, ds)
+            run.start()
             run.dataset(ds, "", None)
             run.add_method_attributes()
-        except _DECODE_ERRORS as exc:
-            raise ShapingError(f"de-identification: a value of this file cannot be decoded or "
-                               f"written ({type(exc).__name__})") from None
+        except ShapingError:
+            raise
+        except Exception as exc:  # pydicom raises many types on garbage; values are PHI
+            where = "a value of this file" if run.at is None else _name(run.at)
+            raise ShapingError(f"de-identification: {where} cannot be decoded or written "
+                               f"({type(exc).__name__})") from None
         return run.changes
 
-    def meta_changes(self) -> dict[int, bytes | None]:
-        """The file meta elements to blank (None: zero length)."""
+    def meta_changes(self, meta: Dataset, ds: Dataset) -> dict[int, bytes | None]:
+        """The file meta elements to change (None: zero length): the Media Storage SOP
+        Instance UID is always the copy's SOP Instance UID — the pseudonym of the meta's
+        own when the data set has none — and the AE titles are blanked."""
+        uid = str(ds.get("SOPInstanceUID", "") or "")
+        if not uid:
+            uid = str(meta.get("MediaStorageSOPInstanceUID", "") or "")
+            if uid and "retain_uids" not in self.config.options and not well_known_uid(uid):
+                uid = self.pseudonyms.uid(uid)
+        changes: dict[int, bytes | None] = {MEDIA_INSTANCE_UID: uid.encode()} if uid else {}
+        if not self.config.retains_device_identity:
+            changes.update(dict.fromkeys(META_AE_TITLES))
+        return changes
+
+    def meta_keep(self) -> frozenset[int]:
+        """The file meta allow-list: the Media Storage SOP Class and Instance UIDs, the
+        transfer syntax, the version, the implementation (replaced by ours), the AE
+        titles (blanked) — and the presentation addresses with Retain Device Identity.
+        Anything else (RTV elements, unknown ones, the original's Private Information)
+        could identify; the caller adds our own mark."""
+        keep = META_KEPT | set(META_AE_TITLES)
         if self.config.retains_device_identity:
-            return {}
-        return dict.fromkeys(META_AE_TITLES)
+            keep |= set(META_ADDRESSES)
+        return frozenset(keep)
 
     def keeps_private(self, ds: Dataset, tag: int) -> bool:
         """Retain Safe Private: is this private element (or creator) one the endpoint names?"""
@@ -155,14 +187,26 @@ class _Run:
         self.deid = deid
         self.ds = ds
         self.changes = Changes()
-        self.patient_id = _text(ds, PATIENT_ID)
-        self.shift = deid.pseudonyms.date_shift_days(self.patient_id)
-        tokens = [str(value) for tag in map(_tag, _IDENTITY_KEYWORDS) if tag in ds
-                  for value in _values(ds[tag].value)]
-        self.cleaner = deid_values.TextCleaner(deid_values.identity_tokens(t for t in tokens if t))
+        #: the element being read (named in an error, never its value)
+        self.at: int | None = None
+        self.shift = 0
+        self.cleaner = deid_values.TextCleaner(())
         options = deid.config.options
         self.dates = ("K" if "retain_full_dates" in options
                       else "C" if "retain_modified_dates" in options else "Z")
+
+    def start(self) -> None:
+        """Read the file's context: the date shift, the identity tokens for cleaning."""
+        ds = self.ds
+        self.at = PATIENT_ID
+        self.shift = self.deid.pseudonyms.date_shift_days(_text(ds, PATIENT_ID))
+        tokens: list[str] = []
+        for tag in map(_tag, _IDENTITY_KEYWORDS):
+            if tag in ds:
+                self.at = tag
+                tokens += [str(value) for value in _values(ds[tag].value)]
+        self.at = None
+        self.cleaner = deid_values.TextCleaner(deid_values.identity_tokens(t for t in tokens if t))
 
     # -- walking -------------------------------------------------------------------
 
@@ -172,6 +216,7 @@ class _Run:
                             and self.deid.table.action(tag) == "X"}
         for tag in list(ds.keys()):
             here = tag if top is None else top
+            self.at = tag
             if tag >> 16 in removed_overlays:
                 self.remove(ds, tag, prefix, here, "overlay plane removed")
             else:
@@ -190,6 +235,11 @@ class _Run:
         action = self.deid.table.action(tag)
         if tag == ORIGINAL_ATTRIBUTES:
             action = "X"
+        if action is None and (group in (0x0000, 0x0002) or not _known(tag)):
+            # a command element, a file meta element out of place, or one nobody can
+            # say what it holds: it may hold anything
+            self.remove(ds, tag, prefix, top, "unknown attribute removed")
+            return
         if action is None:
             action = self.unlisted(tag, vr)
         if tag in (PATIENT_NAME, PATIENT_ID) and action in ("Z", "D"):
@@ -200,9 +250,12 @@ class _Run:
         handler(ds, tag, vr, prefix, top)
 
     def unlisted(self, tag: int, vr: str) -> str:
-        """An attribute Table E.1-1 does not list: kept, but UIDs and dates (module docstring)."""
+        """An attribute Table E.1-1 does not list: kept, but UIDs, dates and URLs (module
+        docstring)."""
         if vr == "UI" and not _CLASS_LIKE.search(keyword_for_tag(tag) or ""):
             return "U"
+        if vr == "UR":
+            return "X"  # Retrieve URL, Storage URL…: host names and the original UIDs
         if vr in _DATE_VRS:
             return self.dates
         return "K"
@@ -334,6 +387,15 @@ def _tag(keyword: str) -> int:
     return tag
 
 
+def _known(tag: int) -> bool:
+    """Is ``tag`` in pydicom's dictionary (repeating groups such as 60xx included)?"""
+    try:
+        get_entry(tag)
+    except KeyError:
+        return False
+    return True
+
+
 def _vr(ds: Dataset, tag: int) -> str:
     """The element's VR without reading a deferred value (explicit VR: as written)."""
     raw = ds.get_item(tag)
@@ -373,7 +435,7 @@ def _old(ds: Dataset, tag: int) -> object:
         return f"({length} bytes)"
     try:
         return ds[tag].value
-    except _DECODE_ERRORS:
+    except Exception:  # pydicom raises many types on garbage (BytesLengthException…)
         return "(undecodable)"
 
 

@@ -79,6 +79,7 @@ from pydicom.charset import convert_encodings, default_encoding, encode_string
 from pydicom.datadict import dictionary_VM, dictionary_VR, keyword_for_tag, tag_for_keyword
 from pydicom.dataelem import DataElement, RawDataElement, convert_raw_data_element
 from pydicom.dataset import Dataset
+from pydicom.errors import BytesLengthException
 from pydicom.multival import MultiValue
 from pydicom.sequence import Sequence
 from pydicom.tag import Tag
@@ -97,7 +98,10 @@ _INT_VRS = frozenset({"SL", "SS", "SV", "UL", "US", "UV"})
 _FLOAT_VRS = frozenset({"FD", "FL"})
 _NEVER_PRIVATE = frozenset({0x0001, 0x0003, 0x0005, 0x0007, 0xFFFF})
 #: What pydicom raises when a value of the file cannot be decoded or re-encoded.
-_DECODE_ERRORS = (ValueError, TypeError, LookupError, struct.error, NotImplementedError)
+#: what pydicom raises on values it cannot decode or encode (BytesLengthException: a
+#: binary VR whose length is no whole number of values); its messages quote the value
+_DECODE_ERRORS = (ValueError, TypeError, LookupError, struct.error, NotImplementedError,
+                  OverflowError, BytesLengthException)
 
 _TAG_RE = re.compile(r"\(\s*([0-9A-Fa-f]{4})\s*,\s*([0-9A-Fa-f]{4})\s*\)")
 _STEP_RE = re.compile(r"(?P<name>[A-Za-z][A-Za-z0-9]*|\([^)]*\))(?:\[(?P<index>[^\]]*)\])?")
@@ -352,6 +356,24 @@ class Operations:
                 return deletes(operation.operation)
             return isinstance(operation, DeletePrivate)
         return any(deletes(line) for line in self.lines)
+
+    def top_tags(self) -> dict[int, int]:
+        """The top-level attributes the lines may change (set, replace, delete; a change
+        inside a sequence item: the sequence), each with the first line that does; ``delete
+        private`` touches private elements only and is not listed."""
+        def touched(operation: Operation) -> int | None:
+            if isinstance(operation, Conditional):
+                return touched(operation.operation)
+            if isinstance(operation, SetAttribute | ReplaceValue | DeleteAttribute):
+                path = operation.path
+                return path.steps[0].tag if path.steps else path.tag
+            return None
+        tags: dict[int, int] = {}
+        for line in self.lines:
+            tag = touched(line)
+            if tag is not None:
+                tags.setdefault(tag, line.line)
+        return tags
 
     def apply(self, ds: Dataset) -> Changes:
         """Apply every line in order to ``ds`` in place; ShapingError if it cannot be shaped.

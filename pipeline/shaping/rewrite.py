@@ -34,6 +34,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO, Protocol, cast
 
+from pydicom.datadict import dictionary_VR
 from pydicom.dataelem import DataElement
 from pydicom.dataset import Dataset, FileDataset, FileMetaDataset
 from pydicom.filebase import DicomBytesIO
@@ -41,6 +42,7 @@ from pydicom.filereader import read_dataset
 from pydicom.filewriter import write_data_element
 
 from pipeline import header as header_module
+from pipeline.dicom import filemeta
 from pipeline.dicom.filemeta import LONG_VRS, PREAMBLE
 from pipeline.errors import InflateError, ShapingError
 from pipeline.header import DEFLATED, EXPLICIT_BE, HeaderLimits, InflatingReader
@@ -84,8 +86,12 @@ class Plan:
     source: ShapingSource
     changes: _Changes | None
     dirty: set[int] = field(default_factory=set)
-    #: file meta elements to blank (de-identification: the AE titles), None = zero length
+    #: file meta elements to change (de-identification: the AE titles blanked, the Media
+    #: Storage SOP Instance UID): None = zero length if present, bytes = this value
     meta_changes: dict[int, bytes | None] = field(default_factory=dict)
+    #: de-identification: the only elements of the original file meta the copy keeps
+    #: (an allow-list; :meth:`ShapingSource.write`), None = all of them
+    meta_keep: frozenset[int] | None = None
 
     @property
     def changed(self) -> bool:
@@ -98,7 +104,7 @@ class Plan:
     def write(self, fd: int, mark: bytes | None = None) -> None:
         """Write the shaped file to the open descriptor ``fd`` (at its position), with
         ``mark`` as its file meta's Private Information (:mod:`provenance`)."""
-        self.source.write(fd, self.dirty, mark, self.meta_changes)
+        self.source.write(fd, self.dirty, mark, self.meta_changes, self.meta_keep)
 
 
 @dataclass
@@ -174,7 +180,7 @@ class ShapingSource:
         ds = self.dataset
         if operations is None:
             return Plan(self, None)
-        self._check_trailing(operations)
+        self._check_trailing(operations, deidentifying=not keep_originals)
         original_uid = str(ds.get("SOPInstanceUID", ""))
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -199,14 +205,16 @@ class ShapingSource:
         plan.dirty.add(provenance.ORIGINAL_ATTRIBUTES)
         return plan
 
-    def _check_trailing(self, operations: _Operations) -> None:
+    def _check_trailing(self, operations: _Operations, deidentifying: bool = False) -> None:
         """Elements after the pixel data are copied, never reached: refuse a file where
         that would leave what the operations mean to change — a public attribute out of
         place there (an operation could not see it: two values would travel), or a
-        private one under ``delete private``."""
+        private one under ``delete private``. A de-identified copy ends with the pixel
+        data (:meth:`write`): a private element there is left out, not a reason to fail."""
         for tag in self.trailing:
             group = tag >> 16
-            if tag in TRAILING_OK or group == 0x7FE0 or (group % 2 and not operations.deletes_private):
+            private_kept = group % 2 and not operations.deletes_private
+            if tag in TRAILING_OK or group == 0x7FE0 or private_kept or (group % 2 and deidentifying):
                 continue
             kind = "a private element" if group % 2 else "an attribute"
             raise ShapingError(f"{kind} ({group:04X},{tag & 0xFFFF:04X}) follows the pixel data, "
@@ -292,10 +300,13 @@ class ShapingSource:
     # -- writing -----------------------------------------------------------------------
 
     def write(self, fd: int, dirty: set[int], mark: bytes | None,
-              meta_changes: dict[int, bytes | None] | None = None) -> None:
+              meta_changes: dict[int, bytes | None] | None = None,
+              meta_keep: frozenset[int] | None = None) -> None:
         out = _Output(fd)
-        out.write(os.pread(self.work.fileno(), 128, 0) + b"DICM")
-        out.write(self._meta_bytes(mark, meta_changes or {}))
+        # a preamble is free-form (an application's own bytes: it may name the patient)
+        preamble = bytes(128) if self.deidentified else os.pread(self.work.fileno(), 128, 0)
+        out.write(preamble + b"DICM")
+        out.write(self._meta_bytes(mark, meta_changes or {}, meta_keep))
         if self.deflate:
             out.start_deflate()
         for kind, tag, start, end in self._pieces(dirty):
@@ -311,17 +322,24 @@ class ShapingSource:
         out.copy(self.work.fileno(), self.header_end, end)
         out.finish()
 
-    def _meta_bytes(self, mark: bytes | None, blanked: dict[int, bytes | None]) -> bytes:
-        """The file meta group of the copy: the original's elements, byte for byte, but
-        for Media Storage SOP Instance UID (following a coerced SOP Instance UID), the
-        ``blanked`` elements (zero length, or the value given), the "shaped for" mark,
-        and the group length. A de-identified copy keeps no Private Information of the
-        original's (the mark, or nothing)."""
+    def _meta_bytes(self, mark: bytes | None, changes: dict[int, bytes | None],
+                    keep: frozenset[int] | None = None) -> bytes:
+        """The file meta group of the copy: the original's elements, byte for byte (only
+        those in ``keep`` when given: a de-identified copy, which also gets our own
+        Implementation Class UID and Version Name), but for Media Storage SOP Instance UID
+        (following a coerced SOP Instance UID), the ``changes`` (None: zero length if
+        present; bytes: that value), the "shaped for" mark, and the group length. A
+        de-identified copy keeps no Private Information of the original's (the mark, or
+        nothing)."""
         elements = _meta_elements(os.pread(self.work.fileno(), self.meta_end - PREAMBLE, PREAMBLE))
-        for tag, value in blanked.items():
-            if tag in elements:
-                vr = elements[tag][4:6]
-                elements[tag] = _meta_element(tag, vr, _padded(value or b"", b" "))
+        if keep is not None:
+            elements = {tag: element for tag, element in elements.items() if tag in keep}
+            elements.update(_own_implementation())
+        for tag, value in changes.items():
+            if value is None and tag not in elements:
+                continue
+            vr = elements[tag][4:6] if tag in elements else dictionary_VR(tag).encode()
+            elements[tag] = _meta_element(tag, vr, _padded(value or b"", b"\0" if vr == b"UI" else b" "))
         if self.deidentified and mark is None:
             elements.pop(provenance.PRIVATE_CREATOR_UID, None)
             elements.pop(provenance.PRIVATE_INFORMATION, None)
@@ -363,12 +381,22 @@ class ShapingSource:
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("error")  # a value pydicom would mangle is refused
+                for note in _CHARSET_NOTES:  # the reader made the same choice
+                    warnings.filterwarnings("ignore", message=note)
                 write_data_element(buffer, self.dataset[tag], self.dataset._character_set)
-        except (ValueError, TypeError, OverflowError, UserWarning, LookupError) as exc:
+        except Exception as exc:  # pydicom raises many types; the value is never named
             name = self.dataset[tag].keyword or f"({tag >> 16:04X},{tag & 0xFFFF:04X})"
             raise ShapingError(f"{name}: cannot be encoded in the file's transfer syntax and "
                                f"character set ({type(exc).__name__})") from None
         return buffer.getvalue()
+
+
+#: pydicom's warnings about a Specific Character Set it corrects ("ISO IR 100" read as
+#: "ISO_IR 100"), does not know ("ISO_IR100": its default is used) or partly ignores:
+#: the header was decoded with the same choice, so encoding with it loses nothing. A
+#: value it cannot encode ("Failed to encode…", replacement characters) stays an error.
+_CHARSET_NOTES = ("Incorrect value for Specific Character Set", "Unknown encoding",
+                  "Value '.*' for Specific Character Set", "Value '.*' cannot be used as code")
 
 
 def _meta_elements(group: bytes) -> dict[int, bytes]:
@@ -387,6 +415,15 @@ def _meta_elements(group: bytes) -> dict[int, bytes]:
         elements[tag_group << 16 | element] = group[offset:end]
         offset = end
     return elements
+
+
+def _own_implementation() -> dict[int, bytes]:
+    """Implementation Class UID and Version Name (0002,0012–0013): the ones our receiver
+    writes (a de-identified copy does not tell which software made the original)."""
+    uid = str(filemeta.PYNETDICOM_IMPLEMENTATION_UID).encode()
+    version = str(filemeta.PYNETDICOM_IMPLEMENTATION_VERSION).encode()
+    return {0x00020012: _meta_element(0x00020012, b"UI", _padded(uid, b"\0")),
+            0x00020013: _meta_element(0x00020013, b"SH", _padded(version, b" "))}
 
 
 def _meta_element(tag: int, vr: bytes, value: bytes) -> bytes:
