@@ -63,6 +63,7 @@ def test_a_burned_in_file_goes_to_failed_for_the_research_endpoint_only(tmp_path
     failed = only(spool.failed("research"))
     reason = (failed.parent / (failed.name + ".error")).read_text()
     assert "Secondary Capture" in reason and "allow_burned_in" in reason
+    assert "([deidentify] and [coerce] of endpoint research)" in reason
     assert dicom_files(spool.outbox("research")) == []
 
 
