@@ -491,8 +491,8 @@ class FilterDaemon:
         return routing, (instance_ids(dataset) if routing.groups or self.desk.active else None)
 
     def _accept(self, path: Path, name: str, head: Header) -> Path:
-        if self.desk.active:  # a name seen before (a copy moved back): its old records go
-            self.desk.reached.reset(name)
+        if self.desk.active and not os.path.lexists(self.spool.accepted / name):
+            self.desk.reached.reset(name)  # a name seen before (a copy moved back): its old records go
         try:
             return self.spool.move(path, self.spool.accepted, name)
         except FileExistsError:  # a different file already has this name: give it another
@@ -519,7 +519,9 @@ class FilterDaemon:
                     failed.append(endpoint)
             except OSError:
                 if waits:  # in accepted/ now, and waiting: the retry must look at it there
-                    self._retry_at[accepted] = time.monotonic() + self.retry_interval
+                    due = time.monotonic() + self.retry_interval
+                    self._retry_at[accepted] = due
+                    self._accepted_due = min(self._accepted_due, due)  # …when it is due
                 raise
             if waits:
                 self.desk.reached.add(accepted.name, endpoint)
@@ -529,6 +531,8 @@ class FilterDaemon:
                 self._release_all(self.desk.check_study(ids.study))
             notes += f"; waits for its {'/'.join(self._levels(waits))} ({', '.join(waits)})"
             return ", ".join(now) or NONE_YET, notes
+        if isinstance(ids, InstanceIds) and ids.study in self.desk.index.by_study:
+            self._release_all(self.desk.check_study(ids.study))  # an MPPS may name it
         if not now and reached:
             self.spool.unlink(accepted)
             return "(copies made before an interruption)", notes
@@ -631,6 +635,8 @@ class FilterDaemon:
     def _done_waiting(self, path: Path) -> None:
         """A file no group holds any more leaves ``accepted/``: to ``rejected/`` when no
         endpoint at all took it, else it is simply unlinked (its copies are out)."""
+        if path in self._retry_at:  # a copy it still owes (a disk error): the retry makes it
+            return
         reached = self.desk.reached.of(path.name)
         self.desk.reached.forget(path.name)
         try:

@@ -93,9 +93,10 @@ def process_info(run_dir: Path, lock_name: str) -> dict:
 
 def _sender_state(run_dir: Path, endpoint: str) -> dict:
     try:
-        return json.loads((run_dir / state_file_name(endpoint)).read_text())
+        state = json.loads((run_dir / state_file_name(endpoint)).read_text())
     except (OSError, ValueError, RecursionError):
         return {}
+    return state if isinstance(state, dict) else {}
 
 
 def _last_failure(failed_dir: Path) -> str | None:

@@ -622,3 +622,90 @@ def test_a_finished_mpps_naming_no_instance_does_not_release_at_the_first_image(
     clock.now += 61
     daemon.run(once=True)
     assert uids(spool.outbox("ai")) == {ds.SOPInstanceUID for ds in a}
+
+
+# -- what the second review found -------------------------------------------------------
+
+def _failing_link_once(daemon, spool, endpoint, monkeypatch):
+    import errno
+
+    real_link, failures = daemon.spool.link, []
+
+    def full_once(src, directory, name=None):
+        if directory == spool.outbox(endpoint) and not failures:
+            failures.append(src)
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_link(src, directory, name)
+
+    monkeypatch.setattr(daemon.spool, "link", full_once)
+    return failures
+
+
+def test_a_release_before_the_retry_of_an_owed_copy_keeps_the_file(tmp_path, clock,
+                                                                   monkeypatch):
+    conf = conf_for(tmp_path)
+    daemon = daemon_for(conf, clock)
+    spool = daemon.spool.create(daemon.config.endpoints)
+    a = study({"AXIAL": 1})
+    failures = _failing_link_once(daemon, spool, "pacs", monkeypatch)
+    drop(spool, a[0])
+    daemon.start()
+    try:
+        daemon.step()                                     # pacs' copy fails: owed
+        assert failures and not dicom_files(spool.outbox("pacs"))
+        uid = a[0].StudyInstanceUID
+        spool.write_bytes(request_path(spool, uid).parent, request_path(spool, uid).name, b"")
+        daemon.step()                                     # released before the retry
+        assert uids(spool.outbox("ai")) == {a[0].SOPInstanceUID}
+        assert len(dicom_files(spool.accepted)) == 1      # kept: it still owes pacs a copy
+        assert daemon._accepted_due <= min(daemon._retry_at.values())  # woken for it
+        for _ in range(50):
+            daemon.wait(0.1)
+            daemon.step()
+            if dicom_files(spool.outbox("pacs")):
+                break
+    finally:
+        daemon.close()
+    assert uids(spool.outbox("pacs")) == {a[0].SOPInstanceUID}
+    assert len(dicom_files(spool.outbox("ai"))) == 1 and dicom_files(spool.accepted) == []
+
+
+def test_a_name_that_collides_in_accepted_keeps_the_waiting_files_records(tmp_path, clock):
+    conf = conf_for(tmp_path)
+    daemon = daemon_for(conf, clock)
+    spool = daemon.spool.create(daemon.config.endpoints)
+    a = study({"AXIAL": 1})
+    drop(spool, a[0])
+    daemon.run(once=True)
+    (copy,) = dicom_files(spool.outbox("pacs"))
+    waiting = spool.accepted / copy.name
+    assert waiting.exists()
+    staging = spool.root.parent / "again"
+    staging.mkdir()
+    (staging / copy.name).write_bytes(copy.read_bytes())  # an operator's cp of the copy
+    os.rename(staging / copy.name, spool.incoming / copy.name)
+    copy.unlink()                                          # and the first copy is pruned
+    daemon.run(once=True)
+    restarted = daemon_for(conf, clock)
+    restarted.run(once=True)
+    assert restarted.desk.reached.of(copy.name) >= {"pacs"}
+    assert not (spool.outbox("pacs") / copy.name).exists()  # the original: not linked again
+
+
+def test_a_reload_that_changes_only_the_level_reads_the_waiting_study_again(tmp_path, clock):
+    conf = conf_for(tmp_path)
+    daemon = daemon_for(conf, clock)
+    spool = daemon.spool.create(daemon.config.endpoints)
+    a = study({"AXIAL": 2, "SCOUT": 1})
+    for ds in a[:2]:
+        drop(spool, ds)
+    daemon.run(once=True)
+    ai = conf / "endpoints" / "ai.ini"
+    ai.write_text(ai.read_text().replace("level = study", "level = series"))
+    daemon.request_reload()
+    daemon.run(once=True)
+    drop(spool, a[2])
+    daemon.run(once=True)
+    keys = sorted((k[2] != "", len(g.members)) for k, g in daemon.desk.index.groups.items()
+                  if k[0] == "ai")
+    assert keys == [(True, 1), (True, 2)]                   # two series groups, none per study

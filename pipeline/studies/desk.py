@@ -215,7 +215,8 @@ class StudyDesk:
         again: set[str] = set()
         for key, group in list(self.index.groups.items()):
             policy = self.policies.get(group.endpoint)
-            if policy is None or group.rules != rules.get(group.endpoint):
+            if (policy is None or group.rules != rules.get(group.endpoint)
+                    or policy.level != group.policy.level):  # the key's shape follows the level
                 again |= set(group.members)
                 self.index.remove(key)
             else:

@@ -20,6 +20,7 @@ from __future__ import annotations
 import hashlib
 import heapq
 import itertools
+from collections import OrderedDict
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -30,6 +31,8 @@ from pipeline.studies.records import GroupKey, Released
 
 #: an Instance/Series Number that is missing or not a number sorts last
 NO_NUMBER = 1 << 62
+#: instances remembered of studies with no waiting group yet (for MPPS), and of how many
+EARLY_INSTANCES, EARLY_STUDIES = 10_000, 1_000
 
 
 class MppsStep(Protocol):
@@ -182,6 +185,9 @@ class StudyIndex:
         self.by_study: dict[str, set[GroupKey]] = {}
         #: per study with a waiting group: the SOP Instance UIDs arrived (for MPPS)
         self.arrived: dict[str, set[str]] = {}
+        #: …and of the last studies seen without one (an instance no grouped endpoint
+        #: takes may come first): bounded, merged when a group of the study begins
+        self._early: OrderedDict[str, set[str]] = OrderedDict()
         self._heap: list[tuple[float, int, GroupKey]] = []
         self._seq = itertools.count()
 
@@ -197,6 +203,9 @@ class StudyIndex:
             group = self.groups[key] = Group(key, policy, rules, Aggregate.empty(len(facts)),
                                              mono, mono, wall, wall, prior=prior)
             self.by_study.setdefault(key[1], set()).add(key)
+            early = self._early.pop(key[1], None)
+            if early:
+                self.arrived.setdefault(key[1], set()).update(early)
         if member.name not in group.members:
             group.members[member.name] = member
             group.aggregate.add(facts)
@@ -212,6 +221,13 @@ class StudyIndex:
         """An instance of ``study`` arrived (any endpoint's: an MPPS names them all)."""
         if study in self.by_study:
             self.arrived.setdefault(study, set()).add(sop_instance_uid)
+            return
+        seen = self._early.setdefault(study, set())
+        self._early.move_to_end(study)
+        if len(seen) < EARLY_INSTANCES:
+            seen.add(sop_instance_uid)
+        while len(self._early) > EARLY_STUDIES:
+            self._early.popitem(last=False)
 
     def due(self, now: float, steps: Mapping[str, Sequence[MppsStep]]) -> list[tuple[Group, str]]:
         """The groups whose deadline passed and that are complete, with why."""
