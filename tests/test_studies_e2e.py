@@ -134,8 +134,9 @@ def test_two_interleaved_studies_instance_study_and_series_endpoints(tmp_path: P
     router = Router(tmp_path, peers, {
         "ai": {"level": "study", "conditions": "SeriesDescription=AXIAL.*", "stable_time": "8s"},
         "series": {"level": "series", "stable_time": "6s"},
-    }).start()
+    })
     try:
+        router.start()  # inside the try: a daemon that fails to start stops the others
         a = write_study(tmp_path / "a", {"AXIAL CHEST": 6, "SCOUT": 3})
         b = write_study(tmp_path / "b", {"SCOUT": 4, "LOCALIZER": 2}, patient_id="P2")
         # the files of each study go in reverse order: the order out comes from the numbers
@@ -193,8 +194,9 @@ def test_mpps_releases_a_study_when_its_last_instance_arrives(tmp_path: Path) ->
     """stable_time is an hour: only the MPPS can release the study within the test."""
     peers = {"ai": StoreSCP(tmp_path / "ai", ae_title="AI")}
     router = Router(tmp_path, peers, {"ai": {"level": "study", "completion": "mpps",
-                                             "stable_time": "1h", "max_wait": "2h"}}).start()
+                                             "stable_time": "1h", "max_wait": "2h"}})
     try:
+        router.start()
         files = write_study(tmp_path / "study", {"AXIAL": 5, "CORONAL": 3})
         heads = [header(p) for p in files]
         study = str(heads[0].StudyInstanceUID)
@@ -243,11 +245,12 @@ def test_kill_9_of_the_filter_mid_release_loses_nothing(tmp_path: Path) -> None:
     router = Router(tmp_path, peers, {
         "ai": {"level": "study", "stable_time": "2s"},
         "series": {"level": "series", "stable_time": "2s"},
-    }, sections={"ai": {"coerce": {"operations": "InstitutionName = ROUTED"}}}).start()
+    }, sections={"ai": {"coerce": {"operations": "InstitutionName = ROUTED"}}})
     kills = 0   # ai's copies are written (coerced), not linked: a release takes a while
     expected: set[str] = set()
     rng = random.Random()
     try:
+        router.start()
         for index in range(studies):
             files = write_study(tmp_path / f"s{index}", {"AXIAL": count // 2,
                                                           "SCOUT": count - count // 2})
