@@ -82,6 +82,11 @@ class RouterConfig:
     max_pdu: int
     disk_floor_bytes: int | None
     disk_floor_fraction: float | None
+    #: the instance journal (pipeline/journal): on/off, how long events are kept, and
+    #: whether Patient ID and Accession Number are stored with them
+    journal: bool
+    journal_retention: float
+    journal_phi: bool
     tls: TlsConfig
     rules: RuleSet
     #: [filter] settle_time: how long a hand-copied file without a close-write event

@@ -164,6 +164,14 @@ _ROUTER = [
     Option(ROUTER, "router", "disk_floor", size_or_percent, None,
            "free space to keep: `sent/` is pruned oldest-first, then C-STOREs get 0xA700; "
            "a size or a percentage", shown="*(min(1 GiB, 5 %))*"),
+    Option(ROUTER, "router", "journal", boolean, "true",
+           "keep the instance journal `run/journal.sqlite` (what happened to each image; "
+           "`dicomflow trace`, `reconcile`); see The journal"),
+    Option(ROUTER, "router", "journal_retention", positive_duration, "90d",
+           "journal events older than this are deleted (hourly, by the filter)"),
+    Option(ROUTER, "router", "journal_phi", boolean, "false",
+           "also store Patient ID and Accession Number in the journal (for `trace "
+           "--patient-id` / `--accession`); patient data in `run/`!"),
     *_rules(ROUTER, "SOP Class UIDs or keywords (`CTImageStorage`), comma-separated",
             "SOP classes refused (a deny-list wins over an allow-list)",
             "one per line, all must hold: `Keyword=regex` or `Keyword!=regex`"),
