@@ -514,7 +514,8 @@ class Spool:
         return files
 
     def prune_sent(self, *, older_than: float | None = None, until_free: int | None = None,
-                   endpoint: str | None = None, now: float | None = None) -> int:
+                   endpoint: str | None = None, now: float | None = None,
+                   on_delete: Callable[[Path], None] | None = None) -> int:
         """Delete delivered copies in ``sent/``: the sender's retention and the receiver's
         disk floor (README, The spool). Returns the number deleted.
 
@@ -522,7 +523,8 @@ class Spool:
         before ``now`` (see :func:`arrived_at`). ``until_free``: oldest name first, stop
         as soon as that many bytes are free. ``endpoint``: that endpoint's ``sent/`` only
         (default: all). Only regular files are deleted: nothing else frees space, and a
-        folder someone made there must not stop a daemon.
+        folder someone made there must not stop a daemon. ``on_delete`` is told each
+        deleted path (the journal's ``deleted`` event).
         """
         cutoff = None
         if older_than is not None:
@@ -541,6 +543,8 @@ class Spool:
             except FileNotFoundError:
                 continue
             deleted += 1
+            if on_delete is not None:
+                on_delete(path)
         return deleted
 
 

@@ -40,6 +40,16 @@ from pipeline.config import Config
 from pipeline.daemon import Signals, Step
 from pipeline.errors import ConfigError, DiskTrouble, QuarantineError, ShapingError
 from pipeline.header import Header
+from pipeline.journal import Journal, NoJournal, for_daemon
+from pipeline.journal.events import (
+    FAILED,
+    JOURNAL_PHI_TAGS,
+    JOURNAL_TAGS,
+    QUARANTINED,
+    REJECTED,
+    ROUTED,
+    SHAPED,
+)
 from pipeline.lock import DaemonLock
 from pipeline.log import setup_daemon, shown_name
 from pipeline.names import escape
@@ -61,6 +71,7 @@ RETRYABLE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EIO, errno.EM
 NONE_YET = "(none yet)"
 #: a file held open for writing this many settle times is reported (one WARNING)
 HELD_WARNING_FACTOR = 20
+JOURNAL_PRUNE_INTERVAL = 3600.0  # seconds between runs of the journal's retention
 
 
 @dataclasses.dataclass
@@ -87,8 +98,12 @@ class FilterDaemon:
 
     def __init__(self, config: Config, spool: Spool | None = None, log=None, *,
                  settle: float | None = None, rescan_interval: float = 5.0,
-                 retry_interval: float = 5.0) -> None:
+                 retry_interval: float = 5.0, journal: Journal | None = None) -> None:
         self.config = config
+        #: events of each file (pipeline/journal); made in start() unless a test gives one
+        self.journal: Journal = journal or NoJournal()
+        self._own_journal = journal is None
+        self._journal_prune_due = 0.0
         self.spool = spool or Spool(config.spool)
         self.log = log or logger.bind(daemon="filter")
         #: seconds a file without a close-write event must stay unchanged ([filter] settle_time)
@@ -150,6 +165,10 @@ class FilterDaemon:
             for endpoint in self.spool.handbacks():
                 self.spool.clean_tmp(self.spool.handback(endpoint))
             self.spool.clean_dead_tmp(self.spool.run_dir)
+            if self._own_journal:
+                router = self.config.router
+                self.journal = for_daemon(self.spool.run_dir, "filter", router.journal,
+                                          router.journal_phi)
             self.watcher.start()
             if self.desk.active:
                 self._open_desk()
@@ -184,6 +203,9 @@ class FilterDaemon:
         """
         if self.reload_requested:
             self.reload()
+        if time.monotonic() >= self._journal_prune_due:  # retention: hourly, off this thread
+            self.journal.request_prune(self.config.router.journal_retention)
+            self._journal_prune_due = time.monotonic() + JOURNAL_PRUNE_INTERVAL
         try:
             if not self.desk.active or time.monotonic() >= self._accepted_due:
                 self.recover_accepted()
@@ -206,6 +228,8 @@ class FilterDaemon:
         if self.desk.active and self._lock.held:
             self.desk.write_state(force=True)
             self.desk.close()
+        if self._own_journal:
+            self.journal.close()
         if self._lock.held:
             self._lock.release()
             self.log.info("filter stopped")
@@ -460,8 +484,10 @@ class FilterDaemon:
 
     def _reject(self, path: Path, name: str, reason: str, head: Header) -> str:
         name = _free_name(self.spool.rejected, name, head.sop_instance_uid)
-        self.spool.move_with_reason(path, self.spool.rejected, ".reason",
-                                    self._reason(reason, path), name=name)
+        target = self.spool.move_with_reason(path, self.spool.rejected, ".reason",
+                                             self._reason(reason, path), name=name)
+        self.journal.about(REJECTED, target.name, uid=head.sop_instance_uid, reason=reason,
+                           **self._journal_ids(head))
         return f"{_describe(head)} rejected{self._renamed(path, name)}: {escape(reason, 500)}"
 
     def _renamed(self, path: Path, name: str) -> str:
@@ -512,6 +538,9 @@ class FilterDaemon:
         reached = self.desk.reached.of(accepted.name) if recovering else set()
         # recorded before an interruption: not again (its copy may be pruned already)
         now = [endpoint for endpoint in now if endpoint not in reached]
+        self.journal.about(ROUTED, accepted.name, uid=head.sop_instance_uid,
+                           endpoints=now, waiting=waits, refused=routing.decision.refusals,
+                           sop_class=head.sop_class_uid, **self._journal_ids(head))
         failed = []
         for endpoint in now:
             try:
@@ -614,6 +643,9 @@ class FilterDaemon:
                     path = self.spool.accepted / member.name
                     if endpoint in self.desk.reached.of(member.name) or not path.exists():
                         continue
+                    self.journal.about(ROUTED, member.name, uid=member.sop_instance_uid,
+                                       endpoints=[endpoint], release=group.policy.level,
+                                       study=group.study, series=group.series)
                     if not self._copy(path, endpoint, member.sop_instance_uid, group.recovered):
                         failed += 1
                     self.desk.reached.add(member.name, endpoint)
@@ -629,6 +661,11 @@ class FilterDaemon:
                      f"({release.why}){extra}")
         else:
             log.info(f"{what}: not sent to {endpoint}: {release.why_not} ({release.why})")
+            for member in release.members:
+                self.journal.about(ROUTED, member.name, uid=member.sop_instance_uid,
+                                   endpoints=[], declined={endpoint: release.why_not},
+                                   release=group.policy.level, study=group.study,
+                                   series=group.series)
         for name in self.desk.finished(release):
             self._done_waiting(self.spool.accepted / name)
 
@@ -643,10 +680,12 @@ class FilterDaemon:
             if reached:
                 self.spool.unlink(path)
                 return
-            reason = self._reason("no endpoint takes it: every endpoint deciding per "
-                                  "series/study decided against its series/study", path)
-            self.spool.move_with_reason(path, self.spool.rejected, ".reason", reason,
-                                        name=_free_name(self.spool.rejected, path.name, None))
+            why = ("no endpoint takes it: every endpoint deciding per series/study decided "
+                   "against its series/study")
+            target = self.spool.move_with_reason(
+                path, self.spool.rejected, ".reason", self._reason(why, path),
+                name=_free_name(self.spool.rejected, path.name, None))
+            self.journal.about(REJECTED, target.name, reason=why)
         except FileNotFoundError:
             pass
 
@@ -663,7 +702,8 @@ class FilterDaemon:
         for this endpoint only, to ``failed/<endpoint>/`` with the reason (False)."""
         log = self.log.bind(file=shown_name(source.name), endpoint=endpoint)
         try:
-            self.shaper.endpoint_copy(source, endpoint)
+            copy = self.shaper.endpoint_copy(source, endpoint)
+            self._journal_shaped(source, copy, endpoint)
             return True
         except OSError:
             raise  # the disk: the whole file is retried later
@@ -672,11 +712,33 @@ class FilterDaemon:
         except Exception as exc:  # a bug or a pydicom surprise: this endpoint's copy only
             text = f"internal error while shaping: {type(exc).__name__}: {exc}"
             log.opt(exception=exc).debug(escape(text, 2000))
-        self.spool.link_with_reason(source, self.spool.failed(endpoint), ".error",
-                                    self._failed_reason(text, source, endpoint))
+        target = self.spool.link_with_reason(source, self.spool.failed(endpoint), ".error",
+                                             self._failed_reason(text, source, endpoint))
+        self.journal.about(FAILED, target.name, endpoint=endpoint,
+                           reason=f"cannot be shaped: {text}")
         log.warning(f"cannot be shaped for {endpoint}, its copy is in failed/{endpoint}/: "
                     f"{escape(text, 300)}")
         return False
+
+    def _journal_shaped(self, source: Path, copy: Path, endpoint: str) -> None:
+        ep = self.config.endpoints[endpoint]
+        parsed = SpoolName.parse(copy.name)
+        shaping = (["deidentify"] if ep.deidentify is not None else []) + (
+            ["coerce"] if ep.coerce else [])
+        original = SpoolName.parse(source.name)
+        self.journal.about(SHAPED, copy.name, uid=original.uid if original else None,
+                           endpoint=endpoint, copy_uid=parsed.uid if parsed else None,
+                           shaping=shaping)
+
+    def _journal_ids(self, head: Header) -> dict[str, str | None]:
+        """The study, series (and with ``journal_phi``, patient) keys of an event."""
+        ds = head.dataset
+        ids = {"study": _text(ds.get("StudyInstanceUID")),
+               "series": _text(ds.get("SeriesInstanceUID"))}
+        if self.config.router.journal_phi:
+            ids["patient_id"] = _text(ds.get("PatientID"))
+            ids["accession"] = _text(ds.get("AccessionNumber"))
+        return ids
 
     def _failed_reason(self, text: str, source: Path, endpoint: str) -> str:
         stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
@@ -771,8 +833,9 @@ class FilterDaemon:
     def _quarantine(self, path: Path, reason: str) -> str:
         name = path.name if is_standard(path.name) else str(SpoolName.new(None))
         name = _free_name(self.spool.quarantine, name, None)
-        self.spool.move_with_reason(path, self.spool.quarantine, ".reason",
-                                    self._reason(reason, path), name=name)
+        target = self.spool.move_with_reason(path, self.spool.quarantine, ".reason",
+                                             self._reason(reason, path), name=name)
+        self.journal.about(QUARANTINED, target.name, reason=reason)
         self._renamed(path, name)
         return f"quarantined as {name}: {escape(reason, 500)}"
 
@@ -809,10 +872,22 @@ class FilterDaemon:
 
 
 def _wanted(config: Config) -> header_scan.Wanted | None:
-    """The tags the header read must find for these rules (None: pydicom reads all)."""
+    """The tags the header read must find for these rules and for the journal's events
+    (None: pydicom reads all)."""
     rule_sets = [config.router.rules, *(ep.rules for ep in config.endpoints.values())]
     grouped = any(ep.study.grouped for ep in config.endpoints.values())
-    return header_scan.plan(rule_sets, extra=STUDY_TAGS if grouped else ())
+    extra = set(STUDY_TAGS if grouped else ())
+    if config.router.journal:
+        extra |= JOURNAL_TAGS | (JOURNAL_PHI_TAGS if config.router.journal_phi else set())
+    return header_scan.plan(rule_sets, extra=frozenset(extra))
+
+
+def _text(value: object) -> str | None:
+    """A header value as the journal keeps it (None when absent or empty)."""
+    if value is None:
+        return None
+    text = str(value).strip()
+    return text[:64] or None
 
 
 def _desk(config: Config, spool: Spool, log) -> StudyDesk:

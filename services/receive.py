@@ -20,6 +20,7 @@ transfer in flight), keeps its own ``max_associations`` and checks the disk floo
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 from pathlib import Path
@@ -32,6 +33,8 @@ from pipeline.dicom.filemeta import stamp_ae_titles
 from pipeline.dicom.scp import AssociationInfo, Listener, StoreRequest
 from pipeline.errors import ConfigError, Refusal
 from pipeline.intake import Command, check_received, pad_deflated
+from pipeline.journal import Journal, NoJournal, for_daemon
+from pipeline.journal.events import RECEIVED
 from pipeline.lock import DaemonLock, process_name
 from pipeline.log import escape, logger
 from pipeline.names import is_valid_uid
@@ -53,8 +56,9 @@ class Receiver:
     idle and ``run(once=True)`` starts listening and closes again.
     """
 
-    def __init__(self, config: Config, spool: Spool) -> None:
+    def __init__(self, config: Config, spool: Spool, journal: Journal | None = None) -> None:
         self.config = config
+        self.journal = journal or NoJournal()
         self.router = config.router
         self.spool = spool
         self.listener = Listener(self.router, self, MppsStore(spool))
@@ -145,7 +149,21 @@ class Receiver:
             return STATUS_OUT_OF_RESOURCES
         self.stored += 1
         logger.bind(file=target.name).info("stored from {}", escape(calling))
+        self._journal_received(request, target)
         return STATUS_SUCCESS
+
+    def _journal_received(self, request: StoreRequest, target: Path) -> None:
+        """The ``received`` event (queued: the journal never delays the answer)."""
+        peer = request.association.calling
+        try:
+            size = os.stat(target).st_size
+        except OSError:
+            size = None
+        self.journal.record(RECEIVED, uid=request.sop_instance_uid, file=target.name,
+                            calling=peer.ae_title, called=request.called_ae,
+                            peer=f"{peer.address}:{peer.port}",
+                            sop_class=request.sop_class_uid, syntax=request.transfer_syntax,
+                            size=size, association=request.association.association_id)
 
     def _unroutable(self, path: Path, request: StoreRequest) -> Refusal | None:
         """Why the received data set cannot be routed (and must not be acknowledged).
@@ -171,7 +189,8 @@ class Receiver:
         floor = self.router.disk_floor(self.spool.total_bytes())
         if self.spool.free_bytes() >= floor:
             return True
-        pruned = self.spool.prune_sent(until_free=floor)
+        pruned = self.spool.prune_sent(until_free=floor,
+                                       on_delete=self.journal.deleted_from_sent("disk floor"))
         if pruned:
             logger.warning("disk floor reached: pruned {} delivered file(s) from sent/", pruned)
         if self.spool.free_bytes() >= floor:
@@ -229,10 +248,13 @@ def main(config: Config, process: int | None = None) -> int:
             logger.info("removed {} stale temp file(s) from {}", removed,
                         tmp_dir.relative_to(spool.root))
         scp.configure(tmp_dir)
-        receiver = Receiver(config, spool)
+        journal = for_daemon(spool.run_dir, name, router.journal, router.journal_phi)
+        receiver = Receiver(config, spool, journal)
         try:
             with Signals(receiver.request_stop):
                 return run(receiver)
         except OSError as exc:
             logger.error("cannot listen on {}:{}: {}", router.bind, router.port, exc.strerror or exc)
             return 1
+        finally:
+            journal.close()

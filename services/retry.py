@@ -11,6 +11,8 @@ import sys
 from pathlib import Path
 
 from pipeline.config import Config
+from pipeline.journal import Journal, for_daemon
+from pipeline.journal.events import RETRIED
 from pipeline.names import escape, is_valid_endpoint_name
 from pipeline.spool import Spool, is_hidden, is_sidecar
 
@@ -31,6 +33,17 @@ def main(config: Config, endpoint: str, files: list[str], retry_all: bool = Fals
     selected = spool.list_stage(failed) if retry_all else _named(failed, files)
     if selected is None:
         return 1
+    journal = for_daemon(spool.run_dir, "retry", config.router.journal, config.router.journal_phi)
+    try:
+        moved, refused = _move_back(spool, endpoint, selected, journal)
+    finally:
+        journal.close()
+    print(f"dicomflow: {moved} file(s) moved back to outbox/{endpoint}")
+    return 1 if refused else 0
+
+
+def _move_back(spool: Spool, endpoint: str, selected: list[Path], journal: Journal) -> tuple[int, int]:
+    """Move each file back to the outbox; (moved, refused by the disk)."""
     moved = refused = 0
     for path in selected:
         try:
@@ -48,9 +61,9 @@ def main(config: Config, endpoint: str, files: list[str], retry_all: bool = Fals
             refused += 1
             continue
         spool.remove_sidecars(path)
+        journal.about(RETRIED, path.name, endpoint=endpoint)
         moved += 1
-    print(f"dicomflow: {moved} file(s) moved back to outbox/{endpoint}")
-    return 1 if refused else 0
+    return moved, refused
 
 
 def _named(failed: Path, files: list[str]) -> list[Path] | None:

@@ -42,6 +42,7 @@ from pipeline.config import Config, EndpointConfig
 from pipeline.daemon import Signals, Step
 from pipeline.dicom import patches
 from pipeline.dicom.filemeta import FileMeta
+from pipeline.journal import Journal, NoJournal, for_daemon
 from pipeline.lock import DaemonLock
 from pipeline.log import escape, logger
 from pipeline.sender_state import RetryBook, StateReporter, sender_name
@@ -65,7 +66,8 @@ class Sender(HealthMixin, LanesMixin, PlanningMixin, DeliveryMixin, OutcomesMixi
     """The delivery daemon of one endpoint; every dependency is injectable for tests."""
 
     def __init__(self, config: Config, endpoint: str, clock=None, rng: random.Random | None = None,
-                 install_signals: bool = True, rescan_interval: float = RESCAN_INTERVAL) -> None:
+                 install_signals: bool = True, rescan_interval: float = RESCAN_INTERVAL,
+                 journal: Journal | None = None) -> None:
         self.config = config
         self.ep: EndpointConfig = config.endpoints[endpoint]
         self.name = endpoint
@@ -110,6 +112,10 @@ class Sender(HealthMixin, LanesMixin, PlanningMixin, DeliveryMixin, OutcomesMixi
         self.busy_probes = Backoff(self.ep.retry.probe_backoff, self.ep.retry.probe_backoff_cap,
                                    self.rng)
         self.associations = 0
+        #: made in start() unless a test gives one
+        self.journal: Journal = journal or NoJournal()
+        self._own_journal = journal is None
+        self.store_times: dict[str, float] = {}
         self.studies = StudyLists(self.spool, endpoint, self.clock)
 
     def start(self) -> None:
@@ -119,6 +125,10 @@ class Sender(HealthMixin, LanesMixin, PlanningMixin, DeliveryMixin, OutcomesMixi
             self.spool.clean_tmp(directory)
         self.spool.clean_dead_tmp(self.spool.run_dir)  # a state file cut short by a kill -9
         self.retry.load()
+        if self._own_journal:
+            router = self.config.router
+            self.journal = for_daemon(self.spool.run_dir, sender_name(self.name), router.journal,
+                                      router.journal_phi)
         self.watcher.start()
         self.log.info("sender started for {}@{}:{} (window: {})", escape(self.ep.ae_title),
                       self.ep.host, self.ep.port, escape(self.ep.window.describe()))
@@ -167,6 +177,8 @@ class Sender(HealthMixin, LanesMixin, PlanningMixin, DeliveryMixin, OutcomesMixi
         self.state.set("stopped")
         self.state.flush()
         self.watcher.stop()
+        if self._own_journal:
+            self.journal.close()
         self.lock.release()
         self.log.info("sender stopped")
 
@@ -274,7 +286,8 @@ class Sender(HealthMixin, LanesMixin, PlanningMixin, DeliveryMixin, OutcomesMixi
         self.next_prune = mono + PRUNE_INTERVAL
         try:
             removed = self.spool.prune_sent(older_than=self.ep.sent_retention, endpoint=self.name,
-                                            now=self.clock.time())
+                                            now=self.clock.time(),
+                                            on_delete=self.journal.deleted_from_sent("retention"))
         except OSError as exc:  # bookkeeping: never worth stopping delivery for
             self.log.warning("cannot prune sent/{}: {}; trying again in {:g}s", self.name,
                              exc.strerror or exc, PRUNE_INTERVAL)

@@ -20,6 +20,11 @@ FAILED = "failed"            # moved to failed/<endpoint> with a reason: send or
 RETRIED = "retried"          # moved back from failed/ to the outbox by an operator
 DELETED = "deleted"          # a delivered copy removed from sent/ (retention, disk floor)
 
+#: the header tags the filter reads for its events (study, series), and with journal_phi
+#: (Patient ID, Accession Number)
+JOURNAL_TAGS = frozenset({0x0020000D, 0x0020000E})
+JOURNAL_PHI_TAGS = frozenset({0x00100020, 0x00080050})
+
 KINDS = (RECEIVED, QUARANTINED, REJECTED, ROUTED, SHAPED, SENT, ATTEMPT, FAILED, RETRIED,
          DELETED)
 

@@ -24,12 +24,14 @@ import sqlite3
 import threading
 import time
 from collections import deque
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from pipeline.journal import schema, store
-from pipeline.journal.events import Event
+from pipeline.journal.events import DELETED, Event
 from pipeline.log import escape, logger
+from pipeline.spool_names import SpoolName
 
 FLUSH_INTERVAL = 0.5     # seconds between writes (a kill -9 loses at most this, and a write)
 MAX_BATCH = 5000         # events per transaction
@@ -79,6 +81,20 @@ class Journal:
                                  patient_id or None, accession or None))
         if len(self._queue) >= MAX_BATCH:
             self._wake.set()
+
+    def about(self, kind: str, name: str, **fields: Any) -> None:
+        """An event of the spool file ``name``: its SOP Instance UID read from the
+        standard name (the caller may give ``uid=`` instead)."""
+        if fields.get("uid") is None:
+            parsed = SpoolName.parse(name)
+            fields["uid"] = parsed.uid if parsed is not None else None
+        self.record(kind, file=name, **fields)
+
+    def deleted_from_sent(self, why: str) -> Callable[[Path], None]:
+        """What :meth:`pipeline.spool.Spool.prune_sent` calls for each deleted copy."""
+        def deleted(path: Path) -> None:
+            self.about(DELETED, path.name, endpoint=path.parent.name, why=why)
+        return deleted
 
     def request_prune(self, older_than: float) -> None:
         """Delete the events older than ``older_than`` seconds, on the writer's thread."""
@@ -232,6 +248,9 @@ class NoJournal(Journal):
         super().__init__(Path("/nonexistent"), "none")
 
     def record(self, kind: str, **fields: Any) -> None:  # type: ignore[override]
+        return None
+
+    def about(self, kind: str, name: str, **fields: Any) -> None:
         return None
 
     def request_prune(self, older_than: float) -> None:

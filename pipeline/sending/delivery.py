@@ -9,6 +9,7 @@ Mixed into :class:`services.send.Sender`, whose ``__init__`` sets the state
 
 from __future__ import annotations
 
+import time
 from collections import deque
 from concurrent.futures import FIRST_COMPLETED, Future, wait
 from functools import partial
@@ -150,6 +151,14 @@ class DeliveryMixin(SenderState):
             self._fail(path, meta, f"status {text}", log)
 
     def _c_store(self, path: Path, meta: FileMeta, current: Current) -> net.StoreOutcome:
+        """:meth:`_store`, timed for the journal (on the lane's thread)."""
+        started = time.monotonic()
+        try:
+            return self._store(path, meta, current)
+        finally:
+            self.store_times[path.name] = time.monotonic() - started
+
+    def _store(self, path: Path, meta: FileMeta, current: Current) -> net.StoreOutcome:
         """Send by streaming the file, or — if the destination took the SOP class but not
         its transfer syntax — a decompressed copy (the spool file is never changed). Runs
         on the lane's thread: network work only, no bookkeeping."""

@@ -16,12 +16,23 @@ from pipeline import log as logsetup
 from pipeline.backoff import Backoff, delay
 from pipeline.dicom.filemeta import FileMeta
 from pipeline.errors import StopBatch
+from pipeline.journal.events import ATTEMPT, FAILED, SENT
 from pipeline.log import escape
 from pipeline.sender_state import iso_utc
 from pipeline.sending.state import SenderState
 
 MOVE_RETRY = 1.0             # first wait before retrying a move the disk refused
 MOVE_RETRY_CAP = 60.0        # longest wait between such retries
+
+
+def status_of(text: str) -> int | None:
+    """The DIMSE status a failure text starts with (``status 0xA700 …``), if any."""
+    if text.startswith("status 0x"):
+        try:
+            return int(text[7:13], 16)
+        except ValueError:
+            return None
+    return None
 
 
 @dataclass
@@ -52,6 +63,9 @@ class OutcomesMixin(SenderState):
     def _delivered(self, path: Path, text: str, status: int, log) -> None:
         self.stored += 1
         self._end_busy()
+        self.journal.about(SENT, path.name, endpoint=self.name, status=status,
+                           duration=self._store_time(path), association=self._association(),
+                           **({"comment": text} if status else {}))
         if status:
             log.warning("delivered with warning {}", text)
         else:
@@ -81,6 +95,9 @@ class OutcomesMixin(SenderState):
         wait = delay(attempt, self.ep.retry.backoff, self.ep.retry.backoff_cap, self.rng)
         entry = self.retry.record(path.name, text, wait)
         self.state.error(f"{path.name}: {text}")
+        self.journal.about(ATTEMPT, path.name, endpoint=self.name, status=status_of(text),
+                           reason=text, attempt=entry.attempts, retry_in=round(wait, 3),
+                           duration=self._store_time(path))
         if self.retry.exhausted(entry, self.ep.retry):
             age = self.clock.time() - entry.first_failure
             self._fail(path, meta, f"{text}; gave up after {entry.attempts} attempts over {age:.0f}s "
@@ -137,9 +154,20 @@ class OutcomesMixin(SenderState):
         said = path.name in self.pending  # the failure was logged when the move was postponed
         self._settled(path, log)
         self.state.count(failed=1)
+        self.journal.about(FAILED, path.name, endpoint=self.name, reason=text)
         if not said:
             log.error("failed: {}", escape(text, limit=500))
         return True
+
+    def _store_time(self, path: Path) -> float | None:
+        """How long the file's last C-STORE took (measured on its lane's thread)."""
+        seconds = self.store_times.pop(path.name, None)
+        return None if seconds is None else round(seconds, 4)
+
+    def _association(self) -> str:
+        """The association as the journal shows it: calling → called at host:port."""
+        calling = self.current.calling_ae if self.current is not None else self.ep.calling_ae_title
+        return f"{calling}→{self.ep.ae_title}@{self.ep.host}:{self.ep.port}"
 
     def _settled(self, path: Path, log) -> None:
         """Forget a file that has left the outbox (nothing here may raise)."""

@@ -16,6 +16,7 @@ if TYPE_CHECKING:
     from pipeline.config import Config, EndpointConfig
     from pipeline.dicom.filemeta import FileMeta
     from pipeline.dicom.scu import Link
+    from pipeline.journal import Journal
     from pipeline.sender_state import RetryBook, StateReporter
     from pipeline.sending.lanes import Lane
     from pipeline.sending.outcomes import Pending
@@ -64,6 +65,8 @@ class SenderState:
     busy_until: float
     busy_probes: Backoff
     associations: int
+    journal: Journal              # the events of each file (pipeline/journal)
+    store_times: dict[str, float]  # name -> seconds its last C-STORE took (for the journal)
     studies: StudyLists           # the endpoint's study lists (send order, retirement)
 
     @property
