@@ -22,6 +22,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from pipeline.config import Config
+from pipeline.journal.store import journal_path, size_bytes
 from pipeline.lock import DaemonLock, process_names
 from pipeline.names import escape, is_valid_endpoint_name, is_valid_uid
 from pipeline.sender_state import sender_name, state_file_name
@@ -348,6 +349,7 @@ def collect(config: Config, now: float | None = None) -> dict:
         "processes": processes,
         "stages": stages,
         "endpoints": endpoints,
+        "journal": journal_info(config, spool),
     }
     if studies_state is not None:
         report["studies_state"] = studies_state
@@ -405,6 +407,30 @@ def describe_state(info: dict) -> str:
     return SENDER_STATES.get(state, state)
 
 
+def journal_info(config: Config, spool: Spool) -> dict:
+    """The journal's switch, file and size on disk (database and WAL; null: none yet)."""
+    path = journal_path(spool.run_dir)
+    return {"enabled": config.router.journal, "path": str(path),
+            "bytes": size_bytes(path), "retention_s": config.router.journal_retention,
+            "phi": config.router.journal_phi}
+
+
+def describe_journal(info: dict) -> str:
+    if not info["enabled"]:
+        return "  journal     off ([router] journal = false)"
+    size = "none yet" if info["bytes"] is None else format_size(info["bytes"])
+    days = info["retention_s"] / 86400
+    return (f"  journal     {size}, events kept {days:g} days"
+            + (", with Patient ID and Accession Number" if info["phi"] else ""))
+
+
+def format_size(count: int) -> str:
+    for unit, scale in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
+        if count >= scale:
+            return f"{count / scale:.1f} {unit}"
+    return f"{count} bytes"
+
+
 def render(report: dict) -> str:
     lines = [f"DicomFlow  spool {report['spool']}  conf {report['conf']}  {report['time']}"]
     for name, proc in report["processes"].items():
@@ -427,6 +453,8 @@ def render(report: dict) -> str:
         if "studies" in info:
             lines.append(f"  {'':<14}{describe_studies(info['studies'])}")
     lines += render_waiting(report)
+    if "journal" in report:
+        lines += ["", describe_journal(report["journal"])]
     return "\n".join(lines)
 
 

@@ -116,3 +116,10 @@ def test_kill_9_every_daemon_while_images_flow(tmp_path: Path) -> None:
     assert dicom_files(spool / "accepted") == [] and dicom_files(spool / "outbox" / "pacs") == []
     assert dicom_files(spool / "incoming") == []
     assert dicom_files(spool / "quarantine") == [] and dicom_files(spool / "failed" / "pacs") == []
+    # The journal crossed with the spool accounts for every image storescu was told was
+    # stored, though kill -9s may have cut events short (issue 18).
+    acknowledged = tmp_path / "acknowledged.txt"
+    acknowledged.write_text("".join(f"{uid}\n" for uid in sorted(acked_uids)))
+    reconcile = run_cli(pipeline.conf, "reconcile", "--acknowledged", str(acknowledged), timeout=300)
+    assert reconcile.returncode == 0, reconcile.stdout + reconcile.stderr
+    assert "0 unaccounted" in reconcile.stdout, reconcile.stdout

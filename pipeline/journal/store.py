@@ -72,13 +72,6 @@ def locked(run_dir: Path) -> Iterator[None]:
         os.close(fd)
 
 
-def connect(path: Path) -> sqlite3.Connection:
-    conn = sqlite3.connect(path, timeout=BUSY_TIMEOUT, isolation_level=None,
-                           check_same_thread=False)
-    conn.execute("PRAGMA synchronous = NORMAL")
-    return conn
-
-
 def open_journal(path: Path, broken: tuple[int, int] | None = None) -> Opened:
     """Open (creating and migrating when needed) the journal at ``path``.
 
@@ -94,8 +87,10 @@ def open_journal(path: Path, broken: tuple[int, int] | None = None) -> Opened:
         if identity(path) is None:
             os.close(os.open(path, os.O_WRONLY | os.O_CREAT, 0o600))
             news = news or "no journal: a new one is started"
-        conn = connect(path)
+        conn = sqlite3.connect(path, timeout=BUSY_TIMEOUT, isolation_level=None,
+                               check_same_thread=False)
         try:
+            conn.execute("PRAGMA synchronous = NORMAL")
             conn.execute("PRAGMA journal_mode = WAL")
             schema.migrate(conn)
         except schema.NewerSchema as exc:
@@ -118,7 +113,9 @@ def open_journal(path: Path, broken: tuple[int, int] | None = None) -> Opened:
 def _fresh(path: Path, news: str) -> Opened:
     """A new, empty journal in place of one just moved aside (the lock is held)."""
     os.close(os.open(path, os.O_WRONLY | os.O_CREAT, 0o600))
-    conn = connect(path)
+    conn = sqlite3.connect(path, timeout=BUSY_TIMEOUT, isolation_level=None,
+                           check_same_thread=False)
+    conn.execute("PRAGMA synchronous = NORMAL")
     conn.execute("PRAGMA journal_mode = WAL")
     schema.migrate(conn)
     found = identity(path)

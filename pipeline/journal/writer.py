@@ -194,7 +194,8 @@ class Journal:
             try:
                 self._opened = store.open_journal(self.path, self._broken)
             except (sqlite3.Error, OSError) as exc:
-                self._next_open = time.monotonic() + RETRY_OPEN
+                busy = isinstance(exc, sqlite3.OperationalError) and "locked" in str(exc)
+                self._next_open = time.monotonic() + (0.0 if busy else RETRY_OPEN)
                 self._say(f"journal: cannot open {self.path} ({escape(exc)}); events are kept "
                           f"and written when it can be")
                 return None
