@@ -77,7 +77,9 @@ def test_status_json_command_and_check_warns_orphans(tmp_path: Path) -> None:
     result = run_cli(conf, "status", "--json")
     assert result.returncode == 0, result.stderr
     report = json.loads(result.stdout)
-    assert set(report) == {"spool", "conf", "time", "processes", "stages", "endpoints"}
+    assert set(report) == {"spool", "conf", "time", "processes", "stages", "endpoints", "journal"}
+    assert report["journal"] == {"enabled": True, "path": str(spool.run_dir / "journal.sqlite"),
+                                 "bytes": None, "retention_s": 90 * 86400.0, "phi": False}
     assert set(report["endpoints"]) == {"pacs", "gone"}
     assert set(report["endpoints"]["pacs"]) == {
         "configured", "destination", "sender_running", "state", "since", "down_since", "next_open",
