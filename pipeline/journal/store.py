@@ -6,7 +6,8 @@ a commit is in the OS's hands before it returns, so a kill -9 loses nothing comm
 and never corrupts the database (a power cut may lose the last commits, never the
 spool's files — the spool is the truth, the journal its history).
 
-Creating, and moving aside a corrupt or too-new journal, happen under an ``flock`` on
+Only :mod:`pipeline.spool` renames files (README, Layout): moving aside goes through
+its ``rename_noreplace``. Creating, and moving aside a corrupt or too-new journal, happen under an ``flock`` on
 ``run/journal.lock``, so that of several daemons finding the same trouble one acts and
 logs, and the others open what it made.
 """
@@ -23,6 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pipeline.journal import schema
+from pipeline.spool import rename_noreplace
 
 FILE_NAME = "journal.sqlite"
 LOCK_NAME = "journal.lock"
@@ -134,7 +136,7 @@ def move_aside(path: Path, why: str) -> str:
         target = path.with_name(f"{path.name}.{why}-{stamp}.{n}")
     for suffix in ("", *SIDE_FILES):
         with contextlib.suppress(FileNotFoundError):
-            os.rename(f"{path}{suffix}", f"{target}{suffix}")
+            rename_noreplace(Path(f"{path}{suffix}"), Path(f"{target}{suffix}"))
     _drop_old_asides(path)
     return target.name
 
