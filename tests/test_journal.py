@@ -104,7 +104,7 @@ def test_a_deleted_journal_is_recreated_with_one_line(tmp_path: Path, warnings) 
     j.record(RECEIVED, uid="3")
     j.flush()
     assert rows(j.path, "uid") == [("2",), ("3",)]
-    assert len(warnings) == 1 and "no journal: a new one is started" in warnings[0]
+    assert len(warnings) == 1 and "was deleted while in use: a new one is started" in warnings[0]
 
 
 def test_a_corrupt_journal_is_moved_aside_and_recreated(tmp_path: Path, warnings) -> None:

@@ -31,6 +31,7 @@ LOCK_NAME = "journal.lock"
 BUSY_TIMEOUT = 2.0        # seconds a writer waits for another's transaction
 KEEP_ASIDE = 3            # journals moved aside that are kept (older ones are deleted)
 SIDE_FILES = ("-wal", "-shm")
+CREATED = "created"       # Opened.news of a journal this process made (none was there)
 CORRUPT_WORDS = ("malformed", "not a database", "file is encrypted", "corrupt")
 
 
@@ -49,7 +50,7 @@ def is_corruption(exc: BaseException) -> bool:
 @dataclass(frozen=True)
 class Opened:
     """A connection, which file it is (to notice a deleted or replaced journal), and
-    what happened on the way (one line to log, or "")."""
+    what happened on the way: :data:`CREATED`, a line to log, or ""."""
 
     conn: sqlite3.Connection
     identity: tuple[int, int]
@@ -88,7 +89,7 @@ def open_journal(path: Path, broken: tuple[int, int] | None = None) -> Opened:
                    "a new one is started"
         if identity(path) is None:
             os.close(os.open(path, os.O_WRONLY | os.O_CREAT, 0o600))
-            news = news or "no journal: a new one is started"
+            news = news or CREATED
         conn = sqlite3.connect(path, timeout=BUSY_TIMEOUT, isolation_level=None,
                                check_same_thread=False)
         try:

@@ -200,12 +200,17 @@ class Journal:
                           f"and written when it can be")
                 return None
             self._broken = None
-            news = self._opened.news
-            if news and ("moved aside" in news or self.written):  # lost while we ran
-                logger.warning("journal: {}", news)
-            elif news:  # the first start on this spool (only the daemon that made it says so)
-                logger.info("journal: {} ({})", news, self.path)
+            self._tell(self._opened.news)
         return self._opened.conn
+
+    def _tell(self, news: str) -> None:
+        """What opening found, said by the one daemon that acted on it."""
+        if news == store.CREATED and self.written:
+            logger.warning("journal: {} was deleted while in use: a new one is started", self.path)
+        elif news == store.CREATED:  # a new spool, or deleted while the router was stopped
+            logger.info("journal: new journal {}", self.path)
+        elif news:
+            logger.warning("journal: {}", news)
 
     def _drop_connection(self) -> None:
         if self._opened is not None:
