@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import sys
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -33,6 +35,42 @@ def cleanup():
             item.stop()
         except Exception:  # noqa: BLE001 - best effort teardown
             pass
+
+
+def pytest_collection_modifyitems(config, items) -> None:
+    """With pytest-xdist (``-n 2``, pyproject's addopts): every end-to-end test goes to
+    one worker, in order, as without xdist — they start daemons, DCMTK and Orthanc,
+    and some use the shipped ports — while the other worker runs the rest."""
+    for item in items:
+        if item.get_closest_marker("e2e") is not None:
+            item.add_marker(pytest.mark.xdist_group("daemons"))
+
+
+def pytest_sessionfinish(session, exitstatus) -> None:
+    """On an xdist worker: hand the figures its tests recorded to the controller."""
+    output = getattr(session.config, "workeroutput", None)
+    if output is not None:
+        from tests.interop_corpus import FOUND
+        from tests.reliability import FIGURES, QUARANTINE_REASONS
+
+        output["dicomflow_figures"] = json.dumps(
+            {"figures": FIGURES, "reasons": QUARANTINE_REASONS, "found": FOUND})
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_testnodedown(node, error) -> None:
+    """On the xdist controller: add a finished worker's figures to the summary's."""
+    data = getattr(node, "workeroutput", {}).get("dicomflow_figures")
+    if not data:
+        return
+    from tests.interop_corpus import FOUND
+    from tests.reliability import FIGURES, QUARANTINE_REASONS
+
+    received = json.loads(data)
+    for scenario, counts in received["figures"].items():
+        FIGURES.setdefault(scenario, Counter()).update(counts)
+    QUARANTINE_REASONS.update(received["reasons"])
+    FOUND.extend(received["found"])
 
 
 def pytest_terminal_summary(terminalreporter, exitstatus, config) -> None:
