@@ -418,11 +418,13 @@ def test_the_filter_scans_for_what_its_configuration_reads(tmp_path, monkeypatch
     daemon = FilterDaemon(load(conf))
     daemon.spool.create(daemon.config.endpoints)
     assert daemon.wanted is not None
-    assert daemon.wanted.tags == header_scan.FILTER_TAGS | {0x00080060, 0x00081010}
+    # the study and series UIDs: for the journal's events (pipeline/journal)
+    journal = {0x0020000D, 0x0020000E}
+    assert daemon.wanted.tags == header_scan.FILTER_TAGS | {0x00080060, 0x00081010} | journal
     endpoint["filter"] = {"conditions": "(0019,1002)=x"}
     write_conf(tmp_path, filter_={"conditions": "Modality=CT|MR"}, endpoints={"pacs": endpoint})
     daemon.reload()
     assert daemon.wanted is not None
-    assert daemon.wanted.tags == header_scan.FILTER_TAGS | {0x00080060, 0x00191002, 0x00190010}
+    assert daemon.wanted.tags == header_scan.FILTER_TAGS | {0x00080060, 0x00191002, 0x00190010} | journal
     monkeypatch.setenv("DICOMFLOW_PATCHES_OFF", "scan")
     assert FilterDaemon(load(conf)).wanted is None
