@@ -12,6 +12,7 @@ from pathlib import Path
 
 from pipeline.config import Config
 from pipeline.names import escape, is_valid_endpoint_name
+from pipeline.progress import Progress
 from pipeline.spool import Spool, is_hidden, is_sidecar
 
 
@@ -32,7 +33,10 @@ def main(config: Config, endpoint: str, files: list[str], retry_all: bool = Fals
     if selected is None:
         return 1
     moved = refused = 0
+    progress = Progress(f"retry {endpoint}: files", len(selected), every=1000) if retry_all else None
     for path in selected:
+        if progress is not None:
+            progress.advance()
         try:
             spool.move(path, spool.outbox(endpoint))
         except FileNotFoundError:
@@ -49,6 +53,8 @@ def main(config: Config, endpoint: str, files: list[str], retry_all: bool = Fals
             continue
         spool.remove_sidecars(path)
         moved += 1
+    if progress is not None:
+        progress.finish()
     print(f"dicomflow: {moved} file(s) moved back to outbox/{endpoint}")
     return 1 if refused else 0
 
