@@ -63,8 +63,9 @@ class Books:
 
     def find(self, uid: str | None, prefix: str | None, *, arrived: bool = False) -> Ledger | None:
         """The ledger of this arrival; a new one when it belongs to the window."""
-        ledger = (self.by_prefix.get(prefix) if prefix else None) or \
-                 (self.by_uid.get(uid) if uid else None)
+        # by prefix when there is one: the same image sent twice is two arrivals, each
+        # to account for (its UID alone would merge them)
+        ledger = self.by_prefix.get(prefix) if prefix else self.by_uid.get(uid) if uid else None
         if ledger is None:
             in_window = arrived or (prefix is not None and prefix >= self.since_stamp)
             if not in_window and uid not in self.acknowledged:
@@ -78,7 +79,7 @@ class Books:
         if prefix:
             self.by_prefix.setdefault(prefix, ledger)
         if uid:
-            self.by_uid.setdefault(uid, ledger)
+            self.by_uid[uid] = ledger  # the latest arrival of a UID, for events without a file
             if uid in self.acknowledged:
                 ledger.acknowledged = True
 

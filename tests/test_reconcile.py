@@ -186,3 +186,18 @@ def test_the_command_exit_codes_and_json(scene, tmp_path: Path) -> None:
     listed.write_text("1.2.3\n1.2..3\n")
     bad_list = run_cli(conf, "reconcile", "--acknowledged", str(listed))
     assert bad_list.returncode == 2 and "line 2" in bad_list.stderr
+
+
+def test_the_same_image_sent_twice_is_two_arrivals(tmp_path: Path) -> None:
+    _, spool = make_spool(tmp_path)
+    j = journal(spool)
+    first, again = Arrival.new("1.2.5.9"), Arrival.new("1.2.5.9")
+    for arrival in (first, again):
+        arrival.received(j)
+        arrival.routed(j, ["pacs"])
+    first.sent(j, "pacs")
+    j.flush()
+    j.close()
+    result = reconcile.report(reconcile.collect(spool, time.time() - DAY, set())[0], "24h", 0)
+    assert result["instances"] == 2
+    assert result["states"]["delivered"] == 1 and len(result["unaccounted"]) == 1

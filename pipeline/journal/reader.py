@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import json
 import sqlite3
-from collections.abc import Collection, Iterable, Iterator
+from collections.abc import Collection, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -175,26 +175,6 @@ class Instance:
         return next((e.series for e in self.events if e.series), None)
 
 
-class _Links:
-    """Union-find over UIDs and prefixes: what one event or file says belongs together."""
-
-    def __init__(self) -> None:
-        self.parent: dict[str, str] = {}
-
-    def find(self, key: str) -> str:
-        root = self.parent.setdefault(key, key)
-        while root != self.parent[root]:
-            root = self.parent[root]
-        while key != root:
-            self.parent[key], key = root, self.parent[key]
-        return root
-
-    def join(self, keys: Iterable[str]) -> None:
-        roots = [self.find(key) for key in keys]
-        for root in roots[1:]:
-            self.parent[root] = roots[0] if root != roots[0] else root
-
-
 def link(conn: sqlite3.Connection | None, seeds: set[str], where: Whereabouts) -> list[Instance]:
     """The instances of ``seeds`` (SOP Instance UIDs), each with every event and file that
     belongs to it, oldest arrival first.
@@ -230,32 +210,44 @@ def _spread(where: Whereabouts, uids: set[str], prefixes: set[str]) -> None:
 
 
 def _group(seeds: set[str], entries: list[Entry], places: list[Place]) -> list[Instance]:
-    links = _Links()
-    for entry in entries:
-        links.join(k for k in (_u(entry.uid), _u(entry.copy_uid), _p(entry.prefix)) if k)
-    for place in places:
-        links.join(k for k in (_u(place.uid), _p(place.prefix)) if k)
+    """One :class:`Instance` per arrival — per name prefix, since the same image sent
+    twice is two arrivals under one UID; what has no prefix joins the latest arrival
+    before it that has its UID (or stands alone)."""
     groups: dict[str, Instance] = {}
-
-    def group(keys: list[str]) -> Instance:
-        root = links.find(keys[0])
-        return groups.setdefault(root, Instance(None))
-
+    loose: list[Entry] = []
     for entry in sorted(entries, key=lambda e: (e.at, e.id)):
-        keys = [k for k in (_u(entry.uid), _p(entry.prefix)) if k]
-        if keys:
-            group(keys).events.append(entry)
+        if entry.prefix is None:
+            loose.append(entry)
+            continue
+        instance = groups.setdefault(entry.prefix, Instance(None, prefixes={entry.prefix}))
+        instance.events.append(entry)
+        instance.uids.update(u for u in (entry.uid, entry.copy_uid) if u)
     for place in places:
-        keys = [k for k in (_u(place.uid), _p(place.prefix)) if k]
-        if keys:
-            group(keys).places.append(place)
-    for key in list(links.parent):
-        instance = groups.get(links.find(key))
-        if instance is not None:
-            (instance.uids if key.startswith("u:") else instance.prefixes).add(key[2:])
+        key = place.prefix or f"u:{place.uid}"
+        instance = groups.setdefault(key, Instance(None))
+        if place.prefix:
+            instance.prefixes.add(place.prefix)
+        instance.places.append(place)
+        if place.uid:
+            instance.uids.add(place.uid)
+    for entry in loose:
+        _attach(groups, entry)
     for instance in groups.values():
+        instance.events.sort(key=lambda e: (e.at, e.id))
         instance.uid = _original(instance, seeds)
     return sorted(groups.values(), key=_arrival)
+
+
+def _attach(groups: dict[str, Instance], entry: Entry) -> None:
+    """An event without a spool file name: to the latest arrival of its UID before it."""
+    if entry.uid is None:
+        return
+    mine = [i for i in groups.values() if entry.uid in i.uids]
+    before = [i for i in mine if i.events and i.events[0].at <= entry.at]
+    if before or mine:
+        max(before or mine, key=_arrival).events.append(entry)
+        return
+    groups[f"u:{entry.uid}"] = Instance(None, uids={entry.uid}, events=[entry])
 
 
 def _original(instance: Instance, seeds: set[str]) -> str | None:
@@ -273,10 +265,3 @@ def _arrival(instance: Instance) -> tuple[str, float]:
     first = instance.events[0].at if instance.events else 0.0
     return (min(instance.prefixes) if instance.prefixes else "", first)
 
-
-def _u(uid: str | None) -> str | None:
-    return f"u:{uid}" if uid else None
-
-
-def _p(prefix: str | None) -> str | None:
-    return f"p:{prefix}" if prefix else None
