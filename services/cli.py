@@ -107,6 +107,29 @@ def build_parser() -> argparse.ArgumentParser:
                        help="with --diff: the old and new values too (patient data!)")
     route.add_argument("--write", type=Path, metavar="DIR",
                        help="write each endpoint's shaped copy to DIR/<endpoint>/ for inspection")
+    trace = _command(sub, "trace", "the story of an image or a study: where it came from, went, is now",
+                     "dicomflow trace 1.2.826.0.1.3680043.8.498.1   |   dicomflow trace failed/pacs/FILE",
+                     note="\n\nUID: a SOP Instance UID (one image) or a Study Instance UID (every image of"
+                          "\nthe study). FILE: a spool file (its UID from its name) or any DICOM file."
+                          "\nexit status: 0 when something is known, 1 when neither the journal nor the"
+                          "\nspool knows it, 2 on a usage error.")
+    trace.add_argument("target", nargs="?", metavar="UID|FILE")
+    look_up = trace.add_mutually_exclusive_group()
+    look_up.add_argument("--patient-id", metavar="ID",
+                         help="every image of this Patient ID (needs [router] journal_phi = true)")
+    look_up.add_argument("--accession", metavar="NUMBER",
+                         help="every image of this Accession Number (needs journal_phi = true)")
+    trace.add_argument("--json", action="store_true", help="machine-readable output")
+    reconcile = _command(sub, "reconcile", "check that every acknowledged image is delivered, "
+                         "failed, queued or rejected",
+                         "dicomflow reconcile --since 7d --acknowledged storescu-acked.txt",
+                         note="\n\nexit status: 0 when every instance is accounted for, 1 when some is not"
+                              "\n(listed), 2 on a usage error (--since, --acknowledged).")
+    reconcile.add_argument("--since", default="24h", metavar="DURATION",
+                           help="the window: images acknowledged this long ago or later (90m, 24h, 7d)")
+    reconcile.add_argument("--acknowledged", type=Path, metavar="FILE",
+                           help="SOP Instance UIDs the senders were told were stored, one a line")
+    reconcile.add_argument("--json", action="store_true", help="machine-readable output")
     return parser
 
 
@@ -213,6 +236,23 @@ def _cmd_retry(args: argparse.Namespace) -> int:
     return main(_load_owned(args), args.endpoint, args.files, retry_all=args.all)
 
 
+def _cmd_trace(args: argparse.Namespace) -> int:
+    if (args.target is None) == (args.patient_id is None and args.accession is None):
+        print("dicomflow trace: give UID|FILE, or --patient-id / --accession (not both)",
+              file=sys.stderr)
+        return 2
+    from services.trace import main
+
+    return main(_load(args), args.target, as_json_output=args.json, patient_id=args.patient_id,
+                accession=args.accession)
+
+
+def _cmd_reconcile(args: argparse.Namespace) -> int:
+    from services.reconcile import main
+
+    return main(_load(args), args.since, args.acknowledged, as_json=args.json)
+
+
 def _cmd_up(args: argparse.Namespace) -> int:
     from services.supervise import up
 
@@ -236,6 +276,8 @@ COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "retry": _cmd_retry,
     "studies": _cmd_studies,
     "release": _cmd_release,
+    "trace": _cmd_trace,
+    "reconcile": _cmd_reconcile,
     "up": _cmd_up,
     "down": _cmd_down,
 }

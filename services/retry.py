@@ -14,6 +14,7 @@ from pipeline.config import Config
 from pipeline.journal import Journal, for_daemon
 from pipeline.journal.events import RETRIED
 from pipeline.names import escape, is_valid_endpoint_name
+from pipeline.progress import Progress
 from pipeline.spool import Spool, is_hidden, is_sidecar
 
 
@@ -35,17 +36,22 @@ def main(config: Config, endpoint: str, files: list[str], retry_all: bool = Fals
         return 1
     journal = for_daemon(spool.run_dir, "retry", config.router.journal, config.router.journal_phi)
     try:
-        moved, refused = _move_back(spool, endpoint, selected, journal)
+        moved, refused = _move_back(spool, endpoint, selected, journal, retry_all)
     finally:
         journal.close()
     print(f"dicomflow: {moved} file(s) moved back to outbox/{endpoint}")
     return 1 if refused else 0
 
 
-def _move_back(spool: Spool, endpoint: str, selected: list[Path], journal: Journal) -> tuple[int, int]:
-    """Move each file back to the outbox; (moved, refused by the disk)."""
+def _move_back(spool: Spool, endpoint: str, selected: list[Path], journal: Journal,
+               retry_all: bool) -> tuple[int, int]:
+    """Move each file back to the outbox (with progress for ``--all``); (moved, refused
+    by the disk)."""
     moved = refused = 0
+    progress = Progress(f"retry {endpoint}: files", len(selected), every=1000) if retry_all else None
     for path in selected:
+        if progress is not None:
+            progress.advance()
         try:
             spool.move(path, spool.outbox(endpoint))
         except FileNotFoundError:
@@ -63,6 +69,8 @@ def _move_back(spool: Spool, endpoint: str, selected: list[Path], journal: Journ
         spool.remove_sidecars(path)
         journal.about(RETRIED, path.name, endpoint=endpoint)
         moved += 1
+    if progress is not None:
+        progress.finish()
     return moved, refused
 
 

@@ -117,7 +117,8 @@ def test_a_deleted_then_corrupted_journal_is_recreated_while_routing_goes_on(tmp
         send_study("SECOND")
         wait_for(lambda: path.exists() and journal_rows(router.spool) >= 3,
                  message="a new journal with the second study's events")
-        assert router.logs().count("was deleted while in use: a new one is started") == 1, router.logs()[-4000:]
+        deleted = "was deleted while in use: a new one is started"
+        assert router.logs().count(deleted) == 1, router.logs()[-4000:]
 
         garbage = path.with_name("garbage")
         garbage.write_bytes(os.urandom(64 * 1024))

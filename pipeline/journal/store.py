@@ -7,9 +7,9 @@ and never corrupts the database (a power cut may lose the last commits, never th
 spool's files — the spool is the truth, the journal its history).
 
 Only :mod:`pipeline.spool` renames files (README, Layout): moving aside goes through
-its ``rename_noreplace``. Creating, and moving aside a corrupt or too-new journal, happen under an ``flock`` on
-``run/journal.lock``, so that of several daemons finding the same trouble one acts and
-logs, and the others open what it made.
+its ``rename_noreplace``. Creating, and moving aside a corrupt or too-new journal,
+happen under an ``flock`` on ``run/journal.lock``, so that of several daemons finding
+the same trouble one acts and logs, and the others open what it made.
 """
 
 from __future__ import annotations
