@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from pipeline.journal.store import journal_path
-from tests.helpers import run_cli, wait_for
+from tests.helpers import dicom_files, run_cli, wait_for
 from tests.peers import StoreSCP
 from tests.reliability import destination_uids, storescu_acked
 from tests.test_studies_e2e import Router, header, write_study
@@ -63,8 +63,11 @@ def test_trace_and_reconcile_tell_the_whole_story(tmp_path: Path) -> None:
         wait_for(lambda: set(uids) <= set(destination_uids(peers["pacs"].directory)),
                  message="the study at pacs")
         # ai is down: its copies are queued, and that accounts for them
-        queued = run_cli(router.conf, "reconcile", "--json")
-        assert queued.returncode == 0, queued.stdout + queued.stderr
+        wait_for(lambda: dicom_files(router.spool / "outbox" / "pacs") == [], message="pacs done")
+        early = run_cli(router.conf, "reconcile", "--json")
+        assert early.returncode == 0, early.stdout + early.stderr
+        early_report = json.loads(early.stdout)
+        assert early_report["endpoints"]["ai"]["queued"] == len(uids), early_report
         peers["ai"].start()
         wait_for(lambda: set(uids) <= set(destination_uids(peers["ai"].directory)), timeout=180,
                  message="the study at ai once it is up")
@@ -83,15 +86,36 @@ def test_trace_and_reconcile_tell_the_whole_story(tmp_path: Path) -> None:
 
 
 def check_instance_trace(report: dict, uid: str, study: str) -> None:
-    raise NotImplementedError  # filled in once the trace JSON is fixed
+    [instance] = report["instances"]
+    assert (instance["uid"], instance["study"]) == (uid, study)
+    kinds = [event["kind"] for event in instance["events"]]
+    assert kinds[:2] == ["received", "routed"], kinds
+    received, routed = instance["events"][:2]
+    assert received["detail"]["calling"] == "STORESCU" and received["detail"]["called"] == "DICOMFLOW"
+    assert received["detail"]["size"] > 0 and received["detail"]["peer"].startswith("127.0.0.1:")
+    assert sorted(routed["detail"]["endpoints"]) == ["ai", "pacs"]
+    sent = {event["endpoint"]: event for event in instance["events"] if event["kind"] == "sent"}
+    assert set(sent) == {"ai", "pacs"} and all(event["status"] == 0 for event in sent.values())
+    assert sent["ai"]["at"] > sent["pacs"]["at"]  # ai was down a while
+    now = {row["endpoint"]: row for row in instance["now"]}
+    assert {ep: row["state"] for ep, row in now.items()} == {"ai": "delivered", "pacs": "delivered"}
+    assert now["pacs"]["where"].startswith("sent/pacs/") and now["ai"]["where"].startswith("sent/ai/")
 
 
 def check_study_trace(report: dict, study: str, uids: list[str]) -> None:
-    raise NotImplementedError
+    assert report["query"]["by"] == "study"
+    assert sorted(instance["uid"] for instance in report["instances"]) == sorted(uids)
+    for instance in report["instances"]:
+        assert instance["study"] == study
+        assert {row["endpoint"]: row["state"] for row in instance["now"]} == {
+            "ai": "delivered", "pacs": "delivered"}
 
 
-def check_reconcile(report: dict, count: int) -> None:
-    raise NotImplementedError
+def check_reconcile(report: dict, count: int, state: str = "delivered") -> None:
+    assert report["instances"] == count
+    assert report["unaccounted"] == [] and report["states"]["unaccounted"] == 0
+    assert {ep: counts[state] for ep, counts in report["endpoints"].items()} == {
+        "ai": count, "pacs": count}
 
 
 def test_a_deleted_then_corrupted_journal_is_recreated_while_routing_goes_on(tmp_path: Path) -> None:

@@ -31,6 +31,7 @@ LOCK_NAME = "journal.lock"
 BUSY_TIMEOUT = 2.0        # seconds a writer waits for another's transaction
 KEEP_ASIDE = 3            # journals moved aside that are kept (older ones are deleted)
 SIDE_FILES = ("-wal", "-shm")
+SQLITE_MAGIC = b"SQLite format 3\x00"
 CREATED = "created"       # Opened.news of a journal this process made (none was there)
 CORRUPT_WORDS = ("malformed", "not a database", "file is encrypted", "corrupt")
 
@@ -84,7 +85,10 @@ def open_journal(path: Path, broken: tuple[int, int] | None = None) -> Opened:
     later and keeps its events meanwhile)."""
     news = ""
     with locked(path.parent):
-        if broken is not None and identity(path) == broken:
+        if broken is None and not _looks_like_sqlite(path):
+            news = f"the journal was corrupt (not an SQLite file): moved aside to " \
+                   f"{move_aside(path, 'corrupt')}; a new one is started"
+        elif broken is not None and identity(path) == broken:
             news = f"the journal was corrupt: moved aside to {move_aside(path, 'corrupt')}; " \
                    "a new one is started"
         if identity(path) is None:
@@ -111,6 +115,18 @@ def open_journal(path: Path, broken: tuple[int, int] | None = None) -> Opened:
         found = identity(path)
         assert found is not None
         return Opened(conn, found, news)
+
+
+def _looks_like_sqlite(path: Path) -> bool:
+    """Missing, empty, or starting with SQLite's magic. Checked before SQLite opens it: a
+    WAL left beside a file that is not the database it belongs to would be replayed
+    into it (its pages read in place of the file's), hiding the damage."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(len(SQLITE_MAGIC))
+    except FileNotFoundError:
+        return True
+    return not head or head == SQLITE_MAGIC
 
 
 def _fresh(path: Path, news: str) -> Opened:

@@ -61,6 +61,7 @@ class Journal:
         self._prune_before: float | None = None
         self._dropped = 0
         self._trouble = ""        # what was last said about the database ("" = all well)
+        self._opened_before = False  # a journal missing after this was deleted while in use
         self.written = 0
 
     # -- the data path ---------------------------------------------------------------
@@ -123,6 +124,10 @@ class Journal:
             self._opened = None
 
     def _run(self) -> None:
+        try:  # at once: a journal deleted later is then told from a new spool's first
+            self._connection()
+        except Exception as exc:  # noqa: BLE001 - the journal never takes a daemon down
+            self._say(f"journal: unexpected error: {type(exc).__name__}: {exc}")
         while True:
             self._wake.wait(self.flush_interval)
             self._wake.clear()
@@ -201,11 +206,12 @@ class Journal:
                 return None
             self._broken = None
             self._tell(self._opened.news)
+            self._opened_before = True
         return self._opened.conn
 
     def _tell(self, news: str) -> None:
         """What opening found, said by the one daemon that acted on it."""
-        if news == store.CREATED and self.written:
+        if news == store.CREATED and self._opened_before:
             logger.warning("journal: {} was deleted while in use: a new one is started", self.path)
         elif news == store.CREATED:  # a new spool, or deleted while the router was stopped
             logger.info("journal: new journal {}", self.path)
