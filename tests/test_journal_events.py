@@ -151,3 +151,32 @@ def test_the_sender_records_what_was_sent_and_what_failed(tmp_path: Path) -> Non
     failed = next(row for row in found if row["kind"] == "failed")
     assert "0xC001" in failed["detail"]["reason"]
     assert (config.spool / "failed" / "pacs" / failed["file"]).is_file()
+
+
+def test_a_retried_refusal_is_an_attempt_with_its_status(tmp_path: Path) -> None:
+    # A stored; B refused (busy); the probe goes with C (never refused), stored; B refused
+    # again after another file was stored: that refusal is B's, an attempt; then B is stored.
+    scp = StatusSCP(statuses=[0x0000, 0xA700, 0x0000, 0xA700], ae_title="PACS").start()
+    try:
+        conf = endpoint_conf(tmp_path, {"pacs": {"port": scp.port, "ae_title": "PACS",
+                                                  "retry": {"backoff": "1s", "max_attempts": "5"}}})
+        config = load(conf)
+        files = []
+        for n in range(3):
+            path = tmp_path / "src" / f"{n}.dcm"
+            path.parent.mkdir(exist_ok=True)
+            make_dataset().save_as(path, enforce_file_format=True)
+            files.append(path)
+        published = put_in_outbox(config.spool, "pacs", files)
+        journal = Journal(journal_path(config.spool / "run"), "send-pacs")
+        sender = Sender(config, "pacs", clock=FakeClock(), install_signals=False, journal=journal)
+        sender.run(once=True)
+    finally:
+        scp.stop()
+    journal.flush()
+    b = published[1].name
+    story = [(row["kind"], row["status"]) for row in events(config.spool) if row["file"] == b]
+    assert story == [("attempt", 0xA700), ("sent", 0)], story
+    attempt = next(row for row in events(config.spool) if row["kind"] == "attempt")
+    assert attempt["detail"]["attempt"] == 1 and attempt["detail"]["retry_in"] > 0
+    assert "other files were stored" in attempt["detail"]["reason"]
