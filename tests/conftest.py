@@ -37,15 +37,6 @@ def cleanup():
             pass
 
 
-def pytest_collection_modifyitems(config, items) -> None:
-    """With pytest-xdist (``-n 2``, pyproject's addopts): every end-to-end test goes to
-    one worker, in order, as without xdist — they start daemons, DCMTK and Orthanc,
-    and some use the shipped ports — while the other worker runs the rest."""
-    for item in items:
-        if item.get_closest_marker("e2e") is not None:
-            item.add_marker(pytest.mark.xdist_group("daemons"))
-
-
 def pytest_sessionfinish(session, exitstatus) -> None:
     """On an xdist worker: hand the figures its tests recorded to the controller."""
     output = getattr(session.config, "workeroutput", None)

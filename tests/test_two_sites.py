@@ -27,6 +27,8 @@ import pytest
 
 from tests.helpers import HANG_TIMEOUT, IN_CI, REPO, require_binary, wait_for
 
+# Both tests use the same namespace names: pyproject's ``--dist loadfile`` runs them on
+# one xdist worker, one after the other.
 pytestmark = pytest.mark.slow
 
 EXAMPLE = REPO / "examples" / "03-two-sites"
