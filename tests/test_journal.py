@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 from loguru import logger
 
-from pipeline.journal import schema, store
+from pipeline.journal import schema, store, writer
 from pipeline.journal.events import RECEIVED, ROUTED, SENT
 from pipeline.journal.writer import Journal, NoJournal, for_daemon
 from tests.helpers import wait_for
@@ -94,16 +94,30 @@ def test_a_journal_from_a_newer_dicomflow_is_moved_aside(tmp_path: Path, warning
 
 
 def test_a_deleted_journal_is_recreated_with_one_line(tmp_path: Path, warnings) -> None:
+    """An operator's ``rm journal.sqlite`` while another daemon has it open too: the
+    WAL and shared-memory files stay behind (SQLite leaves those of a database that is
+    gone), and a new journal must not read them as its own."""
     j = journal(tmp_path)
     j.record(RECEIVED, uid="1")
     j.flush()
-    for suffix in ("", "-wal", "-shm"):
-        Path(f"{j.path}{suffix}").unlink(missing_ok=True)
-    j.record(RECEIVED, uid="2")
-    j.flush()
-    j.record(RECEIVED, uid="3")
-    j.flush()
-    assert rows(j.path, "uid") == [("2",), ("3",)]
+    other_daemon = subprocess.Popen(
+        [sys.executable, "-c", "import sqlite3, sys, time\n"
+         "c = sqlite3.connect(sys.argv[1], isolation_level=None)\n"
+         "c.execute(\"INSERT INTO events (at, kind, daemon) VALUES (1.0, 'received', 'other')\")\n"
+         "print('open', flush=True)\ntime.sleep(120)\n", str(j.path)],
+        stdout=subprocess.PIPE, text=True)
+    try:
+        assert other_daemon.stdout is not None and other_daemon.stdout.readline() == "open\n"
+        j.path.unlink()
+        assert Path(f"{j.path}-wal").exists() and Path(f"{j.path}-shm").exists()
+        j.record(RECEIVED, uid="2")
+        assert j.flush() == 1
+        j.record(RECEIVED, uid="3")
+        assert j.flush() == 1
+        assert rows(j.path, "uid") == [("2",), ("3",)]
+    finally:
+        other_daemon.kill()
+        other_daemon.wait()
     assert len(warnings) == 1 and "was deleted while in use: a new one is started" in warnings[0]
 
 
@@ -251,3 +265,13 @@ def _count(path: Path) -> int:
             conn.close()
     except sqlite3.Error:
         return 0
+
+
+@pytest.mark.parametrize(("error", "wait"), [
+    (sqlite3.OperationalError("database is locked"), 0.0),
+    (sqlite3.OperationalError("disk I/O error"), writer.RETRY_SOON),
+    (sqlite3.OperationalError("unable to open database file"), writer.RETRY_OPEN),
+    (PermissionError(13, "Permission denied"), writer.RETRY_OPEN),
+])
+def test_a_journal_that_cannot_be_opened_is_tried_again_after(error: BaseException, wait: float) -> None:
+    assert writer._retry_after(error) == wait

@@ -92,6 +92,7 @@ def open_journal(path: Path, broken: tuple[int, int] | None = None) -> Opened:
             news = f"the journal was corrupt: moved aside to {move_aside(path, 'corrupt')}; " \
                    "a new one is started"
         if identity(path) is None:
+            _drop_orphaned_side_files(path)
             os.close(os.open(path, os.O_WRONLY | os.O_CREAT, 0o600))
             news = news or CREATED
         conn = sqlite3.connect(path, timeout=BUSY_TIMEOUT, isolation_level=None,
@@ -127,6 +128,18 @@ def _looks_like_sqlite(path: Path) -> bool:
     except FileNotFoundError:
         return True
     return not head or head == SQLITE_MAGIC
+
+
+def _drop_orphaned_side_files(path: Path) -> None:
+    """Delete the WAL and shared-memory files of a journal that is gone (an operator's
+    ``rm journal.sqlite``, or a kill -9 before it). SQLite never deletes them itself
+    once their database has been unlinked or moved, and a new database beside them
+    would read them as its own: a "disk I/O error", or the old pages in the new file.
+    Connections still open on the old database keep their own descriptors, and their
+    close leaves the names alone (SQLite checks that the database has not moved)."""
+    for suffix in SIDE_FILES:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(f"{path}{suffix}")
 
 
 def _fresh(path: Path, news: str) -> Opened:

@@ -37,6 +37,7 @@ FLUSH_INTERVAL = 0.5     # seconds between writes (a kill -9 loses at most this,
 MAX_BATCH = 5000         # events per transaction
 MAX_QUEUED = 200_000     # events kept while the database cannot take them (~100 MB)
 RETRY_OPEN = 30.0        # seconds between attempts to open a journal that cannot be opened
+RETRY_SOON = 2.0         # ... after an I/O error
 CLOSE_WAIT = 5.0         # seconds close() waits for the last write
 PRUNE_SLICE = 5000       # rows deleted per transaction by retention
 
@@ -199,8 +200,7 @@ class Journal:
             try:
                 self._opened = store.open_journal(self.path, self._broken)
             except (sqlite3.Error, OSError) as exc:
-                busy = isinstance(exc, sqlite3.OperationalError) and "locked" in str(exc)
-                self._next_open = time.monotonic() + (0.0 if busy else RETRY_OPEN)
+                self._next_open = time.monotonic() + _retry_after(exc)
                 self._say(f"journal: cannot open {self.path} ({escape(exc)}); events are kept "
                           f"and written when it can be")
                 return None
@@ -251,6 +251,18 @@ class Journal:
         if kind != self._trouble:
             logger.warning("{}", message)
             self._trouble = kind
+
+
+def _retry_after(exc: BaseException) -> float:
+    """Seconds before opening again: at once when another daemon held the lock, soon
+    after an I/O error (often passing: a disk remounted, files moved under us), else
+    :data:`RETRY_OPEN` (a full disk or a bad permission does not mend in a second)."""
+    text = str(exc).lower()
+    if isinstance(exc, sqlite3.OperationalError) and "locked" in text:
+        return 0.0
+    if isinstance(exc, sqlite3.OperationalError) and "disk i/o error" in text:
+        return RETRY_SOON
+    return RETRY_OPEN
 
 
 class NoJournal(Journal):

@@ -181,6 +181,7 @@ class OutcomesMixin(SenderState):
         self.retry.forget(path.name)
         for cache in (self.metas, self.refused, self.suspects):
             cache.pop(path.name, None)
+        self.store_times.pop(path.name, None)  # a failure's C-STORE time, never journaled
 
     def _postpone(self, path: Path, meta: FileMeta | None, text: str, reason: str | None,
                   exc: OSError, log) -> None:
