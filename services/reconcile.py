@@ -22,6 +22,7 @@ can show as unaccounted: run it again.
 from __future__ import annotations
 
 import json
+import sqlite3
 import sys
 import time
 from collections import Counter
@@ -65,7 +66,9 @@ class Books:
         """The ledger of this arrival; a new one when it belongs to the window."""
         # by prefix when there is one: the same image sent twice is two arrivals, each
         # to account for (its UID alone would merge them)
-        ledger = self.by_prefix.get(prefix) if prefix else self.by_uid.get(uid) if uid else None
+        ledger = self.by_prefix.get(prefix) if prefix else None
+        if ledger is None and uid and self._renamed(prefix, arrived):
+            ledger = self.by_uid.get(uid)
         if ledger is None:
             in_window = arrived or (prefix is not None and prefix >= self.since_stamp)
             if not in_window and uid not in self.acknowledged:
@@ -74,6 +77,13 @@ class Books:
             self.ledgers.append(ledger)
         self.remember(ledger, uid, prefix)
         return ledger
+
+    def _renamed(self, prefix: str | None, arrived: bool) -> bool:
+        """Whether a file or event whose prefix no arrival has belongs to the latest
+        arrival of its UID: it has no file name, or a name given after the arrival (a
+        copy renamed on a clash in its stage, :func:`pipeline.spool.fresh_name_like`,
+        stamped when renamed: inside the window). Never a ``received`` event's."""
+        return prefix is None or (not arrived and prefix >= self.since_stamp)
 
     def remember(self, ledger: Ledger, uid: str | None, prefix: str | None) -> None:
         if prefix:
@@ -142,6 +152,9 @@ def collect(spool: Spool, since: float, acknowledged: set[str],
     else:
         try:
             _read_journal(conn, books, progress)
+        except sqlite3.DatabaseError as exc:  # damaged, or locked beyond the busy timeout
+            warning = (f"the journal cannot be read to the end ({escape(exc)}); what it did "
+                       "not tell is accounted from the spool")
         finally:
             conn.close()
     books.cross(scan(spool))
@@ -155,12 +168,14 @@ def _read_journal(conn: Any, books: Books, progress: Progress | None) -> None:
         start = min(start, oldest) if oldest is not None else start
     if progress is not None:
         progress.total = reader.count_since(conn, start)
-    for count, row in enumerate(reader.stream(conn, start), 1):
-        books.take(row)
-        if progress is not None and count % 1000 == 0:
-            progress.advance(1000)
-    if progress is not None:
-        progress.finish()
+    try:
+        for count, row in enumerate(reader.stream(conn, start), 1):
+            books.take(row)
+            if progress is not None and count % 1000 == 0:
+                progress.advance(1000)
+    finally:
+        if progress is not None:
+            progress.finish()
 
 
 def report(books: Books, window: str, now: float) -> dict[str, Any]:

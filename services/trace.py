@@ -237,14 +237,22 @@ def trace(spool: Spool, target: str | None, patient_id: str | None = None,
         conn = reader.open_read(store.journal_path(spool.run_dir))
     except reader.JournalMissing as exc:
         conn, warning = None, f"{exc}; showing the spool alone"
+    where = scan(spool)
     try:
-        where = scan(spool)
-        query = resolve(conn, where, target, patient_id, accession)
-        instances = reader.link(conn, set(query.seeds), where) if query.seeds else []
+        query, instances = _look_up(conn, where, target, patient_id, accession)
+    except sqlite3.DatabaseError as exc:  # damaged, or locked beyond the busy timeout
+        warning = f"the journal cannot be read ({escape(exc)}); showing the spool alone"
+        query, instances = _look_up(None, where, target, patient_id, accession)
     finally:
         if conn is not None:
             conn.close()
     return query, instances, warning
+
+
+def _look_up(conn: sqlite3.Connection | None, where: Whereabouts, target: str | None,
+             patient_id: str | None, accession: str | None) -> tuple[Query, list[Instance]]:
+    query = resolve(conn, where, target, patient_id, accession)
+    return query, reader.link(conn, set(query.seeds), where) if query.seeds else []
 
 
 def main(config: Config, target: str | None, *, as_json_output: bool = False,

@@ -79,3 +79,17 @@ class Arrival:
         uid = uid or self.uid
         j.record("sent", uid=uid, file=self.copy(uid), endpoint=endpoint, status=status,
                  duration=0.05, association="PACS@127.0.0.1:11112")
+
+
+def damage(spool: Spool) -> None:
+    """Overwrite every page of the (closed, checkpointed) journal but the first: its
+    schema still reads, its events do not ("database disk image is malformed")."""
+    path = store.journal_path(spool.run_dir)
+    size = path.stat().st_size
+    assert size > 3 * PAGE, "write more events first"
+    with open(path, "r+b") as f:
+        f.seek(PAGE)
+        f.write(b"\xa5" * (size - PAGE))
+
+
+PAGE = 4096  # SQLite's default page size

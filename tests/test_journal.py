@@ -50,7 +50,7 @@ def test_a_new_journal_is_built_by_every_migration(tmp_path: Path) -> None:
     conn = sqlite3.connect(j.path)
     assert schema.version(conn) == schema.VERSION == len(schema.MIGRATIONS)
     indexes = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type='index'")}
-    assert {"events_uid", "events_study", "events_at", "events_patient"} <= indexes
+    assert {"events_uid", "events_study", "events_at", "events_patient", "events_file"} <= indexes
     assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
     kind, detail, daemon = conn.execute("SELECT kind, detail, daemon FROM events").fetchone()
     assert (kind, json.loads(detail), daemon) == (RECEIVED, {"calling": "CT1", "size": 10}, "test")

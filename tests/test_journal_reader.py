@@ -79,6 +79,26 @@ def test_link_follows_copy_uids_and_prefixes_and_keeps_arrivals_apart(tmp_path: 
     assert instances[1].uids == {"1.2.4.7", "2.25.9"} and len(instances[1].places) == 1
 
 
+def test_events_by_prefix_are_exactly_that_arrivals_and_use_the_file_index(tmp_path: Path) -> None:
+    _, spool = make_spool(tmp_path)
+    j = journal(spool)
+    one, other = Arrival.new("1.2.4.1"), Arrival.new("1.2.4.2")
+    for arrival in (one, other):
+        arrival.received(j)
+        arrival.sent(j, "pacs", uid="2.25.1" if arrival is one else None)
+    j.flush()
+    j.close()
+    conn = reader.open_read(store.journal_path(spool.run_dir))
+    try:
+        found = reader.events_with_prefixes(conn, {one.name.prefix})
+        plan = conn.execute("EXPLAIN QUERY PLAN SELECT id FROM events WHERE file >= ? AND file < ?",
+                            ("a-", "a.")).fetchall()
+    finally:
+        conn.close()
+    assert [(e.kind, e.uid) for e in found] == [("received", "1.2.4.1"), ("sent", "2.25.1")]
+    assert "events_file" in " ".join(str(row[-1]) for row in plan)
+
+
 def test_stream_and_counts_read_a_window_in_time_order(tmp_path: Path) -> None:
     _, spool = make_spool(tmp_path)
     j = journal(spool)

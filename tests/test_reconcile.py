@@ -15,9 +15,10 @@ from pathlib import Path
 import pytest
 
 from pipeline.journal import store
-from services import reconcile
+from pipeline.spool import fresh_name_like
+from services import reconcile, trace
 from tests.helpers import run_cli
-from tests.journal_kit import Arrival, journal, make_spool, put
+from tests.journal_kit import Arrival, damage, journal, make_spool, put
 
 DAY = 86400.0
 
@@ -201,3 +202,44 @@ def test_the_same_image_sent_twice_is_two_arrivals(tmp_path: Path) -> None:
     result = reconcile.report(reconcile.collect(spool, time.time() - DAY, set())[0], "24h", 0)
     assert result["instances"] == 2
     assert result["states"]["delivered"] == 1 and len(result["unaccounted"]) == 1
+
+
+def test_a_copy_renamed_on_a_clash_stays_with_its_arrival(tmp_path: Path) -> None:
+    """A copy moved where its name was taken gets a fresh name (a new prefix): it is the
+    same arrival's copy, found through its UID — not a new arrival, nor the arrival's
+    copy missing."""
+    conf, spool = make_spool(tmp_path)
+    j = journal(spool)
+    arrival = Arrival.new("1.2.5.11")
+    arrival.received(j)
+    arrival.routed(j, ["pacs", "ai"])
+    arrival.sent(j, "pacs")
+    renamed = fresh_name_like(arrival.file)
+    assert renamed.split("-")[:2] != arrival.file.split("-")[:2]
+    j.about("failed", renamed, endpoint="ai", reason="refused: 0xA900")
+    j.flush()
+    j.close()
+    put(spool, "failed/ai", renamed, reason="refused: 0xA900")
+    result = reconcile.report(reconcile.collect(spool, time.time() - DAY, set())[0], "24h", 0)
+    assert result["instances"] == 1 and result["unaccounted"] == []
+    assert result["endpoints"]["ai"]["failed"] == 1 and result["endpoints"]["pacs"]["delivered"] == 1
+    [inst] = trace.trace(spool, arrival.uid)[1]
+    assert [p.relative for p in inst.places] == [f"failed/ai/{renamed}"]
+
+
+def test_a_damaged_journal_is_said_and_the_spool_still_accounts(tmp_path: Path) -> None:
+    conf, spool = make_spool(tmp_path)
+    j = journal(spool)
+    arrivals = [Arrival.new(f"1.2.7.{n}") for n in range(1500)]
+    for arrival in arrivals:
+        arrival.received(j)
+    j.flush()
+    j.close()
+    put(spool, "sent/pacs", arrivals[0].file)
+    damage(spool)
+    books, warning = reconcile.collect(spool, time.time() - DAY, set())
+    assert "the journal cannot be read to the end" in warning
+    assert any(p.relative == f"sent/pacs/{arrivals[0].file}" for ledger in books.ledgers
+               for p in ledger.places)
+    result = run_cli(conf, "reconcile")
+    assert result.returncode in (0, 1) and "cannot be read to the end" in result.stderr, result.stderr

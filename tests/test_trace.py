@@ -9,7 +9,7 @@ from pathlib import Path
 from pipeline.spool_names import SpoolName
 from services import trace
 from tests.helpers import make_dataset, run_cli, write_dataset
-from tests.journal_kit import Arrival, journal, make_spool, put
+from tests.journal_kit import Arrival, damage, journal, make_spool, put
 
 STUDY = "1.2.5.100"
 
@@ -60,6 +60,26 @@ def test_the_copy_uid_and_a_file_lead_to_the_same_instance(tmp_path: Path) -> No
     path = spool.root / "outbox" / "research" / first.copy("2.25.771")
     by_file = trace.trace(spool, str(path))[1]
     assert [i.uid for i in by_file] == [first.uid]
+
+
+def test_a_copy_uid_leads_to_its_arrival_once_the_spool_holds_no_copy(tmp_path: Path) -> None:
+    """A de-identified copy's own events name only its new UID; once retention pruned
+    every copy, the journal's file names (one prefix per arrival) still link them."""
+    conf, spool = make_spool(tmp_path)
+    j = journal(spool)
+    arrival = Arrival.new("1.2.5.7", STUDY)
+    arrival.received(j)
+    arrival.routed(j, ["research"])
+    j.record("shaped", uid=arrival.uid, file=arrival.copy("2.25.778"), endpoint="research",
+             copy_uid="2.25.778", shaping=["deidentify"])
+    arrival.sent(j, "research", uid="2.25.778")
+    j.about("deleted", arrival.copy("2.25.778"), endpoint="research", why="sent_retention")
+    j.flush()
+    j.close()
+    [inst] = trace.trace(spool, "2.25.778")[1]
+    assert inst.uid == arrival.uid and inst.places == []
+    assert [e.kind for e in inst.events] == ["received", "routed", "shaped", "sent", "deleted"]
+    assert [(o.endpoint, o.state) for o in trace.now_of(inst)] == [("research", "delivered")]
 
 
 def test_a_file_without_a_spool_name_is_read_for_its_uid(tmp_path: Path) -> None:
@@ -126,3 +146,20 @@ def test_by_patient_id_with_journal_phi(tmp_path: Path) -> None:
     assert sorted(i["uid"] for i in report["instances"]) == [first.uid, second.uid]
     nobody = run_cli(conf, "trace", "--accession", "ACC-OTHER")
     assert nobody.returncode == 1
+
+
+def test_a_damaged_journal_is_said_and_the_spool_still_answers(tmp_path: Path) -> None:
+    conf, spool, first, _ = story(tmp_path)
+    j = journal(spool)
+    for n in range(2000):  # pages enough to damage all but the schema's
+        j.record("received", uid=f"1.2.6.{n}", file=str(SpoolName.new(f"1.2.6.{n}")))
+    j.flush()
+    j.close()
+    damage(spool)
+    query, instances, warning = trace.trace(spool, first.uid)
+    assert "the journal cannot be read" in warning and "showing the spool alone" in warning
+    [inst] = instances
+    assert inst.events == [] and {p.relative for p in inst.places} == {
+        f"sent/pacs/{first.file}", f"outbox/research/{first.copy('2.25.771')}"}
+    result = run_cli(conf, "trace", first.uid)
+    assert result.returncode == 0 and "cannot be read" in result.stderr, result.stderr

@@ -116,6 +116,17 @@ def events_for(conn: sqlite3.Connection, uids: Collection[str]) -> list[Entry]:
     return found
 
 
+def events_with_prefixes(conn: sqlite3.Connection, prefixes: Collection[str]) -> list[Entry]:
+    """Every event of a file named ``<prefix>-…``: one range of the file index per prefix
+    (``-`` sorts just before ``.``, so the range is exactly the names with that prefix)."""
+    found: list[Entry] = []
+    for prefix in sorted(prefixes):
+        rows = conn.execute(f"SELECT {FIELDS} FROM events WHERE file >= ? AND file < ?",
+                            (f"{prefix}-", f"{prefix}."))
+        found.extend(Entry.from_row(row) for row in rows)
+    return found
+
+
 def uids_where(conn: sqlite3.Connection, column: str, value: str) -> set[str]:
     """The UIDs of the events whose ``column`` (study, patient_id, accession) is ``value``."""
     if column not in ("study", "patient_id", "accession"):
@@ -179,18 +190,23 @@ def link(conn: sqlite3.Connection | None, seeds: set[str], where: Whereabouts) -
     """The instances of ``seeds`` (SOP Instance UIDs), each with every event and file that
     belongs to it, oldest arrival first.
 
-    Grows the set of UIDs until nothing new turns up: a seed's events name its copies'
-    UIDs (``shaped``) and prefixes (file names), the spool's files with those prefixes
-    name more UIDs (a copy whose ``shaped`` event was lost), and so on. ``conn`` None:
-    there is no journal, the spool alone is asked."""
-    uids, asked, prefixes, entries = set(seeds), set[str](), set[str](), dict[int, Entry]()
-    while uids - asked:
-        new = uids - asked
-        asked |= new
-        for entry in events_for(conn, new) if conn is not None else ():
+    Grows the sets of UIDs and prefixes until nothing new turns up: a seed's events name
+    its copies' UIDs (``shaped``) and prefixes (file names); the events of files with
+    those prefixes name the UID it arrived with (a de-identified copy's own events name
+    only its new UID); the spool's files with those prefixes name more UIDs (a copy
+    whose ``shaped`` event was lost), and so on. ``conn`` None: there is no journal, the
+    spool alone is asked."""
+    uids, prefixes = set(seeds), set[str]()
+    asked_uids, asked_prefixes, entries = set[str](), set[str](), dict[int, Entry]()
+    while uids - asked_uids or prefixes - asked_prefixes:
+        new_uids, new_prefixes = uids - asked_uids, prefixes - asked_prefixes
+        asked_uids |= new_uids
+        asked_prefixes |= new_prefixes
+        found = ([*events_for(conn, new_uids), *events_with_prefixes(conn, new_prefixes)]
+                 if conn is not None else [])
+        for entry in found:
             entries[entry.id] = entry
-            if entry.copy_uid:
-                uids.add(entry.copy_uid)
+            uids.update(u for u in (entry.uid, entry.copy_uid) if u)
             if entry.prefix:
                 prefixes.add(entry.prefix)
         _spread(where, uids, prefixes)
@@ -232,10 +248,31 @@ def _group(seeds: set[str], entries: list[Entry], places: list[Place]) -> list[I
             instance.uids.add(place.uid)
     for entry in loose:
         _attach(groups, entry)
+    _join_renamed(groups)
     for instance in groups.values():
         instance.events.sort(key=lambda e: (e.at, e.id))
         instance.uid = _original(instance, seeds)
     return sorted(groups.values(), key=_arrival)
+
+
+def _join_renamed(groups: dict[str, Instance]) -> None:
+    """A prefix with no ``received`` or ``routed`` event of its own — a copy renamed on a
+    clash in its stage (:func:`pipeline.spool.fresh_name_like`), its events and files —
+    joins the latest arrival of its UID, as ``reconcile`` counts it."""
+    arrivals = [i for i in groups.values() if _arrived(i)]
+    for key, instance in list(groups.items()):
+        mine = [a for a in arrivals if instance.uids & a.uids] if not _arrived(instance) else []
+        if mine:
+            owner = max(mine, key=_arrival)
+            owner.events += instance.events
+            owner.places += instance.places
+            owner.prefixes |= instance.prefixes
+            owner.uids |= instance.uids
+            del groups[key]
+
+
+def _arrived(instance: Instance) -> bool:
+    return any(e.kind in (kinds.RECEIVED, kinds.ROUTED) for e in instance.events)
 
 
 def _attach(groups: dict[str, Instance], entry: Entry) -> None:

@@ -44,6 +44,11 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
         "CREATE INDEX events_patient ON events (patient_id) WHERE patient_id IS NOT NULL",
         "CREATE INDEX events_accession ON events (accession) WHERE accession IS NOT NULL",
     ),
+    # 3: by file name — every copy of one arrival shares its name's prefix, including a
+    # de-identified copy under a new UID whose events name only that UID
+    (
+        "CREATE INDEX events_file ON events (file) WHERE file IS NOT NULL",
+    ),
 )
 VERSION = len(MIGRATIONS)
 
