@@ -23,6 +23,7 @@ from pipeline.config_keys import ENDPOINT, ROUTER, Option, options, sections
 from pipeline.config_types import EMPTY_OK, GiB
 from pipeline.errors import ConfigError
 from pipeline.header import HeaderLimits
+from pipeline.http_auth import load_users
 from pipeline.names import is_valid_endpoint_name
 from pipeline.rules import RuleSet
 from pipeline.schedule import Window
@@ -58,6 +59,24 @@ class TlsConfig:
         trust = self.ca if self.ca is not None else "the system CAs"
         own = f"; our certificate {self.cert}" if self.cert is not None else ""
         return f"on, destination verified against {trust} (host name checked){own}"
+
+
+@dataclass(frozen=True)
+class WebConfig:
+    """``[web]``: the HTTP daemon (services/web.py) — metrics, health, status page."""
+
+    enabled: bool
+    bind: str
+    port: int
+    refresh: float
+    health_timeout: float
+    tls_cert: Path | None
+    tls_key: Path | None
+    auth_file: Path | None
+
+    @property
+    def scheme(self) -> str:
+        return "https" if self.tls_cert is not None else "http"
 
 
 @dataclass(frozen=True)
@@ -98,6 +117,7 @@ class RouterConfig:
     header_limits: HeaderLimits
     #: [coerce] operations: applied to every file before fan-out (pipeline/shaping)
     coerce: Operations
+    web: WebConfig
 
     def disk_floor(self, total_bytes: int) -> int:
         """Free bytes to keep: the configured value, else min(1 GiB, 5 % of the disk)."""
@@ -339,7 +359,32 @@ def load_router(conf_dir: Path) -> RouterConfig:
     values["header_limits"] = HeaderLimits(**_pick(filter_values, HeaderLimits))
     values.update(filter_values)  # settle_time
     values.update(_whole(section("coerce")))  # coerce
+    values["web"] = _web(section("web"), conf_dir)
     return RouterConfig(conf_file=path, **values)
+
+
+def _web(section: _Section, conf_dir: Path) -> WebConfig:
+    """``[web]``: HTTPS files loaded and the users file read as the daemon will, so that
+    ``dicomflow check`` refuses what the web daemon could not use."""
+    values = _whole(section)
+    for key in ("tls_cert", "tls_key", "auth_file"):
+        if values[key] is not None:
+            values[key] = _resolve(conf_dir, values[key])
+    cert, key = values["tls_cert"], values["tls_key"]
+    if (cert is None) != (key is None):
+        raise section.error("tls_key" if key is None else "tls_cert",
+                            "tls_cert and tls_key go together")
+    for name in ("tls_cert", "tls_key"):
+        if values[name] is not None and not values[name].is_file():
+            raise section.error(name, f"file {values[name]} not found")
+    if cert is not None:
+        _check_tls_files(section, cert, key, None, server=True)
+    if values["auth_file"] is not None:
+        try:
+            load_users(values["auth_file"])
+        except ValueError as exc:
+            raise section.error("auth_file", str(exc)) from None
+    return WebConfig(**values)
 
 
 _LEGACY = {

@@ -206,6 +206,25 @@ _ROUTER = [
     Option(ROUTER, "tls", "tls_require_client_cert", boolean, "false",
            "also refuse clients that present no certificate (needs `tls_ca`)",
            field="require_client_cert"),
+    # WebConfig's fields (pipeline/config.py); the daemon: services/web.py
+    Option(ROUTER, "web", "enabled", boolean, "false",
+           "run `dicomflow web` under supervisord: `/metrics` (Prometheus), `/healthz`, a "
+           "read-only status page `/`, `/api/status` (see Monitoring)"),
+    Option(ROUTER, "web", "bind", host, "127.0.0.1",
+           "address the web daemon listens on (`0.0.0.0`: every interface — set "
+           "`auth_file` and TLS then)"),
+    Option(ROUTER, "web", "port", port, "11180", "its HTTP(S) port"),
+    Option(ROUTER, "web", "refresh", positive_duration, "10s",
+           "the status page reloads itself this often"),
+    Option(ROUTER, "web", "health_timeout", positive_duration, "5s",
+           "how long `/healthz` waits for the receiver's answer to its C-ECHO"),
+    Option(ROUTER, "web", "tls_cert", str, None,
+           "HTTPS: server certificate (PEM), relative to the conf directory; with `tls_key`"),
+    Option(ROUTER, "web", "tls_key", str, None, "its private key (PEM)"),
+    Option(ROUTER, "web", "auth_file", str, None,
+           "HTTP basic auth: a file of `user:password` lines (mode 0600 or stricter; refused "
+           "if group or others can read it); every path but `/healthz` then asks for it",
+           shown="*(none: no auth)*"),
 ]
 
 _ENDPOINT = [

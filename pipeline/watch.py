@@ -197,6 +197,10 @@ class _Inotify:
         """Events were lost: wake the loop, its rescan finds everything."""
         self.watcher.wake()
 
+    def on_events_lost(self) -> None:
+        """Newer watchdog releases (7.1.1 here) call this after every callback's
+        ``on_queue_overflow``: the loop is already awake."""
+
     def on_watch_deleted(self, _wd: object) -> None:
         self.watcher.wake()
 

@@ -62,8 +62,14 @@ def build_parser() -> argparse.ArgumentParser:
     down = _command(sub, "down", "stop the pipeline and its supervisord", "dicomflow down")
     down.add_argument("--force", action="store_true",
                       help="stop it even if the spool belongs to another conf directory")
-    status = _command(sub, "status", "show every stage and endpoint", "dicomflow status --json")
+    status = _command(sub, "status", "show every stage and endpoint", "dicomflow status --json",
+                      note="\n\nexit status: 0 when every daemon that should run does (receive, filter,"
+                           "\na sender per endpoint, web when enabled), 3 when none does (the router is"
+                           "\nstopped), 4 when some do and some do not, 1 on a configuration error.")
     status.add_argument("--json", action="store_true", help="machine-readable output")
+    status.add_argument("--watch", nargs="?", type=float, const=2.0, default=None, metavar="SECONDS",
+                        help="show it again every SECONDS (default 2), in place on a terminal; "
+                             "Ctrl-C stops")
     retry = _command(sub, "retry", "move failed files of an endpoint back to its outbox",
                      "dicomflow retry pacs --all")
     retry.add_argument("endpoint")
@@ -90,6 +96,8 @@ def build_parser() -> argparse.ArgumentParser:
                               "the study as waiting")
     release.add_argument("--no-wait", action="store_true",
                          help="return once the request is written, without waiting for the filter")
+    _command(sub, "web", "run the web daemon: /metrics, /healthz, the status page ([web] in router.ini)",
+             "dicomflow web --conf /etc/dicomflow")
     _command(sub, "check", "validate the configuration", "dicomflow check --conf ./conf")
     echo = _command(sub, "echo", "C-ECHO an endpoint", "dicomflow echo pacs")
     echo.add_argument("endpoint")
@@ -214,7 +222,16 @@ def _cmd_status(args: argparse.Namespace) -> int:
         owner.check(Spool(config.spool), config.conf_dir)
     except SpoolError as exc:  # still show it: an operator needs to see whose spool it is
         print(f"dicomflow: warning: {exc}", file=sys.stderr)
-    return main(config, as_json=args.json)
+    if args.watch is not None and not 0 < args.watch <= 3600:  # nan fails both
+        print("dicomflow status: --watch takes 0 < SECONDS <= 3600", file=sys.stderr)
+        return 2
+    return main(config, as_json=args.json, watch=args.watch)
+
+
+def _cmd_web(args: argparse.Namespace) -> int:
+    from services.web import main
+
+    return main(_load(args))
 
 
 def _cmd_studies(args: argparse.Namespace) -> int:
@@ -273,6 +290,7 @@ COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "route": _cmd_route,
     "echo": _cmd_echo,
     "status": _cmd_status,
+    "web": _cmd_web,
     "retry": _cmd_retry,
     "studies": _cmd_studies,
     "release": _cmd_release,

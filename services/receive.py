@@ -112,6 +112,7 @@ class Receiver:
 
     def on_store(self, request: StoreRequest) -> int | Refusal:
         """Publish the received file durably, then (and only then) answer success."""
+        started = time.monotonic()
         uid = request.sop_instance_uid
         calling = request.calling_ae
         path = request.dataset_path
@@ -149,11 +150,13 @@ class Receiver:
             return STATUS_OUT_OF_RESOURCES
         self.stored += 1
         logger.bind(file=target.name).info("stored from {}", escape(calling))
-        self._journal_received(request, target)
+        self._journal_received(request, target, time.monotonic() - started)
         return STATUS_SUCCESS
 
-    def _journal_received(self, request: StoreRequest, target: Path) -> None:
-        """The ``received`` event (queued: the journal never delays the answer)."""
+    def _journal_received(self, request: StoreRequest, target: Path, duration: float) -> None:
+        """The ``received`` event (queued: the journal never delays the answer);
+        ``duration``: from the data set received to durable (``/metrics``' store
+        duration)."""
         peer = request.association.calling
         try:
             size = os.stat(target).st_size
@@ -163,7 +166,8 @@ class Receiver:
                             calling=peer.ae_title, called=request.called_ae,
                             peer=f"{peer.address}:{peer.port}",
                             sop_class=request.sop_class_uid, syntax=request.transfer_syntax,
-                            size=size, association=request.association.association_id)
+                            size=size, association=request.association.association_id,
+                            duration=round(duration, 6))
 
     def _unroutable(self, path: Path, request: StoreRequest) -> Refusal | None:
         """Why the received data set cannot be routed (and must not be acknowledged).

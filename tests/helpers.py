@@ -84,8 +84,10 @@ def _ini(sections: dict[str, dict[str, object]]) -> str:
 
 
 def write_conf(base: Path, router: dict | None = None, filter_: dict | None = None,
-               endpoints: dict[str, dict[str, dict]] | None = None, tls: dict | None = None) -> Path:
-    """Write ``base/conf`` with a router.ini (free port, spool in ``base/spool``)."""
+               endpoints: dict[str, dict[str, dict]] | None = None, tls: dict | None = None,
+               web: dict | None = None) -> Path:
+    """Write ``base/conf`` with a router.ini (free port, spool in ``base/spool``; a
+    ``[web]`` section when ``web`` is given)."""
     conf = base / "conf"
     (conf / "endpoints").mkdir(parents=True, exist_ok=True)
     router_values = {"ae_title": "DICOMFLOW", "bind": "127.0.0.1", "port": free_port(),
@@ -96,6 +98,8 @@ def write_conf(base: Path, router: dict | None = None, filter_: dict | None = No
         sections["filter"] = filter_
     if tls:
         sections["tls"] = tls
+    if web is not None:
+        sections["web"] = web
     (conf / "router.ini").write_text(_ini(sections))
     for name, ep_sections in (endpoints or {}).items():
         (conf / "endpoints" / f"{name}.ini").write_text(_ini(ep_sections))

@@ -231,6 +231,7 @@ def test_unset_keys_take_the_table_defaults(tmp_path: Path) -> None:
         (config_keys.ENDPOINT, "transcode"): asdict(ep),
         (config_keys.ENDPOINT, "tls"): asdict(ep.tls),
         (config_keys.ROUTER, "coerce"): {"coerce": loaded.router.coerce},
+        (config_keys.ROUTER, "web"): asdict(loaded.router.web),
         (config_keys.ENDPOINT, "coerce"): {"coerce": ep.coerce},
         # no profile: no de-identification at all, and what the keys are when unset
         (config_keys.ENDPOINT, "deidentify"): {"profile": None, "options": frozenset(),

@@ -514,8 +514,10 @@ def test_defect13_busy_for_a_while_then_ok_delivers_everything_status_shows_busy
         wait_for(lambda: len(server.answers) >= 15, message="several busy probes")
         assert read_retry(spool, EP) == {}, "a file was charged while nothing was stored"
         assert stage(spool, "failed") == [] and len(stage(spool, "outbox")) == 10
-        text = run_cli(conf, "status").stdout
+        shown = run_cli(conf, "status")
+        text = shown.stdout
         assert "busy since" in text, text
+        assert shown.returncode == 4, shown.stderr  # the sender runs, receive and filter do not
         busy.clear()
         wait_for(lambda: len(stage(spool, "sent")) == 10, message="all ten delivered")
         assert sender.alive(), sender.log()

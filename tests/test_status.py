@@ -4,9 +4,13 @@ from __future__ import annotations
 
 import json
 import os
+import pty
+import select
+import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -15,8 +19,8 @@ from pipeline import config as config_module
 from pipeline.lock import DaemonLock
 from pipeline.spool import Spool
 from pipeline.spool_names import SpoolName
-from services.status import collect, count_stage, format_age, process_info, render
-from tests.helpers import HANG_TIMEOUT, run_cli, wait_for, write_conf
+from services.status import CLEAR, collect, count_stage, exit_code, format_age, process_info, render
+from tests.helpers import HANG_TIMEOUT, REPO, Daemon, make_files, run_cli, wait_for, write_conf
 
 ENDPOINT = {"endpoint": {"host": "127.0.0.1", "port": 1, "ae_title": "PACS"}}
 
@@ -75,7 +79,7 @@ def test_status_json_command_and_check_warns_orphans(tmp_path: Path) -> None:
     conf, _, spool = make(tmp_path)
     spool.create_endpoint("gone")
     result = run_cli(conf, "status", "--json")
-    assert result.returncode == 0, result.stderr
+    assert result.returncode == 3, result.stderr  # nothing runs
     report = json.loads(result.stdout)
     assert set(report) == {"spool", "conf", "time", "processes", "stages", "endpoints", "journal"}
     assert report["journal"] == {"enabled": True, "path": str(spool.run_dir / "journal.sqlite"),
@@ -263,10 +267,226 @@ def test_status_reads_no_dicom_file(tmp_path: Path) -> None:
     garbage.write_bytes(b"not DICOM at all")
     write_study_state(spool, [waiting_entry(sample=fifo.name), waiting_entry("1.2.9", sample=garbage.name)])
     result = run_cli(conf, "status", "--json")
-    assert result.returncode == 0, result.stderr
+    assert result.returncode == 3, result.stderr  # nothing runs
     report = json.loads(result.stdout)
     assert report["studies_state"] == "ok"
     assert len(report["endpoints"]["ai"]["studies"]["waiting"]) == 2
     assert fifo.name not in result.stdout  # no file names, no patient data
     text = run_cli(conf, "status")
-    assert text.returncode == 0 and "studies waiting" in text.stdout
+    assert text.returncode == 3 and "studies waiting" in text.stdout
+
+
+# -- exit status and --watch (issue 19) ---------------------------------------------------
+
+REPORT_KEYS = {"spool", "conf", "time", "processes", "stages", "endpoints", "journal"}
+
+
+def report_with(processes: dict[str, bool], senders: dict[str, bool],
+                orphans: tuple[str, ...] = ()) -> dict:
+    """The parts of a report ``exit_code`` reads."""
+    endpoints = {name: {"configured": True, "sender_running": running} for name, running in senders.items()}
+    endpoints.update({name: {"configured": False, "sender_running": False} for name in orphans})
+    return {"processes": {name: {"running": running, "pid": 1 if running else None}
+                          for name, running in processes.items()},
+            "endpoints": endpoints}
+
+
+def test_exit_code_counts_processes_and_configured_senders() -> None:
+    up = {"receive": True, "filter": True}
+    assert exit_code(report_with(up, {"pacs": True}, orphans=("old",))) == 0  # an orphan has no sender
+    assert exit_code(report_with(up, {"pacs": False})) == 4
+    assert exit_code(report_with({**up, "web": False}, {"pacs": True})) == 4
+    assert exit_code(report_with({"receive-1": True, "receive-2": False, "filter": True}, {})) == 4
+    assert exit_code(report_with({"receive": False, "filter": False, "web": False}, {"pacs": False},
+                                 orphans=("old",))) == 3
+
+
+def enable_web(conf: Path) -> None:
+    """``[web] enabled = true`` (write_conf writes no [web] section)."""
+    router_ini = conf / "router.ini"
+    router_ini.write_text(router_ini.read_text() + "\n[web]\nenabled = true\n")
+
+
+def test_web_row_only_when_enabled(tmp_path: Path) -> None:
+    conf, loaded, _ = make(tmp_path)
+    assert "web" not in collect(loaded)["processes"]
+    enable_web(conf)
+    report = collect(config_module.load(conf))
+    assert report["processes"]["web"] == {"running": False, "pid": None}
+    assert "web        NOT RUNNING" in render(report)
+    result = run_cli(conf, "status", "--json")
+    assert result.returncode == 3, result.stderr
+    shown = json.loads(result.stdout)
+    assert set(shown) == REPORT_KEYS and set(shown["processes"]) == {"receive", "filter", "web"}
+
+
+def test_exit_3_when_nothing_runs(tmp_path: Path) -> None:
+    conf, _, spool = make(tmp_path)
+    spool.create_endpoint("gone")  # orphaned: no sender expected
+    for args in (("status",), ("status", "--json")):
+        result = run_cli(conf, *args)
+        assert result.returncode == 3, (args, result.stdout, result.stderr)
+        assert "Traceback" not in result.stderr
+
+
+@pytest.fixture
+def daemons() -> Iterator[Callable[..., Daemon]]:
+    """Start real ``dicomflow`` daemons, each waited on until ready; stopped at the end."""
+    started: list[Daemon] = []
+    ready = {"receive": "listening as", "filter": "filter ready", "send": "sender started"}
+
+    def start(conf: Path, *args: str) -> Daemon:
+        daemon = Daemon(conf, *args).start()
+        started.append(daemon)
+        daemon.wait_log(ready[args[0]])
+        return daemon
+
+    yield start
+    codes = {daemon.args: daemon.stop() for daemon in reversed(started)}
+    assert all(code == 0 for code in codes.values()), codes
+
+
+@pytest.mark.e2e
+def test_exit_4_when_only_the_filter_runs(tmp_path: Path, daemons) -> None:
+    conf, _, _ = make(tmp_path)
+    daemons(conf, "filter")
+    result = run_cli(conf, "status", "--json")
+    assert result.returncode == 4, result.stderr
+    report = json.loads(result.stdout)
+    assert report["processes"]["filter"]["running"] and not report["processes"]["receive"]["running"]
+    assert not report["endpoints"]["pacs"]["sender_running"]
+    assert run_cli(conf, "status").returncode == 4
+
+
+@pytest.mark.e2e
+def test_exit_0_when_every_daemon_runs_even_with_the_destination_down(tmp_path: Path, daemons) -> None:
+    conf, loaded, spool = make(tmp_path)  # pacs: port 1, nothing listens
+    (image,) = make_files(tmp_path / "src", 1)  # queued: the sender tries it and finds pacs down
+    spool.write_bytes(spool.outbox("pacs"), str(SpoolName.new("1.2.3")), image.read_bytes())
+    for args in (("receive",), ("filter",), ("send", "pacs")):
+        daemons(conf, *args)
+    wait_for(lambda: collect(loaded)["endpoints"]["pacs"]["state"] == "down", message="pacs down")
+    shown = run_cli(conf, "status")
+    assert shown.returncode == 0, shown.stdout + shown.stderr
+    assert "down since" in shown.stdout
+    result = run_cli(conf, "status", "--json")
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert report["endpoints"]["pacs"]["state"] == "down" and report["endpoints"]["pacs"]["sender_running"]
+
+
+def read_until(fd: int, done: Callable[[bytes], bool], timeout: float = HANG_TIMEOUT) -> bytes:
+    """Read ``fd`` until ``done(everything so far)``; output that ends first, or a hang,
+    fails the test."""
+    data = b""
+    deadline = time.monotonic() + timeout
+    while not done(data):
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise AssertionError(f"timed out after {timeout:.0f}s; read so far: {data[-2000:]!r}")
+        if select.select([fd], [], [], left)[0]:
+            chunk = read_chunk(fd)
+            if not chunk:
+                raise AssertionError(f"the output ended early: {data[-2000:]!r}")
+            data += chunk
+    return data
+
+
+def read_chunk(fd: int) -> bytes:
+    try:
+        return os.read(fd, 65536)
+    except OSError:  # EIO: the pseudo-terminal's other side is closed (the process ended)
+        return b""
+
+
+def read_to_end(fd: int, timeout: float = HANG_TIMEOUT) -> bytes:
+    """The rest of the output, up to its end (EOF, or EIO on a pty); a hang fails the test."""
+    rest = b""
+    deadline = time.monotonic() + timeout
+    while True:
+        left = deadline - time.monotonic()
+        if left <= 0 or not select.select([fd], [], [], left)[0]:
+            raise AssertionError(f"the output did not end within {timeout:.0f}s: {rest[-2000:]!r}")
+        chunk = read_chunk(fd)
+        if not chunk:
+            return rest
+        rest += chunk
+
+
+def start_watch(conf: Path, *args: str, stdout: int, stderr: int) -> subprocess.Popen:
+    cmd = [sys.executable, "-m", "services.cli", "status", "--watch", "0.2", *args, "--conf", str(conf)]
+    return subprocess.Popen(cmd, cwd=REPO, stdin=subprocess.DEVNULL, stdout=stdout, stderr=stderr)
+
+
+def interrupt(proc: subprocess.Popen) -> int:
+    """Ctrl-C: SIGINT to the watching process; its exit code."""
+    proc.send_signal(signal.SIGINT)
+    return proc.wait(HANG_TIMEOUT)
+
+
+def test_watch_on_a_terminal_redraws_in_place(tmp_path: Path) -> None:
+    conf, _, _ = make(tmp_path)
+    master, slave = pty.openpty()
+    proc = start_watch(conf, stdout=slave, stderr=slave)
+    os.close(slave)
+    try:
+        clear = CLEAR.encode()
+        shown = read_until(master, lambda data: data.count(clear) >= 2)
+        code = interrupt(proc)
+        shown += read_to_end(master)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        os.close(master)
+    text = shown.decode("utf-8", "replace")
+    assert code == 3, text  # the last report's code: nothing runs
+    assert text.startswith(CLEAR) and "every 0.2s — Ctrl-C to stop" in text
+    assert text.count("DicomFlow  spool") == text.count(CLEAR)  # one report per redraw
+    assert "Traceback" not in text and "KeyboardInterrupt" not in text
+
+
+@pytest.mark.e2e
+def test_watch_on_a_pipe_prints_plain_reports(tmp_path: Path, daemons) -> None:
+    conf, _, _ = make(tmp_path)
+    daemons(conf, "filter")
+    proc = start_watch(conf, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert proc.stdout is not None and proc.stderr is not None
+    try:
+        out = read_until(proc.stdout.fileno(), lambda data: data.count(b"DicomFlow  spool") >= 2)
+        code = interrupt(proc)
+        out += proc.stdout.read()
+        err = proc.stderr.read()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        proc.stdout.close()
+        proc.stderr.close()
+    assert code == 4, (out, err)  # the last report's: the filter runs, receive and the sender not
+    assert b"\x1b" not in out and b"Ctrl-C" not in out
+    first = out.split(b"DicomFlow  spool")[1]
+    assert b"  journal  " in first and first.endswith(b" days\n\n")  # the whole report, a blank line
+    assert err == b"", err
+
+
+def test_watch_json_prints_one_document_per_line(tmp_path: Path) -> None:
+    conf, _, _ = make(tmp_path)
+    proc = start_watch(conf, "--json", stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert proc.stdout is not None and proc.stderr is not None
+    try:
+        out = read_until(proc.stdout.fileno(), lambda data: data.count(b"\n") >= 2)
+        code = interrupt(proc)
+        out += proc.stdout.read()
+        err = proc.stderr.read()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        proc.stdout.close()
+        proc.stderr.close()
+    assert code == 3 and err == b"", err
+    lines = out.decode().splitlines()
+    reports = [json.loads(line) for line in lines[:2]]  # an interrupted last line may be cut
+    assert all(set(report) == REPORT_KEYS for report in reports)
+    assert b"\x1b" not in out

@@ -94,6 +94,7 @@ class Router:
 
     def status(self) -> dict:
         result = run_cli(self.conf, "status", "--json")
+        assert result.returncode == 0, result.stderr  # every daemon of the router runs
         return json.loads(result.stdout)
 
     def stop(self) -> None:

@@ -452,3 +452,43 @@ def echo(ep: EndpointConfig, calling_ae: str) -> EchoOutcome:
             transfer.close(assoc, timeout=min(ep.acse_timeout, RELEASE_WAIT))
     code = status.get("Status")
     return EchoOutcome(status=None if code is None else int(code))
+
+
+def echo_receiver(host: str, port: int, called_ae: str, calling_ae: str, timeout: float,
+                  tls: bool = False) -> str | None:
+    """Does our own receiver answer? None when it does, else why not (``/healthz``).
+
+    An association rejected (a calling AE title it does not allow, every slot busy) is
+    an answer too: the receiver is there and speaks DICOM. A receiver on TLS is asked by
+    a TCP connection alone: with ``tls_require_client_cert`` a C-ECHO without a client
+    certificate could never succeed, and the handshake would only test our own keys."""
+    if tls:
+        try:
+            socket.create_connection((host, port), timeout=timeout).close()
+        except OSError as exc:
+            return f"the receiver does not accept connections on {host}:{port}: " \
+                   f"{exc.strerror or exc}"
+        return None
+    ae = AE(ae_title=calling_ae)
+    ae.connection_timeout = ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = timeout
+    ae.add_requested_context(VERIFICATION)
+    start = time.monotonic()
+    with quiet():
+        assoc = ae.associate(host, port, ae_title=called_ae, evt_handlers=HANDLERS)
+        if assoc.is_rejected:
+            return None
+        if not assoc.is_established:
+            elapsed = time.monotonic() - start
+            if not getattr(assoc, "_dicomflow_connected", False):
+                return f"the receiver does not accept connections on {host}:{port}"
+            if elapsed >= timeout:
+                return f"the receiver did not answer an association request within {timeout:g}s"
+            return f"the receiver aborted the association (from {host}:{port})"
+        try:
+            status = assoc.send_c_echo()
+        finally:
+            transfer.close(assoc, timeout=min(timeout, RELEASE_WAIT))
+    code = status.get("Status")
+    if code is None:
+        return f"no C-ECHO response from the receiver within {timeout:g}s"
+    return None if int(code) == 0 else f"the receiver answered C-ECHO with status 0x{int(code):04X}"

@@ -302,3 +302,18 @@ def _arrival(instance: Instance) -> tuple[str, float]:
     first = instance.events[0].at if instance.events else 0.0
     return (min(instance.prefixes) if instance.prefixes else "", first)
 
+
+
+#: how far back :func:`latest` looks (rows by id): a page load stays cheap on a big journal
+LATEST_WINDOW = 200_000
+
+
+def latest(conn: sqlite3.Connection, wanted: Collection[str], limit: int) -> list[Entry]:
+    """The newest ``limit`` events of these kinds among the journal's last
+    :data:`LATEST_WINDOW` rows, newest first (the status page's last failures)."""
+    names = sorted(wanted)
+    rows = conn.execute(
+        f"SELECT {FIELDS} FROM events WHERE id > (SELECT coalesce(max(id), 0) FROM events) - ? "
+        f"AND kind IN ({', '.join('?' * len(names))}) ORDER BY id DESC LIMIT ?",
+        (LATEST_WINDOW, *names, limit))
+    return [Entry.from_row(row) for row in rows]
