@@ -70,6 +70,6 @@ def authorized(header: str | None, users: dict[str, str]) -> bool:
     user, colon, password = decoded.partition(":")
     expected = users.get(user)
     if not colon or expected is None:
-        hmac.compare_digest(password, password)  # the same work for an unknown user
+        hmac.compare_digest(password.encode(), password.encode())  # the same work for an unknown user
         return False
     return hmac.compare_digest(password.encode(), expected.encode())

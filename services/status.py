@@ -338,12 +338,7 @@ def collect(config: Config, now: float | None = None) -> dict:
               for stage in ("incoming", "accepted", "rejected", "quarantine")}
     names = sorted(set(config.endpoints) | set(spool.endpoints()))
     endpoints = {name: _endpoint(config, spool, name, now) for name in names}
-    # one row per receive process: "receive", or "receive-1" .. "receive-N"
-    processes = {**{name: process_info(spool.run_dir, name)
-                    for name in process_names("receive", config.router.receive_processes)},
-                 "filter": process_info(spool.run_dir, "filter")}
-    if config.router.web.enabled:  # a row only when it should run: its absence is no fault
-        processes["web"] = process_info(spool.run_dir, "web")
+    processes = _processes(config, spool)
     grouped = {name for name, ep in config.endpoints.items() if ep.study.grouped}
     studies_state, studies = _studies(spool, names, processes["filter"]["running"], now, grouped)
     for name, block in studies.items():
@@ -362,7 +357,9 @@ def collect(config: Config, now: float | None = None) -> dict:
     return report
 
 
-def _endpoint(config: Config, spool: Spool, name: str, now: float) -> dict:
+def _sender(config: Config, spool: Spool, name: str) -> tuple[dict, dict]:
+    """An endpoint's sender: whether it runs and its state, from its lock and state
+    file only (no folder is counted); and the state file itself."""
     state = _sender_state(spool.run_dir, name)
     process = process_info(spool.run_dir, sender_name(name))
     configured = name in config.endpoints
@@ -370,17 +367,49 @@ def _endpoint(config: Config, spool: Spool, name: str, now: float) -> dict:
         summary = "orphaned"
     elif not process["running"]:
         summary = "not running"
-    else:
-        summary = state.get("state", "starting")
+    else:  # a hand-edited or damaged state file may hold anything: text only, escaped
+        value = state.get("state", "starting")
+        summary = escape(value, 40) if isinstance(value, str) and value else "unknown"
+    return {"configured": configured, "sender_running": process["running"], "state": summary,
+            "since": _text_or_none(state.get("since")),
+            "down_since": _text_or_none(state.get("down_since")),
+            "next_open": _text_or_none(state.get("next_open"))}, state
+
+
+def _text_or_none(value: object) -> str | None:
+    return escape(value, 64) if isinstance(value, str) and value else None
+
+
+def daemons(config: Config) -> dict:
+    """The part of :func:`collect` that says which daemons run and how each endpoint's
+    sender is doing — locks and state files only, no folder counted: cheap enough for
+    a load balancer's health probe every second (``/healthz``)."""
+    spool = Spool(config.spool)
+    return {"processes": _processes(config, spool),
+            "endpoints": {name: _sender(config, spool, name)[0] for name in sorted(config.endpoints)}}
+
+
+def _processes(config: Config, spool: Spool) -> dict:
+    # one row per receive process: "receive", or "receive-1" .. "receive-N"
+    processes = {**{name: process_info(spool.run_dir, name)
+                    for name in process_names("receive", config.router.receive_processes)},
+                 "filter": process_info(spool.run_dir, "filter")}
+    if config.router.web.enabled:  # a row only when it should run: its absence is no fault
+        processes["web"] = process_info(spool.run_dir, "web")
+    return processes
+
+
+def _endpoint(config: Config, spool: Spool, name: str, now: float) -> dict:
+    sender, state = _sender(config, spool, name)
     ep = config.endpoints.get(name)
     return {
-        "configured": configured,
+        "configured": sender["configured"],
         "destination": f"{ep.ae_title}@{ep.host}:{ep.port}" if ep else None,
-        "sender_running": process["running"],
-        "state": summary,
-        "since": state.get("since"),
-        "down_since": state.get("down_since"),
-        "next_open": state.get("next_open"),
+        "sender_running": sender["sender_running"],
+        "state": sender["state"],
+        "since": sender["since"],
+        "down_since": sender["down_since"],
+        "next_open": sender["next_open"],
         "last_error": _escaped(state.get("last_error")) or _last_failure(spool.failed(name)),
         "last_error_at": state.get("last_error_at"),
         "outbox": count_stage(spool.outbox(name), now).as_dict(),

@@ -124,7 +124,7 @@ class Supervisor:
             program = WEB_PROGRAM.format(
                 python=sys.executable, conf=self.config.conf_dir, log=self.spool.log_dir,
                 router_file=self.config.router.conf_file,
-                digest=_digest(self.config.router.conf_file))
+                digest=_digest(*_web_files(self.config)))
             wanted.add("web.conf")
             self.spool.write_bytes(self.programs_dir, "web.conf", program.encode(), replace=True)
         for stale in [*self.programs_dir.glob("send-*.conf"), *self.programs_dir.glob("web.conf")]:
@@ -282,6 +282,14 @@ def wait_listening(bind: str, port: int, timeout: float) -> bool:
             if time.monotonic() > deadline:
                 return False
             time.sleep(0.1)
+
+
+def _web_files(config: Config) -> list[Path]:
+    """What the web daemon reads at start: a change to any restarts it at the next ``up``
+    (a new users file or certificate is taken without a restart by hand)."""
+    web = config.router.web
+    return [config.router.conf_file, *(f for f in (web.tls_cert, web.tls_key, web.auth_file)
+                                       if f is not None)]
 
 
 def _digest(*files: Path) -> str:

@@ -23,6 +23,8 @@ import json
 import sqlite3
 import ssl
 import threading
+import time
+from collections.abc import Callable
 
 from pipeline import log as logmod
 from pipeline.config import Config
@@ -44,6 +46,7 @@ NAME = "web"
 FAILURE_KINDS = (kinds.FAILED, kinds.QUARANTINED)
 FAILURES_SHOWN = 20
 METRICS_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+HEALTH_FRESH = 1.0  # seconds a /healthz answer is reused
 
 
 class WebApp:
@@ -55,6 +58,7 @@ class WebApp:
         self.metrics = Metrics(Tail(self.journal_path), self.report, self.disk,
                                endpoints=config.endpoints)
         self.receiver = health.receiver_address(config)
+        self.health_cache = HealthCache(self.health)
 
     def routes(self) -> dict[str, Route]:
         return {"/metrics": self.get_metrics, "/healthz": self.get_health, "/": self.get_page,
@@ -71,8 +75,15 @@ class WebApp:
     def echo(self) -> str | None:
         router, web = self.config.router, self.config.router.web
         host, port = self.receiver
-        return scu.echo_receiver(host, port, router.ae_title, router.ae_title,
-                                 web.health_timeout, tls=router.tls.enabled)
+        try:
+            return scu.echo_receiver(host, port, router.ae_title, router.ae_title,
+                                     web.health_timeout, tls=router.tls.enabled)
+        except Exception as exc:  # noqa: BLE001 - a receiver leaving mid-echo is an answer
+            return f"the C-ECHO to the receiver failed: {type(exc).__name__}: {escape(exc)}"
+
+    def health(self, full: bool) -> health.Health:
+        """The checks, from the cheap report (locks and state files, no folder counted)."""
+        return health.check(self.config, status.daemons(self.config), self.echo, full=full)
 
     def failures(self) -> tuple[list[reader.Entry], str]:
         """The newest failures in the journal, and a note when it cannot say."""
@@ -80,8 +91,8 @@ class WebApp:
             return [], "the journal is off ([router] journal = false): failures are in failed/"
         try:
             conn = reader.open_read(self.journal_path)
-        except reader.JournalMissing:
-            return [], "none in the journal"
+        except reader.JournalMissing as exc:  # none yet, or one that cannot be read
+            return [], "none in the journal" if not self.journal_path.exists() else str(exc)
         try:
             return reader.latest(conn, FAILURE_KINDS, FAILURES_SHOWN), ""
         except sqlite3.DatabaseError as exc:
@@ -95,7 +106,7 @@ class WebApp:
         return Response(200, self.metrics.exposition(), METRICS_TYPE)
 
     def get_health(self, path: str, query: dict[str, list[str]]) -> Response:
-        answer = health.check(self.config, self.report(), self.echo, full="full" in query)
+        answer = self.health_cache.get("full" in query)
         return Response(answer.status, answer.text().encode())
 
     def get_page(self, path: str, query: dict[str, list[str]]) -> Response:
@@ -106,6 +117,26 @@ class WebApp:
     def get_status(self, path: str, query: dict[str, list[str]]) -> Response:
         body = json.dumps(self.report(), indent=2).encode() + b"\n"
         return Response(200, body, "application/json")
+
+
+class HealthCache:
+    """``/healthz`` answers from a check at most :data:`HEALTH_FRESH` seconds old, made
+    by one request at a time: load balancers probing every second from several nodes
+    cost the receiver one C-ECHO association per second, not one per probe, and
+    anonymous clients cannot take its association slots."""
+
+    def __init__(self, check: Callable[[bool], health.Health]) -> None:
+        self.check = check
+        self._lock = threading.Lock()
+        self._answers: dict[bool, tuple[float, health.Health]] = {}
+
+    def get(self, full: bool) -> health.Health:
+        with self._lock:
+            made = self._answers.get(full)
+            if made is None or time.monotonic() - made[0] > HEALTH_FRESH:
+                made = (time.monotonic(), self.check(full))
+                self._answers[full] = made
+            return made[1]
 
 
 class WebDaemon:

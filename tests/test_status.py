@@ -415,7 +415,15 @@ def read_to_end(fd: int, timeout: float = HANG_TIMEOUT) -> bytes:
 
 def start_watch(conf: Path, *args: str, stdout: int, stderr: int) -> subprocess.Popen:
     cmd = [sys.executable, "-m", "services.cli", "status", "--watch", "0.2", *args, "--conf", str(conf)]
-    return subprocess.Popen(cmd, cwd=REPO, stdin=subprocess.DEVNULL, stdout=stdout, stderr=stderr)
+    # SIGINT back to its default in the child: a shell without job control starts
+    # background jobs (a CI run under nohup) with SIGINT ignored, and Python then installs
+    # no KeyboardInterrupt for it — the Ctrl-C of interrupt() would never arrive
+    return subprocess.Popen(cmd, cwd=REPO, stdin=subprocess.DEVNULL, stdout=stdout, stderr=stderr,
+                            preexec_fn=_default_sigint)
+
+
+def _default_sigint() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def interrupt(proc: subprocess.Popen) -> int:

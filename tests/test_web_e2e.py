@@ -185,6 +185,7 @@ def test_prometheus_scrapes_the_study(router: Router, prometheus: Prometheus) ->
     wait_value(prometheus, 'dicomflow_send_duration_seconds_count{endpoint="pacs"}', STUDY_SIZE)
     wait_value(prometheus, "dicomflow_store_duration_seconds_count", STUDY_SIZE)
     wait_value(prometheus, 'dicomflow_endpoint_state{endpoint="archive",state="down"}', 1)
+    wait_value(prometheus, 'dicomflow_endpoint_state{endpoint="pacs",state="up"}', 1)
     wait_value(prometheus, 'dicomflow_endpoint_files{endpoint="archive",stage="outbox"}', STUDY_SIZE)
     wait_value(prometheus, 'dicomflow_endpoint_files{endpoint="pacs",stage="sent"}', STUDY_SIZE)
     wait_value(prometheus, 'dicomflow_daemon_up{daemon="send-archive"}', 1)
@@ -250,8 +251,10 @@ def test_healthz_follows_the_receiver_not_the_senders(router: Router) -> None:
     assert status == 503 and "send-archive: destination down" in body, body
     receiver = router.daemons["receive"]
     receiver.stop()
+    # an answer is reused for a second: the next fresh one must say why
+    wait_for(lambda: router.get("/healthz")[0] == 503, message="/healthz 503, the receiver stopped")
     status, body = router.get("/healthz")
-    assert status == 503 and "receive not running" in body, body
+    assert status == 503 and body.startswith("unavailable: receive not running"), body
     receiver.start().wait_log("listening as")
     wait_for(lambda: router.get("/healthz")[0] == 200, message="/healthz back to 200")
 

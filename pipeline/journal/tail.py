@@ -21,6 +21,7 @@ from typing import NamedTuple
 from urllib.parse import quote
 
 from pipeline.journal import store
+from pipeline.log import logger
 
 BUSY_TIMEOUT = 1.0   # seconds a read waits for a writer's lock (WAL readers rarely wait)
 MAX_ROWS = 20_000    # events per read (the caller reads again while it gets this many)
@@ -45,9 +46,11 @@ class Tail:
     def __init__(self, path: Path) -> None:
         self.path = path
         self._conn: sqlite3.Connection | None = None
-        self._identity: tuple[int, int] | None = None
+        self._identity: tuple[int, int] | None = None  # the file the connection is on
+        self._counted: tuple[int, int] | None = None   # the file ``_last`` is a position in
         self._last = 0
         self._started = False  # the first look positions at the end of what is there
+        self._trouble = ""     # the last trouble said (one WARNING per kind, not per scrape)
 
     def begin(self) -> Tail:
         """Start counting now: what the journal holds already is history (called when
@@ -57,20 +60,35 @@ class Tail:
 
     def read(self, limit: int = MAX_ROWS) -> list[TailEvent]:
         """Up to ``limit`` events written since the last call ([] when there is no
-        journal, or it cannot be read now: the next call tries again)."""
+        journal, or it cannot be read now: the next call tries again, from where this
+        one stood)."""
         conn = self._connection()
         if conn is None:
             return []
         try:
             rows = conn.execute(QUERY, (self._last, limit)).fetchall()
-        except sqlite3.Error:
-            self._close()  # damaged or replaced under us: opened afresh next time
+            if not rows:
+                self._after_prune(conn)
+        except sqlite3.Error as exc:
+            self._say(f"journal: cannot read {self.path} for /metrics ({exc}); counting "
+                      "resumes where it stopped")
+            self._close()  # opened afresh next time; the same file keeps its position
             return []
+        if self._trouble:
+            logger.info("journal: reading {} for /metrics again", self.path)
+            self._trouble = ""
         events = [TailEvent(int(r[0]), str(r[1]), r[2], _int(r[3]), _float(r[4]), _float(r[5]))
                   for r in rows]
         if events:
             self._last = events[-1].id
         return events
+
+    def _after_prune(self, conn: sqlite3.Connection) -> None:
+        """Retention deleting every row lets SQLite give out ids from 1 again (the table
+        has no AUTOINCREMENT): a highest id below our position means they restarted."""
+        top = conn.execute("SELECT coalesce(max(id), 0) FROM events").fetchone()[0]
+        if int(top) < self._last:
+            self._last = 0
 
     def _connection(self) -> sqlite3.Connection | None:
         found = store.identity(self.path)
@@ -87,7 +105,8 @@ class Tail:
             conn = sqlite3.connect(f"file:{quote(str(self.path))}?mode=ro", uri=True,
                                    timeout=BUSY_TIMEOUT, isolation_level=None,
                                    check_same_thread=False)
-        except sqlite3.Error:
+        except sqlite3.Error as exc:
+            self._say(f"journal: cannot open {self.path} for /metrics ({exc})")
             return  # asked again at the next read
         try:
             top = conn.execute("SELECT coalesce(max(id), 0) FROM events").fetchone()[0]
@@ -95,10 +114,20 @@ class Tail:
             conn.close()
             if "no such table" in str(exc):
                 self._started = True  # a journal being created: its events will all be new
+            else:
+                self._say(f"journal: cannot read {self.path} for /metrics ({exc})")
             return  # not ready, or unreadable now: asked again at the next read
-        self._last = int(top) if not self._started else 0
+        if identity != self._counted:  # the same file reopened keeps its position
+            self._last = 0 if self._started else int(top)
+            self._counted = identity
         self._started = True
         self._conn, self._identity = conn, identity
+
+    def _say(self, message: str) -> None:
+        kind = message.split("(")[0]
+        if kind != self._trouble:
+            logger.warning("{}", message)
+            self._trouble = kind
 
     def _close(self) -> None:
         if self._conn is not None:

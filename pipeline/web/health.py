@@ -22,7 +22,8 @@ from pipeline.spool import Spool
 
 #: the C-ECHO of the receiver: None when it answered, else why not
 Echo = Callable[[], str | None]
-ANY_ADDRESS = ("0.0.0.0", "::", "")
+#: a receiver bound to every address is asked on loopback, of its own family
+LOOPBACK = {"0.0.0.0": "127.0.0.1", "": "127.0.0.1", "::": "::1"}
 
 
 @dataclass(frozen=True)
@@ -57,7 +58,7 @@ class Health:
 def receiver_address(config: Config) -> tuple[str, int]:
     """Where to reach our own receiver: its bind address, loopback when it binds all."""
     bind = config.router.bind
-    return ("127.0.0.1" if bind in ANY_ADDRESS else bind), config.router.port
+    return LOOPBACK.get(bind, bind), config.router.port
 
 
 def disk_space(config: Config) -> tuple[int, int]:

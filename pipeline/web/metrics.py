@@ -36,6 +36,7 @@ from prometheus_client.registry import Collector
 
 from pipeline.journal import events as kinds
 from pipeline.journal.tail import Tail, TailEvent
+from pipeline.log import escape, logger
 from pipeline.names import is_valid_endpoint_name
 
 NAMESPACE = "dicomflow"
@@ -43,9 +44,12 @@ CATCH_UP_SECONDS = 2.0      # a scrape reads the journal at most this long (the 
 MAX_ENDPOINT_LABELS = 256   # distinct endpoint names counted (bounds the series)
 STORE_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 SEND_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
-#: an endpoint's states as ``dicomflow status`` names them (one series each, 1 = current)
-ENDPOINT_STATES = ("delivering", "idle", "busy", "down", "outside_window", "stopped",
-                   "starting", "not_running", "orphaned")
+#: an endpoint's states (one series each, 1 = current): ``dicomflow status``'s, but for
+#: ``up``, which stands for its ``delivering`` and ``idle`` (the destination answers; the
+#: queue's gauges tell the two apart)
+ENDPOINT_STATES = ("up", "busy", "down", "outside_window", "stopped", "starting",
+                   "not_running", "orphaned")
+UP_STATES = ("delivering", "idle")
 INSTANCE_STAGES = ("incoming", "accepted", "rejected", "quarantine")
 ENDPOINT_STAGES = ("outbox", "failed", "sent")
 
@@ -71,8 +75,8 @@ class JournalCounters:
                             "(success, or a warning status: stored).", "endpoint", "outcome")
         self.failed = counter("failed_instances", "Instances given up (failed/<endpoint>/).",
                               "endpoint")
-        self.retries = counter("send_retries", "Tries that failed and will be retried.",
-                               "endpoint")
+        self.retries = counter("send_retries", "Tries that failed: to be retried, or the "
+                               "last of a file that then went to failed/.", "endpoint")
         self.retried = counter("retried_instances", "Instances moved back from failed/ by "
                                "an operator.", "endpoint")
         self.deleted = counter("deleted_instances", "Delivered copies deleted from sent/ "
@@ -147,13 +151,22 @@ class SpoolGauges(Collector):
     def __init__(self, report: Callable[[], dict], disk: Callable[[], DiskReading]) -> None:
         self.report = report
         self.disk = disk
+        self._trouble = ""  # the last error said (once, not at every scrape)
 
     def collect(self) -> Iterator[Metric]:
-        report = self.report()
+        try:
+            report = self.report()
+            free, floor = self.disk()
+        except Exception as exc:  # noqa: BLE001 - the counters are still worth a scrape
+            if str(exc) != self._trouble:
+                logger.warning("web: the spool's gauges cannot be read ({}): left out of /metrics",
+                               escape(exc))
+                self._trouble = str(exc)
+            return
+        self._trouble = ""
         yield from _daemons(report)
         yield from _stages(report)
         yield from _endpoints(report)
-        free, floor = self.disk()
         yield _gauge("spool_free_bytes", "Free space on the spool's filesystem.", value=free)
         yield _gauge("spool_disk_floor_bytes", "Free space the router keeps (then C-STOREs get "
                      "0xA700).", value=floor)
@@ -206,6 +219,7 @@ def _endpoints(report: dict) -> Iterator[Metric]:
         for stage in ("outbox", "failed"):
             oldest.add_metric([name, stage], info[stage].get("oldest_age_s") or 0)
         current = str(info["state"]).replace(" ", "_")
+        current = "up" if current in UP_STATES else current
         for value in ENDPOINT_STATES:
             state.add_metric([name, value], 1 if value == current else 0)
         studies = info.get("studies")
@@ -244,6 +258,9 @@ class Metrics:
                 return counted
 
     def exposition(self) -> bytes:
+        """One scrape. Only the journal's catching up is serialised (one tail, read in
+        order); the gauges are read by each scrape itself, and prometheus_client's values
+        are safe to read while another thread counts."""
         with self._lock:
             self.catch_up()
-            return generate_latest(self.registry)
+        return generate_latest(self.registry)
