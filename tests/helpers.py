@@ -296,3 +296,13 @@ def tmp_leftovers(spool: Path) -> list[Path]:
 
 def has_dcmtk() -> bool:
     return shutil.which("/usr/bin/storescu") is not None
+
+
+def self_signed(directory: Path) -> tuple[Path, Path]:
+    """A certificate for 127.0.0.1 and its key (PEM, by ``openssl``), for HTTPS tests."""
+    cert, key = directory / "cert.pem", directory / "key.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2",
+                    "-subj", "/CN=localhost", "-addext", "subjectAltName=IP:127.0.0.1",
+                    "-keyout", str(key), "-out", str(cert)], check=True, capture_output=True,
+                   timeout=60)
+    return cert, key

@@ -454,23 +454,28 @@ def test_watch_on_a_terminal_redraws_in_place(tmp_path: Path) -> None:
     assert "Traceback" not in text and "KeyboardInterrupt" not in text
 
 
-@pytest.mark.e2e
-def test_watch_on_a_pipe_prints_plain_reports(tmp_path: Path, daemons) -> None:
-    conf, _, _ = make(tmp_path)
-    daemons(conf, "filter")
-    proc = start_watch(conf, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+def watch_piped(conf: Path, enough: Callable[[bytes], bool], *args: str) -> tuple[bytes, bytes, int]:
+    """``status --watch 0.2`` on pipes until ``enough`` of its output, then Ctrl-C: what
+    it wrote to stdout and stderr, and its exit code."""
+    proc = start_watch(conf, *args, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     assert proc.stdout is not None and proc.stderr is not None
     try:
-        out = read_until(proc.stdout.fileno(), lambda data: data.count(b"DicomFlow  spool") >= 2)
+        out = read_until(proc.stdout.fileno(), enough)
         code = interrupt(proc)
-        out += proc.stdout.read()
-        err = proc.stderr.read()
+        return out + proc.stdout.read(), proc.stderr.read(), code
     finally:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
         proc.stdout.close()
         proc.stderr.close()
+
+
+@pytest.mark.e2e
+def test_watch_on_a_pipe_prints_plain_reports(tmp_path: Path, daemons) -> None:
+    conf, _, _ = make(tmp_path)
+    daemons(conf, "filter")
+    out, err, code = watch_piped(conf, lambda data: data.count(b"DicomFlow  spool") >= 2)
     assert code == 4, (out, err)  # the last report's: the filter runs, receive and the sender not
     assert b"\x1b" not in out and b"Ctrl-C" not in out
     first = out.split(b"DicomFlow  spool")[1]
@@ -480,19 +485,7 @@ def test_watch_on_a_pipe_prints_plain_reports(tmp_path: Path, daemons) -> None:
 
 def test_watch_json_prints_one_document_per_line(tmp_path: Path) -> None:
     conf, _, _ = make(tmp_path)
-    proc = start_watch(conf, "--json", stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    assert proc.stdout is not None and proc.stderr is not None
-    try:
-        out = read_until(proc.stdout.fileno(), lambda data: data.count(b"\n") >= 2)
-        code = interrupt(proc)
-        out += proc.stdout.read()
-        err = proc.stderr.read()
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-        proc.stdout.close()
-        proc.stderr.close()
+    out, err, code = watch_piped(conf, lambda data: data.count(b"\n") >= 2, "--json")
     assert code == 3 and err == b"", err
     lines = out.decode().splitlines()
     reports = [json.loads(line) for line in lines[:2]]  # an interrupted last line may be cut

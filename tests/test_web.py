@@ -10,7 +10,6 @@ import os
 import re
 import socket
 import ssl
-import subprocess
 import threading
 import time
 import urllib.error
@@ -34,7 +33,7 @@ from pipeline.web.metrics import Metrics
 from pipeline.web.server import Response, WebServer
 from services import status, status_page
 from services.web import WebApp
-from tests.helpers import REPO, free_port, wait_for, write_conf
+from tests.helpers import REPO, free_port, self_signed, wait_for, write_conf
 
 README = REPO / "README.md"
 
@@ -265,15 +264,6 @@ def test_silent_clients_take_a_bounded_number_of_slots_for_a_bounded_time(server
     finally:
         for sock in silent:
             sock.close()
-
-
-def self_signed(tmp_path: Path) -> tuple[Path, Path]:
-    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
-    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2",
-                    "-subj", "/CN=localhost", "-addext", "subjectAltName=IP:127.0.0.1",
-                    "-keyout", str(key), "-out", str(cert)], check=True, capture_output=True,
-                   timeout=60)
-    return cert, key
 
 
 def test_tls_handshakes_run_off_the_accept_loop(tmp_path: Path) -> None:

@@ -18,9 +18,11 @@ images goes in with DCMTK ``storescu``; then
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import shutil
+import ssl
 import subprocess
 import tempfile
 import urllib.error
@@ -40,6 +42,7 @@ from tests.helpers import (
     require_binary,
     router_port,
     run_cli,
+    self_signed,
     wait_for,
     write_conf,
 )
@@ -229,7 +232,7 @@ def test_status_page_in_chromium(router: Router, tmp_path: Path) -> None:
     for secret in (PATIENT_ID, PATIENT_NAME):
         assert secret not in page
     shot = Path(os.environ.get("DICOMFLOW_SCREENSHOT") or tmp_path / "status-page.png")
-    done = chromium(f"--screenshot={shot}", "--window-size=1280,760", router.url("/"),
+    done = chromium(f"--screenshot={shot}", "--window-size=1280,880", router.url("/"),
                     profile=tmp_path / "profile-shot")
     assert done.returncode == 0, done.stderr[-2000:]
     assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -303,3 +306,39 @@ def _status_of(url: str) -> int | None:
         return error.code
     except OSError:
         return None
+
+
+def test_the_daemon_over_https_with_basic_auth(tmp_path: Path) -> None:
+    """``tls_cert``/``tls_key`` and ``auth_file`` from the conf: HTTPS, every path but
+    ``/healthz`` behind the password (the probe stays open, and says the router is down)."""
+    conf = write_conf(tmp_path)
+    cert, key = self_signed(conf)
+    users = conf / "web-users"
+    users.write_text("prometheus:scrape-me\n")
+    users.chmod(0o600)
+    port = free_port()
+    conf = write_conf(tmp_path, web={"enabled": "true", "port": port, "tls_cert": cert.name,
+                                     "tls_key": key.name, "auth_file": users.name})
+    web = Daemon(conf, "web").start()
+    try:
+        web.wait_log("web listening on https://")
+        context = ssl.create_default_context(cafile=str(cert))
+
+        def fetch(path: str, password: str | None = None) -> int:
+            request = urllib.request.Request(f"https://127.0.0.1:{port}{path}")
+            if password is not None:
+                token = base64.b64encode(f"prometheus:{password}".encode()).decode()
+                request.add_header("Authorization", f"Basic {token}")
+            try:
+                with urllib.request.urlopen(request, timeout=HANG_TIMEOUT, context=context) as answer:
+                    return answer.status
+            except urllib.error.HTTPError as error:
+                return error.code
+
+        assert fetch("/metrics") == 401 and fetch("/metrics", "wrong") == 401
+        assert fetch("/metrics", "scrape-me") == 200 and fetch("/", "scrape-me") == 200
+        assert fetch("/healthz") == 503  # open, and nothing runs but the web daemon
+        with pytest.raises(OSError):  # plain HTTP on the HTTPS port: no answer
+            urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=HANG_TIMEOUT)
+    finally:
+        web.stop()
