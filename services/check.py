@@ -12,6 +12,10 @@ def check(config: Config) -> int:
     print(f"configuration {config.conf_dir}: OK")
     print(f"  receiver {router.ae_title} on {router.bind}:{router.port}, spool {router.spool}")
     print(f"  receiver TLS: {router.tls.describe(server=True)}")
+    web = router.web
+    if web.enabled:
+        auth = f"basic auth from {web.auth_file}" if web.auth_file else "no auth"
+        print(f"  web: {web.scheme}://{web.bind}:{web.port} ({auth}; /healthz always open)")
     if router.coerce:
         print(f"  global [coerce]: {len(router.coerce.lines)} operation(s), before fan-out")
     for name, ep in sorted(config.endpoints.items()):

@@ -58,7 +58,7 @@ class WebApp:
         self.metrics = Metrics(Tail(self.journal_path), self.report, self.disk,
                                endpoints=config.endpoints)
         self.receiver = health.receiver_address(config)
-        self.health_cache = HealthCache(self.health)
+        self.health_cache = HealthCache(self.check_health)
 
     def routes(self) -> dict[str, Route]:
         return {"/metrics": self.get_metrics, "/healthz": self.get_health, "/": self.get_page,
@@ -81,7 +81,7 @@ class WebApp:
         except Exception as exc:  # noqa: BLE001 - a receiver leaving mid-echo is an answer
             return f"the C-ECHO to the receiver failed: {type(exc).__name__}: {escape(exc)}"
 
-    def health(self, full: bool) -> health.Health:
+    def check_health(self, full: bool) -> health.Health:
         """The checks, from the cheap report (locks and state files, no folder counted)."""
         return health.check(self.config, status.daemons(self.config), self.echo, full=full)
 

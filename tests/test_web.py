@@ -410,3 +410,30 @@ def answers(server: WebServer, path: str) -> int | None:
         return get(server, path)[0]
     except OSError:
         return None
+
+
+def test_check_says_where_the_web_daemon_listens(tmp_path: Path) -> None:
+    from tests.helpers import run_cli
+
+    users = tmp_path / "conf" / "users"
+    users.parent.mkdir(parents=True)
+    users.write_text("ops:pw\n")
+    users.chmod(0o600)
+    shown = run_cli(conf_with(tmp_path, auth_file="users", bind="0.0.0.0"), "check")
+    assert shown.returncode == 0, shown.stderr
+    assert f"web: http://0.0.0.0:11180 (basic auth from {users}; /healthz always open)" in shown.stdout
+
+
+def test_with_the_journal_off_the_counters_stay_at_zero_and_gauges_still_read(tmp_path: Path) -> None:
+    conf = write_conf(tmp_path, router={"journal": "false"}, web={"enabled": "true"},
+                      endpoints={"pacs": {"endpoint": {"host": "127.0.0.1", "port": 104,
+                                                       "ae_title": "PACS"}}})
+    config = config_module.load(conf)
+    Spool(config.spool).create(config.endpoints)
+    app = WebApp(config)
+    text = app.metrics.exposition().decode()
+    assert "dicomflow_received_instances_total 0.0" in text
+    assert 'dicomflow_endpoint_state{endpoint="pacs",state="not_running"} 1.0' in text
+    assert 'dicomflow_daemon_up{daemon="web"} 0.0' in text  # (this test is no web daemon)
+    failures, note = app.failures()
+    assert failures == [] and "journal is off" in note
