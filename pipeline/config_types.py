@@ -98,6 +98,15 @@ def size(value: str) -> int:
     return int(float(match.group(1)) * _SIZE_UNITS[match.group(2)])
 
 
+def format_size(count: int) -> str:
+    """Bytes as people read them (``1.5 GiB``): the other way from :func:`size`, for
+    ``status`` and ``/healthz``."""
+    for unit, scale in (("GiB", GiB), ("MiB", MiB), ("KiB", KiB)):
+        if count >= scale:
+            return f"{count / scale:.1f} {unit}"
+    return f"{count} bytes"
+
+
 def positive_size(value: str) -> int:
     number = size(value)
     if number < 1:

@@ -26,6 +26,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from pipeline.config import Config
+from pipeline.config_types import format_size
 from pipeline.journal.store import journal_path, size_bytes
 from pipeline.lock import DaemonLock, process_names
 from pipeline.names import escape, is_valid_endpoint_name, is_valid_uid
@@ -457,13 +458,6 @@ def describe_journal(info: dict) -> str:
     days = info["retention_s"] / 86400
     return (f"  journal     {size}, events kept {days:g} days"
             + (", with Patient ID and Accession Number" if info["phi"] else ""))
-
-
-def format_size(count: int) -> str:
-    for unit, scale in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
-        if count >= scale:
-            return f"{count / scale:.1f} {unit}"
-    return f"{count} bytes"
 
 
 def render(report: dict) -> str:

@@ -18,6 +18,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from pipeline.config import Config
+from pipeline.config_types import format_size
 from pipeline.spool import Spool
 
 #: the C-ECHO of the receiver: None when it answered, else why not
@@ -99,7 +100,7 @@ def _disk(config: Config) -> Check:
         free, floor = disk_space(config)
     except OSError as exc:
         return Check("disk", False, f"cannot read the spool's free space: {exc.strerror or exc}")
-    text = f"{_size(free)} free, floor {_size(floor)}"
+    text = f"{format_size(free)} free, floor {format_size(floor)}"
     if free <= floor:
         return Check("disk", False, f"free space at the disk floor ({text}): C-STOREs get 0xA700")
     return Check("disk", True, text)
@@ -113,10 +114,3 @@ def _sender(name: str, info: dict) -> Check:
         since = info.get("down_since") or info.get("since") or "?"
         return Check(label, False, f"destination down since {since}")
     return Check(label, True, str(info["state"]).replace("_", " "))
-
-
-def _size(count: int) -> str:
-    for unit, scale in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
-        if count >= scale:
-            return f"{count / scale:.1f} {unit}"
-    return f"{count} bytes"
