@@ -12,9 +12,7 @@ never passes silently. Endpoint files also accept the older DicomFlowRouter layo
 from __future__ import annotations
 
 import configparser
-import os
 import ssl
-import stat
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
@@ -25,6 +23,7 @@ from pipeline.errors import ConfigError
 from pipeline.header import HeaderLimits
 from pipeline.http_auth import load_users
 from pipeline.names import is_valid_endpoint_name
+from pipeline.private_files import read_owner_only
 from pipeline.rules import RuleSet
 from pipeline.schedule import Window
 from pipeline.shaping.deidentify import DeidentifyConfig
@@ -519,20 +518,9 @@ def _deidentify(section: _Section, conf_dir: Path, coerce_section: _Section | No
 def _read_key(section: _Section, path: Path) -> bytes:
     """The key file's bytes; refused unless only its owner can read it."""
     try:
-        # O_NONBLOCK: a FIFO must not hang `dicomflow check` (it is refused just below)
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
-    except OSError as exc:
-        raise section.error("key_file", f"{path}: {exc.strerror}") from None
-    try:
-        st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode):
-            raise section.error("key_file", f"{path} is not a regular file")
-        if st.st_mode & 0o077:
-            raise section.error("key_file", f"{path} is readable by group or others (mode "
-                                f"{stat.S_IMODE(st.st_mode):04o}): chmod 600 it")
-        key = os.read(fd, MAX_KEY_BYTES + 1).strip()
-    finally:
-        os.close(fd)
+        key = read_owner_only(path, MAX_KEY_BYTES + 1).strip()
+    except ValueError as exc:
+        raise section.error("key_file", str(exc)) from None
     if not MIN_KEY_BYTES <= len(key) <= MAX_KEY_BYTES:
         raise section.error("key_file", f"{path}: a key is {MIN_KEY_BYTES} to {MAX_KEY_BYTES} "
                             f"bytes (e.g. head -c 32 /dev/urandom | base64 > FILE)")

@@ -11,9 +11,9 @@ from __future__ import annotations
 import base64
 import binascii
 import hmac
-import os
-import stat
 from pathlib import Path
+
+from pipeline.private_files import read_owner_only
 
 MAX_FILE_BYTES = 64 * 1024   # a users file is a few lines
 MAX_HEADER_BYTES = 1024      # an Authorization header longer than this is refused unread
@@ -21,21 +21,7 @@ MAX_HEADER_BYTES = 1024      # an Authorization header longer than this is refus
 
 def load_users(path: Path) -> dict[str, str]:
     """The users of ``path``; ValueError with a readable reason when it cannot be used."""
-    try:
-        # O_NONBLOCK: a FIFO must not hang start-up (refused just below)
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
-    except OSError as exc:
-        raise ValueError(f"{path}: {exc.strerror}") from None
-    try:
-        st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode):
-            raise ValueError(f"{path} is not a regular file")
-        if st.st_mode & 0o077:
-            raise ValueError(f"{path} is readable by group or others (mode "
-                             f"{stat.S_IMODE(st.st_mode):04o}): chmod 600 it")
-        data = os.read(fd, MAX_FILE_BYTES + 1)
-    finally:
-        os.close(fd)
+    data = read_owner_only(path, MAX_FILE_BYTES + 1)
     if len(data) > MAX_FILE_BYTES:
         raise ValueError(f"{path}: larger than {MAX_FILE_BYTES // 1024} KiB")
     try:
