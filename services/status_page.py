@@ -19,7 +19,7 @@ from collections.abc import Iterable
 from datetime import UTC, datetime
 
 from pipeline.journal.reader import Entry
-from services.status import describe_state, format_age, short_uid
+from services.status import describe_state, expected_daemons, format_age, short_uid
 
 MAX_WAITING_ROWS = 20
 REASON_LIMIT = 300  # characters of a reason shown
@@ -74,16 +74,14 @@ def _number(value: int) -> str:
 
 
 def _daemons(report: dict) -> list[str]:
+    """Every daemon that should run (as ``status`` decides its exit code), with its pid
+    where the report has one."""
     rows = []
-    for name, info in report["processes"].items():
-        state = (f'<td class="ok">running, pid {info["pid"]}</td>' if info["running"]
-                 else '<td class="bad">NOT RUNNING</td>')
+    for name, running in expected_daemons(report).items():
+        pid = report["processes"].get(name, {}).get("pid")
+        state = ("<td class=\"bad\">NOT RUNNING</td>" if not running else
+                 f'<td class="ok">running, pid {pid}</td>' if pid else '<td class="ok">running</td>')
         rows.append([_e(name), state])
-    for name, info in report["endpoints"].items():
-        if info["configured"]:
-            state = ('<td class="ok">running</td>' if info["sender_running"]
-                     else '<td class="bad">NOT RUNNING</td>')
-            rows.append([_e(f"send-{name}"), state])
     return _table("daemons", "Daemons", ["daemon", "state"], rows, "none")
 
 
